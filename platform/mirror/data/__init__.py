@@ -1,0 +1,1 @@
+"""Claims data: vocabulary, on-disk layout, simulator, validation and streaming input."""
