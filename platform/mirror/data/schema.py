@@ -60,8 +60,10 @@ MODEL_COLUMNS = [SUBJECT_ID, SEX, N_EVENTS, CONDITIONS, AGE_GROUPS, WEEKS]
 # Ground-truth columns (simulated datasets only).
 LATENT = "latent"  # list<float32> fixed width: the patient's true latent health state
 
-# Training filter (seed 000 kept sentences of 1-100 words).
+# Training filter (seed 000 kept sentences of 1-100 words). Longer sentences are valid data:
+# readers filter them and report the count. MAX_EVENTS is the hard validity cap.
 MIN_WORDS, MAX_WORDS = 1, 100
+MAX_EVENTS = 5_000
 
 METADATA_DIR, DATA_DIR, GROUND_TRUTH_DIR = "metadata", "data", "ground_truth"
 DATASET_JSON = f"{METADATA_DIR}/dataset.json"
@@ -101,6 +103,9 @@ class DatasetMetadata:
     patients: dict[str, int]  # per split
     vocab: dict[str, int]  # diag_age and week vocabulary sizes
     provenance: dict[str, Any]  # simulator params and seed, or source and importer version
+    # Per split, histogram of words per patient {str(n_events): patients}. Readers report how
+    # many patients the length filter drops from it without a pass over the data.
+    length_histogram: dict[str, dict[str, int]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
