@@ -1,0 +1,380 @@
+"""Model 0: the conditional multi-head GRU autoencoder of seed 000 (the "digital mirror universe").
+
+    z = f(y, x),    min  E_{x,y ~ Pop} [ -log P(y | z, x) ]
+
+``y`` is a patient's diagnosis sentence, each word a diagnosis-age token and a week token;
+``x`` is sex (-1 male, +1 female), fed to encoder and decoder as a covariate so that ``z``
+need not carry it (nothing in the loss enforces that: evaluation measures it).
+
+Shapes: B patients, T = L + 1 steps, H heads, d_h hidden units per head, N = sum(lengths + 1)
+valid steps in a batch. ::
+
+    step input    u_t = [E_dx(c_t) ⊕ E_wk(τ_t) ⊕ x]                  (d_dx + d_wk + 1)
+    encoder       H independent GRUs over [<EOS>, w_L, ..., w_1]    final states (B, H, d_h)
+    latent head   z = Linear(concat of the H final states)            (B, latent_dim)
+    decoder init  tanh(Linear(z)) split into H chunks; chunk k -> decoder head k
+    decoder       H GRUs over [<SOS>, w_1, ..., w_L]; outputs concatenated (B, T, H·d_h)
+                  -> Linear + ReLU (aggregation) -> dx logits (V_dx) and week logits (V_wk)
+
+Choices where the seed is silent:
+
+* Both embedding tables are shared by encoder and decoder. They have no ``padding_idx``: inside
+  a sentence ``<PAD>`` is the training mask token, and it gets a learned vector.
+* Sequences are packed with ``lengths + 1`` (never inferred from ``<PAD>``, which doubles as the
+  mask token), so padding costs no compute in the GRUs, embeddings or 14,523-way output layer.
+* The decoder predicts the next diagnosis-age token and its week from the same state; the two
+  are conditionally independent given the state (the week is not conditioned on the dx).
+* The loss is the per-token mean of ``CE(dx) + w_time * CE(week)`` over the predicted tokens
+  (words and the final ``<EOS>``); :meth:`SentenceAutoencoder.patient_nll` is the plain
+  (unweighted) NLL summed per patient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from mirror.data.batch import SequenceBatch
+from mirror.data.vocab import EOS, N_SPECIAL, PAD, SOS
+from mirror.models.base import DataInfo, StepContext
+from mirror.models.config import require
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """Model 0 hyperparameters (all sizes suggested by models.md §1; the seed gives none).
+
+    Defaults are sized for fast CPU smoke runs; each width's comment gives the real-scale value.
+    """
+
+    # Widths.
+    dx_emb_dim: int = 64  # diagnosis-age embedding width (real scale: 256)
+    wk_emb_dim: int = 16  # week embedding width (real scale: 64)
+    n_heads: int = 2  # H: independent GRU heads, in the encoder and in the decoder (real: 4)
+    head_hidden: int = 64  # d_h: GRU hidden units per head (real scale: 256)
+    latent_dim: int = 32  # width of z (real scale: 1024 = H·d_h)
+    out_hidden: int = 128  # decoder aggregation layer before the two softmax heads (real: 512)
+    # Loss.
+    w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
+    # Optimisation: AdamW over every autoencoder parameter. Gradient clipping, LR schedule and
+    # batch size belong to the training loop (TrainConfig), not to the model.
+    lr: float = 1e-3  # learning rate
+    adam_beta1: float = 0.9  # AdamW beta1 (beta2 = 0.999)
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "dx_emb_dim",
+            "wk_emb_dim",
+            "n_heads",
+            "head_hidden",
+            "latent_dim",
+            "out_hidden",
+        ):
+            require(self, name, getattr(self, name) >= 1, "an int >= 1")
+        require(self, "w_time", self.w_time >= 0, "a float >= 0")
+        require(self, "lr", self.lr > 0, "a float > 0")
+        require(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "a float in [0, 1)")
+        require(self, "weight_decay", self.weight_decay >= 0, "a float >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (shared with Model 1).
+
+
+def pack_steps(columns: list[torch.Tensor], lengths: torch.Tensor) -> PackedSequence:
+    """Pack (B, T) integer columns over the first ``lengths + 1`` steps of each row, all in one
+    permutation, so that inputs, targets and row ids line up; ``.data`` is (N, n_columns)."""
+    stacked = torch.stack(columns, dim=-1)  # (B, T, C)
+    steps = (lengths + 1).cpu()  # pack_padded_sequence wants lengths on the CPU
+    return pack_padded_sequence(stacked, steps, batch_first=True, enforce_sorted=False)
+
+
+def with_data(packed: PackedSequence, data: torch.Tensor) -> PackedSequence:
+    """The same packing as ``packed`` around new per-step ``data`` (N, ...)."""
+    return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
+class StepEmbedding(nn.Module):
+    """u = [E_dx(dx) ⊕ E_wk(week) ⊕ x]: separate lookup tables for the joint diagnosis-age token
+    and for the categorical week (seed 000), concatenated with the sex covariate."""
+
+    def __init__(self, data_info: DataInfo, dx_dim: int, wk_dim: int):
+        super().__init__()
+        self.dx = nn.Embedding(data_info.diag_age_vocab_size, dx_dim)
+        self.wk = nn.Embedding(data_info.week_vocab_size, wk_dim)
+        self.dim = dx_dim + wk_dim + 1
+
+    def forward(self, dx: torch.Tensor, wk: torch.Tensor, sex: torch.Tensor) -> torch.Tensor:
+        # dx, wk: (...,) int64; sex: (...,) float -> (..., d_dx + d_wk + 1)
+        e_dx = self.dx(dx)
+        return torch.cat([e_dx, self.wk(wk), sex.to(e_dx.dtype).unsqueeze(-1)], dim=-1)
+
+
+class MultiHeadGRUEncoder(nn.Module):
+    """H independent single-layer GRUs reading the same steps (the seed's "multi-head GRU",
+    by analogy with the two directions of a bidirectional RNN); returns each head's state at
+    the sentence's last valid step."""
+
+    def __init__(self, input_dim: int, n_heads: int, hidden: int):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.GRU(input_dim, hidden, batch_first=True) for _ in range(n_heads)
+        )
+
+    def forward(self, steps: PackedSequence) -> torch.Tensor:
+        # h_n of a packed GRU is (1, B, d_h), taken at each row's own last step, in batch order.
+        return torch.stack([head(steps)[1][0] for head in self.heads], dim=1)  # (B, H, d_h)
+
+
+class LinearLatentHead(nn.Module):
+    """Model 0's aggregation layer: the concatenated head states -> z (B, latent_dim)."""
+
+    def __init__(self, n_heads: int, head_hidden: int, latent_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(n_heads * head_hidden, latent_dim)
+
+    def forward(self, head_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(head_states.flatten(1))  # (B, H, d_h) -> (B, H·d_h) -> (B, latent_dim)
+
+
+class MultiHeadGRUDecoder(nn.Module):
+    """H GRUs initialised head-to-head from z, their outputs aggregated into the features from
+    which the next diagnosis-age token and its week are predicted."""
+
+    def __init__(self, cfg: AEConfig, data_info: DataInfo, input_dim: int):
+        super().__init__()
+        self.n_heads, self.hidden = cfg.n_heads, cfg.head_hidden
+        # z has no head structure after the encoder's aggregation layer, so "head-to-head" is:
+        # one projection of z, split into H chunks, chunk k initialising head k.
+        self.init_state = nn.Linear(cfg.latent_dim, cfg.n_heads * cfg.head_hidden)
+        self.heads = nn.ModuleList(
+            nn.GRU(input_dim, cfg.head_hidden, batch_first=True) for _ in range(cfg.n_heads)
+        )
+        self.aggregate = nn.Linear(cfg.n_heads * cfg.head_hidden, cfg.out_hidden)
+        self.dx_out = nn.Linear(cfg.out_hidden, data_info.diag_age_vocab_size)
+        self.wk_out = nn.Linear(cfg.out_hidden, data_info.week_vocab_size)
+
+    def initial_state(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.init_state(z))  # (B, H·d_h), in the GRUs' range (-1, 1)
+        h = h.view(z.shape[0], self.n_heads, self.hidden).transpose(0, 1)  # (H, B, d_h)
+        return h.unsqueeze(1).contiguous()  # (H, 1, B, d_h): state[k] is head k's h_0
+
+    def features(self, head_outputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.relu(self.aggregate(torch.cat(head_outputs, dim=-1)))  # (..., out_hidden)
+
+    def forward(self, steps: PackedSequence, state: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: features (N, out_hidden) of every valid step, in packed order.
+        (A packed GRU permutes ``state`` into its sorted order itself.)"""
+        outputs = [head(steps, state[k])[0].data for k, head in enumerate(self.heads)]
+        return self.features(outputs)
+
+    def step(self, inputs: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One free-running step: inputs (B, D), state (H, 1, B, d_h) -> features, new state."""
+        outputs, new_state = [], []
+        for k, head in enumerate(self.heads):
+            out, h = head(inputs.unsqueeze(1), state[k])  # (B, 1, d_h), (1, B, d_h)
+            outputs.append(out[:, 0])
+            new_state.append(h)
+        return self.features(outputs), torch.stack(new_state)
+
+
+class SentenceAutoencoder(nn.Module):
+    """The ``"autoencoder"`` part: embeddings, encoder, latent head and decoder.
+
+    ``forward`` is the only method a training step calls (through DDP); the other methods are
+    for inference on the unwrapped module.
+    """
+
+    def __init__(self, cfg: AEConfig, data_info: DataInfo, latent_head: nn.Module):
+        super().__init__()
+        self.embed = StepEmbedding(data_info, cfg.dx_emb_dim, cfg.wk_emb_dim)
+        self.encoder = MultiHeadGRUEncoder(self.embed.dim, cfg.n_heads, cfg.head_hidden)
+        self.latent_head = latent_head
+        self.decoder = MultiHeadGRUDecoder(cfg, data_info, self.embed.dim)
+
+    def forward(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Summed NLL terms over the batch's predicted tokens and the latent z (B, latent_dim).
+        Sums, not means, so that callers can add them across batches and ranks."""
+        z = self.encode(batch)
+        nll_dx, nll_wk, _, n_valid = self.token_nll(batch, z)
+        return {"nll_dx": nll_dx.sum(), "nll_wk": nll_wk.sum(), "tokens": n_valid}, z
+
+    def encode(self, batch: SequenceBatch) -> torch.Tensor:
+        rows = _row_ids(batch)
+        packed = pack_steps([batch.enc_dx, batch.enc_wk, rows], batch.lengths)
+        dx, wk, row = packed.data.unbind(-1)  # each (N,)
+        steps = with_data(packed, self.embed(dx, wk, batch.sex[row]))
+        return self.latent_head(self.encoder(steps))
+
+    def decode_features(
+        self, batch: SequenceBatch, z: torch.Tensor
+    ) -> tuple[torch.Tensor, PackedSequence]:
+        """Teacher-forced features (N, out_hidden) and the packed (N, 3) columns
+        [tgt_dx, tgt_wk, row] they predict."""
+        rows = _row_ids(batch)
+        columns = [batch.dec_dx, batch.dec_wk, batch.tgt_dx, batch.tgt_wk, rows]
+        packed = pack_steps(columns, batch.lengths)
+        dx, wk, tgt_dx, tgt_wk, row = packed.data.unbind(-1)
+        steps = with_data(packed, self.embed(dx, wk, batch.sex[row]))
+        features = self.decoder(steps, self.decoder.initial_state(z))
+        return features, with_data(packed, torch.stack([tgt_dx, tgt_wk, row], dim=-1))
+
+    def token_nll(
+        self, batch: SequenceBatch, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token NLL of the dx and the week (N,) each, their row ids (N,), and the number of
+        non-<PAD> targets as a float 0-dim tensor (PAD targets contribute 0 and are not counted)."""
+        features, targets = self.decode_features(batch, z)
+        tgt_dx, tgt_wk, row = targets.data.unbind(-1)
+        nll_dx = F.cross_entropy(
+            self.decoder.dx_out(features), tgt_dx, ignore_index=PAD, reduction="none"
+        )
+        nll_wk = F.cross_entropy(
+            self.decoder.wk_out(features), tgt_wk, ignore_index=PAD, reduction="none"
+        )
+        return nll_dx.float(), nll_wk.float(), row, (tgt_dx != PAD).sum().float()
+
+    def teacher_forced_logits(
+        self, batch: SequenceBatch, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, V_dx) and (B, T, V_wk); steps past ``lengths + 1`` hold zeros."""
+        features, packed = self.decode_features(batch, z)
+        total = batch.dec_dx.shape[1]
+
+        def unpack(logits: torch.Tensor) -> torch.Tensor:
+            return pad_packed_sequence(
+                with_data(packed, logits), batch_first=True, total_length=total
+            )[0]
+
+        return unpack(self.decoder.dx_out(features)), unpack(self.decoder.wk_out(features))
+
+    def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
+        """-log P(y | z, x) per patient (B,): dx plus week NLL summed over the patient's tokens."""
+        nll_dx, nll_wk, row, _ = self.token_nll(batch, self.encode(batch))
+        return torch.zeros(batch.size, device=nll_dx.device).index_add_(0, row, nll_dx + nll_wk)
+
+    @torch.no_grad()
+    def generate(
+        self, z: torch.Tensor, sex: torch.Tensor, max_words: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy batched decoding from ``<SOS>``. Diagnosis-age predictions are restricted to
+        real tokens or ``<EOS>`` and weeks to real weeks; nothing else is enforced. A row stops
+        at its first ``<EOS>``; positions from there on hold ``<PAD>``. Returns dx (B, max_words),
+        week (B, max_words) and the number of words per row (B,)."""
+        b, device = z.shape[0], z.device
+        out_dx = torch.full((b, max_words), PAD, dtype=torch.long, device=device)
+        out_wk = torch.full_like(out_dx, PAD)
+        n_words = torch.zeros(b, dtype=torch.long, device=device)
+        alive = torch.ones(b, dtype=torch.bool, device=device)
+        dx = torch.full((b,), SOS, dtype=torch.long, device=device)
+        wk = torch.full_like(dx, SOS)
+        state = self.decoder.initial_state(z)
+        for t in range(max_words):
+            features, state = self.decoder.step(self.embed(dx, wk, sex), state)
+            dx_logits = self.decoder.dx_out(features)
+            dx_logits[:, [PAD, SOS]] = float("-inf")
+            dx = dx_logits.argmax(-1)
+            wk = self.decoder.wk_out(features)[:, N_SPECIAL:].argmax(-1) + N_SPECIAL
+            alive &= dx != EOS
+            out_dx[:, t] = torch.where(alive, dx, PAD)
+            out_wk[:, t] = torch.where(alive, wk, PAD)
+            n_words += alive.long()
+            if not bool(alive.any()):
+                break
+        return out_dx, out_wk, n_words
+
+
+def _row_ids(batch: SequenceBatch) -> torch.Tensor:
+    b, t = batch.enc_dx.shape
+    return torch.arange(b, device=batch.enc_dx.device).unsqueeze(1).expand(b, t)
+
+
+def reconstruction_loss(sums: dict[str, torch.Tensor], w_time: float) -> torch.Tensor:
+    """L_ae: per-token mean of CE(dx) + w_time * CE(week)."""
+    tokens = sums["tokens"].clamp(min=1.0)
+    return (sums["nll_dx"] + w_time * sums["nll_wk"]) / tokens
+
+
+def scalars_to_floats(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim tensors -> Python floats with a single device sync (for step metrics)."""
+    values = torch.stack([v.detach().float() for v in scalars.values()]).tolist()
+    return dict(zip(scalars, values, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model 0.
+
+
+class ConditionalAutoencoder(nn.Module):
+    """Model 0 (seed 000): conditional multi-head GRU autoencoder. One part, one optimizer."""
+
+    def __init__(self, config: AEConfig, data_info: DataInfo, latent_head: nn.Module | None = None):
+        super().__init__()
+        if data_info.week_vocab_size <= N_SPECIAL:
+            raise ValueError(
+                f"DataInfo.week_vocab_size: expected > {N_SPECIAL} (specials plus >= 1 week), "
+                f"received {data_info.week_vocab_size}"
+            )
+        self.config = config
+        self.data_info = data_info
+        if latent_head is None:
+            latent_head = LinearLatentHead(config.n_heads, config.head_hidden, config.latent_dim)
+        self.autoencoder = SentenceAutoencoder(config, data_info, latent_head)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"autoencoder": self.autoencoder}
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"autoencoder": _adamw(self.autoencoder, self.config)}
+
+    def train_step(self, batch: SequenceBatch, ctx: StepContext) -> dict[str, float]:
+        with ctx.autocast():
+            sums, _ = ctx.parts["autoencoder"](batch)
+            loss = reconstruction_loss(sums, self.config.w_time)
+        ctx.step(loss, "autoencoder")  # the loop records each optimizer's gradient norm
+        tokens = sums["tokens"].clamp(min=1.0)
+        metrics = scalars_to_floats(
+            {
+                "loss": loss,
+                "nll_dx": sums["nll_dx"] / tokens,
+                "nll_wk": sums["nll_wk"] / tokens,
+            }
+        )
+        return metrics
+
+    def eval_sums(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        """Summed ``nll_dx``, ``nll_wk``, ``loss`` (= nll_dx + w_time * nll_wk) and ``tokens``."""
+        sums, _ = self.autoencoder(batch)
+        sums["loss"] = sums["nll_dx"] + self.config.w_time * sums["nll_wk"]
+        return {k: v.detach().float() for k, v in sums.items()}
+
+    def encode(self, batch: SequenceBatch) -> torch.Tensor:
+        return self.autoencoder.encode(batch)
+
+    def teacher_forced_logits(
+        self, batch: SequenceBatch, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.autoencoder.teacher_forced_logits(batch, z)
+
+    def generate(
+        self, z: torch.Tensor, sex: torch.Tensor, max_words: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.autoencoder.generate(z, sex, max_words)
+
+    def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
+        return self.autoencoder.patient_nll(batch)
+
+
+def _adamw(module: nn.Module, cfg: AEConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        module.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), weight_decay=cfg.weight_decay
+    )

@@ -1,0 +1,68 @@
+"""A minimal plain-PyTorch :class:`~mirror.models.base.StepContext`: one process, no DDP.
+
+Used by the model tests and by ``bench/`` as the "plain PyTorch loop" baseline against which
+the Ray training loop is measured. It does what the protocol says and nothing more: backward,
+clip, optimizer step, optional LR-scheduler step, zero grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from mirror.data.batch import SequenceBatch
+from mirror.models.base import MirrorModel
+
+
+class LocalStepContext:
+    """Drives ``model.train_step`` on the model's own (unwrapped) parts.
+
+    ``grad_clip``: max global L2 norm of each optimizer's gradients (0 or None disables).
+    bf16 autocast is used on CUDA, as the Ray loop does; on CPU autocast is a no-op.
+    """
+
+    def __init__(
+        self,
+        model: MirrorModel,
+        optimizers: dict[str, torch.optim.Optimizer],
+        grad_clip: float | None,
+        schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None,
+        device: torch.device | None = None,
+    ):
+        self.model = model
+        self.parts: dict[str, nn.Module] = model.parts()
+        self.optimizers = optimizers
+        self.grad_clip = grad_clip or 0.0
+        self.schedulers = schedulers or {}
+        first = next(iter(self.parts.values()))
+        self.device = device or next(first.parameters()).device
+        self.global_step = 0
+        self.grad_norms: dict[str, float] = {}  # last pre-clip gradient norm per optimizer
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, loss: torch.Tensor, optimizer: str) -> float:
+        opt = self.optimizers[optimizer]
+        loss.backward()
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # pre-clip norm
+        opt.step()
+        if optimizer in self.schedulers:
+            self.schedulers[optimizer].step()
+        opt.zero_grad(set_to_none=True)
+        self.grad_norms[optimizer] = float(grad_norm)
+        return float(grad_norm)
+
+    def train_step(self, batch: SequenceBatch) -> dict[str, float]:
+        """One ``model.train_step`` on ``batch``, then advance ``global_step``."""
+        metrics = self.model.train_step(batch, self)
+        self.global_step += 1
+        return metrics

@@ -1,0 +1,206 @@
+"""Model 1: Wasserstein autoencoder with a weight-clipped W1 critic (seed 000; Tolstikhin et al.
+2017 for the WAE, Arjovsky et al. 2017 for the critic).
+
+Model 0 with a structured latent: the aggregate posterior P_Φ(z) is pushed towards the prior
+N(0, I) so that sampled z decode into synthetic sentences. ::
+
+    generator     Model 0's encoder -> shallow CNN -> Linear -> z (B, latent_dim)
+    decoder       Model 0's decoder (z -> tanh(Linear) -> H head-to-head GRUs)
+    critic h      MLP latent_dim -> hidden x critic_layers -> 1, ReLU, params clamped to ±clip
+
+    L_ae = E[-log P(y | z, x)]              (Model 0's per-token loss)
+    L_g  = -λ E_{z ~ P_Φ}[h(z)]             autoencoder minimises L_ae + L_g
+    L_d  =  E_{z ~ P_Φ}[h(z)] - E_{z ~ N(0, I)}[h(z)]    critic minimises, on detached z
+
+Choices where the seed is silent or ambiguous (see also models.md §2):
+
+* L_d carries no λ. The seed prints ``λ E[h(z)] - E[h(z_prior)]``, which is not the W1 dual
+  unless λ = 1; ``λ (E[h(z)] - E[h(z_prior)])`` has the same maximiser as the form used here.
+  λ is a generator-side penalty weight; keeping it out of L_d makes the critic step, its
+  gradient clipping and the logged W1 estimate ``-L_d`` independent of λ. The Lipschitz
+  constant K set by the clamp is absorbed into λ.
+* Critic schedule and optimiser follow the WGAN reference: RMSprop lr 5e-5, clamp 0.01,
+  ``n_critic = 5`` critic steps per autoencoder step, and ``n_critic_warmup = 100`` for the
+  first 25 steps and on every 500th step. WGAN draws a fresh data batch per critic step; here
+  the loop hands one batch per step, so the critic steps reuse that batch's z (detached, no
+  extra encoder passes) against fresh prior samples each step.
+* The critic runs in fp32 outside autocast: clamped weights give outputs of order 1e-4 whose
+  differences bf16 would round away. The critic is tiny next to the GRUs.
+* The CNN reads the H head states as H input channels over the d_h hidden units (Conv1d over
+  the hidden axis), stride 2 per layer, so it both mixes heads and compresses (seed: to
+  disentangle and compress). The encoder is deterministic (valid for a WAE).
+* The autoencoder's AdamW uses beta1 = 0.5 (WAE reference configs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mirror.data.batch import SequenceBatch
+from mirror.models.ae import (
+    AEConfig,
+    ConditionalAutoencoder,
+    reconstruction_loss,
+    scalars_to_floats,
+)
+from mirror.models.base import DataInfo, StepContext
+from mirror.models.config import require
+
+
+@dataclass(frozen=True)
+class WAEConfig(AEConfig):
+    """Model 1 hyperparameters: every Model 0 field plus the CNN latent head and the critic.
+    Critic defaults are the WGAN reference values; widths are sized for CPU smoke runs."""
+
+    latent_dim: int = 32  # width of z after CNN + Linear (real scale: 64)
+    adam_beta1: float = 0.5  # autoencoder AdamW beta1 (WAE reference configs)
+    # Latent head: shallow CNN over the (H, d_h) head states, then Linear to latent_dim.
+    cnn_channels: int = 16  # Conv1d output channels (real scale: 32); very few (4) can leave
+    # every ReLU dead so that z is constant: watch the z variance when shrinking it
+    cnn_kernel: int = 5  # Conv1d kernel width, over hidden units
+    cnn_layers: int = 2  # Conv1d + ReLU layers, stride 2 each; 0 = Linear only (ablation)
+    # Critic h (W1 dual): an MLP kept K-Lipschitz by clamping its parameters.
+    critic_hidden: int = 128  # units per hidden layer (real scale: 512, WAE adversary)
+    critic_layers: int = 3  # hidden layers (real scale: 4)
+    lam: float = 10.0  # λ: weight of the W1 penalty L_g in the autoencoder loss
+    clip: float = 0.01  # clamp bound c for every critic parameter (sets K)
+    critic_lr: float = 5e-5  # RMSprop learning rate of the critic
+    n_critic: int = 5  # critic steps per autoencoder step
+    n_critic_warmup: int = 100  # critic steps during warm-up and on boost steps
+    critic_warmup_steps: int = 25  # first autoencoder steps that use n_critic_warmup; 0 = none
+    critic_boost_every: int = 500  # every k-th step uses n_critic_warmup; 0 = never
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("cnn_channels", "cnn_kernel", "critic_hidden", "n_critic", "n_critic_warmup"):
+            require(self, name, getattr(self, name) >= 1, "an int >= 1")
+        for name in ("cnn_layers", "critic_layers", "critic_warmup_steps", "critic_boost_every"):
+            require(self, name, getattr(self, name) >= 0, "an int >= 0")
+        require(self, "lam", self.lam >= 0, "a float >= 0")
+        require(self, "clip", self.clip > 0, "a float > 0")
+        require(self, "critic_lr", self.critic_lr > 0, "a float > 0")
+
+
+class ConvLatentHead(nn.Module):
+    """Seed Model 1: "a shallow CNN followed by a linear layer" after the encoder heads."""
+
+    def __init__(self, cfg: WAEConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, length = cfg.n_heads, cfg.head_hidden
+        for _ in range(cfg.cnn_layers):
+            pad = cfg.cnn_kernel // 2
+            layers += [
+                nn.Conv1d(channels, cfg.cnn_channels, cfg.cnn_kernel, stride=2, padding=pad),
+                nn.ReLU(),
+            ]
+            channels, length = cfg.cnn_channels, (length + 2 * pad - cfg.cnn_kernel) // 2 + 1
+        self.cnn = nn.Sequential(*layers)
+        self.proj = nn.Linear(channels * length, cfg.latent_dim)  # no activation: z ~ N(0, I)
+
+    def forward(self, head_states: torch.Tensor) -> torch.Tensor:
+        # (B, H, d_h) -> (B, C, ~d_h / 2^layers) -> flatten -> (B, latent_dim)
+        return self.proj(self.cnn(head_states).flatten(1))
+
+
+class Critic(nn.Module):
+    """h: R^latent_dim -> R, an unnormalised MLP (WAE z-adversary shape, WGAN clamping)."""
+
+    def __init__(self, cfg: WAEConfig):
+        super().__init__()
+        dims = [cfg.latent_dim] + [cfg.critic_hidden] * cfg.critic_layers
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+        layers.append(nn.Linear(dims[-1], 1))
+        self.net = nn.Sequential(*layers)
+        self.clamp_(cfg.clip)  # the Lipschitz bound holds from the first step on
+
+    @torch.no_grad()
+    def clamp_(self, clip: float) -> None:
+        for p in self.parameters():
+            p.clamp_(-clip, clip)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(-1)  # (B, latent_dim) -> (B,)
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` take no gradient inside the block (restored afterwards)."""
+    saved = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), saved, strict=True):
+            p.requires_grad_(flag)
+
+
+class WassersteinAutoencoder(ConditionalAutoencoder):
+    """Model 1 (seed 000): Model 0 with a CNN latent head and a W1 critic on z."""
+
+    config: WAEConfig
+
+    def __init__(self, config: WAEConfig, data_info: DataInfo):
+        super().__init__(config, data_info, latent_head=ConvLatentHead(config))
+        self.critic = Critic(config)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"autoencoder": self.autoencoder, "critic": self.critic}
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = super().make_optimizers()  # "autoencoder" first: the main one
+        optimizers["critic"] = torch.optim.RMSprop(
+            self.critic.parameters(), lr=self.config.critic_lr
+        )
+        return optimizers
+
+    def critic_steps(self, step: int) -> int:
+        """WGAN schedule: n_critic_warmup steps early on and every critic_boost_every-th step.
+        Depends only on the step number, so every DDP rank takes the same number of steps."""
+        cfg = self.config
+        boost = cfg.critic_boost_every > 0 and step % cfg.critic_boost_every == 0
+        return cfg.n_critic_warmup if step < cfg.critic_warmup_steps or boost else cfg.n_critic
+
+    def train_step(self, batch: SequenceBatch, ctx: StepContext) -> dict[str, float]:
+        cfg = self.config
+        autoencoder, critic = ctx.parts["autoencoder"], ctx.parts["critic"]
+        with ctx.autocast():
+            sums, z = autoencoder(batch)
+            recon = reconstruction_loss(sums, cfg.w_time)
+
+        # Critic: minimise L_d = E[h(z)] - E[h(z_prior)] on this batch's detached z.
+        z_data = z.detach().float()
+        n_steps = self.critic_steps(ctx.global_step)
+        for _ in range(n_steps):
+            h = critic(torch.cat([z_data, torch.randn_like(z_data)]))  # one forward: (2B,)
+            h_data, h_prior = h.split(z_data.shape[0])
+            critic_loss = h_data.mean() - h_prior.mean()
+            ctx.step(critic_loss, "critic")
+            self.critic.clamp_(cfg.clip)  # same tensors as the DDP-wrapped critic's
+
+        # Autoencoder: minimise L_ae + L_g with the critic fixed (no gradient into it).
+        with frozen(self.critic):
+            gen_loss = -cfg.lam * critic(z.float()).mean()
+            loss = recon + gen_loss
+            ctx.step(loss, "autoencoder")
+
+        tokens = sums["tokens"].clamp(min=1.0)
+        metrics = scalars_to_floats(
+            {
+                "loss": loss,
+                "recon_loss": recon,
+                "gen_loss": gen_loss,
+                "nll_dx": sums["nll_dx"] / tokens,
+                "nll_wk": sums["nll_wk"] / tokens,
+                "w1_estimate": -critic_loss,  # last critic step's -L_d, in units of h (K * W1)
+            }
+        )
+        return metrics | {"critic_steps": float(n_steps)}
