@@ -25,5 +25,55 @@ test: install
 lint: install
 	$(PY) -m ruff check platform jobs tests bench
 
+DEMO_DATA ?= data/demo
+DEMO_PATIENTS ?= 20000
+
+# Generate a small population, train the WAE with 2 DDP workers for a short run, evaluate it.
+demo: install
+	$(PY) jobs/generate.py --patients $(DEMO_PATIENTS) --out $(DEMO_DATA) --seed 1
+	$(PY) jobs/validate.py $(DEMO_DATA)
+	$(PY) jobs/train.py --model wae --data $(DEMO_DATA) --workers 2 --epochs 2 --run-name demo-wae-$(shell date +%Y%m%d-%H%M%S) \
+		--set train.max_steps_per_epoch=40 train.eval_patients=2000 train.n_generate=1000
+	@echo
+	@echo "MLflow UI:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
+	@echo "then open   http://127.0.0.1:5000  (experiment 'mirror', newest run 'demo-wae-...')"
+
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info
+
+# ---- A local Ray cluster and job submission ---------------------------------------------------
+# `make cluster-up` starts a Ray head on 127.0.0.1 (dashboard :8265) with token authentication
+# on; the token is ~/.ray/auth_token (created if missing). `make submit-train` / `submit-sweep`
+# send jobs with `ray job submit --working-dir .`; point RAY_ADDRESS at a remote cluster's
+# dashboard (and put its token in ~/.ray/auth_token) to run the same jobs there unchanged.
+# Paths handed to jobs must be absolute or s3:// (a job runs in a temporary copy of this dir).
+.PHONY: cluster-up cluster-down submit-train submit-sweep
+
+RAY_TEMP_DIR ?= /tmp/ray-mirror
+RAY_PORT ?= 6379
+DASHBOARD_PORT ?= 8265
+CLUSTER_CPUS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? 4 : n )))
+RAY_ADDRESS ?= http://127.0.0.1:$(DASHBOARD_PORT)
+MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+JOB_DATA ?= $(CURDIR)/$(DEMO_DATA)
+JOB_STORAGE ?= $(CURDIR)/ray_results
+TRAIN_ARGS ?= --model wae --workers 2 --epochs 2 --set train.max_steps_per_epoch=40
+SWEEP_SPACE ?= search_spaces/wae_ablation.yaml
+SWEEP_ARGS ?= --samples 4 --set train.epochs=2 train.max_steps_per_epoch=20 train.eval_patients=500 train.n_generate=200
+SUBMIT = RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . \
+	--runtime-env-json '$(shell MLFLOW_TRACKING_URI='$(MLFLOW_TRACKING_URI)' $(PY) -m mirror.cluster runtime-env)'
+
+cluster-up: install
+	$(PY) -m mirror.cluster up --num-cpus $(CLUSTER_CPUS) --port $(RAY_PORT) \
+		--dashboard-port $(DASHBOARD_PORT) --temp-dir $(RAY_TEMP_DIR)
+
+cluster-down:
+	$(PY) -m mirror.cluster down --temp-dir $(RAY_TEMP_DIR)
+
+submit-train: install
+	@RAY_AUTH_MODE=token $(PY) -m mirror.cluster check --address $(RAY_ADDRESS)
+	$(SUBMIT) -- python jobs/train.py --data $(JOB_DATA) --storage-path $(JOB_STORAGE) $(TRAIN_ARGS)
+
+submit-sweep: install
+	@RAY_AUTH_MODE=token $(PY) -m mirror.cluster check --address $(RAY_ADDRESS)
+	$(SUBMIT) -- python jobs/sweep.py $(SWEEP_SPACE) --data $(JOB_DATA) --storage-path $(JOB_STORAGE) $(SWEEP_ARGS)

@@ -1,0 +1,38 @@
+"""Export every patient's latent z (the digital mirror universe) as Parquet.
+
+    python jobs/embed.py --run RUN_ID --data DIR --out DIR [--actors N] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="MLflow run id of a finished training run")
+    parser.add_argument("--data", required=True, help="dataset directory to embed (all splits)")
+    parser.add_argument("--out", required=True, help="output directory: OUT/{split}/*.parquet")
+    parser.add_argument("--actors", type=int, default=2, help="model replicas in the actor pool")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    args = parser.parse_args(argv)
+
+    from mirror.cluster import ensure_ray
+    from mirror.embed import export_embeddings
+    from mirror.train.checkpoints import checkpoint_dir
+
+    ensure_ray(min_logical_cpus=args.actors + 2)
+    report = export_embeddings(
+        str(checkpoint_dir(args.run)), args.data, args.out,
+        actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
+    )
+    for split, n in report.patients.items():
+        print(f"{split}: {n} patients embedded ({report.truncated[split]} truncated to the model's max words)")
+    print(f"z ({report.latent_dim} dims) written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

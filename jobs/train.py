@@ -1,0 +1,68 @@
+"""Train one model with Ray Train DDP, evaluate it, and record everything in MLflow.
+
+    python jobs/train.py --model wae --data DIR [--workers W] [--gpu] [--epochs E]
+        [--run-name NAME] [--config FILE] [--set key=value ...]
+
+Re-running with the same --run-name resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mirror.train.spec import build_run_spec, load_overrides, parse_set
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="registry name, e.g. ae or wae")
+    parser.add_argument("--data", required=True, help="dataset directory (jobs/generate.py layout)")
+    parser.add_argument("--workers", type=int, help="DDP workers (train.workers)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    parser.add_argument("--cpus-per-worker", type=float, help="logical CPUs per worker")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--storage-path", help="checkpoint storage: a directory or s3://...")
+    parser.add_argument("--run-name", help="stable name; re-use it to resume")
+    parser.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. model.lam=0.5")
+    parser.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
+    args = parser.parse_args(argv)
+
+    overrides = load_overrides(args.config) if args.config else {}
+    flags = {
+        "train.workers": args.workers,
+        "train.epochs": args.epochs,
+        "train.cpus_per_worker": args.cpus_per_worker,
+        "train.storage_path": args.storage_path,
+        "train.use_gpu": True if args.gpu else None,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides.update(parse_set(args.set))
+    run_name = args.run_name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        spec = build_run_spec(args.model, args.data, run_name, overrides)
+    except (ValueError, TypeError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from mirror.cluster import ClusterConnectionError
+    from mirror.train.driver import run_training
+
+    try:
+        outcome = run_training(spec)
+    except ClusterConnectionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run {outcome.run_id} ({run_name}): checkpoint {outcome.checkpoint_path}")
+    if not args.no_eval:
+        from mirror.train.evaluation import evaluate_run
+
+        metrics = evaluate_run(outcome.run_id)
+        print(f"evaluated {len(metrics)} metrics into MLflow run {outcome.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Synthetic patients from a trained generative model, written in the platform's dataset layout.
+
+z ~ N(0, I) and sex from the training split's marginal are decoded greedily into sentences.
+A decoded sentence becomes a patient only if it is *valid*: non-empty, ended by ``<EOS>``
+within ``max_words``, weeks non-decreasing, and some birth week makes every word's age group
+consistent with its week (age groups never go backwards). Invalid sentences are rejected,
+counted and replaced by new draws, never written; the counts go into ``dataset.json``.
+
+Synthetic subject ids start at ``SYNTHETIC_ID_OFFSET`` so they cannot collide with real ids;
+being outside the split reservoir, they all land in ``train``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mirror.data import schema, vocab
+from mirror.data.schema import TRAIN, DatasetMetadata
+from mirror.models.base import MirrorModel
+
+SYNTHETIC_ID_OFFSET = 10**12
+PATIENTS_PER_FILE = 250_000
+
+
+@dataclass
+class SampleReport:
+    written: int
+    drawn: int
+    rejected: dict[str, int]
+
+    @property
+    def validity_rate(self) -> float:
+        return self.written / max(1, self.drawn)
+
+
+def birth_week_bounds(age_groups: np.ndarray, weeks: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sentence, the integer birth weeks [lo, hi] consistent with every (age group, week).
+
+    Word j constrains ``ag*5y <= (week - birth)/WPY < (ag+1)*5y``; intersecting the intervals
+    over a sentence is a reduceat over the flat words. Empty when lo > hi.
+    """
+    span = vocab.AGE_GROUP_YEARS * vocab.WEEKS_PER_YEAR
+    lo_word = np.floor(weeks - (age_groups + 1) * span).astype(np.int64) + 1
+    hi_word = np.floor(weeks - age_groups * span).astype(np.int64)
+    starts = offsets[:-1]
+    return np.maximum.reduceat(lo_word, starts), np.minimum.reduceat(hi_word, starts)
+
+
+def sentences_to_rows(
+    dx: np.ndarray, wk: np.ndarray, n_words: np.ndarray, sex: np.ndarray, n_weeks: int, first_id: int
+) -> tuple[pa.Table, dict[str, int]]:
+    """Decoded (B, max_words + 1) token arrays -> valid rows (schema.ROW_SCHEMA) + rejections.
+
+    Decoding runs one step past ``max_words`` so that a sentence of exactly ``max_words`` words
+    can still end with ``<EOS>``; rows that never emitted it are rejected as unterminated.
+    """
+    b, width = dx.shape
+    max_words = width - 1  # decoded with one spare step: a row still alive there has no <EOS>
+    unterminated = n_words > max_words
+    n_words = np.where(unterminated, 0, n_words)
+    dx, wk = dx[:, :max_words], wk[:, :max_words]
+    width = max_words
+    in_sentence = np.arange(width)[None, :] < n_words[:, None]
+    real_dx = (dx >= vocab.N_SPECIAL) & (dx < vocab.DIAG_AGE_VOCAB_SIZE)
+    real_wk = (wk >= vocab.N_SPECIAL) & (wk < vocab.N_SPECIAL + n_weeks)
+    rejected = {"unterminated": int(unterminated.sum()), "empty": int((n_words < 1).sum() - unterminated.sum())}
+    ok = n_words >= 1
+    bad_tokens = ((~real_dx | ~real_wk) & in_sentence).any(axis=1) & ok
+    rejected["special_token_inside"] = int(bad_tokens.sum())
+    ok &= ~bad_tokens
+    flat_mask = in_sentence & ok[:, None]
+    lengths = n_words[ok]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    condition, age_group = vocab.split_diag_age_token(dx[flat_mask])
+    week = wk[flat_mask] - vocab.N_SPECIAL
+    # Weeks and age groups must not go backwards within a sentence.
+    same = np.ones(len(week), dtype=bool)
+    same[offsets[:-1]] = False  # the first word of a sentence has no predecessor
+    backwards = np.zeros(len(week), dtype=bool)
+    backwards[1:] = ((week[1:] < week[:-1]) | (age_group[1:] < age_group[:-1])) & same[1:]
+    order_bad = np.add.reduceat(backwards.astype(np.int64), offsets[:-1]) > 0 if len(week) else np.zeros(0, bool)
+    lo, hi = birth_week_bounds(age_group, week, offsets) if len(week) else (np.zeros(0), np.zeros(0))
+    age_bad = (lo > hi) & ~order_bad
+    rejected["time_goes_backwards"] = int(order_bad.sum())
+    rejected["no_consistent_birth_week"] = int(age_bad.sum())
+    keep = ~(order_bad | age_bad)
+    keep_words = np.repeat(keep, lengths)
+    lengths = lengths[keep]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    condition, age_group, week = condition[keep_words], age_group[keep_words], week[keep_words]
+    first_week, last_week = week[offsets[:-1]], week[offsets[1:] - 1]
+    birth = ((lo[keep] + hi[keep]) // 2).astype(np.int32)
+    n = len(lengths)
+    rows = pa.Table.from_arrays(
+        [
+            pa.array(first_id + np.arange(n, dtype=np.int64)),
+            pa.array(sex[ok][keep].astype(np.int8)),
+            pa.array(birth),
+            pa.array(first_week.astype(np.int32)),
+            pa.array(last_week.astype(np.int32)),
+            pa.array(lengths.astype(np.int32)),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(condition.astype(np.int16))),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(age_group.astype(np.int8))),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(week.astype(np.int32))),
+        ],
+        schema=schema.ROW_SCHEMA,
+    )
+    return rows, rejected
+
+
+def female_fraction(real_root: str | Path) -> float:
+    """Share of sex == 1 in the training split, reading only the 1-byte sex column."""
+    females = total = 0
+    for path in schema.split_files(real_root, TRAIN):
+        sex = pq.read_table(path, columns=[schema.SEX]).column(0).to_numpy()
+        females += int((sex == 1).sum())
+        total += len(sex)
+    if total == 0:
+        raise ValueError(f"{real_root}: training split is empty")
+    return females / total
+
+
+@torch.no_grad()
+def sample_patients(
+    model: MirrorModel,
+    real_root: str | Path,
+    *,
+    n_patients: int,
+    out_dir: str | Path,
+    female_share: float,
+    max_words: int,
+    seed: int = 0,
+    batch_size: int = 1024,
+    max_draw_factor: int = 20,
+    provenance: dict | None = None,
+    device: str | torch.device = "cpu",
+) -> SampleReport:
+    """Draw until ``n_patients`` valid sentences are written (or ``max_draw_factor`` x drawn)."""
+    out_dir = Path(out_dir)
+    real_meta = DatasetMetadata.read(real_root)
+    generator = torch.Generator().manual_seed(seed)
+    written = drawn = 0
+    rejected: dict[str, int] = {}
+    pending: list[pa.Table] = []
+    pending_rows = shard = 0
+    lengths_hist: dict[int, int] = {}
+    while written < n_patients:
+        if drawn >= max_draw_factor * n_patients:
+            raise RuntimeError(
+                f"sampling: only {written} valid of {drawn} drawn sentences "
+                f"(rejections {rejected}); the model does not generate valid patients"
+            )
+        b = min(batch_size, max(64, n_patients - written))
+        z = torch.randn(b, model.latent_dim, generator=generator).to(device)
+        sex = torch.where(torch.rand(b, generator=generator) < female_share, 1.0, -1.0).to(device)
+        dx, wk, n_words = model.generate(z, sex, max_words + 1)
+        rows, rej = sentences_to_rows(
+            dx.cpu().numpy(), wk.cpu().numpy(), n_words.cpu().numpy(), sex.cpu().numpy(),
+            real_meta.n_weeks, SYNTHETIC_ID_OFFSET + written,
+        )
+        drawn += b
+        for key, value in rej.items():
+            rejected[key] = rejected.get(key, 0) + value
+        rows = rows.slice(0, n_patients - written)
+        written += rows.num_rows
+        for n, count in zip(*np.unique(rows.column(schema.N_EVENTS).to_numpy(), return_counts=True), strict=True):
+            lengths_hist[int(n)] = lengths_hist.get(int(n), 0) + int(count)
+        pending.append(rows)
+        pending_rows += rows.num_rows
+        if pending_rows >= PATIENTS_PER_FILE or written >= n_patients:
+            path = schema.shard_path(out_dir, TRAIN, shard)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(pending), path, compression="zstd")
+            pending, pending_rows, shard = [], 0, shard + 1
+    for split in (schema.TUNING, schema.HELD_OUT):
+        schema.split_dir(out_dir, split).mkdir(parents=True, exist_ok=True)
+    report = SampleReport(written, drawn, rejected)
+    DatasetMetadata(
+        name=f"{real_meta.name}-synthetic",
+        origin_date=real_meta.origin_date,
+        n_weeks=real_meta.n_weeks,
+        patients={TRAIN: written, schema.TUNING: 0, schema.HELD_OUT: 0},
+        vocab=dict(real_meta.vocab),
+        provenance={**(provenance or {}), "drawn": drawn, "rejected": rejected, "validity_rate": report.validity_rate, "seed": seed},
+        length_histogram={TRAIN: {str(k): v for k, v in sorted(lengths_hist.items())}, schema.TUNING: {}, schema.HELD_OUT: {}},
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    ).write(out_dir)
+    shutil.copyfile(Path(real_root) / schema.CODES_PARQUET, out_dir / schema.CODES_PARQUET)
+    return report

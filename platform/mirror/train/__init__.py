@@ -1,0 +1,1 @@
+"""Training orchestration: run spec, the per-worker loop, and the Ray Train driver."""

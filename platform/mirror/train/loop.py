@@ -1,0 +1,248 @@
+"""The per-worker training function: plain epoch math, Ray only at the edges.
+
+Layer 1 of three (Ray's train/tune interop pattern): ``train_fn_per_worker`` runs on every
+DDP worker. It takes its shard, builds the model from the registry, wraps each model part in
+DDP, restores the last checkpoint if there is one, then per epoch runs ``train_epoch`` and
+``validate`` (plain functions), reduces metrics across workers, and reports once per epoch
+with a checkpoint. Only rank 0 logs to MLflow.
+
+Step parity under DDP: ``streaming_split`` can give ranks different batch counts, and a rank
+that stops early leaves the others hanging in all-reduce. So every rank trains a fixed
+``steps_per_epoch`` (computed once on the driver from the kept-patient count) and then drains
+whatever is left of its shard without training on it; the drained count is logged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mirror import tracking
+from mirror.data.collate import CollateConfig, MaskSpec
+from mirror.data.stream import iter_sequence_batches
+from mirror.models import build_model
+from mirror.models.base import DataInfo, MirrorModel
+from mirror.train.spec import RunSpec, TrainConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
+    """Linear warmup, then cosine decay to ``min_lr_ratio``: a pure function of the step."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class DDPStepContext:
+    """``StepContext`` for the Ray loop: autocast, clipping and schedules owned here."""
+
+    device: torch.device
+    parts: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    grad_clip: float
+    global_step: int = 0
+    grad_norms: dict[str, float] = field(default_factory=dict)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def step(self, loss: torch.Tensor, optimizer: str) -> float:
+        opt = self.optimizers[optimizer]
+        loss.backward()
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norm = (
+            float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            if self.grad_clip > 0 and params
+            else 0.0
+        )
+        opt.step()
+        self.schedulers[optimizer].step()
+        opt.zero_grad(set_to_none=True)
+        self.grad_norms[optimizer] = norm
+        return norm
+
+
+def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum named scalars across ranks (a no-op without a process group)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def train_epoch(
+    model: MirrorModel, ctx: DDPStepContext, batches, steps: int, crash_at: int = -1, crash_marker: Path | None = None
+) -> dict[str, float]:
+    """``steps`` optimisation steps; returns sums of step metrics plus counts."""
+    for part in model.parts().values():
+        part.train()
+    sums: dict[str, float] = {}
+    done = drained = tokens = 0
+    for batch in batches:
+        if done >= steps:
+            drained += batch.size  # keep the stream moving for the other ranks
+            continue
+        if crash_at >= 0 and ctx.global_step == crash_at and crash_marker and not crash_marker.exists():
+            crash_marker.write_text("crashed once\n")
+            os._exit(1)  # fault injection: a worker dies mid-epoch
+        batch = batch.to(ctx.device)
+        metrics = model.train_step(batch, ctx)
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        for key, value in ctx.grad_norms.items():
+            sums[f"grad_norm/{key}"] = sums.get(f"grad_norm/{key}", 0.0) + value
+        tokens += batch.n_tokens
+        ctx.global_step += 1
+        done += 1
+    return {**sums, "steps": float(done), "drained_patients": float(drained), "tokens": float(tokens)}
+
+
+@torch.no_grad()
+def validate(model: MirrorModel, batches, device: torch.device, max_batches: int = 0) -> dict[str, float]:
+    for part in model.parts().values():
+        part.eval()
+    sums: dict[str, float] = {}
+    patients = 0
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break  # the iterator is abandoned, not drained: validation shards are not split
+        batch = batch.to(device)
+        for key, value in model.eval_sums(batch).items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        patients += batch.size
+    return {**sums, "patients": float(patients)}
+
+
+def save_checkpoint(directory: Path, model: nn.Module, ctx: DDPStepContext, epoch: int, spec: RunSpec, data_info: DataInfo) -> None:
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in ctx.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in ctx.schedulers.items()},
+            "epoch": epoch,
+            "global_step": ctx.global_step,
+            "spec": spec.to_dict(),
+            "data_info": data_info.__dict__,
+        },
+        directory / CHECKPOINT_FILE,
+    )
+
+
+def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def _wrap(part: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    part.to(device)
+    if world_size <= 1:
+        return part
+    return nn.parallel.DistributedDataParallel(
+        part, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    spec = RunSpec.from_dict(config["spec"])
+    train: TrainConfig = spec.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+
+    data_info = DataInfo(**config["data_info"])
+    torch.manual_seed(train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    model = build_model(spec.model, spec.model_config, data_info)
+    model.to(device)
+    optimizers = model.make_optimizers()
+    steps_per_epoch = int(config["steps_per_epoch"])
+    total_steps = max(1, steps_per_epoch * train.epochs)
+    schedule = lr_lambda(total_steps, train.warmup_fraction, train.min_lr_ratio)
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
+
+    start_epoch, global_step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = load_checkpoint_state(checkpoint)
+        model.load_state_dict(state["model"])
+        for k, o in optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+
+    parts = {name: _wrap(part, device, world) for name, part in model.parts().items()}
+    ctx = DDPStepContext(device, parts, optimizers, schedulers, train.grad_clip, global_step)
+    n_weeks = data_info.week_vocab_size - 3
+    train_collate = CollateConfig(
+        n_weeks, mask=MaskSpec("training", train.mask_rate, train.mask_min_words), seed=train.seed
+    )
+    val_collate = CollateConfig(n_weeks)  # validation loss on unmasked input
+    train_shard = ray.train.get_dataset_shard("train")
+    tuning_shard = ray.train.get_dataset_shard("tuning")
+    run_id, uri = config["run_id"], config["tracking_uri"]
+    crash_marker = Path(config["crash_marker"]) if config.get("crash_marker") else None
+    crash_at = train.crash_once_at_step if rank == world - 1 else -1
+
+    for epoch in range(start_epoch, train.epochs):
+        batches = iter_sequence_batches(train_shard, train.batch_size, config=train_collate, epoch=epoch)
+        sums = train_epoch(model, ctx, batches, steps_per_epoch, crash_at, crash_marker)
+        sums = all_reduce_sums(sums, device)
+        val_batches = iter_sequence_batches(tuning_shard, train.eval_batch_size, config=val_collate)
+        val = all_reduce_sums(validate(model, val_batches, device, train.val_max_batches), device)
+        metrics = epoch_metrics(sums, val, world, ctx, epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(Path(tmp), model, ctx, epoch, spec, data_info)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                tracking.log_metrics(run_id, metrics, step=epoch, uri=uri)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def epoch_metrics(sums: dict[str, float], val: dict[str, float], world: int, ctx: DDPStepContext, epoch: int) -> dict[str, float]:
+    """Per-epoch means from all-reduced sums, under the shared names ``train/*``, ``val/*``."""
+    steps = max(1.0, sums.get("steps", 0.0))  # summed over ranks
+    out = {"epoch": float(epoch), "global_step": float(ctx.global_step)}
+    for key, value in sums.items():
+        if key in ("steps", "drained_patients", "tokens"):
+            continue
+        out[f"train/{key}"] = value / steps
+    out["train/steps_per_rank"] = sums.get("steps", 0.0) / world
+    out["train/drained_patients"] = sums.get("drained_patients", 0.0)
+    out["train/tokens"] = sums.get("tokens", 0.0)
+    tokens = max(1.0, val.get("tokens", 0.0))
+    for key, value in val.items():
+        if key in ("tokens", "patients"):
+            continue
+        out[f"val/{key}"] = value / tokens
+    out["val/patients"] = val.get("patients", 0.0)
+    for name, sched in ctx.schedulers.items():
+        out[f"lr/{name}"] = float(sched.get_last_lr()[0])
+    return out
