@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.data
 
 DEFAULT_TEMP_DIR = "/tmp/ray-mirror"  # not /tmp/ray: `ray.init()` elsewhere won't attach to it
 PID_FILE = "head.pid"
@@ -51,7 +52,15 @@ class ClusterConnectionError(RuntimeError):
     """A one-line, actionable error for an unreachable cluster or missing auth token."""
 
 
+def quiet_progress() -> None:
+    """Jobs log to files and MLflow; per-operator progress bars only flood those logs."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+
+
 def ensure_ray(min_logical_cpus: float = 4) -> None:
+    quiet_progress()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

@@ -168,7 +168,9 @@ def log_torch_model(run_id: str, model: Any, name: str = "model", uri: str | Non
 
     client(uri)
     with mlflow.start_run(run_id=run_id, nested=False):
-        mlflow.pytorch.log_model(model, name=name, pip_requirements=["torch", "mirror"])
+        mlflow.pytorch.log_model(
+            model, name=name, serialization_format="pickle", pip_requirements=["torch", "mirror"]
+        )
 
 
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
@@ -204,3 +206,14 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
 def list_artifacts(run_id: str, path: str | None = None, uri: str | None = None) -> list[str]:
     """Artifact paths directly under ``path`` of a run."""
     return [a.path for a in client(uri).list_artifacts(run_id, path)]
+
+
+def logged_model_names(run_id: str, uri: str | None = None) -> list[str]:
+    """Names of the MLflow models logged from this run (MLflow 3 keeps them as LoggedModels,
+    outside the run's artifact tree)."""
+    c = client(uri)
+    run = c.get_run(run_id)
+    models = c.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return [m.name for m in models]

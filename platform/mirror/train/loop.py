@@ -95,6 +95,17 @@ def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, tensor.tolist(), strict=True))
 
 
+def parameter_divergence(model: nn.Module, device: torch.device) -> float:
+    """Largest |difference| of any parameter between ranks: 0.0 when DDP kept them in sync."""
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]).to(device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0.0
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return float((high - low).abs().max())
+
+
 def train_epoch(
     model: MirrorModel, ctx: DDPStepContext, batches, steps: int, crash_at: int = -1, crash_marker: Path | None = None
 ) -> dict[str, float]:
@@ -217,6 +228,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         val_batches = iter_sequence_batches(tuning_shard, train.eval_batch_size, config=val_collate)
         val = all_reduce_sums(validate(model, val_batches, device, train.val_max_batches), device)
         metrics = epoch_metrics(sums, val, world, ctx, epoch)
+        metrics["ddp/param_divergence"] = parameter_divergence(model, device)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
