@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
         metrics = evaluate_run(outcome.run_id)
         print(f"evaluated {len(metrics)} metrics into MLflow run {outcome.run_id}")
+        if spec.train.score_synthetic:
+            from mirror.synthesize import score_run
+            from mirror.train.driver import storage_path
+
+            scorecard = score_run(outcome.run_id, spec.train.n_generate, storage_path(spec), seed=spec.train.seed)
+            print(f"synthetic-data scorecard: {len(scorecard)} metrics into MLflow run {outcome.run_id}")
     return 0
 
 

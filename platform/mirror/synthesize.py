@@ -195,3 +195,86 @@ def sample_patients(
     ).write(out_dir)
     shutil.copyfile(Path(real_root) / schema.CODES_PARQUET, out_dir / schema.CODES_PARQUET)
     return report
+
+
+@dataclass
+class ReleaseResult:
+    out_dir: Path | None  # None when the gate refused and nothing was exported
+    sample: SampleReport
+    scorecard: dict[str, float]
+    gate_passed: bool
+    gate_failures: list[str]
+    unsafe_override: bool
+
+
+def sample_and_score(
+    run_id: str, *, n_patients: int, staging: Path, thresholds=None, seed: int = 0,
+    max_queries: int = 20_000, uri: str | None = None,
+):
+    """Sample ``n_patients`` into ``staging``, score them against the run's real data, log the
+    scorecard and the gate's verdict (``privacy/gate_passed``) to the run."""
+    from mirror import tracking
+    from mirror.metrics.privacy import privacy_gate
+    from mirror.metrics.scorecard import compute_scorecard
+    from mirror.train.checkpoints import load_run
+
+    loaded = load_run(run_id, uri=uri)
+    shutil.rmtree(staging, ignore_errors=True)
+    report = sample_patients(
+        loaded.model, loaded.spec.data, n_patients=n_patients, out_dir=staging,
+        female_share=female_fraction(loaded.spec.data), max_words=loaded.data_info.max_words,
+        seed=seed, provenance={"generator": loaded.spec.model, "mlflow_run_id": run_id},
+    )
+    plots = staging.with_name(staging.name + "-plots")
+    try:
+        scorecard = compute_scorecard(loaded.spec.data, staging, max_queries=max_queries, seed=seed, artifacts_dir=plots)
+        gate = privacy_gate(scorecard, thresholds)
+        tracking.log_scorecard(run_id, {**scorecard, "privacy/gate_passed": float(gate.passed)}, plots, uri=uri)
+    finally:
+        shutil.rmtree(plots, ignore_errors=True)
+    return report, scorecard, gate
+
+
+def release_synthetic(
+    run_id: str,
+    *,
+    n_patients: int,
+    out_dir: str | Path,
+    thresholds=None,
+    allow_unsafe: bool = False,
+    seed: int = 0,
+    max_queries: int = 20_000,
+    uri: str | None = None,
+) -> ReleaseResult:
+    """Sample into a staging directory, score it, and export only if the privacy gate passes
+    (or ``allow_unsafe``, which tags the run). Nothing unscored ever reaches ``out_dir``."""
+    from mirror import tracking
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: output directory is not empty")
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    report, scorecard, gate = sample_and_score(
+        run_id, n_patients=n_patients, staging=staging, thresholds=thresholds, seed=seed,
+        max_queries=max_queries, uri=uri,
+    )
+    if gate.passed or allow_unsafe:
+        if not gate.passed:
+            tracking.set_tags(run_id, {"mirror.unsafe_export": "; ".join(gate.failures)}, uri=uri)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+        return ReleaseResult(out_dir, report, scorecard, gate.passed, gate.failures, not gate.passed)
+    shutil.rmtree(staging, ignore_errors=True)
+    return ReleaseResult(None, report, scorecard, False, gate.failures, False)
+
+
+def score_run(run_id: str, n_patients: int, work_dir: str | Path, seed: int = 0, uri: str | None = None) -> dict[str, float]:
+    """The end-of-training scorecard of a generative run; the sample is scored, then deleted."""
+    staging = Path(work_dir) / f"scorecard-{run_id}"
+    try:
+        _, scorecard, _ = sample_and_score(run_id, n_patients=n_patients, staging=staging, seed=seed, uri=uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return scorecard
