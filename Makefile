@@ -38,8 +38,16 @@ demo: install
 	@echo "MLflow UI:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
 	@echo "then open   http://127.0.0.1:5000  (experiment 'mirror', newest run 'demo-wae-...')"
 
+bench-train: install
+	$(PY) bench/bench_train.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info
+
+# Simulator throughput, Ray Data read + collate vs plain pyarrow, peak memory at 1M and 4M
+# patients (datasets under /tmp/mirror-bench). Writes bench/results/data.json.
+bench-data: install
+	$(PY) bench/bench_data.py
 
 # ---- A local Ray cluster and job submission ---------------------------------------------------
 # `make cluster-up` starts a Ray head on 127.0.0.1 (dashboard :8265) with token authentication

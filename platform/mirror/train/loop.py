@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,8 @@ def train_epoch(
         part.train()
     sums: dict[str, float] = {}
     done = drained = tokens = 0
+    start = time.perf_counter()
+    seconds = 0.0
     for batch in batches:
         if done >= steps:
             drained += batch.size  # keep the stream moving for the other ranks
@@ -130,7 +133,14 @@ def train_epoch(
         tokens += batch.n_tokens
         ctx.global_step += 1
         done += 1
-    return {**sums, "steps": float(done), "drained_patients": float(drained), "tokens": float(tokens)}
+        seconds = time.perf_counter() - start  # data wait included, draining excluded
+    return {
+        **sums,
+        "steps": float(done),
+        "drained_patients": float(drained),
+        "tokens": float(tokens),
+        "seconds": seconds,
+    }
 
 
 @torch.no_grad()
@@ -243,12 +253,14 @@ def epoch_metrics(sums: dict[str, float], val: dict[str, float], world: int, ctx
     steps = max(1.0, sums.get("steps", 0.0))  # summed over ranks
     out = {"epoch": float(epoch), "global_step": float(ctx.global_step)}
     for key, value in sums.items():
-        if key in ("steps", "drained_patients", "tokens"):
+        if key in ("steps", "drained_patients", "tokens", "seconds"):
             continue
         out[f"train/{key}"] = value / steps
     out["train/steps_per_rank"] = sums.get("steps", 0.0) / world
     out["train/drained_patients"] = sums.get("drained_patients", 0.0)
     out["train/tokens"] = sums.get("tokens", 0.0)
+    # Throughput of the whole worker group: all ranks' tokens over the mean rank's time.
+    out["train/tokens_per_s"] = sums.get("tokens", 0.0) / max(1e-9, sums.get("seconds", 0.0) / world)
     tokens = max(1.0, val.get("tokens", 0.0))
     for key, value in val.items():
         if key in ("tokens", "patients"):
