@@ -14,9 +14,8 @@ import torch
 from mirror import tracking
 from mirror.data import schema
 from mirror.data.simulator import generate_dataset
-from mirror.data.validate import validate_dataset
 from mirror.metrics.evaluate import METRIC_NAMES
-from mirror.train.checkpoints import load_run, load_state
+from mirror.train.checkpoints import load_state
 from mirror.train.driver import run_training
 from mirror.train.spec import build_run_spec
 
@@ -148,19 +147,3 @@ def test_embedding_export_covers_every_patient(workdir, evaluated, tmp_path):
     assert sorted(table.column("subject_id").to_pylist()) == sorted(real_ids.to_pylist())
     z = torch.tensor(table.column("z").combine_chunks().flatten().to_numpy()).reshape(table.num_rows, -1)
     assert torch.isfinite(z).all()
-
-
-def test_sampled_patients_pass_validation(workdir, evaluated, tmp_path):
-    from mirror.synthesize import female_fraction, sample_patients
-
-    _, data = workdir
-    run_id, _ = evaluated
-    loaded = load_run(run_id)
-    report = sample_patients(
-        loaded.model, data, n_patients=150, out_dir=tmp_path / "syn",
-        female_share=female_fraction(data), max_words=loaded.data_info.max_words, seed=1,
-        max_draw_factor=200,
-    )
-    assert report.written == 150
-    result = validate_dataset(tmp_path / "syn")
-    assert result.ok, result.summary()

@@ -1,10 +1,11 @@
 """Synthetic patients from a trained generative model, written in the platform's dataset layout.
 
 z ~ N(0, I) and sex from the training split's marginal are decoded greedily into sentences.
-A decoded sentence becomes a patient only if it is *valid*: non-empty, ended by ``<EOS>``
-within ``max_words``, weeks non-decreasing, and some birth week makes every word's age group
-consistent with its week (age groups never go backwards). Invalid sentences are rejected,
-counted and replaced by new draws, never written; the counts go into ``dataset.json``.
+A decoded sentence becomes a patient only if it is *valid* by the evaluation's definition
+(``mirror.metrics.tasks.generation_rule_failures``: non-empty, ended by ``<EOS>`` within
+``max_words``, real tokens, ages and weeks non-decreasing, one birth week consistent with
+every word). Invalid sentences are rejected, counted per rule and replaced by new draws,
+never written; the counts go into ``dataset.json``.
 
 Synthetic subject ids start at ``SYNTHETIC_ID_OFFSET`` so they cannot collide with real ids;
 being outside the split reservoir, they all land in ``train``.
@@ -22,12 +23,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mirror.data import schema, vocab
+from mirror.data import schema
 from mirror.data.schema import TRAIN, DatasetMetadata
+from mirror.metrics.evaluate import generated_rows
+from mirror.metrics.tasks import generation_rule_failures
 from mirror.models.base import MirrorModel
 
 SYNTHETIC_ID_OFFSET = 10**12
 PATIENTS_PER_FILE = 250_000
+
+
+class TooFewValidSentences(RuntimeError):
+    """The model's sentences are almost all invalid (e.g. it never emits ``<EOS>`` yet)."""
 
 
 @dataclass
@@ -41,79 +48,22 @@ class SampleReport:
         return self.written / max(1, self.drawn)
 
 
-def birth_week_bounds(age_groups: np.ndarray, weeks: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per sentence, the integer birth weeks [lo, hi] consistent with every (age group, week).
-
-    Word j constrains ``ag*5y <= (week - birth)/WPY < (ag+1)*5y``; intersecting the intervals
-    over a sentence is a reduceat over the flat words. Empty when lo > hi.
-    """
-    span = vocab.AGE_GROUP_YEARS * vocab.WEEKS_PER_YEAR
-    lo_word = np.floor(weeks - (age_groups + 1) * span).astype(np.int64) + 1
-    hi_word = np.floor(weeks - age_groups * span).astype(np.int64)
-    starts = offsets[:-1]
-    return np.maximum.reduceat(lo_word, starts), np.minimum.reduceat(hi_word, starts)
-
-
-def sentences_to_rows(
-    dx: np.ndarray, wk: np.ndarray, n_words: np.ndarray, sex: np.ndarray, n_weeks: int, first_id: int
+def valid_rows(
+    dx: torch.Tensor, wk: torch.Tensor, n_words: torch.Tensor, sex: torch.Tensor,
+    *, max_words: int, week_vocab_size: int, first_id: int,
 ) -> tuple[pa.Table, dict[str, int]]:
-    """Decoded (B, max_words + 1) token arrays -> valid rows (schema.ROW_SCHEMA) + rejections.
+    """Decoded sentences -> rows of the valid ones, plus how many failed each rule.
 
-    Decoding runs one step past ``max_words`` so that a sentence of exactly ``max_words`` words
-    can still end with ``<EOS>``; rows that never emitted it are rejected as unterminated.
+    Validity has one definition, the evaluation's (``tasks.generation_rule_failures``); a
+    sentence failing several rules is counted under each.
     """
-    b, width = dx.shape
-    max_words = width - 1  # decoded with one spare step: a row still alive there has no <EOS>
-    unterminated = n_words > max_words
-    n_words = np.where(unterminated, 0, n_words)
-    dx, wk = dx[:, :max_words], wk[:, :max_words]
-    width = max_words
-    in_sentence = np.arange(width)[None, :] < n_words[:, None]
-    real_dx = (dx >= vocab.N_SPECIAL) & (dx < vocab.DIAG_AGE_VOCAB_SIZE)
-    real_wk = (wk >= vocab.N_SPECIAL) & (wk < vocab.N_SPECIAL + n_weeks)
-    rejected = {"unterminated": int(unterminated.sum()), "empty": int((n_words < 1).sum() - unterminated.sum())}
-    ok = n_words >= 1
-    bad_tokens = ((~real_dx | ~real_wk) & in_sentence).any(axis=1) & ok
-    rejected["special_token_inside"] = int(bad_tokens.sum())
-    ok &= ~bad_tokens
-    flat_mask = in_sentence & ok[:, None]
-    lengths = n_words[ok]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    condition, age_group = vocab.split_diag_age_token(dx[flat_mask])
-    week = wk[flat_mask] - vocab.N_SPECIAL
-    # Weeks and age groups must not go backwards within a sentence.
-    same = np.ones(len(week), dtype=bool)
-    same[offsets[:-1]] = False  # the first word of a sentence has no predecessor
-    backwards = np.zeros(len(week), dtype=bool)
-    backwards[1:] = ((week[1:] < week[:-1]) | (age_group[1:] < age_group[:-1])) & same[1:]
-    order_bad = np.add.reduceat(backwards.astype(np.int64), offsets[:-1]) > 0 if len(week) else np.zeros(0, bool)
-    lo, hi = birth_week_bounds(age_group, week, offsets) if len(week) else (np.zeros(0), np.zeros(0))
-    age_bad = (lo > hi) & ~order_bad
-    rejected["time_goes_backwards"] = int(order_bad.sum())
-    rejected["no_consistent_birth_week"] = int(age_bad.sum())
-    keep = ~(order_bad | age_bad)
-    keep_words = np.repeat(keep, lengths)
-    lengths = lengths[keep]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    condition, age_group, week = condition[keep_words], age_group[keep_words], week[keep_words]
-    first_week, last_week = week[offsets[:-1]], week[offsets[1:] - 1]
-    birth = ((lo[keep] + hi[keep]) // 2).astype(np.int32)
-    n = len(lengths)
-    rows = pa.Table.from_arrays(
-        [
-            pa.array(first_id + np.arange(n, dtype=np.int64)),
-            pa.array(sex[ok][keep].astype(np.int8)),
-            pa.array(birth),
-            pa.array(first_week.astype(np.int32)),
-            pa.array(last_week.astype(np.int32)),
-            pa.array(lengths.astype(np.int32)),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(condition.astype(np.int16))),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(age_group.astype(np.int8))),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(week.astype(np.int32))),
-        ],
-        schema=schema.ROW_SCHEMA,
-    )
-    return rows, rejected
+    fails = generation_rule_failures(dx, wk, n_words, max_words=max_words, week_vocab_size=week_vocab_size)
+    valid = torch.ones_like(n_words, dtype=torch.bool)
+    for failed in fails.values():
+        valid &= ~failed
+    n_valid = int(valid.sum())
+    rows = generated_rows(dx[valid], wk[valid], n_words[valid], sex[valid], first_id + np.arange(n_valid))
+    return rows, {rule: int(failed.sum()) for rule, failed in fails.items()}
 
 
 def female_fraction(real_root: str | Path) -> float:
@@ -139,7 +89,7 @@ def sample_patients(
     max_words: int,
     seed: int = 0,
     batch_size: int = 1024,
-    max_draw_factor: int = 20,
+    max_draw_factor: int = 4,
     provenance: dict | None = None,
     device: str | torch.device = "cpu",
 ) -> SampleReport:
@@ -154,17 +104,17 @@ def sample_patients(
     lengths_hist: dict[int, int] = {}
     while written < n_patients:
         if drawn >= max_draw_factor * n_patients:
-            raise RuntimeError(
-                f"sampling: only {written} valid of {drawn} drawn sentences "
-                f"(rejections {rejected}); the model does not generate valid patients"
+            raise TooFewValidSentences(
+                f"sampling: only {written} valid of {drawn} drawn sentences (failed rules: "
+                f"{rejected}); this model does not generate valid patients yet"
             )
         b = min(batch_size, max(64, n_patients - written))
         z = torch.randn(b, model.latent_dim, generator=generator).to(device)
         sex = torch.where(torch.rand(b, generator=generator) < female_share, 1.0, -1.0).to(device)
-        dx, wk, n_words = model.generate(z, sex, max_words + 1)
-        rows, rej = sentences_to_rows(
-            dx.cpu().numpy(), wk.cpu().numpy(), n_words.cpu().numpy(), sex.cpu().numpy(),
-            real_meta.n_weeks, SYNTHETIC_ID_OFFSET + written,
+        dx, wk, n_words = model.generate(z, sex, max_words + 1)  # + 1: room for <EOS>
+        rows, rej = valid_rows(
+            dx.cpu(), wk.cpu(), n_words.cpu().long(), sex.cpu(), max_words=max_words,
+            week_vocab_size=real_meta.vocab["week"], first_id=SYNTHETIC_ID_OFFSET + written,
         )
         drawn += b
         for key, value in rej.items():
@@ -271,10 +221,22 @@ def release_synthetic(
 
 
 def score_run(run_id: str, n_patients: int, work_dir: str | Path, seed: int = 0, uri: str | None = None) -> dict[str, float]:
-    """The end-of-training scorecard of a generative run; the sample is scored, then deleted."""
+    """The end-of-training scorecard of a generative run; the sample is scored, then deleted.
+
+    A model that cannot yet generate valid patients has no scorecard: that is recorded on the
+    run (tag ``mirror.scorecard_skipped`` with the reason, ``privacy/gate_passed`` = 0) and
+    returned as an empty dict, so a short training run still finishes.
+    """
+    from mirror import tracking
+
     staging = Path(work_dir) / f"scorecard-{run_id}"
     try:
         _, scorecard, _ = sample_and_score(run_id, n_patients=n_patients, staging=staging, seed=seed, uri=uri)
+    except TooFewValidSentences as err:
+        tracking.set_tags(run_id, {"mirror.scorecard_skipped": str(err)}, uri=uri)
+        tracking.log_metrics(run_id, {"privacy/gate_passed": 0.0}, uri=uri)
+        print(f"scorecard skipped: {err}")
+        return {}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return scorecard

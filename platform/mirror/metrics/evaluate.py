@@ -311,6 +311,38 @@ def _masked_select(mask: torch.Tensor, width: int) -> torch.Tensor:
     return select
 
 
+def generated_rows(
+    dx: torch.Tensor, wk: torch.Tensor, n: torch.Tensor, sex: torch.Tensor, ids: np.ndarray
+) -> pa.Table:
+    """Valid generated sentences (no rule of ``generation_rule_failures`` failed) as
+    ``schema.ROW_SCHEMA`` rows; birth week = middle of the feasible range, enrolment = first to
+    last word (the model decodes no enrolment dates)."""
+    width = dx.shape[1]
+    words = torch.arange(width)[None, :] < n[:, None]
+    age = (dx - N_SPECIAL).clamp(min=0) % N_AGE_GROUPS
+    week = wk - N_SPECIAL
+    lo, hi = birth_week_bounds(age, week, words)
+    flat_dx, flat_age, flat_week = dx[words].numpy(), age[words].numpy(), week[words].numpy()
+    offsets = np.concatenate([[0], np.cumsum(n.numpy())]).astype(np.int32)
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.asarray(ids).astype(np.int64)),
+            pa.array(sex.numpy().astype(np.int8)),
+            pa.array(((lo + hi) // 2).numpy().astype(np.int32)),
+            pa.array(flat_week[offsets[:-1]].astype(np.int32)),
+            pa.array(flat_week[offsets[1:] - 1].astype(np.int32)),
+            pa.array(n.numpy().astype(np.int32)),
+            pa.ListArray.from_arrays(
+                pa.array(offsets),
+                pa.array(((flat_dx - N_SPECIAL) // N_AGE_GROUPS).astype(np.int16)),
+            ),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_age.astype(np.int8))),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_week.astype(np.int32))),
+        ],
+        schema=schema.ROW_SCHEMA,
+    )
+
+
 class _GenerationScore:
     """Streaming scores of generated sentences: rule failures, prevalence, lengths, rows."""
 
@@ -341,44 +373,9 @@ class _GenerationScore:
         self.prevalence.add(condition_sets(dx, n_clipped))
         self.lengths.add(n_clipped)
         if self.keep_rows:
-            self.tables.append(self._rows(dx[valid], wk[valid], n_words[valid], sex[valid], valid))
+            ids = self.next_id + np.flatnonzero(valid.numpy())
+            self.tables.append(generated_rows(dx[valid], wk[valid], n_words[valid], sex[valid], ids))
         self.next_id += int(n_words.shape[0])
-
-    def _rows(
-        self,
-        dx: torch.Tensor,
-        wk: torch.Tensor,
-        n: torch.Tensor,
-        sex: torch.Tensor,
-        valid: torch.Tensor,
-    ) -> pa.Table:
-        """Valid sentences as ``schema.ROW_SCHEMA`` rows; birth week = middle of the feasible
-        range, enrolment = first to last word (the model decodes no enrolment dates)."""
-        width = dx.shape[1]
-        words = torch.arange(width)[None, :] < n[:, None]
-        age = (dx - N_SPECIAL).clamp(min=0) % N_AGE_GROUPS
-        week = wk - N_SPECIAL
-        lo, hi = birth_week_bounds(age, week, words)
-        flat_dx, flat_age, flat_week = dx[words].numpy(), age[words].numpy(), week[words].numpy()
-        offsets = np.concatenate([[0], np.cumsum(n.numpy())]).astype(np.int32)
-        ids = self.next_id + np.flatnonzero(valid.numpy())
-        return pa.Table.from_arrays(
-            [
-                pa.array(ids.astype(np.int64)),
-                pa.array(sex.numpy().astype(np.int8)),
-                pa.array(((lo + hi) // 2).numpy().astype(np.int32)),
-                pa.array(flat_week[offsets[:-1]].astype(np.int32)),
-                pa.array(flat_week[offsets[1:] - 1].astype(np.int32)),
-                pa.array(n.numpy().astype(np.int32)),
-                pa.ListArray.from_arrays(
-                    pa.array(offsets),
-                    pa.array(((flat_dx - N_SPECIAL) // N_AGE_GROUPS).astype(np.int16)),
-                ),
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_age.astype(np.int8))),
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_week.astype(np.int32))),
-            ],
-            schema=schema.ROW_SCHEMA,
-        )
 
     def metrics(self, real_prevalence: np.ndarray, real_lengths: np.ndarray) -> dict[str, float]:
         p = self.prefix
