@@ -46,7 +46,7 @@ def test_sampling_rejects_invalid_sentences_and_writes_a_valid_dataset(ray_clust
     assert report.written == 100
     # A third of every batch is valid; the other two thirds are rejected, one rule each.
     assert report.rejected["no_eos"] == report.rejected["week_order"]
-    assert abs(report.rejected["no_eos"] - report.drawn / 3) <= 1
+    assert abs(report.rejected["no_eos"] - report.drawn / 3) <= 4  # <= 1 per batch
     assert report.rejected["empty"] == report.rejected["age_time"] == 0
     assert report.written + 2 * report.rejected["no_eos"] <= report.drawn
     result = validate_dataset(out)
