@@ -49,6 +49,11 @@ clean:
 bench-data: install
 	$(PY) bench/bench_data.py
 
+# Full synthetic-data scorecard, 50K synthetic vs 200K real, and how its time and peak memory
+# grow from a 50K to a 200K real reference. Writes bench/results/metrics.json.
+bench-metrics: install
+	$(PY) bench/bench_metrics.py
+
 # ---- A local Ray cluster and job submission ---------------------------------------------------
 # `make cluster-up` starts a Ray head on 127.0.0.1 (dashboard :8265) with token authentication
 # on; the token is ~/.ray/auth_token (created if missing). `make submit-train` / `submit-sweep`
