@@ -121,6 +121,7 @@ def evaluated(resumed_run):
 def test_evaluation_logs_every_metric_and_artifact(evaluated):
     run_id, metrics = evaluated
     assert set(METRIC_NAMES) <= set(metrics)
+    assert 0.0 <= metrics["privacy/mia/loss_auc"] <= 1.0  # white-box membership test
     run = tracking.get_run(run_id)
     assert set(METRIC_NAMES) <= set(run.data.metrics)
     assert run.data.tags["model"] == "wae" and run.data.tags["dataset.fingerprint"]

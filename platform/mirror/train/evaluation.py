@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
 
 from mirror import tracking  # noqa: E402
 from mirror.cluster import ensure_ray  # noqa: E402
@@ -27,6 +28,7 @@ from mirror.data.schema import GROUND_TRUTH_DIR, HELD_OUT, TRAIN, DatasetMetadat
 from mirror.data.stream import iter_sequence_batches, read_split  # noqa: E402
 from mirror.metrics.baselines import FrequencyBaseline  # noqa: E402
 from mirror.metrics.evaluate import EvalConfig, EvalResult, evaluate_model  # noqa: E402
+from mirror.metrics.privacy import membership_from_losses  # noqa: E402
 from mirror.train.checkpoints import LoadedRun, load_run  # noqa: E402
 
 BASELINE_TRAIN_PATIENTS = 50_000  # enough for stable word frequencies; counted in the run
@@ -53,6 +55,32 @@ def evaluate_loaded(loaded: LoadedRun) -> EvalResult:
         ground_truth=ground_truth,
         config=EvalConfig(n_generate=train.n_generate, seed=train.seed),
     )
+
+
+@torch.no_grad()
+def patient_losses(model, batches, max_patients: int) -> np.ndarray:
+    """Per-patient reconstruction NLL (``model.patient_nll``) of up to ``max_patients``."""
+    losses: list[np.ndarray] = []
+    seen = 0
+    for batch in batches:
+        losses.append(model.patient_nll(batch).float().cpu().numpy())
+        seen += batch.size
+        if seen >= max_patients:
+            break
+    return np.concatenate(losses)[:max_patients] if losses else np.zeros(0)
+
+
+def white_box_membership(loaded: LoadedRun, n_patients: int) -> dict[str, float]:
+    """Membership inference from the model's own loss: train members vs held-out non-members,
+    the same number of each (the smaller split sets it), unmasked input."""
+    spec, train = loaded.spec, loaded.spec.train
+    config = CollateConfig(DatasetMetadata.read(spec.data).n_weeks)
+    sides = []
+    for split in (TRAIN, HELD_OUT):
+        ds, _ = read_split(spec.data, split, min_words=train.min_words, max_words=train.max_words)
+        sides.append(patient_losses(loaded.model, iter_sequence_batches(ds.limit(n_patients), train.eval_batch_size, config=config), n_patients))
+    n = min(len(sides[0]), len(sides[1]))
+    return membership_from_losses(sides[0][:n], sides[1][:n])
 
 
 def training_curve(run_id: str, path: Path, uri: str | None = None) -> Path:
@@ -95,7 +123,8 @@ def evaluate_run(run_id: str, uri: str | None = None, log_model: bool = True) ->
     uri = uri or tracking.tracking_uri()
     loaded = load_run(run_id, uri=uri)
     result = evaluate_loaded(loaded)
-    tracking.log_metrics(run_id, result.metrics, step=loaded.epoch, uri=uri)
+    membership = white_box_membership(loaded, loaded.spec.train.eval_patients or 5_000)
+    tracking.log_metrics(run_id, {**result.metrics, **membership}, step=loaded.epoch, uri=uri)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "config.json").write_text(json.dumps(loaded.spec.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -108,4 +137,4 @@ def evaluate_run(run_id: str, uri: str | None = None, log_model: bool = True) ->
     if log_model:
         tracking.log_torch_model(run_id, loaded.model, uri=uri)
     tracking.end_run(run_id, uri=uri)
-    return result.metrics
+    return {**result.metrics, **membership}
