@@ -26,14 +26,15 @@ lint: install
 	$(PY) -m ruff check platform jobs tests bench
 
 DEMO_DATA ?= data/demo
-DEMO_PATIENTS ?= 20000
+DEMO_PATIENTS ?= 10000
 
 # Generate a small population, train the WAE with 2 DDP workers for a short run, evaluate it.
 demo: install
-	$(PY) jobs/generate.py --patients $(DEMO_PATIENTS) --out $(DEMO_DATA) --seed 1
+	$(PY) jobs/generate.py --patients $(DEMO_PATIENTS) --out $(DEMO_DATA) --seed 1 --overwrite
 	$(PY) jobs/validate.py $(DEMO_DATA)
 	$(PY) jobs/train.py --model wae --data $(DEMO_DATA) --workers 2 --epochs 2 --run-name demo-wae-$(shell date +%Y%m%d-%H%M%S) \
-		--set train.max_steps_per_epoch=40 train.eval_patients=2000 train.n_generate=1000
+		--set train.batch_size=64 train.max_steps_per_epoch=25 train.val_max_batches=2 \
+		      train.eval_patients=500 train.n_generate=200
 	@echo
 	@echo "MLflow UI:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
 	@echo "then open   http://127.0.0.1:5000  (experiment 'mirror', newest run 'demo-wae-...')"
