@@ -10,8 +10,8 @@
   down another Ray on the machine (``ray stop`` would stop every Ray process of the host).
 * :func:`check_job_server` is the pre-flight of ``make submit-*``: an unreachable address or
   a missing/wrong token is one clear line, not a traceback from deep inside the client.
-* :func:`job_runtime_env` is the runtime env of every submitted job: ``platform/mirror`` as a
-  ``py_module`` (the job's working dir is a temporary copy with nothing installed), data, the
+* :func:`job_runtime_env` is the runtime env of every submitted job: ``platform`` on the
+  ``PYTHONPATH`` (the job's working dir is a temporary copy with nothing installed), data, the
   venv and the MLflow store excluded, and the tracking URI passed through.
 
 Token authentication (Ray >= 2.59): with ``RAY_AUTH_MODE=token`` every client sends the token
@@ -42,9 +42,11 @@ DEFAULT_TEMP_DIR = "/tmp/ray-mirror"  # not /tmp/ray: `ray.init()` elsewhere won
 PID_FILE = "head.pid"
 LOG_FILE = "head.log"
 # Paths never uploaded with a job: datasets, the venv, MLflow stores, run outputs, caches.
+# Patterns are gitignore-style; the leading "/" anchors them at the repository root, so that
+# "/data/" drops the datasets but not the package's own ``mirror/data``.
 RUNTIME_ENV_EXCLUDES = [
-    "data/", ".venv/", "mlruns/", "mlartifacts/", "mlflow.db", "*.db", "ray_results/",
-    ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/",
+    "/data/", "/.venv/", "/mlruns/", "/mlartifacts/", "/mlflow.db", "*.db", "/ray_results/",
+    ".git/", "__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/",
 ]  # fmt: skip
 
 
@@ -69,6 +71,11 @@ def ensure_ray(min_logical_cpus: float = 4) -> None:
             f"RAY_ADDRESS={address} is a job-submission (dashboard) address: submit the job with "
             "`ray job submit` (make submit-train / submit-sweep), or set RAY_ADDRESS to the "
             "head's GCS address (host:6379) to run this driver against the cluster"
+        )
+    if address and not _tcp_reachable(address):  # ray.init would retry for minutes
+        raise ClusterConnectionError(
+            f"cannot reach the Ray cluster at {address!r}; is it running (make cluster-up) and "
+            "is RAY_ADDRESS right?"
         )
     try:
         if address:
@@ -104,12 +111,49 @@ def _auth_hint(env: dict[str, str] | None = None) -> str:
 
 
 def _tcp_reachable(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection (``auto`` and ``ray://`` are not checked)."""
+    if address == "auto" or "://" in address:
+        return True
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return True
     except (OSError, ValueError):
         return False
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor is dead; returns how many.
+
+    When Tune stops a trial (ASHA) it kills the trial actor, and with it the Ray Train
+    controller, before the controller can release its workers' placement group. Ray keeps a
+    placement group until its creator actor *and* its job are dead, so in a long sweep the
+    reservations pile up until no trial can start. Train V2 ships a cleaner for this, but it
+    finds the cluster through the State API, which fails without a dashboard or when several
+    Ray instances share a host. The sweep driver calls this every few seconds instead: it only
+    touches placement groups created by actors of its own job, never live ones.
+    """
+    from ray._private.state import state  # the GCS table with creator fields (no public API)
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        created_by_actor = pg.creator_actor_id and pg.creator_actor_id != b"\xff" * len(
+            pg.creator_actor_id
+        )
+        if (
+            pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+            and created_by_actor
+            and pg.creator_actor_dead
+            and not pg.is_detached
+            and pg.creator_job_id.hex() == job_id
+        ):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,11 +190,21 @@ def start_head(
     temp.mkdir(parents=True, exist_ok=True)
     pid_file = temp / PID_FILE
     if pid_file.exists() and _alive(int(pid_file.read_text())):
-        raise ClusterConnectionError(f"a head started from {temp} is already running (pid {pid_file.read_text().strip()}); make cluster-down first")
+        raise ClusterConnectionError(
+            f"a head started from {temp} is already running (pid {pid_file.read_text().strip()}); make cluster-down first"
+        )
     for name, value in (("port", port), ("dashboard port", dashboard_port)):
         if not _port_free(value):
-            raise ClusterConnectionError(f"{name} {value} on 127.0.0.1 is in use (another Ray?); choose another")
-    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token"}
+            raise ClusterConnectionError(
+                f"{name} {value} on 127.0.0.1 is in use (another Ray?); choose another"
+            )
+    # No drain on SIGTERM: a local head serves no traffic, and draining delays stop by ~30 s.
+    env = {
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        **os.environ,
+        **(env or {}),
+        "RAY_AUTH_MODE": "token",
+    }
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this venv's
     ray_cli = str(Path(bin_dir) / "ray")
@@ -163,7 +217,9 @@ def start_head(
         f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
     ]  # fmt: skip
     with (temp / LOG_FILE).open("w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     pid_file.write_text(str(proc.pid))
     head = Head(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", str(temp))
     deadline = time.monotonic() + timeout_s
@@ -171,14 +227,18 @@ def start_head(
         if proc.poll() is not None:
             pid_file.unlink(missing_ok=True)
             tail = (temp / LOG_FILE).read_text().strip().splitlines()[-5:]
-            raise ClusterConnectionError(f"ray start exited with {proc.returncode}: {' | '.join(tail)}")
+            raise ClusterConnectionError(
+                f"ray start exited with {proc.returncode}: {' | '.join(tail)}"
+            )
         try:
             check_job_server(head.dashboard_url, env=env, timeout_s=2.0)
             return head
         except ClusterConnectionError:
             if time.monotonic() > deadline:
                 stop_head(str(temp))
-                raise ClusterConnectionError(f"the head did not answer within {timeout_s:.0f}s; see {temp / LOG_FILE}") from None
+                raise ClusterConnectionError(
+                    f"the head did not answer within {timeout_s:.0f}s; see {temp / LOG_FILE}"
+                ) from None
             time.sleep(1.0)
 
 
@@ -251,15 +311,23 @@ def ensure_token(env: dict[str, str] | None = None) -> str:
     return source
 
 
-def check_job_server(address: str, env: dict[str, str] | None = None, timeout_s: float = 10.0) -> None:
+def check_job_server(
+    address: str, env: dict[str, str] | None = None, timeout_s: float = 10.0
+) -> None:
     """Raise :class:`ClusterConnectionError` unless ``address`` (``http://host:8265``) answers
     an authenticated request the way ``ray job submit`` will make it."""
     env = dict(os.environ if env is None else env)
     url = address.rstrip("/") + "/api/jobs/"
     token, source = auth_token(env)
-    headers = {"Authorization": f"Bearer {token}"} if token and env.get("RAY_AUTH_MODE") == "token" else {}
+    headers = (
+        {"Authorization": f"Bearer {token}"}
+        if token and env.get("RAY_AUTH_MODE") == "token"
+        else {}
+    )
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s):
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout_s
+        ):
             return
     except urllib.error.HTTPError as err:
         if err.code == 401 and env.get("RAY_AUTH_MODE") != "token":
@@ -276,7 +344,9 @@ def check_job_server(address: str, env: dict[str, str] | None = None, timeout_s:
             raise ClusterConnectionError(
                 f"the Ray cluster at {address} rejected the token from {source}: it is not this cluster's token"
             ) from None
-        raise ClusterConnectionError(f"the Ray job server at {address} answered HTTP {err.code}: {err.reason}") from None
+        raise ClusterConnectionError(
+            f"the Ray job server at {address} answered HTTP {err.code}: {err.reason}"
+        ) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise ClusterConnectionError(
@@ -285,24 +355,23 @@ def check_job_server(address: str, env: dict[str, str] | None = None, timeout_s:
         ) from None
 
 
-def job_runtime_env(tracking_uri: str | None = None, root: str | Path = ".") -> dict[str, Any]:
-    """Runtime env for ``ray job submit --working-dir .``: ``mirror`` importable in the job's
-    driver and in every worker (a py_module, not an install), heavy paths excluded."""
-    env_vars = {"PYTHONUNBUFFERED": "1"}
+def job_runtime_env(tracking_uri: str | None = None) -> dict[str, Any]:
+    """Runtime env for ``ray job submit --working-dir .``. The job runs in a temporary copy
+    of the repository with nothing installed, so ``platform`` goes on ``PYTHONPATH``: Ray starts
+    every worker of the job inside that copy and Python makes the entry absolute at start-up,
+    so it survives Tune moving trials into their own directories. Heavy paths are excluded and
+    the tracking URI is passed through (absolute: a relative sqlite path would land in the copy)."""
+    env_vars = {"PYTHONPATH": "platform", "PYTHONUNBUFFERED": "1"}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = _absolute_uri(tracking_uri)
-    return {
-        "py_modules": [str(Path(root) / "platform" / "mirror")],
-        "excludes": list(RUNTIME_ENV_EXCLUDES),
-        "env_vars": env_vars,
-    }
+    return {"excludes": list(RUNTIME_ENV_EXCLUDES), "env_vars": env_vars}
 
 
 def _absolute_uri(uri: str) -> str:
     """A relative sqlite path would resolve inside the job's temporary working dir."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -324,13 +393,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            head = start_head(num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port, temp_dir=args.temp_dir)
+            head = start_head(
+                num_cpus=args.num_cpus,
+                port=args.port,
+                dashboard_port=args.dashboard_port,
+                temp_dir=args.temp_dir,
+            )
             print(f"Ray head up (pid {head.pid}, {args.num_cpus} logical CPUs, token auth on)")
-            print(f"  submit jobs:  RAY_ADDRESS={head.dashboard_url}  (make submit-train / submit-sweep)")
+            print(
+                f"  submit jobs:  RAY_ADDRESS={head.dashboard_url}  (make submit-train / submit-sweep)"
+            )
             print(f"  run drivers:  RAY_ADDRESS={head.gcs_address} RAY_AUTH_MODE=token")
             print(f"  logs: {Path(args.temp_dir) / LOG_FILE}; stop with make cluster-down")
         elif args.command == "down":
-            print("Ray head stopped" if stop_head(args.temp_dir) else f"no head running from {args.temp_dir}")
+            print(
+                "Ray head stopped"
+                if stop_head(args.temp_dir)
+                else f"no head running from {args.temp_dir}"
+            )
         elif args.command == "check":
             check_job_server(args.address)
         else:

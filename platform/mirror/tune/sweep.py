@@ -1,0 +1,402 @@
+"""Layer 3: a Ray Tune sweep whose trials are Ray Train runs (Ray's Train V2 interop pattern).
+
+Each trial is a small function trainable, :func:`run_trial`, that builds the trial's run spec
+and calls the same :func:`run_training` as a single ``jobs/train.py`` run, with
+``TuneReportCallback`` forwarding every epoch's metrics to Tune (ASHA stops weak trials on
+them). The trial itself reserves almost nothing; its ``TorchTrainer`` reserves the workers.
+
+Concurrency: one trial needs ``workers x cpus_per_worker`` CPUs (and ``workers`` GPUs with
+``--gpu``) for its train workers plus one CPU for its Ray Data read tasks, which would
+otherwise starve on a small machine and hang. ``max_concurrent_trials`` is what the cluster
+fits of that, capped by the file's ``concurrency``: one trial at a time on a 2-core laptop,
+many on a cluster.
+
+Tracking: one MLflow parent run per sweep (the space file as an artifact), one nested child
+run per trial named ``<sweep>-<trial id>``. Names come from the trial id, never from a clock,
+so a restored sweep (``--resume``) finds the same Ray Train storage and the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from mirror import tracking
+from mirror.cluster import release_orphaned_placement_groups
+from mirror.tune.report import TrialRow, record_summary
+from mirror.tune.space import SpaceError, SweepSpec
+
+TRIAL_DRIVER_CPUS = 0.05  # the trial process only waits on its TorchTrainer
+DATA_CPUS_PER_TRIAL = 1.0  # headroom for the trial's Ray Data read tasks
+SWEEP_TAG = "mirror.sweep"
+TRIAL_TAG = "mirror.trial_id"
+FAILURES_TAG = "tune.failures"
+EARLY_STOP_TAG = "tune.early_stopped"
+STAMP = "%Y%m%d-%H%M%S"
+REAP_INTERVAL_S = 5.0  # how often the driver frees placement groups of stopped trials
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    name: str
+    path: str  # the Tune experiment directory (local path or URI)
+    parent_run_id: str
+    best: TrialRow | None
+    trials: int
+    errors: int
+
+
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """Ray Train run name and MLflow run name of one trial: stable across restores."""
+    return f"{sweep_name}-{trial_id}"
+
+
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """Logical resources one running trial occupies: train workers, reads, the trial itself."""
+    train = spec.base_spec().train
+    cpus = train.workers * train.cpus_per_worker + DATA_CPUS_PER_TRIAL + TRIAL_DRIVER_CPUS
+    return {"CPU": cpus, "GPU": float(train.workers if train.use_gpu else 0)}
+
+
+def max_concurrent_trials(spec: SweepSpec, cluster: Mapping[str, float]) -> tuple[int, int]:
+    """``(concurrency to use, trials the cluster fits right now)``. When nothing fits yet (an
+    autoscaling cluster with no GPU nodes up) the file's ``concurrency`` is used and trials wait
+    for the autoscaler."""
+    need = trial_resources(spec)
+    fits = min(
+        math.floor(cluster.get(kind, 0.0) / amount + 1e-9)
+        for kind, amount in need.items()
+        if amount > 0
+    )
+    return (min(spec.concurrency, fits) if fits >= 1 else spec.concurrency), fits
+
+
+# --------------------------------------------------------------------------------------------
+# The trainable (runs in a Tune trial actor).
+
+
+def run_trial(
+    config: dict[str, Any], *, sweep: SweepSpec, data: str, parent_run_id: str, uri: str
+) -> None:
+    """One trial: the sampled knobs on top of the sweep's fixed overrides, trained by the same
+    driver as a single run; metrics reach Tune through ``TuneReportCallback``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mirror.train.driver import run_training
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # Tune moves the trial into its own working dir
+    trial_id = tune.get_context().get_trial_id()
+    spec = sweep.trial_spec(config, data, trial_run_name(sweep.name, trial_id))
+    outcome = run_training(spec, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    if sweep.evaluate == "all":
+        from mirror.train.evaluation import evaluate_run
+
+        evaluate_run(outcome.run_id)
+
+
+class ChildRunBookkeeping(tune.Callback):
+    """Driver-side Tune callback that keeps the nested MLflow runs truthful: tags each with its
+    trial id, counts retries, and closes the runs of trials that ASHA stopped or that failed,
+    which the stopped trial process cannot close itself."""
+
+    def __init__(self, sweep_name: str, experiment: str, epochs: int, uri: str):
+        self.sweep_name, self.experiment, self.epochs, self.uri = (
+            sweep_name,
+            experiment,
+            epochs,
+            uri,
+        )
+        self.run_ids: dict[str, str] = {}
+        self.last_reap = 0.0
+        self.reaped = 0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Every few seconds, free the placement groups of Train runs whose trial Tune
+        stopped (see :func:`mirror.cluster.release_orphaned_placement_groups`)."""
+        if time.monotonic() - self.last_reap < REAP_INTERVAL_S:
+            return
+        self.last_reap = time.monotonic()
+        freed = release_orphaned_placement_groups()
+        if freed:
+            self.reaped += freed
+            print(f"released {freed} placement group(s) of stopped trials ({self.reaped} so far)")
+
+    def _run_id(self, trial: Any) -> str | None:
+        if trial.trial_id not in self.run_ids:
+            run_id = tracking.find_run(
+                trial_run_name(self.sweep_name, trial.trial_id), self.experiment, self.uri
+            )
+            if run_id is None:
+                return None
+            tracking.set_tags(
+                run_id, {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name}, uri=self.uri
+            )
+            self.run_ids[trial.trial_id] = run_id
+        return self.run_ids[trial.trial_id]
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self._run_id(trial)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        if run_id:
+            tracking.set_tags(run_id, {FAILURES_TAG: str(trial.num_failures)}, uri=self.uri)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        if run_id:
+            tracking.set_tags(run_id, {FAILURES_TAG: str(trial.num_failures)}, uri=self.uri)
+            tracking.end_run(run_id, status="FAILED", uri=self.uri)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        epochs = int((trial.last_result or {}).get("training_iteration", 0))
+        tracking.set_tags(run_id, {EARLY_STOP_TAG: str(epochs < self.epochs).lower()}, uri=self.uri)
+        if tracking.get_run(run_id, uri=self.uri).info.status == "RUNNING":
+            tracking.end_run(run_id, status="FINISHED", uri=self.uri)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver.
+
+
+def run_sweep(
+    spec: SweepSpec, *, data: str | None = None, resume: bool = False, name: str | None = None
+) -> SweepOutcome:
+    """Run (or with ``resume`` continue) a sweep to the end and record it in MLflow."""
+    import ray
+
+    from mirror.cluster import ensure_ray
+    from mirror.train.driver import storage_path
+
+    data = _resolve_data(spec, data)
+    base = spec.base_spec(data)
+    storage = storage_path(base)
+    name = _resolve_name(spec, storage, name, resume)
+    spec = replace(spec, name=name, fixed={**spec.fixed, "train.storage_path": storage})
+    experiment_path = _join(storage, name)
+
+    need = trial_resources(spec)
+    ensure_ray(min_logical_cpus=need["CPU"])
+    concurrency, fits = max_concurrent_trials(spec, ray.cluster_resources())
+    print(
+        f"sweep {name}: one trial needs {need['CPU']:g} CPU / {need['GPU']:g} GPU; the cluster "
+        f"fits {fits} now; running up to {concurrency} at once"
+        + ("" if fits >= 1 else " (waiting for the autoscaler to add nodes)")
+    )
+
+    uri = tracking.tracking_uri()
+    parent_run_id = tracking.start_run(
+        name,
+        params=_parent_params(spec, data),
+        tags={
+            SWEEP_TAG: name,
+            "mirror.kind": "sweep",
+            "mirror.space_file": spec.source,
+            "model": ",".join(spec.models),
+        },
+        experiment=base.train.experiment,
+        uri=uri,
+    )
+    _log_space_file(spec, parent_run_id, uri)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, sweep=spec, data=data, parent_run_id=parent_run_id, uri=uri
+        ),
+        {"CPU": TRIAL_DRIVER_CPUS},
+    )
+    if resume:
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                scheduler=_scheduler(spec, base.train.epochs),
+                search_alg=_searcher(spec, concurrency),
+                num_samples=spec.samples,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                callbacks=[
+                    ChildRunBookkeeping(name, base.train.experiment, base.train.epochs, uri)
+                ],
+                verbose=1,
+            ),
+        )
+    try:
+        tuner.fit()
+        rows = _trial_rows(spec, experiment_path, base.train.experiment, uri)
+    except BaseException:
+        tracking.end_run(parent_run_id, status="KILLED", uri=uri)
+        raise
+    best = record_summary(spec, rows, parent_run_id, uri)
+    if best is not None and best.run_id and spec.evaluate == "best":
+        from mirror.train.evaluation import evaluate_run
+
+        evaluate_run(best.run_id)
+    errors = sum(r.status == "ERROR" for r in rows)
+    tracking.end_run(parent_run_id, status="FINISHED" if best is not None else "FAILED", uri=uri)
+    return SweepOutcome(name, experiment_path, parent_run_id, best, len(rows), errors)
+
+
+def _scheduler(spec: SweepSpec, epochs: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    opts = spec.scheduler_options
+    if spec.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",  # one Tune iteration per epoch
+            max_t=opts.get("max_t", epochs),
+            grace_period=opts.get("grace_period", 1),
+            reduction_factor=opts.get("reduction_factor", 2),
+            stop_last_trials=False,  # a trial at max_t ends by itself, releasing its workers
+        )
+    return FIFOScheduler()
+
+
+def _searcher(spec: SweepSpec, concurrency: int) -> Any:
+    """Random/grid search limits concurrency itself (Tune ignores ``max_concurrent_trials``
+    for a ``BasicVariantGenerator`` instance); Optuna gets a ``ConcurrencyLimiter``."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=concurrency)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.seed)
+
+
+def _trial_rows(spec: SweepSpec, experiment_path: str, experiment: str, uri: str) -> list[TrialRow]:
+    from ray.tune import ExperimentAnalysis
+
+    rows = []
+    for trial in ExperimentAnalysis(experiment_path).trials:
+        last = trial.last_result or {}
+        value = last.get(spec.metric)
+        rows.append(
+            TrialRow(
+                trial_id=trial.trial_id,
+                run_id=tracking.find_run(
+                    trial_run_name(spec.name, trial.trial_id), experiment, uri
+                ),
+                config={k: _plain(v) for k, v in trial.config.items()},
+                value=None if value is None else float(value),
+                epochs=int(last.get("training_iteration", 0)),
+                status=str(trial.status),
+            )
+        )
+    return sorted(rows, key=lambda r: r.trial_id)
+
+
+def _parent_params(spec: SweepSpec, data: str) -> dict[str, Any]:
+    return {
+        "sweep": {
+            "name": spec.name,
+            "metric": spec.metric,
+            "mode": spec.mode,
+            "scheduler": spec.scheduler,
+            "search": spec.search,
+            "seed": spec.seed,
+            "samples": spec.samples,
+            "concurrency": spec.concurrency,
+            "max_failures": spec.max_failures,
+            "models": ",".join(spec.models),
+            "data": data,
+        },
+        "space": {p.key: p.describe() for p in spec.parameters},
+        "fixed": dict(spec.fixed),
+    }
+
+
+def _log_space_file(spec: SweepSpec, run_id: str, uri: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(spec.source).name
+        path.write_text(spec.raw_text)
+        (Path(tmp) / "resolved.json").write_text(
+            json.dumps(_parent_params(spec, ""), indent=2, default=str)
+        )
+        tracking.log_artifacts(run_id, tmp, "sweep", uri=uri)
+
+
+def _resolve_data(spec: SweepSpec, data: str | None) -> str:
+    data = data or spec.data
+    if not data:
+        raise SpaceError(f"{spec.source}: data: no dataset; set 'data' in the file or pass --data")
+    if "://" in data:
+        return data
+    path = Path(data).expanduser().resolve()
+    if not (path / "metadata" / "dataset.json").exists():
+        raise SpaceError(
+            f"{spec.source}: data: {path} is not a dataset (no metadata/dataset.json); pass --data"
+        )
+    return str(path)
+
+
+def _resolve_name(spec: SweepSpec, storage: str, name: str | None, resume: bool) -> str:
+    """``--name``, else ``<file name>-<timestamp>`` for a new sweep, or the newest such sweep
+    under ``storage`` for ``--resume``. A new sweep never silently reuses an existing one."""
+    if name is None and resume:
+        existing = sorted(
+            n
+            for n in _list_dirs(storage)
+            if n.startswith(f"{spec.name}-") and _is_stamp(n[len(spec.name) + 1 :])
+        )
+        if not existing:
+            raise SpaceError(
+                f"--resume: no sweep named {spec.name}-<timestamp> under {storage}; pass --name"
+            )
+        name = existing[-1]
+    name = name or f"{spec.name}-{time.strftime(STAMP)}"
+    exists = tune.Tuner.can_restore(_join(storage, name))
+    if resume and not exists:
+        raise SpaceError(f"--resume: no sweep {name!r} under {storage} to continue")
+    if not resume and exists:
+        raise SpaceError(
+            f"sweep {name!r} already exists under {storage}; add --resume to continue it"
+        )
+    return name
+
+
+def _is_stamp(text: str) -> bool:
+    try:
+        time.strptime(text, STAMP)
+        return True
+    except ValueError:
+        return False
+
+
+def _list_dirs(storage: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return [Path(i.path).name for i in infos if i.type == pafs.FileType.Directory]
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") and not isinstance(value, str | bytes) else value

@@ -1,0 +1,208 @@
+"""Sweep files: the shipped ones load, malformed ones fail naming the key and the rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from mirror.tune.space import SpaceError, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_sweep() -> dict[str, Any]:
+    return {
+        "model": "wae",
+        "data": "data/demo",
+        "fixed": {"train.epochs": 2},
+        "parameters": {
+            "model.latent_dim": {"space": "choice", "values": [16, 32]},
+            "model.lam": {"space": "loguniform", "low": 0.1, "high": 10.0},
+        },
+        "metric": "val/loss",
+        "mode": "min",
+        "scheduler": "asha",
+        "samples": 2,
+    }
+
+
+def write(tmp_path: Path, raw: dict[str, Any] | str, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def error_of(tmp_path: Path, raw: dict[str, Any] | str, **kwargs: Any) -> str:
+    with pytest.raises(SpaceError) as info:
+        load_sweep(write(tmp_path, raw), **kwargs)
+    return str(info.value)
+
+
+def test_shipped_wae_ablation_searches_the_issue_knobs():
+    spec = load_sweep(ROOT / "search_spaces" / "wae_ablation.yaml")
+    params = {p.key: p for p in spec.parameters}
+    assert spec.models == ("wae",)
+    assert params["model.latent_dim"].values == (16, 32, 64, 128)
+    for key in ("model.lam", "model.lr", "model.critic_lr"):
+        assert params[key].space == "loguniform"
+    assert params["model.n_heads"].space == "choice"
+    assert (spec.scheduler, spec.metric, spec.mode) == ("asha", "val/loss", "min")
+
+
+def test_shipped_ae_vs_wae_has_the_model_as_a_grid_dimension():
+    spec = load_sweep(ROOT / "search_spaces" / "ae_vs_wae.yaml")
+    assert spec.models == ("ae", "wae")
+    assert spec.model_parameter is not None and spec.model_parameter.space == "grid"
+    assert spec.param_space()["model"] == {"grid_search": ["ae", "wae"]}
+
+
+def test_every_shipped_space_file_names_a_registered_model():
+    for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
+        load_sweep(path)  # raises on a model that is not in the registry
+
+
+def test_unknown_top_level_key_is_named_with_a_suggestion(tmp_path):
+    raw = base_sweep() | {"sheduler": "asha"}
+    message = error_of(tmp_path, raw)
+    assert (
+        "sweep.yaml" in message
+        and "'sheduler'" in message
+        and "did you mean 'scheduler'" in message
+    )
+
+
+def test_parameter_must_be_a_real_config_field(tmp_path):
+    raw = base_sweep()
+    raw["parameters"]["model.latnt_dim"] = {"space": "choice", "values": [8]}
+    message = error_of(tmp_path, raw)
+    assert "parameters.model.latnt_dim" in message and "unknown key" in message
+    assert "latent_dim" in message  # the model config's own suggestion
+
+
+def test_model_grid_key_must_exist_for_every_model(tmp_path):
+    raw = base_sweep()
+    del raw["model"]
+    raw["parameters"]["model"] = {"space": "grid", "values": ["ae", "wae"]}
+    message = error_of(tmp_path, raw)  # lam is a WAE field, not an AE one
+    assert "parameters.model.lam" in message and "model 'ae'" in message
+
+
+def test_float_range_on_an_int_field_is_refused(tmp_path):
+    raw = base_sweep()
+    raw["parameters"]["model.latent_dim"] = {"space": "uniform", "low": 16, "high": 64}
+    message = error_of(tmp_path, raw)
+    assert "parameters.model.latent_dim" in message and "expected int" in message
+
+
+def test_value_outside_the_field_rule_is_refused(tmp_path):
+    raw = base_sweep()
+    raw["parameters"]["model.lam"] = {"space": "choice", "values": [1.0, -1.0]}
+    message = error_of(tmp_path, raw)
+    assert "parameters.model.lam" in message and "-1.0" in message
+
+
+def test_unknown_space_type_and_missing_fields(tmp_path):
+    raw = base_sweep()
+    raw["parameters"]["model.lam"] = {"space": "normal", "low": 1.0, "high": 2.0}
+    assert "parameters.model.lam.space" in error_of(tmp_path, raw)
+    raw["parameters"]["model.lam"] = {"space": "loguniform", "low": 1.0}
+    assert "missing high" in error_of(tmp_path, raw)
+    raw["parameters"]["model.lam"] = {"space": "loguniform", "low": 1.0, "high": 2.0, "q": 1}
+    assert "unknown parameters.model.lam field" in error_of(tmp_path, raw)
+
+
+def test_ranges_are_checked(tmp_path):
+    raw = base_sweep()
+    raw["parameters"]["model.lam"] = {"space": "loguniform", "low": 0.0, "high": 2.0}
+    assert "loguniform needs low > 0" in error_of(tmp_path, raw)
+    raw["parameters"]["model.lam"] = {"space": "uniform", "low": 3.0, "high": 2.0}
+    assert "low < high" in error_of(tmp_path, raw)
+    raw["parameters"]["model.n_heads"] = {"space": "randint", "low": 1.5, "high": 4}
+    del raw["parameters"]["model.lam"]
+    assert "randint needs integer" in error_of(tmp_path, raw)
+
+
+def test_grid_cannot_be_used_with_optuna(tmp_path):
+    raw = base_sweep() | {"search": {"type": "optuna"}}
+    raw["parameters"]["model.latent_dim"] = {"space": "grid", "values": [16, 32]}
+    message = error_of(tmp_path, raw)
+    assert "parameters.model.latent_dim" in message and "optuna" in message
+
+
+def test_scheduler_and_search_options_are_closed_sets(tmp_path):
+    assert "scheduler.type" in error_of(tmp_path, base_sweep() | {"scheduler": "hyperband"})
+    message = error_of(tmp_path, base_sweep() | {"scheduler": {"type": "asha", "grace": 1}})
+    assert "'grace'" in message and "grace_period" in message
+    message = error_of(tmp_path, base_sweep() | {"scheduler": {"type": "asha", "grace_period": 5}})
+    assert "scheduler.grace_period" in message and "max_t" in message
+    assert "search.type" in error_of(tmp_path, base_sweep() | {"search": "bayes"})
+
+
+def test_pbt_is_refused_with_the_reason(tmp_path):
+    message = error_of(tmp_path, base_sweep() | {"scheduler": "pbt"})
+    assert "'pbt' is not supported" in message and "checkpoint" in message
+
+
+def test_metric_and_mode_are_checked(tmp_path):
+    assert "metric" in error_of(tmp_path, base_sweep() | {"metric": "loss"})
+    assert "mode" in error_of(tmp_path, base_sweep() | {"mode": "minimise"})
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    text = yaml.safe_dump(base_sweep(), sort_keys=False) + "mode: max\n"
+    assert "duplicate key 'mode'" in error_of(tmp_path, text)
+
+
+def test_scientific_notation_reads_as_a_float(tmp_path):
+    text = yaml.safe_dump(base_sweep(), sort_keys=False).replace("low: 0.1", "low: 1e-1")
+    spec = load_sweep(write(tmp_path, text))
+    assert next(p for p in spec.parameters if p.key == "model.lam").low == pytest.approx(0.1)
+
+
+def test_resources_belong_in_resources_not_fixed(tmp_path):
+    raw = base_sweep()
+    raw["fixed"]["train.workers"] = 4
+    assert "resources.workers" in error_of(tmp_path, raw)
+    raw["fixed"].pop("train.workers")
+    spec = load_sweep(
+        write(tmp_path, raw), resources={"workers": 3, "gpu": True, "cpus_per_worker": None}
+    )
+    assert spec.fixed["train.workers"] == 3 and spec.fixed["train.use_gpu"] is True
+
+
+def test_command_line_set_is_validated_and_cannot_shadow_a_parameter(tmp_path):
+    assert "model.lam" in error_of(tmp_path, base_sweep(), overrides={"model.lam": 1.0})
+    assert "train.epochz" in error_of(tmp_path, base_sweep(), overrides={"train.epochz": 1})
+    spec = load_sweep(write(tmp_path, base_sweep()), overrides={"train.epochs": 1}, samples=7)
+    assert spec.fixed["train.epochs"] == 1 and spec.samples == 7
+
+
+def test_unknown_model_lists_the_registry(tmp_path):
+    message = error_of(tmp_path, base_sweep() | {"model": "vae"})
+    assert "'vae'" in message and "ae" in message and "wae" in message
+
+
+def test_param_space_maps_to_tune_domains(tmp_path):
+    from ray.tune.search.sample import Categorical, Float
+
+    raw = base_sweep()
+    raw["parameters"]["model.n_heads"] = {"space": "grid", "values": [1, 2]}
+    space = load_sweep(write(tmp_path, raw)).param_space()
+    assert isinstance(space["model.latent_dim"], Categorical)
+    assert isinstance(space["model.lam"], Float)
+    assert 0.1 <= space["model.lam"].sample() <= 10.0
+    assert space["model.n_heads"] == {"grid_search": [1, 2]}
+
+
+def test_trial_spec_applies_sampled_numpy_values(tmp_path):
+    spec = load_sweep(write(tmp_path, base_sweep()))
+    run = spec.trial_spec(
+        {"model.latent_dim": np.int64(32), "model.lam": np.float64(2.5)}, str(tmp_path), "t-1"
+    )
+    assert run.model == "wae" and run.run_name == "t-1"
+    assert run.model_config["latent_dim"] == 32 and type(run.model_config["latent_dim"]) is int
+    assert run.model_config["lam"] == 2.5 and run.train.epochs == 2
