@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from mirror.data import schema as S
 from mirror.data import validate as V
 from mirror.data.vocab import age_group_at

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from mirror.data import schema as S
 from mirror.data.splits import SPLIT_CODES, split_codes
 from mirror.data.vocab import (
