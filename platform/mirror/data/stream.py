@@ -3,20 +3,22 @@
 Data flow (data-formats.md section 6)::
 
     data/<split>/*.parquet  --footers (driver, at read_split)-->  read units: row groups
-        packed to >= 262,144 patients  --one read task per unit: decode the needed columns,
+        packed to <= 262,144 patients  --one read task per unit: decode the needed columns,
         validate, length filter, project-->  one block per unit  --streaming_split per train
         worker-->  iter_sequence_batches  --collate in Ray's prefetch threads-->  SequenceBatch
 
 * Row groups are the unit of read parallelism. Read tasks ask for ``read_cpus`` (default
-  0.25) so that, on a small box, train workers holding one CPU each do not starve the reads.
-  Small row groups are packed into one task: per-task overhead, not decoding, dominated
-  with one task per 59k-patient row group (bench/bench_data.py).
+  0.25) so that, on a small box, train workers holding one CPU each do not starve the reads;
+  at most one read task per cluster CPU runs at a time, because decoding is CPU-bound and
+  every extra task in flight is one more worker process holding decode buffers (peak memory
+  would then grow with the dataset). Small row groups are packed into one task: with one
+  task per 59k-patient row group, per-task overhead made a pass ~2x slower.
 * Why not ``ray.data.read_parquet``: in Ray 2.60 every execution (every epoch) of a
   ``read_parquet`` dataset first lists the files with a pool of footer-reader actors that
-  it creates and kills again; on a 2-core machine that costs ~5-6 s before the first batch,
-  every epoch (bench/bench_data.py measures both). Reading row groups ourselves starts in
-  ~0.3 s, projects columns in the Parquet scan all the same, and knows each row's position
-  in its file, so validation errors name the exact file row.
+  it creates and kills again; on the 2-core dev machine that took several seconds before
+  the first batch, every epoch (bench/bench_data.py measures both readers). Reading row
+  groups ourselves projects columns in the Parquet scan all the same, and knows each row's
+  position in its file, so validation errors name the exact file row.
 * Validation (``mirror.data.validate.check_table``) and the length filter run inside the read
   tasks: the training process only slices batches and collates them. A violation stops the
   job with :class:`DatasetValidationError` naming file, row and rule.
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import ray.data
 from ray.data.collate_fn import ArrowBatchCollateFn
 
@@ -54,9 +57,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-READ_TASK_CPUS = 0.25  # read tasks are I/O plus decode; 4 per logical CPU (data-formats 6.1)
-READ_BATCH_ROWS = validation.BATCH_ROWS  # rows per block a read task yields (~15 MB)
-READ_TASK_ROWS = 262_144  # patients per read task, at least (~60 MB decoded): one block
+READ_TASK_CPUS = 0.25  # fractional: schedulable beside train workers (data-formats 6.1)
+READ_BATCH_ROWS = 16_384  # rows decoded and validated at a time inside a read task (~4 MB)
+READ_TASK_ROWS = 262_144  # patients per read task, at most (~30 MB projected): one block
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,12 +165,13 @@ def filter_report(
 def read_units(
     root: str | Path, files: Sequence[str | Path], *, unit_rows: int = READ_TASK_ROWS
 ) -> list[dict[str, list[dict[str, str | int]]]]:
-    """Row groups packed, in file order, into read units of at least ``unit_rows`` patients.
+    """Row groups packed, in file order, into read units of at most ``unit_rows`` patients.
 
     A unit is one read task, and its output one Ray block (Ray merges what a task yields up
-    to 128 MiB). Its ``pieces`` are (path, file, row group, first file row of the row group).
-    Only Parquet footers are read (in the calling process). Small row groups are packed so
-    that tasks are not mostly overhead; units are also what ``streaming_split`` deals out.
+    to 128 MiB); a row group larger than ``unit_rows`` is a unit of its own. Its ``pieces``
+    are (path, file, row group, first file row of the row group). Only Parquet footers are
+    read (in the calling process). Small row groups are packed so that tasks are not mostly
+    overhead; units are also what ``streaming_split`` deals out to workers.
     """
     units: list[dict[str, list[dict[str, str | int]]]] = []
     pieces: list[dict[str, str | int]] = []
@@ -183,13 +187,13 @@ def read_units(
         first_row = 0
         for row_group in range(metadata.num_row_groups):
             rows = metadata.row_group(row_group).num_rows
+            if pieces and rows_in_unit + rows > unit_rows:
+                units.append({"pieces": pieces})
+                pieces, rows_in_unit = [], 0
             if rows:
                 pieces.append({"path": str(path), "file": file, "row_group": row_group, "first_row": first_row})
                 rows_in_unit += rows
             first_row += rows
-            if rows_in_unit >= unit_rows:
-                units.append({"pieces": pieces})
-                pieces, rows_in_unit = [], 0
     if pieces:
         units.append({"pieces": pieces})
     return units
@@ -219,9 +223,14 @@ class _ReadRowGroups:
         self.min_words, self.max_words, self.batch_rows = min_words, max_words, batch_rows
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+        # Arrow's allocator keeps freed pages; a worker that decoded a unit would otherwise sit
+        # on ~250 MB until it dies. Hand back what the previous task (and this one) left.
+        pool = pa.default_memory_pool()
+        pool.release_unused()
         for unit in units.column("pieces").to_pylist():  # one unit per task (batch_size=1)
             for piece in unit:
                 yield from self._read(piece["path"], piece["file"], piece["row_group"], piece["first_row"])
+        pool.release_unused()
 
     def _read(self, path: str, file: str, row_group: int, first_row: int) -> Iterator[pa.Table]:
         try:
@@ -273,6 +282,7 @@ def read_split(
     shuffle_seed: int | None = None,
     read_cpus: float = READ_TASK_CPUS,
     rows_per_read_task: int = READ_TASK_ROWS,
+    read_concurrency: int | None = None,
 ) -> tuple[ray.data.Dataset, FilterReport]:
     """One split as a lazy Ray Dataset of patient rows, and what its length filter drops.
 
@@ -282,8 +292,9 @@ def read_split(
     ``DatasetValidationError`` naming file, row and rule. ``shuffle_files`` randomises the
     order of row groups on every execution (epoch); ``shuffle_seed`` makes that sequence of
     orders reproducible. ``read_cpus`` and ``rows_per_read_task`` size the read tasks (the
-    latter is also the granularity at which ``streaming_split`` deals rows to workers). Only
-    Parquet footers are read here; rows are read when iterated.
+    latter is also the granularity at which ``streaming_split`` deals rows to workers);
+    ``read_concurrency`` caps tasks in flight (default: the cluster's CPUs). Only Parquet
+    footers are read here (and Ray is started if it is not yet); rows are read when iterated.
     """
     root = Path(root).resolve()
     metadata = schema.DatasetMetadata.read(root)
@@ -291,10 +302,10 @@ def read_split(
     files = schema.split_files(root, split)
     if not files:
         raise FileNotFoundError(f"{schema.split_dir(root, split)}: no Parquet shards for {split!r}")
-    if rows_per_read_task < 1 or read_cpus <= 0:
+    if rows_per_read_task < 1 or read_cpus <= 0 or (read_concurrency is not None and read_concurrency < 1):
         raise ValueError(
-            f"read tasks: need rows_per_read_task >= 1 and read_cpus > 0, "
-            f"got {rows_per_read_task}, {read_cpus}"
+            "read tasks: need rows_per_read_task >= 1, read_cpus > 0, read_concurrency >= 1; "
+            f"got {rows_per_read_task}, {read_cpus}, {read_concurrency}"
         )
     columns = list(columns)
     unknown = sorted(set(columns) - set(schema.ROW_SCHEMA.names))
@@ -318,8 +329,16 @@ def read_split(
         min_words=min_words, max_words=max_words, validate=validate,
         batch_rows=READ_BATCH_ROWS,
     )
+    # Decoding is CPU-bound: more concurrent read tasks than CPUs only adds worker processes,
+    # each holding a unit's decode buffers, so memory would grow with the task count.
+    if read_concurrency is None:
+        if not ray.is_initialized():
+            ray.init()  # as Ray Data would on first use; honours RAY_ADDRESS
+        read_concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # An instance, not the class: a class would make Ray start an actor pool.
-    dataset = dataset.map_batches(read, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus)
+    dataset = dataset.map_batches(
+        read, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus, concurrency=read_concurrency
+    )
     # Surface DatasetValidationError (and any other read error) as itself rather than as
     # Ray's generic UserCodeException, for this dataset and those derived from it.
     dataset.context.raise_original_map_exception = True
