@@ -92,7 +92,10 @@ def ray_tokens_per_s(root: Path, workers: int, storage: Path) -> float:
 
 
 def main() -> int:
+    from mirror.cluster import ensure_ray
+
     torch.set_num_threads(1)
+    ensure_ray(min_logical_cpus=5)  # once, sized for the 2-worker run plus reads and driver
     work = Path(tempfile.gettempdir()) / "mirror-bench-train"
     data = work / f"data-{PATIENTS}"
     if not (data / schema.DATASET_JSON).exists():
