@@ -370,3 +370,12 @@ def test_cli_broken_dataset_lists_errors(tmp_path: Path) -> None:
 
     out = run_cli(str(tmp_path / "nowhere"))
     assert out.returncode == 1 and "metadata/dataset.json: metadata: missing" in out.stdout
+
+
+def test_validation_error_survives_pickling_with_its_message():
+    """Readers raise it inside Ray tasks; the driver must see the same file/row/rule text."""
+    import pickle
+
+    error = V.DatasetValidationError([V.Violation("f.parquet", 3, 7, "sex", "sex 0 not in {-1, 1}")])
+    restored = pickle.loads(pickle.dumps(error))
+    assert str(restored) == str(error) and restored.violations == error.violations

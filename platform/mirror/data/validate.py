@@ -126,6 +126,7 @@ class DatasetValidationError(ValueError):
 
     def __init__(self, violations: Iterable[Violation], *, truncated: bool = False) -> None:
         self.violations = list(violations)
+        self.truncated = truncated
         more = len(self.violations) - self.SHOWN
         lines = [str(v) for v in self.violations[: self.SHOWN]]
         if more > 0 or truncated:
@@ -133,6 +134,14 @@ class DatasetValidationError(ValueError):
         super().__init__(
             f"invalid dataset: {len(self.violations)} violation(s)\n  " + "\n  ".join(lines)
         )
+
+    def __reduce__(self):
+        """Rebuild from the violations, so the error crosses Ray's process boundaries intact."""
+        return (_rebuild_validation_error, (self.violations, self.truncated))
+
+
+def _rebuild_validation_error(violations: list[Violation], truncated: bool) -> DatasetValidationError:
+    return DatasetValidationError(violations, truncated=truncated)
 
 
 # ---------------------------------------------------------------------------------------------
