@@ -19,7 +19,10 @@ from mirror.models.base import MirrorModel
 
 
 class LocalStepContext:
-    """Drives ``model.train_step`` on the model's own (unwrapped) parts.
+    """Drives ``model.train_step``: backward, clipping, optimizer and schedule steps.
+
+    ``parts``: the modules ``train_step`` calls; the model's own by default (a plain loop), or
+    their DDP wrappers (the Ray loop in ``mirror.train.loop`` passes those).
 
     ``grad_clip``: max global L2 norm of each optimizer's gradients (0 or None disables).
     bf16 autocast is used on CUDA, as the Ray loop does; on CPU autocast is a no-op.
@@ -32,15 +35,17 @@ class LocalStepContext:
         grad_clip: float | None,
         schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None,
         device: torch.device | None = None,
+        parts: dict[str, nn.Module] | None = None,
+        global_step: int = 0,
     ):
         self.model = model
-        self.parts: dict[str, nn.Module] = model.parts()
+        self.parts: dict[str, nn.Module] = parts if parts is not None else model.parts()
         self.optimizers = optimizers
         self.grad_clip = grad_clip or 0.0
         self.schedulers = schedulers or {}
         first = next(iter(self.parts.values()))
         self.device = device or next(first.parameters()).device
-        self.global_step = 0
+        self.global_step = global_step
         self.grad_norms: dict[str, float] = {}  # last pre-clip gradient norm per optimizer
 
     def autocast(self) -> AbstractContextManager[Any]:

@@ -6,13 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mirror import tracking
 from mirror.models import build_model
 from mirror.models.base import DataInfo, MirrorModel
 from mirror.train.driver import CHECKPOINT_TAG
-from mirror.train.loop import CHECKPOINT_FILE
+from mirror.train.loop import load_state
 from mirror.train.spec import RunSpec
 
 
@@ -33,13 +31,6 @@ def checkpoint_dir(run_id: str, uri: str | None = None) -> Path:
     if "://" in path:
         raise ValueError(f"run {run_id}: checkpoint {path} is on remote storage; download it first")
     return Path(path)
-
-
-def load_state(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / CHECKPOINT_FILE
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: checkpoint file missing")
-    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def model_from_state(state: dict[str, Any]) -> tuple[MirrorModel, RunSpec, DataInfo]:

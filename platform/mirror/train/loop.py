@@ -18,8 +18,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from mirror.data.collate import CollateConfig, MaskSpec
 from mirror.data.stream import iter_sequence_batches
 from mirror.models import build_model
 from mirror.models.base import DataInfo, MirrorModel
+from mirror.models.local_step import LocalStepContext
 from mirror.train.spec import RunSpec, TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -50,39 +49,6 @@ def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-@dataclass
-class DDPStepContext:
-    """``StepContext`` for the Ray loop: autocast, clipping and schedules owned here."""
-
-    device: torch.device
-    parts: dict[str, nn.Module]
-    optimizers: dict[str, torch.optim.Optimizer]
-    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
-    grad_clip: float
-    global_step: int = 0
-    grad_norms: dict[str, float] = field(default_factory=dict)
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    def step(self, loss: torch.Tensor, optimizer: str) -> float:
-        opt = self.optimizers[optimizer]
-        loss.backward()
-        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-            if self.grad_clip > 0 and params
-            else 0.0
-        )
-        opt.step()
-        self.schedulers[optimizer].step()
-        opt.zero_grad(set_to_none=True)
-        self.grad_norms[optimizer] = norm
-        return norm
 
 
 def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -108,7 +74,7 @@ def parameter_divergence(model: nn.Module, device: torch.device) -> float:
 
 
 def train_epoch(
-    model: MirrorModel, ctx: DDPStepContext, batches, steps: int, crash_at: int = -1, crash_marker: Path | None = None
+    model: MirrorModel, ctx: LocalStepContext, batches, steps: int, crash_at: int = -1, crash_marker: Path | None = None
 ) -> dict[str, float]:
     """``steps`` optimisation steps; returns sums of step metrics plus counts."""
     for part in model.parts().values():
@@ -151,7 +117,7 @@ def validate(model: MirrorModel, batches, device: torch.device, max_batches: int
     patients = 0
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
-            break  # the iterator is abandoned, not drained: validation shards are not split
+            break  # every rank stops at the same count, so no rank waits on another's split
         batch = batch.to(device)
         for key, value in model.eval_sums(batch).items():
             sums[key] = sums.get(key, 0.0) + float(value)
@@ -159,7 +125,7 @@ def validate(model: MirrorModel, batches, device: torch.device, max_batches: int
     return {**sums, "patients": float(patients)}
 
 
-def save_checkpoint(directory: Path, model: nn.Module, ctx: DDPStepContext, epoch: int, spec: RunSpec, data_info: DataInfo) -> None:
+def save_checkpoint(directory: Path, model: nn.Module, ctx: LocalStepContext, epoch: int, spec: RunSpec, data_info: DataInfo) -> None:
     torch.save(
         {
             "model": model.state_dict(),
@@ -174,9 +140,17 @@ def save_checkpoint(directory: Path, model: nn.Module, ctx: DDPStepContext, epoc
     )
 
 
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint directory's saved state (model, optimizers, schedules, spec), on CPU."""
+    file = Path(path) / CHECKPOINT_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: checkpoint file missing")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return load_state(directory)
 
 
 def _wrap(part: nn.Module, device: torch.device, world_size: int) -> nn.Module:
@@ -219,7 +193,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
 
     parts = {name: _wrap(part, device, world) for name, part in model.parts().items()}
-    ctx = DDPStepContext(device, parts, optimizers, schedulers, train.grad_clip, global_step)
+    ctx = LocalStepContext(
+        model, optimizers, train.grad_clip, schedulers, device, parts=parts, global_step=global_step
+    )
     n_weeks = data_info.week_vocab_size - 3
     train_collate = CollateConfig(
         n_weeks, mask=MaskSpec("training", train.mask_rate, train.mask_min_words), seed=train.seed
@@ -248,7 +224,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
-def epoch_metrics(sums: dict[str, float], val: dict[str, float], world: int, ctx: DDPStepContext, epoch: int) -> dict[str, float]:
+def epoch_metrics(sums: dict[str, float], val: dict[str, float], world: int, ctx: LocalStepContext, epoch: int) -> dict[str, float]:
     """Per-epoch means from all-reduced sums, under the shared names ``train/*``, ``val/*``."""
     steps = max(1.0, sums.get("steps", 0.0))  # summed over ranks
     out = {"epoch": float(epoch), "global_step": float(ctx.global_step)}
