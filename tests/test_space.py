@@ -142,9 +142,49 @@ def test_scheduler_and_search_options_are_closed_sets(tmp_path):
     assert "search.type" in error_of(tmp_path, base_sweep() | {"search": "bayes"})
 
 
-def test_pbt_is_refused_with_the_reason(tmp_path):
-    message = error_of(tmp_path, base_sweep() | {"scheduler": "pbt"})
-    assert "'pbt' is not supported" in message and "checkpoint" in message
+def test_shipped_wae_pbt_perturbs_only_shape_preserving_knobs():
+    spec = load_sweep(ROOT / "search_spaces" / "wae_pbt.yaml")
+    assert spec.scheduler == "pbt" and spec.search == "random"
+    assert spec.scheduler_options["mutate"] == ("model.lam", "model.lr", "model.critic_lr")
+    assert spec.concurrency == spec.samples == 8  # the whole population stays live
+
+
+def pbt_sweep(**scheduler: Any) -> dict[str, Any]:
+    raw = base_sweep() | {"scheduler": {"type": "pbt", **scheduler}}
+    raw["fixed"] = {"train.epochs": 4}
+    return raw
+
+
+def test_pbt_mutates_every_perturbable_knob_by_default(tmp_path):
+    spec = load_sweep(write(tmp_path, pbt_sweep()))
+    assert spec.scheduler_options["mutate"] == ("model.lam",)  # latent_dim changes shapes
+
+
+def test_pbt_refuses_knobs_that_change_parameter_shapes(tmp_path):
+    message = error_of(tmp_path, pbt_sweep(mutate=["model.latent_dim"]))
+    assert "scheduler.mutate" in message and "model.latent_dim" in message
+    assert "shape" in message and "cannot load" in message
+    raw = pbt_sweep()
+    raw["parameters"] = {"model.n_heads": {"space": "choice", "values": [1, 2]}}
+    message = error_of(tmp_path, raw)
+    assert "no parameter it can perturb" in message and "model.n_heads" in message
+
+
+def test_pbt_options_are_checked(tmp_path):
+    message = error_of(tmp_path, pbt_sweep(mutate=["model.lamb"]))
+    assert "'model.lamb' is not a searched parameter" in message and "'model.lam'" in message
+    message = error_of(tmp_path, pbt_sweep(perturbation_interval=4))
+    assert "scheduler.perturbation_interval" in message and "never perturbs" in message
+    assert "scheduler.quantile_fraction" in error_of(tmp_path, pbt_sweep(quantile_fraction=0.7))
+    message = error_of(tmp_path, pbt_sweep(resample_probability=1.5))
+    assert "scheduler.resample_probability" in message
+    assert "scheduler.synch" in error_of(tmp_path, pbt_sweep(synch="yes"))
+    message = error_of(tmp_path, pbt_sweep() | {"search": "optuna"})
+    assert "search" in message and "PBT" in message
+    message = error_of(tmp_path, pbt_sweep() | {"samples": 1})
+    assert "samples" in message and "population" in message
+    message = error_of(tmp_path, pbt_sweep() | {"samples": 4, "concurrency": 2})
+    assert "concurrency" in message and "population (4 trials)" in message
 
 
 def test_metric_and_mode_are_checked(tmp_path):

@@ -3,6 +3,11 @@
 The same function serves a single ``jobs/train.py`` run and every Tune trial (layer 3 passes
 ``callbacks=[TuneReportCallback()]``). Re-running with the same run name and storage path
 resumes from the last checkpoint, in Ray Train and in MLflow alike.
+
+Population-based training runs a trial as a chain of short fits (``mirror.tune.pbt``): each
+starts from a given checkpoint (``resume_from``, possibly another trial's), stops after
+``until_epoch`` and is stored under its own Ray Train name (``train_run_name``), while the
+MLflow run stays the trial's one (``spec.run_name``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from mirror import tracking
@@ -30,7 +35,9 @@ CHECKPOINT_TAG = "mirror.checkpoint"
 class TrainingOutcome:
     run_id: str
     checkpoint_path: str
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the last epoch's
+    checkpoint: Checkpoint  # the last one, on the run's storage (local or remote)
+    train_path: str  # the Ray Train run directory
 
 
 def dataset_fingerprint(root: str | Path) -> str:
@@ -59,7 +66,19 @@ def storage_path(spec: RunSpec) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def run_training(spec: RunSpec, *, callbacks: list[Any] | None = None, parent_run_id: str | None = None) -> TrainingOutcome:
+def run_training(
+    spec: RunSpec,
+    *,
+    callbacks: list[Any] | None = None,
+    parent_run_id: str | None = None,
+    resume_from: Checkpoint | None = None,
+    until_epoch: int | None = None,
+    train_run_name: str | None = None,
+) -> TrainingOutcome:
+    """Train ``spec`` to ``train.epochs`` (or to ``until_epoch``, exclusive) and return the last
+    checkpoint. ``resume_from`` seeds a run that has no checkpoint of its own yet; the model's
+    weights, optimizer moments and schedule position come from it, the hyperparameters from
+    ``spec``."""
     train = spec.train
     ensure_ray(min_logical_cpus=train.workers * train.cpus_per_worker + 2)
     meta = DatasetMetadata.read(spec.data)
@@ -100,6 +119,10 @@ def run_training(spec: RunSpec, *, callbacks: list[Any] | None = None, parent_ru
             "run_id": run_id,
             "tracking_uri": uri,
             "crash_marker": str(Path(storage) / f"{spec.run_name}.crashed") if "://" not in storage else None,
+            "until_epoch": until_epoch,
+            # Train V2 dropped TorchTrainer(resume_from_checkpoint=...): the loop loads this
+            # one itself while the run has no checkpoint of its own (ray-project/ray#49454).
+            "initial_checkpoint": resume_from,
         },
         scaling_config=ScalingConfig(
             num_workers=train.workers,
@@ -107,7 +130,7 @@ def run_training(spec: RunSpec, *, callbacks: list[Any] | None = None, parent_ru
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=spec.run_name,
+            name=train_run_name or spec.run_name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
@@ -124,4 +147,6 @@ def run_training(spec: RunSpec, *, callbacks: list[Any] | None = None, parent_ru
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run_name}: training finished without a checkpoint")
     tracking.set_tags(run_id, {CHECKPOINT_TAG: result.checkpoint.path}, uri=uri)
-    return TrainingOutcome(run_id, result.checkpoint.path, dict(result.metrics or {}))
+    return TrainingOutcome(
+        run_id, result.checkpoint.path, dict(result.metrics or {}), result.checkpoint, result.path
+    )

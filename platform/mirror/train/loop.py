@@ -6,6 +6,10 @@ DDP, restores the last checkpoint if there is one, then per epoch runs ``train_e
 ``validate`` (plain functions), reduces metrics across workers, and reports once per epoch
 with a checkpoint. Only rank 0 logs to MLflow.
 
+Restoring takes weights, optimizer moments and the schedule's position from the checkpoint,
+but the optimizer settings (learning rates, betas, weight decay) from this run's config, so a
+run resumed under a changed config, as PBT does, trains with the new values.
+
 Step parity under DDP: ``streaming_split`` can give ranks different batch counts, and a rank
 that stops early leaves the others hanging in all-reduce. So every rank trains a fixed
 ``steps_per_epoch`` (computed once on the driver from the kept-patient count) and then drains
@@ -14,6 +18,7 @@ whatever is left of its shard without training on it; the drained count is logge
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -36,6 +41,7 @@ from mirror.models.local_step import LocalStepContext
 from mirror.train.spec import RunSpec, TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
+ORIGIN_FILE = "origin.json"  # which run wrote a checkpoint, at which epoch: read without torch
 
 
 def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
@@ -126,6 +132,8 @@ def validate(model: MirrorModel, batches, device: torch.device, max_batches: int
 
 
 def save_checkpoint(directory: Path, model: nn.Module, ctx: LocalStepContext, epoch: int, spec: RunSpec, data_info: DataInfo) -> None:
+    origin = {"run_name": spec.run_name, "epoch": epoch, "global_step": ctx.global_step}
+    (directory / ORIGIN_FILE).write_text(json.dumps(origin))
     torch.save(
         {
             "model": model.state_dict(),
@@ -151,6 +159,40 @@ def load_state(path: str | Path) -> dict[str, Any]:
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
         return load_state(directory)
+
+
+def hyperparameters(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, list[dict[str, Any]]]:
+    """Each optimizer's param-group settings (lr, betas, weight decay, ...), without the params."""
+    return {
+        name: [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        for name, opt in optimizers.items()
+    }
+
+
+def reapply_hyperparameters(
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR],
+    settings: dict[str, list[dict[str, Any]]],
+) -> None:
+    """After loading a checkpoint, put this run's optimizer settings back over the saved ones.
+
+    ``load_state_dict`` restores the learning rates, betas and weight decay the checkpoint was
+    trained with, and the schedule's base rates with them. That is right for a plain resume
+    (the settings are the same) and wrong when the config changed in between: a PBT trial that
+    took over another trial's checkpoint with a perturbed ``lr`` would silently keep the old
+    one. Moments and step counts stay as loaded; the schedule keeps its position and is
+    re-evaluated on the new base rates.
+    """
+    for name, opt in optimizers.items():
+        for group, fresh in zip(opt.param_groups, settings[name], strict=True):
+            group.update(fresh)
+        schedule = schedulers.get(name)
+        if schedule is None:
+            continue
+        schedule.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+        for group, base, factor in zip(opt.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+            group["lr"] = base * factor(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in opt.param_groups]  # what get_last_lr() reads
 
 
 def _wrap(part: nn.Module, device: torch.device, world_size: int) -> nn.Module:
@@ -182,15 +224,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
 
     start_epoch, global_step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")  # own, else seed
     if checkpoint is not None:
+        settings = hyperparameters(optimizers)
         state = load_checkpoint_state(checkpoint)
         model.load_state_dict(state["model"])
         for k, o in optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         for k, s in schedulers.items():
             s.load_state_dict(state["schedulers"][k])
+        reapply_hyperparameters(optimizers, schedulers, settings)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+    stop_epoch = min(train.epochs, config.get("until_epoch") or train.epochs)
 
     parts = {name: _wrap(part, device, world) for name, part in model.parts().items()}
     ctx = LocalStepContext(
@@ -207,7 +252,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     crash_marker = Path(config["crash_marker"]) if config.get("crash_marker") else None
     crash_at = train.crash_once_at_step if rank == world - 1 else -1
 
-    for epoch in range(start_epoch, train.epochs):
+    for epoch in range(start_epoch, stop_epoch):
         batches = iter_sequence_batches(train_shard, train.batch_size, config=train_collate, epoch=epoch)
         sums = train_epoch(model, ctx, batches, steps_per_epoch, crash_at, crash_marker)
         sums = all_reduce_sums(sums, device)

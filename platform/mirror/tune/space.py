@@ -12,8 +12,8 @@ starts, and every error names the file, the key and what is wrong:
   message (``WAEConfig.lam: expected a float >= 0, received -1.0``);
 * a handful of seeded random combinations are validated too, for cross-field rules;
 * nothing is rewritten silently: conflicting settings are errors, not precedence rules;
-* ``pbt`` is refused with the reason (trials do not hand checkpoints to Tune), rather than
-  accepted and quietly reduced to random search.
+* with ``pbt``, every knob PBT perturbs must leave the model's parameter shapes alone, which
+  is checked by building the model at the knob's extremes (``mirror.tune.pbt``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ SPACE_FIELDS: dict[str, tuple[str, ...]] = {
 SCHEDULER_OPTIONS: dict[str, tuple[str, ...]] = {
     "asha": ("grace_period", "reduction_factor", "max_t"),  # early stopping, in epochs
     "fifo": (),  # run every trial to the end
-    "pbt": (),  # named so that asking for it gets the reason it is refused (see _check)
+    "pbt": (  # population-based training (mirror.tune.pbt); intervals in epochs
+        "perturbation_interval",
+        "burn_in",
+        "quantile_fraction",
+        "resample_probability",
+        "synch",
+        "mutate",
+    ),  # fmt: skip
 }
 SEARCH_OPTIONS: dict[str, tuple[str, ...]] = {"random": ("seed",), "optuna": ("seed",)}
 EVALUATE = ("best", "all", "none")  # which trials get the end-of-run evaluation
@@ -234,6 +241,8 @@ def load_sweep(
         seed=_int(where, "search.seed", search_options.get("seed", 0), minimum=0),
     )
     _check(spec)
+    if spec.scheduler == "pbt":
+        spec = _check_pbt(spec, concurrency_given="concurrency" in raw)
     return spec
 
 
@@ -263,12 +272,6 @@ def _check(spec: SweepSpec) -> None:
         raise SpaceError(
             f"{where}: parameters.{grids[0]}: space 'grid' cannot be used with search 'optuna' "
             "(Optuna samples; use 'choice', or search 'random')"
-        )
-    if spec.scheduler == "pbt":
-        raise SpaceError(
-            f"{where}: scheduler: 'pbt' is not supported yet: PBT clones one trial's checkpoint "
-            "into another, and trials keep their checkpoints inside Ray Train (Tune only sees "
-            "metrics), so it would silently degrade to random search; use 'asha' or 'fifo'"
         )
 
     mixed = len(spec.models) > 1
@@ -316,6 +319,105 @@ def _check(spec: SweepSpec) -> None:
             )
         if spec.scheduler == "asha":
             _check_asha(where, spec.scheduler_options, base.train.epochs)
+
+
+def _check_pbt(spec: SweepSpec, concurrency_given: bool) -> SweepSpec:
+    """PBT's options, with ``mutate`` resolved to the knobs PBT perturbs: the listed ones, each
+    checked to be perturbable, or by default every searched knob that is."""
+    from mirror.tune.pbt import mutation_problem
+
+    where, opts = spec.source, dict(spec.scheduler_options)
+    epochs = spec.base_spec().train.epochs
+    if spec.search != "random":
+        raise SpaceError(
+            f"{where}: search: PBT explores by perturbing its own population; use search "
+            f"'random' (it draws the starting population), received {spec.search!r}"
+        )
+    if spec.samples < 2:
+        raise SpaceError(
+            f"{where}: samples: PBT needs a population of at least 2 trials, received {spec.samples}"
+        )
+    if concurrency_given and spec.concurrency < spec.samples:
+        raise SpaceError(
+            f"{where}: concurrency: PBT keeps its whole population ({spec.samples} trials) live "
+            f"and time-shares what the cluster cannot fit; remove 'concurrency' or set it to "
+            f"{spec.samples}, received {spec.concurrency}"
+        )
+    interval = _int(
+        where, "scheduler.perturbation_interval", opts.get("perturbation_interval", 1), minimum=1
+    )
+    if interval >= epochs:
+        raise SpaceError(
+            f"{where}: scheduler.perturbation_interval: expected fewer epochs than the run's "
+            f"{epochs} (train.epochs), or PBT never perturbs; received {interval}"
+        )
+    _int(where, "scheduler.burn_in", opts.get("burn_in", 0), minimum=0)
+    quantile = _number(where, "scheduler.quantile_fraction", opts.get("quantile_fraction", 0.25))
+    if not 0 < quantile <= 0.5:
+        raise SpaceError(
+            f"{where}: scheduler.quantile_fraction: expected a number in (0, 0.5], received {quantile!r}"
+        )
+    resample = _number(
+        where, "scheduler.resample_probability", opts.get("resample_probability", 0.25)
+    )
+    if not 0 <= resample <= 1:
+        raise SpaceError(
+            f"{where}: scheduler.resample_probability: expected a number in [0, 1], received {resample!r}"
+        )
+    if not isinstance(opts.get("synch", False), bool):
+        raise SpaceError(
+            f"{where}: scheduler.synch: expected true or false, received {opts['synch']!r}"
+        )
+
+    searched = {p.key: p for p in spec.parameters}
+    if "train.epochs" in searched:
+        raise SpaceError(
+            f"{where}: parameters.train.epochs: PBT compares members epoch by epoch, so all of "
+            "them train the same number of epochs; set it in 'fixed'"
+        )
+    listed = opts.get("mutate")
+    if listed is not None:
+        if (
+            not isinstance(listed, list)
+            or not listed
+            or not all(isinstance(k, str) for k in listed)
+        ):
+            raise SpaceError(
+                f"{where}: scheduler.mutate: expected a non-empty list of parameter keys, received {listed!r}"
+            )
+        for key in listed:
+            if key not in searched:
+                close = difflib.get_close_matches(key, list(searched), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SpaceError(
+                    f"{where}: scheduler.mutate: {key!r} is not a searched parameter{hint}; "
+                    f"searched: {', '.join(searched)}"
+                )
+    problems = {
+        key: problem
+        for key, param in searched.items()
+        for model in spec.models
+        if (problem := mutation_problem(model, key, param.probes(), spec.fixed)) is not None
+    }
+    if listed is not None:
+        for key in listed:
+            if key in problems:
+                raise SpaceError(
+                    f"{where}: scheduler.mutate: PBT cannot perturb {key}: {problems[key]}"
+                )
+        mutate = tuple(listed)
+    else:
+        mutate = tuple(key for key in searched if key not in problems)
+        if not mutate:
+            raise SpaceError(
+                f"{where}: scheduler: PBT has no parameter it can perturb: "
+                + "; ".join(f"{k}: {v}" for k, v in problems.items())
+            )
+    return replace(
+        spec,
+        scheduler_options={**opts, "mutate": mutate},
+        concurrency=spec.samples,
+    )
 
 
 def _validate(where: str, what: str, model: str, overrides: dict[str, Any], suffix: str) -> RunSpec:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
@@ -34,6 +34,9 @@ from mirror import tracking
 from mirror.cluster import release_orphaned_placement_groups
 from mirror.tune.report import TrialRow, record_summary
 from mirror.tune.space import SpaceError, SweepSpec
+
+if TYPE_CHECKING:
+    from mirror.train.driver import TrainingOutcome
 
 TRIAL_DRIVER_CPUS = 0.05  # the trial process only waits on its TorchTrainer
 DATA_CPUS_PER_TRIAL = 1.0  # headroom for the trial's Ray Data read tasks
@@ -97,6 +100,11 @@ def run_trial(
     trial_id = tune.get_context().get_trial_id()
     spec = sweep.trial_spec(config, data, trial_run_name(sweep.name, trial_id))
     outcome = run_training(spec, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    finish_trial(sweep, outcome)
+
+
+def finish_trial(sweep: SweepSpec, outcome: TrainingOutcome) -> None:
+    """End-of-trial work shared by every scheduler: evaluation when the file asks for it."""
     if sweep.evaluate == "all":
         from mirror.train.evaluation import evaluate_run
 
@@ -197,6 +205,13 @@ def run_sweep(
         f"fits {fits} now; running up to {concurrency} at once"
         + ("" if fits >= 1 else " (waiting for the autoscaler to add nodes)")
     )
+    if spec.scheduler == "pbt":
+        mutate = spec.scheduler_options["mutate"]
+        inherited = [p.key for p in spec.parameters if p.key not in mutate]
+        print(
+            f"PBT over a population of {spec.samples}: perturbs {', '.join(mutate)}"
+            + (f"; draws once and inherits on exploit: {', '.join(inherited)}" if inherited else "")
+        )
 
     uri = tracking.tracking_uri()
     parent_run_id = tracking.start_run(
@@ -213,10 +228,12 @@ def run_sweep(
     )
     _log_space_file(spec, parent_run_id, uri)
 
+    if spec.scheduler == "pbt":
+        from mirror.tune.pbt import run_pbt_trial as trial_fn
+    else:
+        trial_fn = run_trial
     trainable = tune.with_resources(
-        tune.with_parameters(
-            run_trial, sweep=spec, data=data, parent_run_id=parent_run_id, uri=uri
-        ),
+        tune.with_parameters(trial_fn, sweep=spec, data=data, parent_run_id=parent_run_id, uri=uri),
         {"CPU": TRIAL_DRIVER_CPUS},
     )
     if resume:
@@ -238,6 +255,9 @@ def run_sweep(
                 name=name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                # PBT: end a member at its last epoch before the scheduler sees that result,
+                # so it is never "exploited" into a run with no epochs left to train.
+                stop={"training_iteration": base.train.epochs} if spec.scheduler == "pbt" else None,
                 callbacks=[
                     ChildRunBookkeeping(name, base.train.experiment, base.train.epochs, uri)
                 ],
@@ -264,6 +284,10 @@ def _scheduler(spec: SweepSpec, epochs: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     opts = spec.scheduler_options
+    if spec.scheduler == "pbt":
+        from mirror.tune.pbt import pbt_scheduler
+
+        return pbt_scheduler(spec)
     if spec.scheduler == "asha":
         return ASHAScheduler(
             time_attr="training_iteration",  # one Tune iteration per epoch
@@ -277,8 +301,15 @@ def _scheduler(spec: SweepSpec, epochs: int) -> Any:
 
 def _searcher(spec: SweepSpec, concurrency: int) -> Any:
     """Random/grid search limits concurrency itself (Tune ignores ``max_concurrent_trials``
-    for a ``BasicVariantGenerator`` instance); Optuna gets a ``ConcurrencyLimiter``."""
+    for a ``BasicVariantGenerator`` instance); Optuna gets a ``ConcurrencyLimiter``.
+
+    PBT creates its whole population at once: a paused member still counts against a
+    searcher's limit, so a limit below the population would never start the rest. Members
+    that the cluster cannot fit wait for resources instead, and PBT time-shares them."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if spec.scheduler == "pbt":
+        return BasicVariantGenerator(max_concurrent=0, random_state=spec.seed)
 
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch

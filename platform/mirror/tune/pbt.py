@@ -1,0 +1,230 @@
+"""Population-based training for sweeps (``scheduler: pbt``).
+
+PBT copies a strong trial's weights into a weak one and perturbs the copy's hyperparameters,
+so Tune must hold every trial's complete training state. In the Train V2 pattern a trial's
+``TorchTrainer`` keeps its checkpoints inside Ray Train and reports only metrics to Tune, so a
+PBT trial runs differently from an ASHA one: as a chain of one-epoch fits.
+
+* Each fit starts from the trial's current checkpoint: none on the first epoch, its own after
+  a pause, the donor's after an exploit. It trains one epoch under the trial's *current*
+  config and returns its checkpoint, which the trial reports to Tune with the epoch's metrics.
+  Whatever ``tune.get_checkpoint()`` returns on a restart is therefore a complete state:
+  weights, optimizer moments and schedule position, whoever wrote it.
+* The loop puts the trial's own optimizer settings back over the restored ones
+  (``mirror.train.loop.reapply_hyperparameters``), so a perturbed learning rate takes effect
+  instead of the donor's.
+* Only knobs that leave every parameter's shape alone can be perturbed: the weights of one
+  trial must load into another. That is checked when the file is loaded, by building the model
+  at the knob's extreme values (:func:`mutation_problem`). Structural knobs such as
+  ``model.latent_dim`` may still be searched: they are sampled once, and an exploit copies them
+  from the donor together with its weights.
+* A perturbed value stays inside the range the file declares (:class:`KeepInsideRanges`).
+* A fit per epoch costs one worker-group start per epoch: seconds, against epochs that take
+  hours at population scale. ``perturbation_interval`` is in epochs.
+
+MLflow: a trial keeps one child run for its whole history. Each epoch logs ``pbt/<knob>``
+(the value trained with) and ``pbt/exploited`` (1 on the epoch after taking over another
+trial's weights); the tag ``pbt.exploit.epoch_NNNN`` names the donor run and epoch and
+gives the member's config from then on (its params keep the values first drawn).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mirror.models.base import DataInfo
+
+if TYPE_CHECKING:
+    from mirror.tune.space import Parameter, SweepSpec
+
+MUTABLE_TRAIN_KEYS = ("train.grad_clip", "train.mask_rate", "train.mask_min_words")
+PROBE_DATA = DataInfo(week_vocab_size=3 + 52)  # shapes are compared, so any valid size does
+EXPLOIT_TAG = "pbt.exploit.epoch_{epoch:04d}"
+
+
+def mutation_problem(
+    model: str, key: str, values: tuple[Any, ...], fixed: Mapping[str, Any]
+) -> str | None:
+    """Why PBT cannot perturb ``key`` mid-run for ``model``, or None when it can.
+
+    Model knobs are tried at each of ``values`` (the ends of a range, or every choice): a
+    knob is mutable when every value builds a model with the same parameter names and shapes
+    and the same optimizer layout, so a checkpoint taken under one value loads under another.
+    """
+    from mirror.models import build_model
+    from mirror.train.spec import build_run_spec
+
+    if key == "model":
+        return "the model itself cannot change in the middle of a run"
+    if key.startswith("train."):
+        if key in MUTABLE_TRAIN_KEYS:
+            return None
+        return (
+            "it fixes the run's data, schedule or size; the train keys PBT may perturb are "
+            + ", ".join(MUTABLE_TRAIN_KEYS)
+        )
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        return "PBT perturbs numbers only"
+    layouts: list[tuple[Any, dict[str, tuple[int, ...]], dict[str, list[int]]]] = []
+    for value in values:
+        spec = build_run_spec(model, ".", "probe", {**fixed, key: value})
+        net = build_model(model, spec.model_config, PROBE_DATA)
+        shapes = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+        optimizers = {
+            name: [len(group["params"]) for group in opt.param_groups]
+            for name, opt in net.make_optimizers().items()
+        }
+        layouts.append((value, shapes, optimizers))
+    first_value, first_shapes, first_optimizers = layouts[0]
+    for value, shapes, optimizers in layouts[1:]:
+        if shapes.keys() != first_shapes.keys():
+            added = sorted(shapes.keys() ^ first_shapes.keys())[0]
+            return (
+                f"{key}={first_value!r} and {key}={value!r} build different parameters "
+                f"({added} exists in only one), so one trial's checkpoint cannot load into another"
+            )
+        for name, shape in shapes.items():
+            if shape != first_shapes[name]:
+                return (
+                    f"it changes the shape of {name}: {first_shapes[name]} at {first_value!r}, "
+                    f"{shape} at {value!r}, so one trial's checkpoint cannot load into another"
+                )
+        if optimizers != first_optimizers:
+            return f"{key}={first_value!r} and {key}={value!r} build different optimizers"
+    return None
+
+
+class KeepInsideRanges:
+    """PBT's ``custom_explore_fn``: Tune perturbs continuous knobs by factors (x0.8, x1.2)
+    without regard to bounds; this clips each back into the range the sweep file declares, so
+    a trial never runs with, e.g., a mask rate above 1. A class, not a closure, because Tune
+    pickles its scheduler into the experiment state for ``--resume``."""
+
+    def __init__(self, ranges: Mapping[str, tuple[float, float, bool]]):
+        self.ranges = dict(ranges)  # key -> (low, high, integer)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for key, (low, high, integer) in self.ranges.items():
+            if key in config:
+                value = min(max(config[key], low), high)
+                config[key] = int(round(value)) if integer else float(value)
+        return config
+
+
+def mutation_domain(param: Parameter) -> Any:
+    """What PBT resamples ``param`` from: the list of choices, or the range's Tune domain."""
+    if param.space in ("choice", "grid"):
+        return list(param.values)
+    return param.domain()
+
+
+def pbt_scheduler(spec: SweepSpec) -> Any:
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    opts = spec.scheduler_options
+    mutated = [p for p in spec.parameters if p.key in opts["mutate"]]
+    ranges = {
+        p.key: (p.low, p.high - 1 if p.space == "randint" else p.high, p.space == "randint")
+        for p in mutated
+        if p.low is not None
+    }
+    return PopulationBasedTraining(
+        time_attr="training_iteration",  # one Tune iteration per epoch
+        perturbation_interval=opts.get("perturbation_interval", 1),
+        burn_in_period=opts.get("burn_in", 0),
+        hyperparam_mutations={p.key: mutation_domain(p) for p in mutated},
+        quantile_fraction=opts.get("quantile_fraction", 0.25),
+        resample_probability=opts.get("resample_probability", 0.25),
+        custom_explore_fn=KeepInsideRanges(ranges),
+        synch=opts.get("synch", False),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The trainable (runs in a Tune trial actor).
+
+
+def run_pbt_trial(
+    config: dict[str, Any], *, sweep: SweepSpec, data: str, parent_run_id: str, uri: str
+) -> None:
+    """One PBT trial: one ``run_training`` fit per epoch, each reported to Tune with its
+    checkpoint (see the module docstring)."""
+    import ray.train
+    from ray import tune
+
+    from mirror import tracking
+    from mirror.train.driver import run_training, storage_path
+    from mirror.tune.sweep import finish_trial, trial_run_name
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # Tune moves the trial into its own working dir
+    run_name = trial_run_name(sweep.name, tune.get_context().get_trial_id())
+    spec = sweep.trial_spec(config, data, run_name)
+    storage = storage_path(spec)
+    _remove_fits(storage, run_name)  # an earlier attempt's; Tune holds the state now
+
+    checkpoint = tune.get_checkpoint()
+    origin = read_origin(checkpoint) if checkpoint is not None else None
+    epoch = origin["epoch"] + 1 if origin else 0
+    knobs = {key: float(config[key]) for key in sweep.scheduler_options["mutate"]}
+    previous_fit: tuple[Any, str] | None = None
+    while epoch < spec.train.epochs:
+        outcome = run_training(
+            spec,
+            parent_run_id=parent_run_id,
+            resume_from=None
+            if checkpoint is None
+            else ray.train.Checkpoint(checkpoint.path, checkpoint.filesystem),
+            until_epoch=epoch + 1,
+            train_run_name=f"{run_name}-e{epoch:04d}-{uuid.uuid4().hex[:8]}",
+        )
+        exploited = origin is not None and origin["run_name"] != run_name
+        tracking.log_metrics(
+            outcome.run_id,
+            {**{f"pbt/{k}": v for k, v in knobs.items()}, "pbt/exploited": float(exploited)},
+            step=epoch,
+            uri=uri,
+        )
+        if exploited:
+            # Params stay as first drawn; this records what the member trains with from here,
+            # inherited structural knobs included.
+            searched = {p.key: config[p.key] for p in sweep.parameters}
+            donor = f"{origin['run_name']} (epoch {origin['epoch']}); config {json.dumps(searched)}"
+            tracking.set_tags(outcome.run_id, {EXPLOIT_TAG.format(epoch=epoch): donor}, uri=uri)
+        if previous_fit is not None:  # superseded, and already copied into Tune's storage
+            _delete_dir(*previous_fit)
+        previous_fit = (outcome.checkpoint.filesystem, outcome.train_path)
+        checkpoint = tune.Checkpoint(outcome.checkpoint.path, outcome.checkpoint.filesystem)
+        origin = None
+        epoch += 1
+        if epoch == spec.train.epochs:  # Tune stops the trial at its last report (see sweep)
+            finish_trial(sweep, outcome)
+        tune.report(outcome.metrics, checkpoint=checkpoint)  # PBT may pause or exploit here
+
+
+def read_origin(checkpoint: Any) -> dict[str, Any]:
+    """``origin.json`` of a checkpoint (run name, epoch, step) without downloading the weights."""
+    from mirror.train.loop import ORIGIN_FILE
+
+    path = f"{checkpoint.path.rstrip('/')}/{ORIGIN_FILE}"
+    with checkpoint.filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())
+
+
+def _remove_fits(storage: str, run_name: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    for info in infos:
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name.startswith(f"{run_name}-e"):
+            fs.delete_dir(info.path)
+
+
+def _delete_dir(filesystem: Any, path: str) -> None:
+    filesystem.delete_dir(path)
