@@ -1,13 +1,15 @@
 """Population-based training: the pieces by hand, then one real PBT sweep on real Ray.
 
 The sweep is a population of 2 WAE trials on 1 worker each, for 3 epochs with a perturbation
-every epoch; on 4 logical CPUs only one trial fits at a time, so PBT also has to pause and
-time-share its members. With 2 members and ``quantile_fraction: 0.5`` the weaker one exploits
-the stronger at every perturbation, so at least one exploit must happen.
+every epoch; on 4 logical CPUs only one fit fits at a time, so the members must take turns
+(one fit slot). With 2 members and ``quantile_fraction: 0.5`` the weaker one exploits the
+stronger at every perturbation once both have a checkpoint, so at least one exploit must
+happen.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import yaml
 from mirror import tracking
 from mirror.data.simulator import generate_dataset
 from mirror.train.loop import hyperparameters, lr_lambda, reapply_hyperparameters
-from mirror.tune.pbt import EXPLOIT_TAG, KeepInsideRanges, mutation_problem
+from mirror.tune.pbt import EXPLOIT_TAG, FitSlots, KeepInsideRanges, mutation_problem
 from mirror.tune.space import load_sweep
 from mirror.tune.sweep import TRIAL_TAG, run_sweep
 
@@ -79,6 +81,33 @@ def test_perturbed_values_are_clipped_into_the_declared_range():
         "model.lam": 0.1,
         "train.mask_min_words": 7,
     }
+
+
+def test_fit_slots_serve_members_first_come_first_served():
+    async def scenario() -> list[str]:
+        slots = FitSlots(1)
+        order: list[str] = []
+
+        async def member(name: str) -> None:
+            await slots.acquire(name)
+            order.append(name)
+
+        await slots.acquire("a")
+        waiting = [asyncio.create_task(member(n)) for n in ("b", "c")]
+        await asyncio.sleep(0)
+        assert await slots.held() == ["a"] and order == []  # b and c wait for a's fit
+        await slots.release("a")
+        await asyncio.sleep(0)
+        assert await slots.held() == ["b"]
+        await slots.release("b")
+        await asyncio.gather(*waiting)
+        assert await slots.held() == ["c"]
+        # a member restarted mid-fit gives back its stale slot when it asks again
+        restarted = asyncio.create_task(slots.acquire("c"))
+        await asyncio.wait_for(restarted, 1.0)
+        return order
+
+    assert asyncio.run(scenario()) == ["b", "c"]
 
 
 def test_only_shape_preserving_knobs_can_be_perturbed():

@@ -21,6 +21,10 @@ PBT trial runs differently from an ASHA one: as a chain of one-epoch fits.
 * A perturbed value stays inside the range the file declares (:class:`KeepInsideRanges`).
 * A fit per epoch costs one worker-group start per epoch: seconds, against epochs that take
   hours at population scale. ``perturbation_interval`` is in epochs.
+* Every member stays live (its trial process holds 0.05 CPU), but only as many fits run at
+  once as the cluster fits (:class:`FitSlots`, first come first served). Members therefore
+  take turns epoch by epoch and advance together, which is what PBT's comparisons need; a
+  2-core laptop trains one member at a time, a GPU cluster many.
 
 MLflow: a trial keeps one child run for its whole history. Each epoch logs ``pbt/<knob>``
 (the value trained with) and ``pbt/exploited`` (1 on the epoch after taking over another
@@ -30,12 +34,17 @@ gives the member's config from then on (its params keep the values first drawn).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
 
 from mirror.models.base import DataInfo
 
@@ -146,6 +155,92 @@ def pbt_scheduler(spec: SweepSpec) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
+# Fit slots: how many members train at once.
+
+
+class FitSlots:
+    """A first-come-first-served semaphore shared by a sweep's members (a named Ray actor).
+
+    Tune cannot bound PBT's running members by resources: a member's trial process holds
+    almost nothing, and its ``TorchTrainer`` reserves workers only while a fit runs. Left
+    alone, every member would start a fit at once and their worker groups would time out
+    waiting for each other. A member holds a slot for the length of one fit.
+
+    Slots are keyed by trial id, so a restarted member first gives back what its previous
+    attempt held, and the sweep driver gives back the slot of a member that fails
+    (:class:`ReleaseFitSlots`).
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.holders: set[str] = set()
+        self.waiting: deque[tuple[str, asyncio.Future]] = deque()
+
+    async def acquire(self, holder: str) -> None:
+        self.holders.discard(holder)
+        granted = asyncio.get_running_loop().create_future()
+        self.waiting.append((holder, granted))
+        self._grant()
+        await granted
+
+    async def release(self, holder: str) -> None:
+        self.holders.discard(holder)
+        self._grant()
+
+    async def held(self) -> list[str]:
+        return sorted(self.holders)
+
+    def _grant(self) -> None:
+        while self.waiting and len(self.holders) < self.slots:
+            holder, granted = self.waiting.popleft()
+            if not granted.done():  # a waiter whose caller has gone is skipped
+                self.holders.add(holder)
+                granted.set_result(None)
+
+
+def fit_slots_name(sweep_name: str) -> str:
+    return f"mirror-fit-slots-{sweep_name}"
+
+
+def start_fit_slots(sweep_name: str, slots: int) -> Any:
+    """The sweep's :class:`FitSlots` actor; it lives as long as the sweep driver."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(FitSlots)
+    return actor.options(name=fit_slots_name(sweep_name), get_if_exists=True).remote(slots)
+
+
+@contextmanager
+def fit_slot(sweep_name: str, trial_id: str) -> Iterator[None]:
+    import ray
+
+    slots = ray.get_actor(fit_slots_name(sweep_name))
+    ray.get(slots.acquire.remote(trial_id))
+    try:
+        yield
+    finally:
+        ray.get(slots.release.remote(trial_id))
+
+
+class ReleaseFitSlots(Callback):
+    """Driver-side Tune callback: a member that failed mid-fit cannot give its slot back."""
+
+    def __init__(self, sweep_name: str):
+        self.sweep_name = sweep_name
+
+    def _release(self, trial: Any) -> None:
+        import ray
+
+        ray.get(ray.get_actor(fit_slots_name(self.sweep_name)).release.remote(trial.trial_id))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial)
+
+
+# --------------------------------------------------------------------------------------------
 # The trainable (runs in a Tune trial actor).
 
 
@@ -162,7 +257,8 @@ def run_pbt_trial(
     from mirror.tune.sweep import finish_trial, trial_run_name
 
     os.environ["MLFLOW_TRACKING_URI"] = uri  # Tune moves the trial into its own working dir
-    run_name = trial_run_name(sweep.name, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    run_name = trial_run_name(sweep.name, trial_id)
     spec = sweep.trial_spec(config, data, run_name)
     storage = storage_path(spec)
     _remove_fits(storage, run_name)  # an earlier attempt's; Tune holds the state now
@@ -173,15 +269,16 @@ def run_pbt_trial(
     knobs = {key: float(config[key]) for key in sweep.scheduler_options["mutate"]}
     previous_fit: tuple[Any, str] | None = None
     while epoch < spec.train.epochs:
-        outcome = run_training(
-            spec,
-            parent_run_id=parent_run_id,
-            resume_from=None
-            if checkpoint is None
-            else ray.train.Checkpoint(checkpoint.path, checkpoint.filesystem),
-            until_epoch=epoch + 1,
-            train_run_name=f"{run_name}-e{epoch:04d}-{uuid.uuid4().hex[:8]}",
-        )
+        with fit_slot(sweep.name, trial_id):
+            outcome = run_training(
+                spec,
+                parent_run_id=parent_run_id,
+                resume_from=None
+                if checkpoint is None
+                else ray.train.Checkpoint(checkpoint.path, checkpoint.filesystem),
+                until_epoch=epoch + 1,
+                train_run_name=f"{run_name}-e{epoch:04d}-{uuid.uuid4().hex[:8]}",
+            )
         exploited = origin is not None and origin["run_name"] != run_name
         tracking.log_metrics(
             outcome.run_id,

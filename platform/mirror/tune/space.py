@@ -337,12 +337,6 @@ def _check_pbt(spec: SweepSpec, concurrency_given: bool) -> SweepSpec:
         raise SpaceError(
             f"{where}: samples: PBT needs a population of at least 2 trials, received {spec.samples}"
         )
-    if concurrency_given and spec.concurrency < spec.samples:
-        raise SpaceError(
-            f"{where}: concurrency: PBT keeps its whole population ({spec.samples} trials) live "
-            f"and time-shares what the cluster cannot fit; remove 'concurrency' or set it to "
-            f"{spec.samples}, received {spec.concurrency}"
-        )
     interval = _int(
         where, "scheduler.perturbation_interval", opts.get("perturbation_interval", 1), minimum=1
     )
@@ -416,7 +410,8 @@ def _check_pbt(spec: SweepSpec, concurrency_given: bool) -> SweepSpec:
     return replace(
         spec,
         scheduler_options={**opts, "mutate": mutate},
-        concurrency=spec.samples,
+        # members training at once (the rest wait their turn, live); default: all of them
+        concurrency=spec.concurrency if concurrency_given else spec.samples,
     )
 
 

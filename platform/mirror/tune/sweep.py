@@ -228,10 +228,17 @@ def run_sweep(
     )
     _log_space_file(spec, parent_run_id, uri)
 
+    callbacks: list[tune.Callback] = [
+        ChildRunBookkeeping(name, base.train.experiment, base.train.epochs, uri)
+    ]
     if spec.scheduler == "pbt":
+        from mirror.tune.pbt import ReleaseFitSlots, start_fit_slots
         from mirror.tune.pbt import run_pbt_trial as trial_fn
+
+        fit_slots = start_fit_slots(name, concurrency)
+        callbacks.append(ReleaseFitSlots(name))
     else:
-        trial_fn = run_trial
+        trial_fn, fit_slots = run_trial, None
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, sweep=spec, data=data, parent_run_id=parent_run_id, uri=uri),
         {"CPU": TRIAL_DRIVER_CPUS},
@@ -258,9 +265,7 @@ def run_sweep(
                 # PBT: end a member at its last epoch before the scheduler sees that result,
                 # so it is never "exploited" into a run with no epochs left to train.
                 stop={"training_iteration": base.train.epochs} if spec.scheduler == "pbt" else None,
-                callbacks=[
-                    ChildRunBookkeeping(name, base.train.experiment, base.train.epochs, uri)
-                ],
+                callbacks=callbacks,
                 verbose=1,
             ),
         )
@@ -270,6 +275,9 @@ def run_sweep(
     except BaseException:
         tracking.end_run(parent_run_id, status="KILLED", uri=uri)
         raise
+    finally:
+        if fit_slots is not None:
+            ray.kill(fit_slots)
     best = record_summary(spec, rows, parent_run_id, uri)
     if best is not None and best.run_id and spec.evaluate == "best":
         from mirror.train.evaluation import evaluate_run
@@ -304,8 +312,8 @@ def _searcher(spec: SweepSpec, concurrency: int) -> Any:
     for a ``BasicVariantGenerator`` instance); Optuna gets a ``ConcurrencyLimiter``.
 
     PBT creates its whole population at once: a paused member still counts against a
-    searcher's limit, so a limit below the population would never start the rest. Members
-    that the cluster cannot fit wait for resources instead, and PBT time-shares them."""
+    searcher's limit, so a limit below the population would never start the rest. How many
+    members train at once is bounded by fit slots instead (``mirror.tune.pbt.FitSlots``)."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if spec.scheduler == "pbt":
