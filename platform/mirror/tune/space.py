@@ -358,7 +358,7 @@ def _check_pbt(spec: SweepSpec, concurrency_given: bool) -> SweepSpec:
         raise SpaceError(
             f"{where}: scheduler.resample_probability: expected a number in [0, 1], received {resample!r}"
         )
-    if not isinstance(opts.get("synch", False), bool):
+    if not isinstance(opts.get("synch", True), bool):
         raise SpaceError(
             f"{where}: scheduler.synch: expected true or false, received {opts['synch']!r}"
         )
