@@ -41,7 +41,6 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
@@ -49,6 +48,7 @@ from ray.tune import Callback
 from mirror.models.base import DataInfo
 
 if TYPE_CHECKING:
+    from mirror.train.driver import TrainingOutcome
     from mirror.tune.space import Parameter, SweepSpec
 
 MUTABLE_TRAIN_KEYS = ("train.grad_clip", "train.mask_rate", "train.mask_min_words")
@@ -270,7 +270,7 @@ def run_pbt_trial(
     origin = read_origin(checkpoint) if checkpoint is not None else None
     epoch = origin["epoch"] + 1 if origin else 0
     knobs = {key: float(config[key]) for key in sweep.scheduler_options["mutate"]}
-    previous_fit: tuple[Any, str] | None = None
+    previous_fit: TrainingOutcome | None = None
     while epoch < spec.train.epochs:
         with fit_slot(sweep.name, trial_id):
             outcome = run_training(
@@ -296,8 +296,8 @@ def run_pbt_trial(
             donor = f"{origin['run_name']} (epoch {origin['epoch']}); config {json.dumps(searched)}"
             tracking.set_tags(outcome.run_id, {EXPLOIT_TAG.format(epoch=epoch): donor}, uri=uri)
         if previous_fit is not None:  # superseded, and already copied into Tune's storage
-            _delete_dir(*previous_fit)
-        previous_fit = (outcome.checkpoint.filesystem, outcome.train_path)
+            previous_fit.checkpoint.filesystem.delete_dir(previous_fit.train_path)
+        previous_fit = outcome
         checkpoint = tune.Checkpoint(outcome.checkpoint.path, outcome.checkpoint.filesystem)
         origin = None
         epoch += 1
@@ -316,15 +316,9 @@ def read_origin(checkpoint: Any) -> dict[str, Any]:
 
 
 def _remove_fits(storage: str, run_name: str) -> None:
-    import pyarrow.fs as pafs
+    from mirror.tune.sweep import storage_dirs
 
-    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    for info in infos:
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and name.startswith(f"{run_name}-e"):
-            fs.delete_dir(info.path)
-
-
-def _delete_dir(filesystem: Any, path: str) -> None:
-    filesystem.delete_dir(path)
+    fs, dirs = storage_dirs(storage)
+    for name, path in dirs.items():
+        if name.startswith(f"{run_name}-e"):
+            fs.delete_dir(path)

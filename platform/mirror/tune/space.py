@@ -387,11 +387,11 @@ def _check_pbt(spec: SweepSpec, concurrency_given: bool) -> SweepSpec:
                     f"{where}: scheduler.mutate: {key!r} is not a searched parameter{hint}; "
                     f"searched: {', '.join(searched)}"
                 )
-    problems = {
+    problems = {  # builds models, so only for the knobs that could be perturbed
         key: problem
-        for key, param in searched.items()
+        for key in (listed if listed is not None else searched)
         for model in spec.models
-        if (problem := mutation_problem(model, key, param.probes(), spec.fixed)) is not None
+        if (problem := mutation_problem(model, key, searched[key].probes(), spec.fixed)) is not None
     }
     if listed is not None:
         for key in listed:

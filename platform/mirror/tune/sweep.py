@@ -398,7 +398,7 @@ def _resolve_name(spec: SweepSpec, storage: str, name: str | None, resume: bool)
     if name is None and resume:
         existing = sorted(
             n
-            for n in _list_dirs(storage)
+            for n in storage_dirs(storage)[1]
             if n.startswith(f"{spec.name}-") and _is_stamp(n[len(spec.name) + 1 :])
         )
         if not existing:
@@ -425,12 +425,14 @@ def _is_stamp(text: str) -> bool:
         return False
 
 
-def _list_dirs(storage: str) -> list[str]:
+def storage_dirs(storage: str) -> tuple[Any, dict[str, str]]:
+    """The storage path's filesystem and its subdirectories (name -> path on it), local or
+    remote alike."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return [Path(i.path).name for i in infos if i.type == pafs.FileType.Directory]
+    return fs, {Path(i.path).name: i.path for i in infos if i.type == pafs.FileType.Directory}
 
 
 def _join(storage: str, name: str) -> str:
