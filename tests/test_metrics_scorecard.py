@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ CONFIG = ScorecardConfig(
     min_attribute_queries=300,
     min_task_positives=5,
 )
+WITHOUT_REFERENCE_ROWS = replace(CONFIG, reference_rows=False)  # the known-answer cases
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_copy_of_train_is_flagged_and_refused(real_root, tmp_path):
         copy,
         max_queries=2_000,
         seed=0,
-        config=ScorecardConfig(**{**CONFIG.__dict__, "reference_rows": False}),
+        config=WITHOUT_REFERENCE_ROWS,
     )
     assert card["privacy/exact_match/synthetic_in_train"] == 1.0
     assert card["privacy/exact_match/train_reproduced"] == 1.0
@@ -138,7 +140,7 @@ def test_shuffled_conditions_keep_prevalence_and_lose_structure(
         shuffled,
         max_queries=2_000,
         seed=0,
-        config=ScorecardConfig(**{**CONFIG.__dict__, "reference_rows": False}),
+        config=WITHOUT_REFERENCE_ROWS,
     )
     good, _ = independent_card
     assert card["fidelity/prevalence/pearson_r"] == pytest.approx(
@@ -195,7 +197,7 @@ def test_uncomputable_metrics_raise_with_reasons_and_partial_results(real_root, 
             root,
             max_queries=500,
             seed=0,
-            config=ScorecardConfig(**{**CONFIG.__dict__, "reference_rows": False}),
+            config=WITHOUT_REFERENCE_ROWS,
         )
     errors, partial = err.value.errors, err.value.partial
     assert "privacy/exact_match/synthetic_in_train_min5words" in errors  # no record has 5 words
