@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 import torch
 
 from mirror.data import schema
+from mirror.data.batch import SequenceInfo
 from mirror.data.collate import CollateConfig, MaskSpec, collate
 from mirror.data.simulator import generate_dataset
 from mirror.models import build_model
-from mirror.models.base import DataInfo
 from mirror.models.local_step import LocalStepContext
 
 PATIENTS = int(os.environ.get("BENCH_TRAIN_PATIENTS", 30_000))
@@ -53,7 +53,7 @@ def plain_batches(root: Path, config: CollateConfig):
 
 def plain_tokens_per_s(root: Path, n_weeks: int, device: str = "cpu") -> tuple[float, float]:
     torch.manual_seed(0)
-    model = build_model("wae", {}, DataInfo(week_vocab_size=n_weeks + 3)).to(device)
+    model = build_model("wae", {}, SequenceInfo(week_vocab_size=n_weeks + 3)).to(device)
     ctx = LocalStepContext(model, model.make_optimizers(), grad_clip=1.0, device=torch.device(device))
     batches = plain_batches(root, CollateConfig(n_weeks, mask=MaskSpec("training")))
     for _ in range(3):  # warm-up

@@ -19,15 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     args = parser.parse_args(argv)
 
+    from mirror.checkpoint import checkpoint_dir
     from mirror.cluster import ensure_ray
     from mirror.embed import export_embeddings
-    from mirror.train.checkpoints import checkpoint_dir
+    from mirror.models import MissingCapability
 
     ensure_ray(min_logical_cpus=args.actors + 2)
-    report = export_embeddings(
-        str(checkpoint_dir(args.run)), args.data, args.out,
-        actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
-    )
+    try:
+        report = export_embeddings(
+            str(checkpoint_dir(args.run)), args.data, args.out,
+            actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
+        )
+    except MissingCapability as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for split, n in report.patients.items():
         print(f"{split}: {n} patients embedded ({report.truncated[split]} truncated to the model's max words)")
     print(f"z ({report.latent_dim} dims) written to {args.out}")

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true", help="don't log the model to MLflow again")
     args = parser.parse_args(argv)
 
-    from mirror.train.evaluation import evaluate_run
+    from mirror.evaluation import evaluate_run
 
     metrics = evaluate_run(args.run, log_model=not args.no_model)
     width = max(map(len, metrics))

@@ -1,9 +1,11 @@
 """Train one model with Ray Train DDP, evaluate it, and record everything in MLflow.
 
     python jobs/train.py --model wae --data DIR [--workers W] [--gpu] [--epochs E]
-        [--run-name NAME] [--config FILE] [--set key=value ...]
+        [--run-name NAME] [--config FILE] [--set key=value ...] [--upstream-run RUN_ID]
 
-Re-running with the same --run-name resumes from the last checkpoint.
+Re-running with the same --run-name resumes from the last checkpoint. A second-stage model
+(e.g. a score network on an autoencoder's latents) names its first stage's MLflow run with
+--upstream-run. The end-of-run evaluation runs the suites of the model's capabilities.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import argparse
 import sys
 import time
 
+from mirror.models import MODELS
 from mirror.train.spec import build_run_spec, load_overrides, parse_set
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="registry name, e.g. ae or wae")
+    parser.add_argument("--model", required=True, help=f"registry name: {', '.join(sorted(MODELS))}")
     parser.add_argument("--data", required=True, help="dataset directory (jobs/generate.py layout)")
     parser.add_argument("--workers", type=int, help="DDP workers (train.workers)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
@@ -25,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--storage-path", help="checkpoint storage: a directory or s3://...")
     parser.add_argument("--run-name", help="stable name; re-use it to resume")
-    parser.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. model.lam=0.5")
+    parser.add_argument("--config", help="YAML/JSON with 'model', 'view' and 'train' sections")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. model.lam=0.5 view.max_words=50")
+    parser.add_argument("--upstream-run", help="MLflow run id of the first stage this model builds on")
     parser.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     args = parser.parse_args(argv)
 
@@ -42,31 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(parse_set(args.set))
     run_name = args.run_name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        spec = build_run_spec(args.model, args.data, run_name, overrides)
+        spec = build_run_spec(args.model, args.data, run_name, overrides, upstream_run=args.upstream_run)
     except (ValueError, TypeError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from mirror.checkpoint import UpstreamRunError
     from mirror.cluster import ClusterConnectionError
     from mirror.train.driver import run_training
 
     try:
         outcome = run_training(spec)
-    except ClusterConnectionError as err:
+    except (ClusterConnectionError, UpstreamRunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"run {outcome.run_id} ({run_name}): checkpoint {outcome.checkpoint_path}")
     if not args.no_eval:
-        from mirror.train.evaluation import evaluate_run
+        from mirror.evaluation import evaluate_run
 
-        metrics = evaluate_run(outcome.run_id)
+        metrics = evaluate_run(outcome.run_id, synthetic=spec.train.score_synthetic)
         print(f"evaluated {len(metrics)} metrics into MLflow run {outcome.run_id}")
-        if spec.train.score_synthetic:
-            from mirror.synthesize import score_run
-            from mirror.train.driver import storage_path
-
-            scorecard = score_run(outcome.run_id, spec.train.n_generate, storage_path(spec), seed=spec.train.seed)
-            print(f"synthetic-data scorecard: {len(scorecard)} metrics into MLflow run {outcome.run_id}")
     return 0
 
 

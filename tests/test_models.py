@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import doctest
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
-import mirror.models.config as config_module
-from mirror.data.batch import SequenceBatch
+import mirror.config as config_module
+from mirror.config import build_config, config_to_flat_dict
+from mirror.data.batch import SequenceBatch, SequenceInfo
+from mirror.data.views.sequence import SequenceView
 from mirror.data.vocab import EOS, N_SPECIAL, PAD, SOS
 from mirror.models import MODELS, ConfigError, build_model, get_model_spec, make_config
 from mirror.models.ae import AEConfig, ConditionalAutoencoder
-from mirror.models.base import DataInfo, MirrorModel
-from mirror.models.config import build_config, config_to_flat_dict
+from mirror.models.base import CAPABILITIES, TrainableModel
 from mirror.models.local_step import LocalStepContext
 from mirror.models.wae import WAEConfig, WassersteinAutoencoder
 
 N_WEEKS = 40
-INFO = DataInfo(week_vocab_size=N_SPECIAL + N_WEEKS)
+INFO = SequenceInfo(week_vocab_size=N_SPECIAL + N_WEEKS)
 TINY = {
     "dx_emb_dim": 16,
     "wk_emb_dim": 8,
@@ -94,13 +96,13 @@ def make_batch(
     )
 
 
-def tiny_model(name: str, **overrides: object) -> MirrorModel:
+def tiny_model(name: str, **overrides: object) -> TrainableModel:
     torch.manual_seed(0)
     base = TINY_WAE if name == "wae" else TINY
     return build_model(name, base | overrides, INFO)
 
 
-def train(model: MirrorModel, batch: SequenceBatch, steps: int) -> list[dict[str, float]]:
+def train(model: TrainableModel, batch: SequenceBatch, steps: int) -> list[dict[str, float]]:
     ctx = LocalStepContext(model, model.make_optimizers(), grad_clip=1.0)
     return [ctx.train_step(batch) for _ in range(steps)]
 
@@ -121,10 +123,21 @@ def test_registry_builds_each_model_with_its_config():
     ae, wae = build_model("ae", {}, INFO), build_model("wae", {"latent_dim": 8}, INFO)
     assert isinstance(ae, ConditionalAutoencoder) and isinstance(ae.config, AEConfig)
     assert isinstance(wae, WassersteinAutoencoder) and wae.latent_dim == 8
-    assert isinstance(ae, MirrorModel) and isinstance(wae, MirrorModel)
+    assert isinstance(ae, TrainableModel) and isinstance(wae, TrainableModel)
     assert set(wae.parts()) == {"autoencoder", "critic"} and list(ae.parts()) == ["autoencoder"]
     assert list(wae.make_optimizers()) == ["autoencoder", "critic"]
-    assert get_model_spec("wae").data_view == "sequence"
+    assert get_model_spec("wae").view is SequenceView
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_implements_the_capabilities_it_declares(name):
+    spec = get_model_spec(name)
+    model = build_model(name, {}, spec.view.probe_info())
+    assert isinstance(model, TrainableModel)
+    for capability in spec.capabilities:
+        assert isinstance(model, CAPABILITIES[capability]), f"{name} declares {capability} but lacks its methods"
+    if spec.default_sweep:
+        assert (Path(__file__).parents[1] / spec.default_sweep).exists(), spec.default_sweep
 
 
 def test_config_rejects_unknown_key_and_lists_valid_keys():

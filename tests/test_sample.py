@@ -7,6 +7,8 @@ import torch
 from mirror.data import schema, vocab
 from mirror.data.simulator import generate_dataset
 from mirror.data.validate import validate_dataset
+from mirror.models.base import GenerationContext
+from mirror.models.sentences import sample_sentence_rows
 from mirror.synthesize import SYNTHETIC_ID_OFFSET, female_fraction, sample_patients
 
 
@@ -34,6 +36,11 @@ class ThreeKindsOfSentence:
         n[backwards] = 2
         return dx, wk, n
 
+    def sample_rows(self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext):
+        return sample_sentence_rows(
+            self, self.latent_dim, schema.MAX_WORDS, n, rng=rng, first_id=first_id, context=context
+        )
+
 
 def test_sampling_rejects_invalid_sentences_and_writes_a_valid_dataset(ray_cluster, tmp_path):
     real = tmp_path / "real"
@@ -41,7 +48,7 @@ def test_sampling_rejects_invalid_sentences_and_writes_a_valid_dataset(ray_clust
     out = tmp_path / "synthetic"
     report = sample_patients(
         ThreeKindsOfSentence(), real, n_patients=100, out_dir=out,
-        female_share=female_fraction(real), max_words=schema.MAX_WORDS, seed=0, batch_size=90,
+        female_share=female_fraction(real), seed=0, batch_size=90,
     )
     assert report.written == 100
     # A third of every batch is valid; the other two thirds are rejected, one rule each.

@@ -1,6 +1,6 @@
 """Evaluation metric math, tested against values computed by hand.
 
-The model under test is :class:`ScriptedModel`, a complete ``MirrorModel`` whose every
+The model under test is :class:`ScriptedModel`, a complete ``SequenceDecoder`` whose every
 prediction is written down below (the rank of the truth among its logits, its greedy
 decodes, its generated sentences), so each expected metric is a fraction counted by hand
 from those scripts, independent of any training.
@@ -20,7 +20,7 @@ from scipy import stats
 from torch import nn
 
 from mirror.data import schema
-from mirror.data.batch import SequenceBatch
+from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.collate import CollateConfig, MaskSpec, collate, make_mask
 from mirror.data.vocab import (
     DIAG_AGE_VOCAB_SIZE,
@@ -51,7 +51,7 @@ from mirror.metrics.tasks import (
     ridge_r2_cv,
     sex_auroc_cv,
 )
-from mirror.models.base import DataInfo, MirrorModel
+from mirror.models.base import Encoder, SequenceDecoder
 
 N_WEEKS = 70
 WEEK_VOCAB = 3 + N_WEEKS
@@ -142,7 +142,7 @@ class ScriptedConfig:
 
 
 class ScriptedModel(nn.Module):
-    """Implements ``MirrorModel``; predictions follow the scripts above."""
+    """Implements ``SequenceDecoder``; predictions follow the scripts above."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -221,7 +221,7 @@ def run_eval(**overrides) -> tuple:
     result = evaluate_model(
         model,
         [batch],
-        data_info=DataInfo(week_vocab_size=WEEK_VOCAB, max_words=MAX_WORDS),
+        data_info=SequenceInfo(week_vocab_size=WEEK_VOCAB, max_words=MAX_WORDS),
         baseline=baseline,
         config=cfg,
     )
@@ -238,7 +238,7 @@ def evaluated():
 
 
 def test_scripted_model_implements_the_protocol():
-    assert isinstance(ScriptedModel(), MirrorModel)
+    assert isinstance(ScriptedModel(), SequenceDecoder) and isinstance(ScriptedModel(), Encoder)
 
 
 def test_every_metric_name_is_reported(evaluated):
@@ -405,7 +405,7 @@ def test_ground_truth_is_read_from_parquet_and_scored(tmp_path):
     result = evaluate_model(
         model,
         [held_out_batch()],
-        data_info=DataInfo(week_vocab_size=WEEK_VOCAB, max_words=MAX_WORDS),
+        data_info=SequenceInfo(week_vocab_size=WEEK_VOCAB, max_words=MAX_WORDS),
         ground_truth=tmp_path,
         config=EvalConfig(n_generate=0, cv_folds=2),
     )
@@ -420,7 +420,7 @@ def test_evaluation_rejects_sentences_longer_than_max_words():
         evaluate_model(
             ScriptedModel(),
             [held_out_batch()],
-            data_info=DataInfo(week_vocab_size=WEEK_VOCAB, max_words=2),
+            data_info=SequenceInfo(week_vocab_size=WEEK_VOCAB, max_words=2),
         )
 
 

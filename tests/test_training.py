@@ -113,7 +113,7 @@ def test_resume_by_run_name_continues_the_same_run(crashed_run, resumed_run):
 
 @pytest.fixture(scope="module")
 def evaluated(resumed_run):
-    from mirror.train.evaluation import evaluate_run
+    from mirror.evaluation import evaluate_run
 
     return resumed_run.run_id, evaluate_run(resumed_run.run_id)
 

@@ -77,12 +77,14 @@ def ensure_ray(min_logical_cpus: float = 4) -> None:
             f"cannot reach the Ray cluster at {address!r}; is it running (make cluster-up) and "
             "is RAY_ADDRESS right?"
         )
+    # Workers' and Ray's own logs stay in Ray's log files (session_*/logs); the driver prints
+    # what the user asked for, e.g. the training loop's one line per epoch.
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=False)
         else:
             cpus = max(int(min_logical_cpus + 0.999), os.cpu_count() or 1)
-            ray.init(num_cpus=cpus, include_dashboard=False)
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     except ConnectionError:
         if address and _tcp_reachable(address):  # it answers, but not to us: authentication
             raise ClusterConnectionError(

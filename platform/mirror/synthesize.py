@@ -1,11 +1,9 @@
-"""Synthetic patients from a trained generative model, written in the platform's dataset layout.
+"""Synthetic patients from a trained generator, written in the platform's dataset layout.
 
-z ~ N(0, I) and sex from the training split's marginal are decoded greedily into sentences.
-A decoded sentence becomes a patient only if it is *valid* by the evaluation's definition
-(``mirror.metrics.tasks.generation_rule_failures``: non-empty, ended by ``<EOS>`` within
-``max_words``, real tokens, ages and weeks non-decreasing, one birth week consistent with
-every word). Invalid sentences are rejected, counted per rule and replaced by new draws,
-never written; the counts go into ``dataset.json``.
+The model (the ``generator`` capability) draws patients and returns only the valid ones as
+rows, with how many draws failed each validity rule (for sentence models: z ~ N(0, I) and sex
+from the training split's marginal, decoded, checked by the evaluation's validity definition).
+Invalid draws are replaced by new ones, never written; the counts go into ``dataset.json``.
 
 Synthetic subject ids start at ``SYNTHETIC_ID_OFFSET`` so they cannot collide with real ids;
 being outside the split reservoir, they all land in ``train``.
@@ -25,9 +23,7 @@ import torch
 
 from mirror.data import schema
 from mirror.data.schema import TRAIN, DatasetMetadata
-from mirror.metrics.evaluate import generated_rows
-from mirror.metrics.tasks import generation_rule_failures
-from mirror.models.base import MirrorModel
+from mirror.models.base import GenerationContext, Generator
 
 SYNTHETIC_ID_OFFSET = 10**12
 PATIENTS_PER_FILE = 250_000
@@ -48,24 +44,6 @@ class SampleReport:
         return self.written / max(1, self.drawn)
 
 
-def valid_rows(
-    dx: torch.Tensor, wk: torch.Tensor, n_words: torch.Tensor, sex: torch.Tensor,
-    *, max_words: int, week_vocab_size: int, first_id: int,
-) -> tuple[pa.Table, dict[str, int]]:
-    """Decoded sentences -> rows of the valid ones, plus how many failed each rule.
-
-    Validity has one definition, the evaluation's (``tasks.generation_rule_failures``); a
-    sentence failing several rules is counted under each.
-    """
-    fails = generation_rule_failures(dx, wk, n_words, max_words=max_words, week_vocab_size=week_vocab_size)
-    valid = torch.ones_like(n_words, dtype=torch.bool)
-    for failed in fails.values():
-        valid &= ~failed
-    n_valid = int(valid.sum())
-    rows = generated_rows(dx[valid], wk[valid], n_words[valid], sex[valid], first_id + np.arange(n_valid))
-    return rows, {rule: int(failed.sum()) for rule, failed in fails.items()}
-
-
 def female_fraction(real_root: str | Path) -> float:
     """Share of sex == 1 in the training split, reading only the 1-byte sex column."""
     females = total = 0
@@ -80,23 +58,22 @@ def female_fraction(real_root: str | Path) -> float:
 
 @torch.no_grad()
 def sample_patients(
-    model: MirrorModel,
+    model: Generator,
     real_root: str | Path,
     *,
     n_patients: int,
     out_dir: str | Path,
     female_share: float,
-    max_words: int,
     seed: int = 0,
     batch_size: int = 1024,
     max_draw_factor: int = 4,
     provenance: dict | None = None,
-    device: str | torch.device = "cpu",
 ) -> SampleReport:
-    """Draw until ``n_patients`` valid sentences are written (or ``max_draw_factor`` x drawn)."""
+    """Draw until ``n_patients`` valid patients are written (or ``max_draw_factor`` x drawn)."""
     out_dir = Path(out_dir)
     real_meta = DatasetMetadata.read(real_root)
     generator = torch.Generator().manual_seed(seed)
+    context = GenerationContext(female_share=female_share, week_vocab_size=real_meta.vocab["week"])
     written = drawn = 0
     rejected: dict[str, int] = {}
     pending: list[pa.Table] = []
@@ -109,13 +86,7 @@ def sample_patients(
                 f"{rejected}); this model does not generate valid patients yet"
             )
         b = min(batch_size, max(64, n_patients - written))
-        z = torch.randn(b, model.latent_dim, generator=generator).to(device)
-        sex = torch.where(torch.rand(b, generator=generator) < female_share, 1.0, -1.0).to(device)
-        dx, wk, n_words = model.generate(z, sex, max_words + 1)  # + 1: room for <EOS>
-        rows, rej = valid_rows(
-            dx.cpu(), wk.cpu(), n_words.cpu().long(), sex.cpu(), max_words=max_words,
-            week_vocab_size=real_meta.vocab["week"], first_id=SYNTHETIC_ID_OFFSET + written,
-        )
+        rows, rej = model.sample_rows(b, rng=generator, first_id=SYNTHETIC_ID_OFFSET + written, context=context)
         drawn += b
         for key, value in rej.items():
             rejected[key] = rejected.get(key, 0) + value
@@ -164,16 +135,17 @@ def sample_and_score(
     """Sample ``n_patients`` into ``staging``, score them against the run's real data, log the
     scorecard and the gate's verdict (``privacy/gate_passed``) to the run."""
     from mirror import tracking
+    from mirror.checkpoint import load_run
     from mirror.metrics.privacy import privacy_gate
     from mirror.metrics.scorecard import compute_scorecard
-    from mirror.train.checkpoints import load_run
+    from mirror.models import require_capability
 
     loaded = load_run(run_id, uri=uri)
+    require_capability(loaded.model_spec, "generator", "sample")
     shutil.rmtree(staging, ignore_errors=True)
     report = sample_patients(
         loaded.model, loaded.spec.data, n_patients=n_patients, out_dir=staging,
-        female_share=female_fraction(loaded.spec.data), max_words=loaded.data_info.max_words,
-        seed=seed, provenance={"generator": loaded.spec.model, "mlflow_run_id": run_id},
+        female_share=female_fraction(loaded.spec.data), seed=seed, provenance={"generator": loaded.spec.model, "mlflow_run_id": run_id},
     )
     plots = staging.with_name(staging.name + "-plots")
     try:

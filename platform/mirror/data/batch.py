@@ -22,6 +22,19 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from mirror.data.schema import MAX_WORDS
+from mirror.data.vocab import DIAG_AGE_VOCAB_SIZE
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """Dataset facts a sequence model is built from (the ``sequence`` view reads them from
+    ``metadata/dataset.json`` and the view config)."""
+
+    week_vocab_size: int
+    diag_age_vocab_size: int = DIAG_AGE_VOCAB_SIZE
+    max_words: int = MAX_WORDS
+
 
 @dataclass
 class SequenceBatch:

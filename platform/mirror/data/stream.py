@@ -32,10 +32,10 @@ Data flow (data-formats.md section 6)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +81,10 @@ class FilterReport:
     @property
     def dropped(self) -> int:
         return self.dropped_too_short + self.dropped_too_long
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Dropped patients per reason (the view contract's filter report)."""
+        return {"too_short": self.dropped_too_short, "too_long": self.dropped_too_long}
 
     def as_dict(self) -> dict[str, int | str]:
         """Flat dict for run parameters (MLflow)."""
@@ -337,7 +341,8 @@ def read_split(
         read_concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # An instance, not the class: a class would make Ray start an actor pool.
     dataset = dataset.map_batches(
-        read, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus, concurrency=read_concurrency
+        read, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus,
+        compute=ray.data.TaskPoolStrategy(size=read_concurrency),
     )
     # Surface DatasetValidationError (and any other read error) as itself rather than as
     # Ray's generic UserCodeException, for this dataset and those derived from it.
@@ -366,29 +371,28 @@ class SequenceCollateFn(ArrowBatchCollateFn):
         return collate(batch, self.config, epoch=self.epoch).as_dict()
 
 
-def iter_sequence_batches(
+def iter_batches(
     source: ray.data.Dataset | ray.data.DataIterator,
     batch_size: int,
     *,
-    config: CollateConfig,
-    epoch: int = 0,
+    collate_fn: ArrowBatchCollateFn,
+    make_batch: Callable[[dict[str, torch.Tensor]], Any],
     prefetch_batches: int = 2,
     drop_last: bool = False,
     device: str | torch.device = "auto",
     pin_memory: bool = False,
-) -> Iterator[SequenceBatch]:
+) -> Iterator[Any]:
     """Iterate a Dataset or a worker's shard (``ray.train.get_dataset_shard``) as batches.
 
-    ``epoch`` changes the training mask (same seed, new epoch, new masked words).
-    ``device="auto"`` is the Ray Train worker's device, else CPU.
+    ``collate_fn`` turns Arrow rows into a dict of tensors in Ray's prefetch threads; Ray moves
+    them to the device (``"auto"``: the Ray Train worker's, else CPU); ``make_batch`` wraps the
+    dict in the view's batch dataclass. A read task's DatasetValidationError surfaces as itself.
     """
-    from mirror.data.batch import SequenceBatch
-
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     batches = source.iter_torch_batches(
         batch_size=batch_size,
-        collate_fn=SequenceCollateFn(config, epoch),
+        collate_fn=collate_fn,
         prefetch_batches=prefetch_batches,
         drop_last=drop_last,
         device=device,
@@ -396,12 +400,30 @@ def iter_sequence_batches(
     )
     try:
         for tensors in batches:
-            yield SequenceBatch.from_dict(tensors)
+            yield make_batch(tensors)
     except Exception as error:
         found = validation_error_in(error)
         if found is None:
             raise
         raise found from error
+
+
+def iter_sequence_batches(
+    source: ray.data.Dataset | ray.data.DataIterator,
+    batch_size: int,
+    *,
+    config: CollateConfig,
+    epoch: int = 0,
+    **options: Any,
+) -> Iterator[SequenceBatch]:
+    """Sentence batches (:class:`SequenceBatch`); ``epoch`` changes the training mask (same
+    seed, new epoch, new masked words). ``options`` as for :func:`iter_batches`."""
+    from mirror.data.batch import SequenceBatch
+
+    return iter_batches(
+        source, batch_size, collate_fn=SequenceCollateFn(config, epoch),
+        make_batch=SequenceBatch.from_dict, **options,
+    )
 
 
 def validation_error_in(error: BaseException) -> validation.DatasetValidationError | None:

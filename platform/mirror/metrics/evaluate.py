@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mirror.data import schema
-from mirror.data.batch import SequenceBatch
+from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.collate import MaskSpec, make_mask
 from mirror.data.vocab import N_AGE_GROUPS, N_SPECIAL
 from mirror.metrics.baselines import FrequencyBaseline
@@ -50,7 +51,9 @@ from mirror.metrics.tasks import (
     teacher_forced_sums,
     topk_hits,
 )
-from mirror.models.base import DataInfo, MirrorModel
+
+if TYPE_CHECKING:
+    from mirror.models.base import SequenceDecoder
 
 # --------------------------------------------------------------------------------------------
 # Metric names: shared by every model, so runs line up in MLflow's compare view.
@@ -294,7 +297,7 @@ def _mask_like(kind: str, rate: float, batch: SequenceBatch, seed: int) -> torch
 
 
 def _model_topk(
-    model: MirrorModel, batch: SequenceBatch, z: torch.Tensor
+    model: SequenceDecoder, batch: SequenceBatch, z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k diagnosis-age ids (B, T, k) and argmax week ids (B, T) under teacher forcing;
     the full logits are freed at once."""
@@ -419,10 +422,10 @@ def _task_metrics(sums: Sums, prefix: str) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_model(
-    model: MirrorModel,
+    model: SequenceDecoder,
     held_out: Iterable[SequenceBatch],
     *,
-    data_info: DataInfo,
+    data_info: SequenceInfo,
     baseline: FrequencyBaseline | None = None,
     ground_truth: GroundTruth | str | Path | None = None,
     config: EvalConfig | None = None,
@@ -456,7 +459,7 @@ def _score_masked(
 
 
 def _score_model_batch(
-    model: MirrorModel,
+    model: SequenceDecoder,
     batch: SequenceBatch,
     masks: dict[str, torch.Tensor],
     sums: Sums,
@@ -507,7 +510,7 @@ def _score_baseline_batch(
 
 
 def _generate(
-    model: MirrorModel,
+    model: SequenceDecoder,
     baseline: FrequencyBaseline | None,
     score: _GenerationScore,
     base_score: _GenerationScore,
@@ -530,9 +533,9 @@ def _generate(
 
 
 def _evaluate(
-    model: MirrorModel,
+    model: SequenceDecoder,
     held_out: Iterable[SequenceBatch],
-    data_info: DataInfo,
+    data_info: SequenceInfo,
     baseline: FrequencyBaseline | None,
     ground_truth: GroundTruth | str | Path | None,
     cfg: EvalConfig,

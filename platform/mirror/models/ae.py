@@ -33,15 +33,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from mirror.data.batch import SequenceBatch
+from mirror.config import require
+from mirror.data.batch import SequenceBatch, SequenceInfo
+from mirror.data.views.sequence import SequenceView
 from mirror.data.vocab import EOS, N_SPECIAL, PAD, SOS
-from mirror.models.base import DataInfo, StepContext
-from mirror.models.config import require
+from mirror.models.base import GenerationContext, ModelSpec, StepContext
+from mirror.models.sentences import sample_sentence_rows
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class StepEmbedding(nn.Module):
     """u = [E_dx(dx) ⊕ E_wk(week) ⊕ x]: separate lookup tables for the joint diagnosis-age token
     and for the categorical week (seed 000), concatenated with the sex covariate."""
 
-    def __init__(self, data_info: DataInfo, dx_dim: int, wk_dim: int):
+    def __init__(self, data_info: SequenceInfo, dx_dim: int, wk_dim: int):
         super().__init__()
         self.dx = nn.Embedding(data_info.diag_age_vocab_size, dx_dim)
         self.wk = nn.Embedding(data_info.week_vocab_size, wk_dim)
@@ -146,7 +149,7 @@ class MultiHeadGRUDecoder(nn.Module):
     """H GRUs initialised head-to-head from z, their outputs aggregated into the features from
     which the next diagnosis-age token and its week are predicted."""
 
-    def __init__(self, cfg: AEConfig, data_info: DataInfo, input_dim: int):
+    def __init__(self, cfg: AEConfig, data_info: SequenceInfo, input_dim: int):
         super().__init__()
         self.n_heads, self.hidden = cfg.n_heads, cfg.head_hidden
         # z has no head structure after the encoder's aggregation layer, so "head-to-head" is:
@@ -190,7 +193,7 @@ class SentenceAutoencoder(nn.Module):
     for inference on the unwrapped module.
     """
 
-    def __init__(self, cfg: AEConfig, data_info: DataInfo, latent_head: nn.Module):
+    def __init__(self, cfg: AEConfig, data_info: SequenceInfo, latent_head: nn.Module):
         super().__init__()
         self.embed = StepEmbedding(data_info, cfg.dx_emb_dim, cfg.wk_emb_dim)
         self.encoder = MultiHeadGRUEncoder(self.embed.dim, cfg.n_heads, cfg.head_hidden)
@@ -313,11 +316,11 @@ def scalars_to_floats(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
 class ConditionalAutoencoder(nn.Module):
     """Model 0 (seed 000): conditional multi-head GRU autoencoder. One part, one optimizer."""
 
-    def __init__(self, config: AEConfig, data_info: DataInfo, latent_head: nn.Module | None = None):
+    def __init__(self, config: AEConfig, data_info: SequenceInfo, latent_head: nn.Module | None = None):
         super().__init__()
         if data_info.week_vocab_size <= N_SPECIAL:
             raise ValueError(
-                f"DataInfo.week_vocab_size: expected > {N_SPECIAL} (specials plus >= 1 week), "
+                f"SequenceInfo.week_vocab_size: expected > {N_SPECIAL} (specials plus >= 1 week), "
                 f"received {data_info.week_vocab_size}"
             )
         self.config = config
@@ -373,8 +376,27 @@ class ConditionalAutoencoder(nn.Module):
     def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
         return self.autoencoder.patient_nll(batch)
 
+    def sample_rows(
+        self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext
+    ) -> tuple[pa.Table, dict[str, int]]:
+        return sample_sentence_rows(
+            self, self.latent_dim, self.data_info.max_words, n, rng=rng, first_id=first_id,
+            context=context, device=next(self.parameters()).device,
+        )
+
 
 def _adamw(module: nn.Module, cfg: AEConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         module.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), weight_decay=cfg.weight_decay
     )
+
+
+MODEL = ModelSpec(
+    name="ae",
+    config_cls=AEConfig,
+    build=ConditionalAutoencoder,
+    view=SequenceView,
+    capabilities=("encoder", "sequence_decoder", "generator"),
+    default_sweep="search_spaces/ae_vs_wae.yaml",
+    description="seed 000 Model 0: conditional multi-head GRU autoencoder",
+)

@@ -1,37 +1,34 @@
-"""The model plug-in surface: what the generic training loop and evaluation need from a model.
+"""The model plug-in surface: a trainable core every model has, and capabilities it opts into.
 
 A model is an ``nn.Module`` made of named *parts* (``parts()``), e.g. ``{"autoencoder": ...}``
 or ``{"autoencoder": ..., "critic": ...}``. The loop moves each part to the device and wraps it
 in DDP separately (a WAE's critic and autoencoder step on different optimisers), and hands the
 wrapped parts back through :class:`StepContext`. The model owns *what* a step does
 (``train_step``: critic steps, loss terms); the loop owns *how* (devices, DDP, autocast,
-gradient clipping, LR schedule, checkpoints, logging).
+gradient clipping, LR schedule, checkpoints, logging). Batches are whatever the model's data
+view collates; the loop never looks inside them.
 
-Inference methods (``encode``, ``teacher_forced_logits``, ``generate``, ``patient_nll``) run on
-the unwrapped model, under ``torch.no_grad`` by the caller.
+Beyond training, a model declares capabilities (:data:`CAPABILITIES`): ``Encoder`` for the embed
+job, ``SequenceDecoder`` for the four-task evaluation, ``Generator`` for synthetic patients,
+``Predictor`` and ``Recommender`` for their metric suites. Jobs and evaluation ask the model's
+:class:`ModelSpec` what it can do; nothing branches on a model's name. Capability methods run
+on the unwrapped model, under ``torch.no_grad`` by the caller.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from mirror.data.batch import SequenceBatch
-from mirror.data.schema import MAX_WORDS
-from mirror.data.vocab import DIAG_AGE_VOCAB_SIZE
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-
-@dataclass(frozen=True)
-class DataInfo:
-    """Dataset facts a model is built from (read from ``metadata/dataset.json``)."""
-
-    week_vocab_size: int
-    diag_age_vocab_size: int = DIAG_AGE_VOCAB_SIZE
-    max_words: int = MAX_WORDS
+    from mirror.data.views.base import DataView
 
 
 class StepContext(Protocol):
@@ -52,7 +49,9 @@ class StepContext(Protocol):
 
 
 @runtime_checkable
-class MirrorModel(Protocol):
+class TrainableModel(Protocol):
+    """What the training loop needs, and all it needs, from every model."""
+
     config: Any
 
     def parts(self) -> dict[str, nn.Module]:
@@ -63,38 +62,143 @@ class MirrorModel(Protocol):
         """One optimizer per name used in ``train_step``; the first is the main one."""
         ...
 
-    def train_step(self, batch: SequenceBatch, ctx: StepContext) -> dict[str, float]:
+    def train_step(self, batch: Any, ctx: StepContext) -> dict[str, float]:
         """One optimisation step on ``batch``; returns scalar metrics for logging."""
         ...
 
-    def eval_sums(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
-        """Validation sums for one batch (e.g. ``{"nll_dx": ..., "nll_wk": ..., "tokens": ...}``);
-        the loop adds them across batches and ranks, then divides by ``tokens``."""
+    def eval_sums(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Validation sums for one batch; the loop adds them across batches and ranks, then
+        divides each by the view's normaliser (a key of these sums, or the patient count)."""
         ...
 
-    def encode(self, batch: SequenceBatch) -> torch.Tensor:
-        """Latent z, shape (B, latent_dim), from the (possibly masked) encoder input."""
+
+# ---------------------------------------------------------------------------------------------
+# Capabilities: opt-in, declared in the model's ModelSpec and checked against these protocols.
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """z per patient: the embed job (the "digital mirror universe")."""
+
+    @property
+    def latent_dim(self) -> int: ...
+
+    def encode(self, batch: Any) -> torch.Tensor:
+        """Latent z, shape (B, latent_dim)."""
         ...
 
-    def teacher_forced_logits(
-        self, batch: SequenceBatch, z: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+
+@runtime_checkable
+class SequenceDecoder(Protocol):
+    """Reconstructs sentences from z: the four-task evaluation and white-box membership."""
+
+    def encode(self, batch: Any) -> torch.Tensor: ...
+
+    def teacher_forced_logits(self, batch: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder logits under teacher forcing: (B, T, V_dx) and (B, T, V_wk)."""
         ...
 
     def generate(
         self, z: torch.Tensor, sex: torch.Tensor, max_words: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy free-running decode: dx ids (B, max_words), week ids (B, max_words), and the
+        """Free-running decode from z: dx ids (B, max_words), week ids (B, max_words), and the
         number of words before ``<EOS>`` (B,). Positions past a sentence's end hold ``<PAD>``."""
         ...
 
-    def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
-        """Per-patient reconstruction negative log-likelihood (B,), for white-box privacy tests."""
+    def patient_nll(self, batch: Any) -> torch.Tensor:
+        """Per-patient reconstruction negative log-likelihood (B,)."""
         ...
 
-    @property
-    def latent_dim(self) -> int: ...
+
+@dataclass(frozen=True)
+class GenerationContext:
+    """What a generator is told about the real population it imitates."""
+
+    female_share: float  # of the real training split
+    week_vocab_size: int  # the real dataset's week span (plus specials)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Synthetic patients in the platform's row layout: scorecard, privacy gate, sample job."""
+
+    def sample_rows(
+        self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext
+    ) -> tuple[pa.Table, dict[str, int]]:
+        """Draw ``n`` patients; return the valid ones as dataset rows (ids from ``first_id``)
+        and how many draws failed each validity rule. Invalid draws are never returned."""
+        ...
+
+
+class Prediction(NamedTuple):
+    """One predicted target over a batch: scores and truth (B,), and which entries count."""
+
+    score: torch.Tensor  # probability for "risk", predicted value for "value"
+    target: torch.Tensor
+    observed: torch.Tensor  # bool (B,): False where the target is missing
+
+
+TargetKind = Literal["risk", "value"]
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Risk or value per patient or window: AUROC/AUPRC for risks, MSE for values."""
+
+    prediction_targets: Mapping[str, TargetKind]
+
+    def predict(self, batch: Any) -> dict[str, Prediction]: ...
+
+
+@runtime_checkable
+class Recommender(Protocol):
+    """A multi-label recommendation per example (admission): Jaccard, F1, PR-AUC."""
+
+    def recommend(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores in [0, 1] and the multi-hot truth, both (B, n_labels)."""
+        ...
+
+
+CAPABILITIES: dict[str, type] = {
+    "encoder": Encoder,
+    "sequence_decoder": SequenceDecoder,
+    "generator": Generator,
+    "predictor": Predictor,
+    "recommender": Recommender,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The metadata each model file declares beside its model.
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the platform knows about a model, declared in the model's own file.
+
+    ``build(config, info)`` makes the model; ``info`` is the view's facts about the dataset.
+    A model trained on another run's frozen model (a second stage) lists the specs it can
+    build on in ``upstream`` and is built with ``build(config, info, upstream=model)``.
+    """
+
+    name: str
+    config_cls: type  # frozen config dataclass; overrides are checked against its fields
+    build: Callable[..., TrainableModel]
+    view: type[DataView]  # the data view the model reads
+    capabilities: tuple[str, ...] = ()  # keys of CAPABILITIES
+    default_sweep: str | None = None  # search_spaces/... file, relative to the repository
+    upstream: tuple[ModelSpec, ...] = ()  # models a run of this one can start from
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.capabilities if c not in CAPABILITIES]
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r}: unknown capabilities {unknown}; valid: {sorted(CAPABILITIES)}"
+            )
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mirror.data.batch import SequenceBatch
-from mirror.models.base import MirrorModel
+from mirror.models.base import TrainableModel
 
 
 class LocalStepContext:
@@ -30,7 +29,7 @@ class LocalStepContext:
 
     def __init__(
         self,
-        model: MirrorModel,
+        model: TrainableModel,
         optimizers: dict[str, torch.optim.Optimizer],
         grad_clip: float | None,
         schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None,
@@ -66,7 +65,7 @@ class LocalStepContext:
         self.grad_norms[optimizer] = float(grad_norm)
         return float(grad_norm)
 
-    def train_step(self, batch: SequenceBatch) -> dict[str, float]:
+    def train_step(self, batch: Any) -> dict[str, float]:
         """One ``model.train_step`` on ``batch``, then advance ``global_step``."""
         metrics = self.model.train_step(batch, self)
         self.global_step += 1

@@ -41,15 +41,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mirror.data.batch import SequenceBatch
+from mirror.config import require
+from mirror.data.batch import SequenceBatch, SequenceInfo
+from mirror.data.views.sequence import SequenceView
 from mirror.models.ae import (
     AEConfig,
     ConditionalAutoencoder,
     reconstruction_loss,
     scalars_to_floats,
 )
-from mirror.models.base import DataInfo, StepContext
-from mirror.models.config import require
+from mirror.models.base import ModelSpec, StepContext
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
 
     config: WAEConfig
 
-    def __init__(self, config: WAEConfig, data_info: DataInfo):
+    def __init__(self, config: WAEConfig, data_info: SequenceInfo):
         super().__init__(config, data_info, latent_head=ConvLatentHead(config))
         self.critic = Critic(config)
 
@@ -204,3 +205,14 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
             }
         )
         return metrics | {"critic_steps": float(n_steps)}
+
+
+MODEL = ModelSpec(
+    name="wae",
+    config_cls=WAEConfig,
+    build=WassersteinAutoencoder,
+    view=SequenceView,
+    capabilities=("encoder", "sequence_decoder", "generator"),
+    default_sweep="search_spaces/wae_ablation.yaml",
+    description="seed 000 Model 1: Wasserstein autoencoder with a weight-clipped critic",
+)

@@ -13,6 +13,8 @@ MLflow run stays the trial's one (``spec.run_name``).
 from __future__ import annotations
 
 import hashlib
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,17 @@ from typing import Any
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from mirror import tracking
+from mirror import storage, tracking
+from mirror.checkpoint import CHECKPOINT_TAG, upstream_checkpoint
 from mirror.cluster import ensure_ray
 from mirror.data.schema import TRAIN, TUNING, DatasetMetadata, split_files
-from mirror.data.stream import FilterReport, read_split
-from mirror.models.base import DataInfo
+from mirror.data.views.base import SplitReport
+from mirror.models import get_model_spec
+from mirror.models.base import ModelSpec
 from mirror.train.loop import train_fn_per_worker
 from mirror.train.spec import RunSpec
 
-CHECKPOINT_TAG = "mirror.checkpoint"
+UPSTREAM_TAG = "mirror.upstream_run"  # lineage of a second-stage run
 
 
 @dataclass(frozen=True)
@@ -50,20 +54,44 @@ def dataset_fingerprint(root: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def filter_metrics(report: FilterReport) -> dict[str, float]:
-    """The length filter's exact counts, logged so nothing is dropped silently."""
+def filter_metrics(report: SplitReport) -> dict[str, float]:
+    """The view filter's exact counts, logged so nothing is dropped silently."""
     prefix = f"data/{report.split}"
-    return {
-        f"{prefix}/patients": report.patients,
-        f"{prefix}/kept": report.kept,
-        f"{prefix}/dropped_too_short": report.dropped_too_short,
-        f"{prefix}/dropped_too_long": report.dropped_too_long,
-    }
+    dropped = {f"{prefix}/dropped_{reason}": n for reason, n in report.dropped_by_reason().items()}
+    return {f"{prefix}/patients": report.patients, f"{prefix}/kept": report.kept, **dropped}
 
 
 def storage_path(spec: RunSpec) -> str:
-    path = spec.train.storage_path
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return storage.absolute(spec.train.storage_path)
+
+
+@contextmanager
+def epoch_lines_printed():
+    """A queue the rank-0 worker puts one summary line per epoch into, printed here by a
+    thread. Ray's own worker logs stay in Ray's log files (``log_to_driver=False``)."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue()
+    stop = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                print(queue.get(timeout=0.5), flush=True)
+            except Empty:
+                if stop.is_set():
+                    return
+            except Exception:  # the queue actor is gone (Ray shut down): nothing more to print
+                return
+
+    thread = threading.Thread(target=pump, name="epoch-lines", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        queue.shutdown()
 
 
 def run_training(
@@ -74,32 +102,42 @@ def run_training(
     resume_from: Checkpoint | None = None,
     until_epoch: int | None = None,
     train_run_name: str | None = None,
+    model_spec: ModelSpec | None = None,
 ) -> TrainingOutcome:
     """Train ``spec`` to ``train.epochs`` (or to ``until_epoch``, exclusive) and return the last
     checkpoint. ``resume_from`` seeds a run that has no checkpoint of its own yet; the model's
     weights, optimizer moments and schedule position come from it, the hyperparameters from
-    ``spec``."""
+    ``spec``. ``model_spec`` defaults to the registry's entry for ``spec.model`` (tests pass
+    models that are not registered)."""
     train = spec.train
+    model_spec = model_spec or get_model_spec(spec.model)
+    uri = tracking.tracking_uri()
+    upstream = None
+    if spec.upstream_run:  # checked before Ray starts: a wrong run id fails in one line
+        upstream = upstream_checkpoint(spec.upstream_run, model_spec, uri)
     ensure_ray(min_logical_cpus=train.workers * train.cpus_per_worker + 2)
     meta = DatasetMetadata.read(spec.data)
-    data_info = DataInfo(week_vocab_size=meta.vocab["week"], max_words=train.max_words)
-    train_ds, train_filter = read_split(spec.data, TRAIN, min_words=train.min_words, max_words=train.max_words)
-    tuning_ds, tuning_filter = read_split(spec.data, TUNING, min_words=train.min_words, max_words=train.max_words)
+    view = model_spec.view(spec.view_config_obj(model_spec), spec.data)
+    train_ds, train_filter = view.read(TRAIN)
+    tuning_ds, tuning_filter = view.read(TUNING)
 
-    steps_per_epoch = max(1, train_filter.steps_per_epoch(train.workers, train.batch_size))
+    steps_per_epoch = max(1, view.steps_per_epoch(train_filter, train.workers, train.batch_size))
     if train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
 
-    uri = tracking.tracking_uri()
+    tags = {
+        "model": spec.model,
+        "view": view.name,
+        "dataset.name": meta.name,
+        "dataset.fingerprint": dataset_fingerprint(spec.data),
+        "dataset.path": spec.data,
+    }
+    if spec.upstream_run:
+        tags[UPSTREAM_TAG] = spec.upstream_run
     run_id = tracking.start_run(
         spec.run_name,
         params=spec.to_dict(),
-        tags={
-            "model": spec.model,
-            "dataset.name": meta.name,
-            "dataset.fingerprint": dataset_fingerprint(spec.data),
-            "dataset.path": spec.data,
-        },
+        tags=tags,
         experiment=train.experiment,
         parent_run_id=parent_run_id,
         uri=uri,
@@ -109,41 +147,44 @@ def run_training(
         {**filter_metrics(train_filter), **filter_metrics(tuning_filter), "train/steps_per_epoch": steps_per_epoch},
         uri=uri,
     )
-    storage = storage_path(spec)
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={
-            "spec": spec.to_dict(),
-            "data_info": data_info.__dict__,
-            "steps_per_epoch": steps_per_epoch,
-            "run_id": run_id,
-            "tracking_uri": uri,
-            "crash_marker": str(Path(storage) / f"{spec.run_name}.crashed") if "://" not in storage else None,
-            "until_epoch": until_epoch,
-            # Train V2 dropped TorchTrainer(resume_from_checkpoint=...): the loop loads this
-            # one itself while the run has no checkpoint of its own (ray-project/ray#49454).
-            "initial_checkpoint": resume_from,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=train.workers,
-            use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=train_run_name or spec.run_name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
-            callbacks=callbacks,
-        ),
-        datasets={"train": train_ds, "tuning": tuning_ds},
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
-        tracking.end_run(run_id, status="FAILED", uri=uri)
-        raise
+    with epoch_lines_printed() as progress:
+        trainer = TorchTrainer(
+            train_fn_per_worker,
+            train_loop_config={
+                "spec": spec.to_dict(),
+                "model_spec": model_spec,
+                "view": view,
+                "data_info": view.info(),
+                "upstream": upstream,
+                "steps_per_epoch": steps_per_epoch,
+                "run_id": run_id,
+                "tracking_uri": uri,
+                "until_epoch": until_epoch,
+                "progress": progress,
+                # Train V2 dropped TorchTrainer(resume_from_checkpoint=...): the loop loads this
+                # one itself while the run has no checkpoint of its own (ray-project/ray#49454).
+                "initial_checkpoint": resume_from,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=train.workers,
+                use_gpu=train.use_gpu,
+                resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=train_run_name or spec.run_name,
+                storage_path=storage_path(spec),
+                failure_config=FailureConfig(max_failures=train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
+                callbacks=callbacks,
+            ),
+            datasets={"train": train_ds, "tuning": tuning_ds},
+            torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        )
+        try:
+            result = trainer.fit()
+        except Exception:
+            tracking.end_run(run_id, status="FAILED", uri=uri)
+            raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run_name}: training finished without a checkpoint")
     tracking.set_tags(run_id, {CHECKPOINT_TAG: result.checkpoint.path}, uri=uri)

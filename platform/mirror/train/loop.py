@@ -1,10 +1,15 @@
 """The per-worker training function: plain epoch math, Ray only at the edges.
 
 Layer 1 of three (Ray's train/tune interop pattern): ``train_fn_per_worker`` runs on every
-DDP worker. It takes its shard, builds the model from the registry, wraps each model part in
+DDP worker. It takes its shard, builds the model from its spec, wraps each model part in
 DDP, restores the last checkpoint if there is one, then per epoch runs ``train_epoch`` and
 ``validate`` (plain functions), reduces metrics across workers, and reports once per epoch
-with a checkpoint. Only rank 0 logs to MLflow.
+with a checkpoint. Only rank 0 logs to MLflow (every ``train.log_every_steps`` steps and per
+epoch) and sends the driver its one-line epoch summary.
+
+Nothing here knows the shape of the data: the model's data view (built on the driver and
+handed over in the loop config) turns shards into batches, says what throughput counts and
+what validation sums are divided by. Batches are opaque to the loop.
 
 Restoring takes weights, optimizer moments and the schedule's position from the checkpoint,
 but the optimizer settings (learning rates, betas, weight decay) from this run's config, so a
@@ -18,11 +23,10 @@ whatever is left of its shard without training on it; the drained count is logge
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +37,13 @@ import torch.distributed as dist
 from torch import nn
 
 from mirror import tracking
-from mirror.data.collate import CollateConfig, MaskSpec
-from mirror.data.stream import iter_sequence_batches
+from mirror.checkpoint import load_frozen, load_state, write_checkpoint
 from mirror.models import build_model
-from mirror.models.base import DataInfo, MirrorModel
+from mirror.models.base import ModelSpec, TrainableModel
 from mirror.models.local_step import LocalStepContext
 from mirror.train.spec import RunSpec, TrainConfig
 
-CHECKPOINT_FILE = "checkpoint.pt"
-ORIGIN_FILE = "origin.json"  # which run wrote a checkpoint, at which epoch: read without torch
+COUNTERS = ("steps", "drained", "examples", "units", "seconds")  # train_epoch's own sums
 
 
 def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
@@ -79,44 +81,71 @@ def parameter_divergence(model: nn.Module, device: torch.device) -> float:
     return float((high - low).abs().max())
 
 
+class StepLogger:
+    """Training metrics every ``every`` steps: means since the last log, all-reduced (every
+    rank reaches the same steps, so the collective cannot hang), logged by rank 0 under
+    ``train_step/<name>`` at the global step, so MLflow draws a curve within each epoch."""
+
+    def __init__(self, every: int, rank: int, device: torch.device, run_id: str, uri: str) -> None:
+        self.every, self.rank, self.device, self.run_id, self.uri = every, rank, device, run_id, uri
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, metrics: dict[str, float], global_step: int) -> None:
+        if self.every <= 0:
+            return
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        if global_step % self.every == 0:
+            reduced = all_reduce_sums({**self.sums, "__steps": float(self.steps)}, self.device)
+            steps = max(1.0, reduced.pop("__steps"))
+            if self.rank == 0:
+                means = {f"train_step/{k}": v / steps for k, v in reduced.items()}
+                tracking.log_metrics(self.run_id, means, step=global_step, uri=self.uri)
+            self.sums, self.steps = {}, 0
+
+
 def train_epoch(
-    model: MirrorModel, ctx: LocalStepContext, batches, steps: int, crash_at: int = -1, crash_marker: Path | None = None
+    model: TrainableModel, ctx: LocalStepContext, batches, steps: int, *, units=None,
+    step_logger: StepLogger | None = None,
 ) -> dict[str, float]:
-    """``steps`` optimisation steps; returns sums of step metrics plus counts."""
+    """``steps`` optimisation steps; returns sums of step metrics plus counts. ``units``
+    counts what throughput is measured in (the view's unit; default: examples)."""
     for part in model.parts().values():
         part.train()
     sums: dict[str, float] = {}
-    done = drained = tokens = 0
+    done = drained = examples = n_units = 0
     start = time.perf_counter()
     seconds = 0.0
     for batch in batches:
         if done >= steps:
             drained += batch.size  # keep the stream moving for the other ranks
             continue
-        if crash_at >= 0 and ctx.global_step == crash_at and crash_marker and not crash_marker.exists():
-            crash_marker.write_text("crashed once\n")
-            os._exit(1)  # fault injection: a worker dies mid-epoch
         batch = batch.to(ctx.device)
         metrics = model.train_step(batch, ctx)
+        metrics.update({f"grad_norm/{key}": value for key, value in ctx.grad_norms.items()})
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-        for key, value in ctx.grad_norms.items():
-            sums[f"grad_norm/{key}"] = sums.get(f"grad_norm/{key}", 0.0) + value
-        tokens += batch.n_tokens
+        examples += batch.size
+        n_units += units(batch) if units else batch.size
         ctx.global_step += 1
         done += 1
+        if step_logger is not None:
+            step_logger.add(metrics, ctx.global_step)
         seconds = time.perf_counter() - start  # data wait included, draining excluded
     return {
         **sums,
         "steps": float(done),
-        "drained_patients": float(drained),
-        "tokens": float(tokens),
+        "drained": float(drained),
+        "examples": float(examples),
+        "units": float(n_units),
         "seconds": seconds,
     }
 
 
 @torch.no_grad()
-def validate(model: MirrorModel, batches, device: torch.device, max_batches: int = 0) -> dict[str, float]:
+def validate(model: TrainableModel, batches, device: torch.device, max_batches: int = 0) -> dict[str, float]:
     for part in model.parts().values():
         part.eval()
     sums: dict[str, float] = {}
@@ -129,31 +158,6 @@ def validate(model: MirrorModel, batches, device: torch.device, max_batches: int
             sums[key] = sums.get(key, 0.0) + float(value)
         patients += batch.size
     return {**sums, "patients": float(patients)}
-
-
-def save_checkpoint(directory: Path, model: nn.Module, ctx: LocalStepContext, epoch: int, spec: RunSpec, data_info: DataInfo) -> None:
-    origin = {"run_name": spec.run_name, "epoch": epoch, "global_step": ctx.global_step}
-    (directory / ORIGIN_FILE).write_text(json.dumps(origin))
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in ctx.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in ctx.schedulers.items()},
-            "epoch": epoch,
-            "global_step": ctx.global_step,
-            "spec": spec.to_dict(),
-            "data_info": data_info.__dict__,
-        },
-        directory / CHECKPOINT_FILE,
-    )
-
-
-def load_state(path: str | Path) -> dict[str, Any]:
-    """A checkpoint directory's saved state (model, optimizers, schedules, spec), on CPU."""
-    file = Path(path) / CHECKPOINT_FILE
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: checkpoint file missing")
-    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -205,7 +209,9 @@ def _wrap(part: nn.Module, device: torch.device, world_size: int) -> nn.Module:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    spec = RunSpec.from_dict(config["spec"])
+    model_spec: ModelSpec = config["model_spec"]
+    view = config["view"]
+    spec = RunSpec.from_dict(config["spec"], model_spec)
     train: TrainConfig = spec.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -213,9 +219,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
 
-    data_info = DataInfo(**config["data_info"])
+    info = config["data_info"]
+    upstream = None
+    if config.get("upstream"):
+        upstream_spec, upstream_path = config["upstream"]
+        upstream = load_frozen(upstream_path, upstream_spec).to(device)
     torch.manual_seed(train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = build_model(spec.model, spec.model_config, data_info)
+    model = build_model(model_spec, spec.model_config, info, upstream=upstream)
     model.to(device)
     optimizers = model.make_optimizers()
     steps_per_epoch = int(config["steps_per_epoch"])
@@ -241,53 +251,78 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ctx = LocalStepContext(
         model, optimizers, train.grad_clip, schedulers, device, parts=parts, global_step=global_step
     )
-    n_weeks = data_info.week_vocab_size - 3
-    train_collate = CollateConfig(
-        n_weeks, mask=MaskSpec("training", train.mask_rate, train.mask_min_words), seed=train.seed
-    )
-    val_collate = CollateConfig(n_weeks)  # validation loss on unmasked input
     train_shard = ray.train.get_dataset_shard("train")
     tuning_shard = ray.train.get_dataset_shard("tuning")
     run_id, uri = config["run_id"], config["tracking_uri"]
-    crash_marker = Path(config["crash_marker"]) if config.get("crash_marker") else None
-    crash_at = train.crash_once_at_step if rank == world - 1 else -1
+    step_logger = StepLogger(train.log_every_steps, rank, device, run_id, uri)
+    progress = config.get("progress")
+    started = time.monotonic()
 
     for epoch in range(start_epoch, stop_epoch):
-        batches = iter_sequence_batches(train_shard, train.batch_size, config=train_collate, epoch=epoch)
-        sums = train_epoch(model, ctx, batches, steps_per_epoch, crash_at, crash_marker)
+        batches = view.batches(train_shard, train.batch_size, training=True, epoch=epoch, seed=train.seed)
+        sums = train_epoch(model, ctx, batches, steps_per_epoch, units=view.units, step_logger=step_logger)
         sums = all_reduce_sums(sums, device)
-        val_batches = iter_sequence_batches(tuning_shard, train.eval_batch_size, config=val_collate)
+        val_batches = view.batches(tuning_shard, train.eval_batch_size, training=False)
         val = all_reduce_sums(validate(model, val_batches, device, train.val_max_batches), device)
-        metrics = epoch_metrics(sums, val, world, ctx, epoch)
+        metrics = epoch_metrics(sums, val, world, ctx, epoch, normaliser=view.normaliser, unit=view.unit)
         metrics["ddp/param_divergence"] = parameter_divergence(model, device)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(Path(tmp), model, ctx, epoch, spec, data_info)
+                write_checkpoint(
+                    Path(tmp), model=model, optimizers=ctx.optimizers, schedulers=ctx.schedulers,
+                    epoch=epoch, global_step=ctx.global_step, spec=spec, info=info,
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 tracking.log_metrics(run_id, metrics, step=epoch, uri=uri)
+                if progress is not None:
+                    done = epoch - start_epoch + 1
+                    eta = (time.monotonic() - started) / done * (stop_epoch - epoch - 1)
+                    progress.put(epoch_line(metrics, epoch, train.epochs, eta, unit=view.unit))
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
-def epoch_metrics(sums: dict[str, float], val: dict[str, float], world: int, ctx: LocalStepContext, epoch: int) -> dict[str, float]:
-    """Per-epoch means from all-reduced sums, under the shared names ``train/*``, ``val/*``."""
+def epoch_metrics(
+    sums: dict[str, float], val: dict[str, float], world: int, ctx: LocalStepContext, epoch: int,
+    *, normaliser: str = "patients", unit: str = "patients",
+) -> dict[str, float]:
+    """Per-epoch means from all-reduced sums, under the shared names ``train/*``, ``val/*``.
+    Validation sums are divided by ``val[normaliser]`` (the view's unit of loss)."""
     steps = max(1.0, sums.get("steps", 0.0))  # summed over ranks
     out = {"epoch": float(epoch), "global_step": float(ctx.global_step)}
     for key, value in sums.items():
-        if key in ("steps", "drained_patients", "tokens", "seconds"):
+        if key in COUNTERS:
             continue
         out[f"train/{key}"] = value / steps
+    rank_seconds = max(1e-9, sums.get("seconds", 0.0) / world)  # the mean rank's time
     out["train/steps_per_rank"] = sums.get("steps", 0.0) / world
-    out["train/drained_patients"] = sums.get("drained_patients", 0.0)
-    out["train/tokens"] = sums.get("tokens", 0.0)
-    # Throughput of the whole worker group: all ranks' tokens over the mean rank's time.
-    out["train/tokens_per_s"] = sums.get("tokens", 0.0) / max(1e-9, sums.get("seconds", 0.0) / world)
-    tokens = max(1.0, val.get("tokens", 0.0))
+    out["train/drained_patients"] = sums.get("drained", 0.0)
+    # Throughput of the whole worker group: all ranks' examples (and units) over that time.
+    out["train/patients_per_s"] = sums.get("examples", 0.0) / rank_seconds
+    if unit != "patients":
+        out[f"train/{unit}"] = sums.get("units", 0.0)
+        out[f"train/{unit}_per_s"] = sums.get("units", 0.0) / rank_seconds
+    denominator = max(1.0, val.get(normaliser, 0.0))
     for key, value in val.items():
-        if key in ("tokens", "patients"):
+        if key in (normaliser, "patients"):
             continue
-        out[f"val/{key}"] = value / tokens
+        out[f"val/{key}"] = value / denominator
     out["val/patients"] = val.get("patients", 0.0)
     for name, sched in ctx.schedulers.items():
         out[f"lr/{name}"] = float(sched.get_last_lr()[0])
     return out
+
+
+def epoch_line(metrics: dict[str, float], epoch: int, epochs: int, eta_s: float, *, unit: str) -> str:
+    """The one line per epoch a user watches: where it is, both losses, speed, time left."""
+    parts = [
+        f"epoch {epoch + 1}/{epochs}",
+        f"step {int(metrics['global_step'])}",
+        f"train/loss {metrics.get('train/loss', float('nan')):.4f}",
+        f"val/loss {metrics.get('val/loss', float('nan')):.4f}",
+        f"{metrics['train/patients_per_s']:,.0f} patients/s",
+    ]
+    if unit != "patients":
+        parts.append(f"{metrics[f'train/{unit}_per_s']:,.0f} {unit}/s")
+    parts.append(f"ETA {timedelta(seconds=round(eta_s))}")
+    return "  ".join(parts)

@@ -1,14 +1,17 @@
 """A training run's full, validated configuration (the "run spec").
 
-A run spec has three parts, each validated at load with errors that name the key:
+A run spec has four parts, each validated at load with errors that name the key:
 
 * ``model``: registry name (``ae``, ``wae``, ...);
-* ``model_config``: overrides of that model's frozen config dataclass;
-* ``train``: :class:`TrainConfig`, the loop's settings, shared by every model.
+* ``model_config``: that model's frozen config dataclass (``model.*`` keys);
+* ``view_config``: the config of the data view the model reads (``view.*`` keys: for the
+  sequence view the mask and the length filter);
+* ``train``: :class:`TrainConfig`, the loop's settings, shared by every model and view.
 
-It is built from defaults, then an optional YAML/JSON file, then ``--set key=value`` pairs
-(``model.latent_dim=64``, ``train.epochs=3``), in that order, and logged whole to MLflow with
-dotted keys and into every checkpoint.
+``upstream_run`` names the MLflow run whose frozen model a second-stage model builds on.
+A spec is built from defaults, then an optional YAML/JSON file, then ``--set key=value`` pairs
+(``model.latent_dim=64``, ``view.max_words=50``, ``train.epochs=3``), in that order, and logged
+whole to MLflow with dotted keys and into every checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ from typing import Any
 
 import yaml
 
+from mirror import storage
+from mirror.config import build_config
 from mirror.models import get_model_spec
-from mirror.models.config import build_config
+from mirror.models.base import ModelSpec
+
+SECTIONS = ("model", "view", "train")
+# Keys that moved from the loop's config to the sequence view's (issue 9): old checkpoints are
+# read with them moved; new overrides that still use them are refused with the new name.
+MOVED_TO_VIEW = ("mask_rate", "mask_min_words", "min_words", "max_words")
 
 
 @dataclass(frozen=True)
@@ -34,10 +44,6 @@ class TrainConfig:
     warmup_fraction: float = 0.05  # of all steps, linear warmup from 0
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of each optimizer's lr
     grad_clip: float = 1.0  # max global grad norm per optimizer step; 0 disables
-    mask_rate: float = 0.1  # seed 000: 10% of diagnosis-age words masked in training input
-    mask_min_words: int = 10  # ... in sentences longer than this
-    min_words: int = 1  # training filter (seed 000: 1-100 words); dropped counts are logged
-    max_words: int = 100
     max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps steps (smoke runs, demo)
     val_max_batches: int = 0  # 0 = the whole tuning split
     seed: int = 0
@@ -52,9 +58,7 @@ class TrainConfig:
     n_generate: int = 2_000  # sentences decoded from z ~ N(0, I) for generation metrics
     score_synthetic: bool = True  # run the synthetic-data scorecard at the end of the run
     experiment: str = "mirror"
-    # Fault injection for the resilience tests: rank ``workers - 1`` calls os._exit(1) once,
-    # at this global step, the first time the run reaches it (-1 = never).
-    crash_once_at_step: int = -1
+    log_every_steps: int = 50  # training metrics to MLflow every this many steps (0: per epoch only)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class RunSpec:
     data: str
     run_name: str
     model_config: dict[str, Any] = field(default_factory=dict)  # resolved, all fields
+    view_config: dict[str, Any] = field(default_factory=dict)  # resolved, all fields
     train: TrainConfig = field(default_factory=TrainConfig)
+    upstream_run: str | None = None  # MLflow run id of the frozen first stage, if any
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,17 +77,35 @@ class RunSpec:
             "data": self.data,
             "run_name": self.run_name,
             "model_config": dict(self.model_config),
+            "view_config": dict(self.view_config),
             "train": asdict(self.train),
+            "upstream_run": self.upstream_run,
         }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
+    def from_dict(cls, raw: dict[str, Any], model_spec: ModelSpec | None = None) -> RunSpec:
+        """A saved spec (checkpoint, MLflow); specs written before views existed carry the
+        sequence view's keys under ``train`` and are read with them moved."""
+        train = dict(raw.get("train", {}))
+        view = dict(raw.get("view_config", {}))
+        if "view_config" not in raw:
+            view.update({k: train.pop(k) for k in MOVED_TO_VIEW if k in train})
+        train.pop("crash_once_at_step", None)  # fault injection moved out of the loop
         return build_run_spec(
-            raw["model"],
+            model_spec or raw["model"],
             raw["data"],
             raw["run_name"],
-            {**_prefixed("model", raw.get("model_config", {})), **_prefixed("train", raw.get("train", {}))},
+            {**_prefixed("model", raw.get("model_config", {})), **_prefixed("view", view), **_prefixed("train", train)},
+            upstream_run=raw.get("upstream_run"),
         )
+
+    def model_config_obj(self, model_spec: ModelSpec | None = None) -> Any:
+        spec = model_spec or get_model_spec(self.model)
+        return build_config(spec.config_cls, self.model_config)
+
+    def view_config_obj(self, model_spec: ModelSpec | None = None) -> Any:
+        spec = model_spec or get_model_spec(self.model)
+        return build_config(spec.view.config_cls, self.view_config)
 
 
 def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -109,44 +133,57 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping with 'model' and/or 'train' sections")
-    unknown = sorted(set(raw) - {"model", "train"})
+        raise ValueError(f"{path}: expected a mapping with {_sections_list()} sections")
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}; valid sections are ['model', 'train']")
-    return {**_prefixed("model", raw.get("model") or {}), **_prefixed("train", raw.get("train") or {})}
+        raise ValueError(f"{path}: unknown sections {unknown}; valid sections are {list(SECTIONS)}")
+    return {key: value for section in SECTIONS for key, value in _prefixed(section, raw.get(section) or {}).items()}
 
 
-def build_run_spec(model: str, data: str, run_name: str, overrides: dict[str, Any]) -> RunSpec:
-    """Validate everything up front: an unknown key or a bad type fails before Ray starts."""
-    model_spec = get_model_spec(model)
-    model_overrides: dict[str, Any] = {}
-    train_overrides: dict[str, Any] = {}
+def _sections_list() -> str:
+    return ", ".join(f"'{s}'" for s in SECTIONS)
+
+
+def build_run_spec(
+    model: str | ModelSpec,
+    data: str,
+    run_name: str,
+    overrides: dict[str, Any],
+    *,
+    upstream_run: str | None = None,
+) -> RunSpec:
+    """Validate everything up front: an unknown key or a bad type fails before Ray starts.
+    ``model`` is a registry name, or a spec (a model that is not registered, e.g. in a test)."""
+    model_spec = model if isinstance(model, ModelSpec) else get_model_spec(model)
+    by_section: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
-        if section == "model" and name:
-            model_overrides[name] = value
-        elif section == "train" and name:
-            train_overrides[name] = value
-        else:
+        if section not in by_section or not name:
             raise ValueError(
-                f"override {key!r}: keys must start with 'model.' or 'train.' "
-                f"(e.g. model.latent_dim, train.epochs)"
+                f"override {key!r}: keys must start with 'model.', 'view.' or 'train.' "
+                f"(e.g. model.latent_dim, view.max_words, train.epochs)"
             )
-    model_config = build_config(model_spec.config_cls, model_overrides)
-    train = build_config(TrainConfig, train_overrides)
-    if train.min_words < 1 or train.max_words < train.min_words:
-        raise ValueError(
-            f"train.min_words/max_words: expected 1 <= min_words <= max_words, got "
-            f"{train.min_words}/{train.max_words}"
-        )
+        if section == "train" and name in MOVED_TO_VIEW:
+            raise ValueError(f"override {key!r}: this setting belongs to the data view now; use view.{name}")
+        by_section[section][name] = value
+    model_config = build_config(model_spec.config_cls, by_section["model"])
+    view_config = build_config(model_spec.view.config_cls, by_section["view"])
+    train = build_config(TrainConfig, by_section["train"])
     if train.workers < 1:
         raise ValueError(f"train.workers: expected >= 1, got {train.workers}")
+    if upstream_run is not None and not model_spec.upstream:
+        raise ValueError(f"--upstream-run: model {model_spec.name!r} does not build on another run's model")
+    if upstream_run is None and model_spec.upstream:
+        names = ", ".join(s.name for s in model_spec.upstream)
+        raise ValueError(f"model {model_spec.name!r} is a second stage: pass --upstream-run RUN_ID of a {names} run")
     return RunSpec(
-        model=model,
-        data=str(Path(data).resolve()) if "://" not in data else data,
+        model=model_spec.name,
+        data=storage.absolute(data),
         run_name=run_name,
         model_config=asdict(model_config),
+        view_config=asdict(view_config),
         train=train,
+        upstream_run=upstream_run,
     )
 
 

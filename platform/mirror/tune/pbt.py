@@ -45,14 +45,11 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from mirror.models.base import DataInfo
-
 if TYPE_CHECKING:
     from mirror.train.driver import TrainingOutcome
     from mirror.tune.space import Parameter, SweepSpec
 
-MUTABLE_TRAIN_KEYS = ("train.grad_clip", "train.mask_rate", "train.mask_min_words")
-PROBE_DATA = DataInfo(week_vocab_size=3 + 52)  # shapes are compared, so any valid size does
+MUTABLE_TRAIN_KEYS = ("train.grad_clip",)
 EXPLOIT_TAG = "pbt.exploit.epoch_{epoch:04d}"
 
 
@@ -65,11 +62,17 @@ def mutation_problem(
     knob is mutable when every value builds a model with the same parameter names and shapes
     and the same optimizer layout, so a checkpoint taken under one value loads under another.
     """
-    from mirror.models import build_model
+    from mirror.models import build_model, get_model_spec
     from mirror.train.spec import build_run_spec
 
     if key == "model":
         return "the model itself cannot change in the middle of a run"
+    view = get_model_spec(model).view
+    if key.startswith("view."):
+        if key.partition(".")[2] in view.perturbable:
+            return None
+        keys = ", ".join(f"view.{k}" for k in view.perturbable) or "none"
+        return f"it changes what data an epoch holds; the {view.name} view keys PBT may perturb are {keys}"
     if key.startswith("train."):
         if key in MUTABLE_TRAIN_KEYS:
             return None
@@ -82,7 +85,7 @@ def mutation_problem(
     layouts: list[tuple[Any, dict[str, tuple[int, ...]], dict[str, list[int]]]] = []
     for value in values:
         spec = build_run_spec(model, ".", "probe", {**fixed, key: value})
-        net = build_model(model, spec.model_config, PROBE_DATA)
+        net = build_model(model, spec.model_config, view.probe_info())
         shapes = {name: tuple(t.shape) for name, t in net.state_dict().items()}
         optimizers = {
             name: [len(group["params"]) for group in opt.param_groups]
@@ -308,7 +311,7 @@ def run_pbt_trial(
 
 def read_origin(checkpoint: Any) -> dict[str, Any]:
     """``origin.json`` of a checkpoint (run name, epoch, step) without downloading the weights."""
-    from mirror.train.loop import ORIGIN_FILE
+    from mirror.checkpoint import ORIGIN_FILE
 
     path = f"{checkpoint.path.rstrip('/')}/{ORIGIN_FILE}"
     with checkpoint.filesystem.open_input_stream(path) as stream:

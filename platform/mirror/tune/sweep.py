@@ -106,7 +106,7 @@ def run_trial(
 def finish_trial(sweep: SweepSpec, outcome: TrainingOutcome) -> None:
     """End-of-trial work shared by every scheduler: evaluation when the file asks for it."""
     if sweep.evaluate == "all":
-        from mirror.train.evaluation import evaluate_run
+        from mirror.evaluation import evaluate_run
 
         evaluate_run(outcome.run_id)
 
@@ -280,7 +280,7 @@ def run_sweep(
             ray.kill(fit_slots)
     best = record_summary(spec, rows, parent_run_id, uri)
     if best is not None and best.run_id and spec.evaluate == "best":
-        from mirror.train.evaluation import evaluate_run
+        from mirror.evaluation import evaluate_run
 
         evaluate_run(best.run_id)
     errors = sum(r.status == "ERROR" for r in rows)

@@ -1,4 +1,4 @@
-"""Typed, frozen model configs built from override dicts (job YAML, Ray Tune samples).
+"""Typed, frozen configs (models, views, the loop) built from override dicts (job YAML, Ray Tune samples).
 
 One loader for every model: ``build_config(AEConfig, {"lr": 3e-4, "n_heads": 4})``. Keys are
 field names; a nested config dataclass is reached with a dotted key (``"critic.lr"``) or a
@@ -21,11 +21,11 @@ Demo(lr=0.0003, heads=2)
 >>> build_config(Demo, {"lr_max": 1.0})
 Traceback (most recent call last):
 ...
-mirror.models.config.ConfigError: Demo: unknown key 'lr_max'; valid keys: heads, lr
+mirror.config.ConfigError: Demo: unknown key 'lr_max'; valid keys: heads, lr
 >>> build_config(Demo, {"heads": 2.5})
 Traceback (most recent call last):
 ...
-mirror.models.config.ConfigError: Demo.heads: expected int, received float 2.5
+mirror.config.ConfigError: Demo.heads: expected int, received float 2.5
 """
 
 from __future__ import annotations

@@ -1,0 +1,10 @@
+"""Data views (one file per view): how a model family reads a dataset. See ``views.base``."""
+
+from __future__ import annotations
+
+from mirror.data.views.base import Batch, DataView, SplitReport
+from mirror.data.views.sequence import SequenceView
+
+VIEWS: dict[str, type[DataView]] = {view.name: view for view in (SequenceView,)}
+
+__all__ = ["VIEWS", "Batch", "DataView", "SplitReport", "SequenceView"]
