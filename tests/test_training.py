@@ -10,12 +10,13 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
+from chaos import WorkerKiller, current_session_dir, first_checkpoint_under
 
 from mirror import tracking
+from mirror.checkpoint import load_state
 from mirror.data import schema
 from mirror.data.simulator import generate_dataset
 from mirror.metrics.evaluate import METRIC_NAMES
-from mirror.train.checkpoints import load_state
 from mirror.train.driver import run_training
 from mirror.train.spec import build_run_spec
 
@@ -63,16 +64,19 @@ def spec_for(root, data, epochs: int, **extra):
 
 @pytest.fixture(scope="module")
 def crashed_run(workdir):
-    """2 workers, 2 epochs; the last rank dies (os._exit) in epoch 1 and the run recovers."""
+    """2 workers, 2 epochs; once epoch 0 is checkpointed a worker process is killed from
+    outside (SIGKILL), and the run recovers from that checkpoint."""
     root, data = workdir
-    spec = spec_for(root, data, epochs=2, **{"train.crash_once_at_step": STEPS_PER_EPOCH + 1, "train.max_failures": 1})
-    return spec, run_training(spec)
+    spec = spec_for(root, data, epochs=2, **{"train.max_failures": 1})
+    first_epoch_stored = first_checkpoint_under(root / "ray_results", "crash-then-resume/epoch_0000")
+    with WorkerKiller(first_epoch_stored, current_session_dir()) as killer:
+        outcome = run_training(spec)
+    return spec, outcome, killer
 
 
-def test_worker_crash_resumes_from_checkpoint_and_finishes(workdir, crashed_run):
-    root, _ = workdir
-    _, outcome = crashed_run
-    assert (root / "ray_results" / "crash-then-resume.crashed").exists(), "the fault was not injected"
+def test_worker_crash_resumes_from_checkpoint_and_finishes(crashed_run):
+    _, outcome, killer = crashed_run
+    assert killer.killed_pid is not None, "no train worker was killed"
     assert outcome.metrics["epoch"] == 1.0
     assert outcome.metrics["global_step"] == 2 * STEPS_PER_EPOCH
     epochs = [step for step, _ in tracking.metric_history(outcome.run_id, "val/loss")]
@@ -80,13 +84,13 @@ def test_worker_crash_resumes_from_checkpoint_and_finishes(workdir, crashed_run)
 
 
 def test_ddp_ranks_end_with_identical_parameters(crashed_run):
-    _, outcome = crashed_run
+    _, outcome, _ = crashed_run
     assert outcome.metrics["ddp/param_divergence"] == 0.0
     assert outcome.metrics["train/steps_per_rank"] == STEPS_PER_EPOCH
 
 
 def test_wae_critic_weights_stay_within_clip(crashed_run):
-    spec, outcome = crashed_run
+    spec, outcome, _ = crashed_run
     state = load_state(outcome.checkpoint_path)
     clip = spec.model_config["clip"]
     critic = [v for k, v in state["model"].items() if k.startswith("critic.")]
@@ -103,7 +107,7 @@ def resumed_run(workdir, crashed_run):
 
 
 def test_resume_by_run_name_continues_the_same_run(crashed_run, resumed_run):
-    _, first = crashed_run
+    _, first, _ = crashed_run
     assert resumed_run.run_id == first.run_id
     assert resumed_run.metrics["epoch"] == 2.0
     assert resumed_run.metrics["global_step"] == 3 * STEPS_PER_EPOCH  # not retrained from 0
@@ -133,8 +137,8 @@ def test_evaluation_logs_every_metric_and_artifact(evaluated):
 
 
 def test_embedding_export_covers_every_patient(workdir, evaluated, tmp_path):
+    from mirror.checkpoint import checkpoint_dir
     from mirror.embed import export_embeddings
-    from mirror.train.checkpoints import checkpoint_dir
 
     _, data = workdir
     run_id, _ = evaluated

@@ -24,6 +24,7 @@ import torch
 from mirror.data import schema
 from mirror.data.schema import TRAIN, DatasetMetadata
 from mirror.models.base import GenerationContext, Generator
+from mirror.progress import progress
 
 SYNTHETIC_ID_OFFSET = 10**12
 PATIENTS_PER_FILE = 250_000
@@ -79,6 +80,7 @@ def sample_patients(
     pending: list[pa.Table] = []
     pending_rows = shard = 0
     lengths_hist: dict[int, int] = {}
+    bar = progress(n_patients, "sampling synthetic patients")
     while written < n_patients:
         if drawn >= max_draw_factor * n_patients:
             raise TooFewValidSentences(
@@ -92,6 +94,7 @@ def sample_patients(
             rejected[key] = rejected.get(key, 0) + value
         rows = rows.slice(0, n_patients - written)
         written += rows.num_rows
+        bar.update(rows.num_rows)
         for n, count in zip(*np.unique(rows.column(schema.N_EVENTS).to_numpy(), return_counts=True), strict=True):
             lengths_hist[int(n)] = lengths_hist.get(int(n), 0) + int(count)
         pending.append(rows)
@@ -101,6 +104,7 @@ def sample_patients(
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.concat_tables(pending), path, compression="zstd")
             pending, pending_rows, shard = [], 0, shard + 1
+    bar.close()
     for split in (schema.TUNING, schema.HELD_OUT):
         schema.split_dir(out_dir, split).mkdir(parents=True, exist_ok=True)
     report = SampleReport(written, drawn, rejected)

@@ -87,6 +87,7 @@ from mirror.data.vocab import (
     WeekVocab,
     age_group_at,
 )
+from mirror.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -946,6 +947,7 @@ def generate_dataset(
     n_chunks = math.ceil(n_patients / chunk_size)
     totals: dict[str, Any] = {}  # running sums of the chunks' counts: never rows
     pending, next_chunk, finished = [], 0, 0
+    bar = progress(n_patients, "simulating patients")
     while next_chunk < n_chunks or pending:
         while next_chunk < n_chunks and len(pending) < workers:
             first = next_chunk * chunk_size
@@ -962,7 +964,9 @@ def generate_dataset(
             totals.setdefault("histogram", {}).setdefault(split, 0)
             totals["histogram"][split] = totals["histogram"][split] + result["histogram"][split]
         finished += 1
+        bar.update(sum(result["patients"].values()))
         logger.info("simulator: %d/%d chunks written", finished, n_chunks)
+    bar.close()
 
     if totals["patients"] != expected_counts(n_patients):
         raise RuntimeError(

@@ -31,6 +31,7 @@ from mirror.checkpoint import LoadedRun, load_run  # noqa: E402
 from mirror.cluster import ensure_ray  # noqa: E402
 from mirror.evaluation.scores import predictor_suite, recommender_suite  # noqa: E402
 from mirror.evaluation.sequence import sequence_suite  # noqa: E402
+from mirror.models.base import ModelSpec  # noqa: E402
 
 Suite = Callable[[LoadedRun, Path], dict[str, float]]
 
@@ -66,13 +67,15 @@ def training_curve(run_id: str, path: Path, uri: str | None = None) -> Path:
 
 
 def evaluate_run(
-    run_id: str, uri: str | None = None, log_model: bool = True, *, synthetic: bool = False
+    run_id: str, uri: str | None = None, log_model: bool = True, *, synthetic: bool = False,
+    model_spec: ModelSpec | None = None,
 ) -> dict[str, float]:
     """Run every suite the model's capabilities call for and log it all to ``run_id``;
-    ``synthetic`` adds the generator's scorecard (for models that are generators)."""
+    ``synthetic`` adds the generator's scorecard (for models that are generators).
+    ``model_spec`` defaults to the registry's entry for the run's model."""
     ensure_ray()
     uri = uri or tracking.tracking_uri()
-    loaded = load_run(run_id, uri=uri)
+    loaded = load_run(run_id, uri=uri, model_spec=model_spec)
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

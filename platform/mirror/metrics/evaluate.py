@@ -51,6 +51,7 @@ from mirror.metrics.tasks import (
     teacher_forced_sums,
     topk_hits,
 )
+from mirror.progress import progress
 
 if TYPE_CHECKING:
     from mirror.models.base import SequenceDecoder
@@ -548,7 +549,9 @@ def _evaluate(
     reservoir = LatentReservoir(cfg.latent_reservoir, seed=cfg.seed)
     females = 0
     base_greedy = baseline.greedy_sentence(max_words + 1) if baseline is not None else None
+    bar = progress(cfg.max_patients, "evaluating held-out patients")
     for full_batch in _limited(held_out, cfg.max_patients):
+        bar.update(full_batch.size)
         longest = int(full_batch.lengths.max())
         if longest > max_words:
             raise ValueError(

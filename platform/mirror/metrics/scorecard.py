@@ -44,6 +44,7 @@ from mirror.metrics.marginal_sampler import write_independent_marginal_sample
 from mirror.metrics.neighbours import DEFAULT_CHUNK_PAIRS, NeighbourSearch
 from mirror.metrics.records import read_block
 from mirror.metrics.views import DatasetView, scan_view, view_from_block
+from mirror.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,9 @@ def compute_scorecard(
             panel = None
         with _search(train.nn_indptr, train.nn_keys, cfg, seed) as train_search:
             lap("train_index")
+            bar = progress(len(rows), "scoring synthetic data", unit="row")
             for prefix, h, s in rows:
+                bar.update(1)
                 row, dcr = score_row(
                     prefix,
                     train,
