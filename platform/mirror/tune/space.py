@@ -145,6 +145,8 @@ def load_sweep(
         seed=read_int(where, "search.seed", search_options.get("seed", 0), minimum=0),
     )
     _check(spec)
+    # The scheduler's own rules: the searches it accepts, then its options (PBT also resolves
+    # ``mutate`` and its default concurrency here).
     strategy = SCHEDULERS[spec.scheduler]
     if spec.search not in strategy.searches:
         raise SpaceError(f"{where}: search: {strategy.search_refusal}, received {spec.search!r}")
