@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-worker", type=float, help="logical CPUs per worker")
     parser.add_argument("--storage-path", help="checkpoints and Tune state: DIR or s3://...")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.epochs=2")
+    parser.add_argument("--upstream-run", help="MLflow run of the first stage (overrides 'upstream_run')")
     args = parser.parse_args(argv)
 
     try:
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples,
             overrides=overrides,
             resources=resources,
+            upstream_run=args.upstream_run,
         )
     except (SpaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -187,6 +187,25 @@ def test_pbt_options_are_checked(tmp_path):
     assert capped.concurrency == 2  # fits at once; every member stays live
 
 
+def test_pbt_refuses_other_searches_with_the_reason(tmp_path):
+    path = write(tmp_path, pbt_sweep() | {"search": "optuna"})
+    with pytest.raises(SpaceError) as info:
+        load_sweep(path)
+    assert str(info.value) == (
+        f"{path}: search: PBT explores by perturbing its own population; use search 'random' "
+        "(it draws the starting population), received 'optuna'"
+    )
+
+
+def test_unknown_scheduler_lists_every_scheduler(tmp_path):
+    path = write(tmp_path, base_sweep() | {"scheduler": "hyperband"})
+    with pytest.raises(SpaceError) as info:
+        load_sweep(path)
+    assert str(info.value) == (
+        f"{path}: scheduler.type: expected one of ['asha', 'fifo', 'pbt'], received 'hyperband'"
+    )
+
+
 def test_metric_and_mode_are_checked(tmp_path):
     assert "metric" in error_of(tmp_path, base_sweep() | {"metric": "loss"})
     assert "mode" in error_of(tmp_path, base_sweep() | {"mode": "minimise"})

@@ -13,12 +13,12 @@ import yaml
 
 from mirror import tracking
 from mirror.tune.report import TrialRow, best_trial, record_summary
+from mirror.tune.schedulers import SCHEDULERS
 from mirror.tune.space import SpaceError, load_sweep
 from mirror.tune.sweep import (
     DATA_CPUS_PER_TRIAL,
     TRIAL_DRIVER_CPUS,
     _resolve_name,
-    _scheduler,
     _searcher,
     max_concurrent_trials,
     trial_resources,
@@ -72,7 +72,7 @@ def test_nothing_fits_yet_keeps_the_file_concurrency_for_the_autoscaler(tmp_path
 
 def test_asha_stops_on_epochs_and_defaults_max_t_to_train_epochs(tmp_path):
     spec = load_sweep(sweep_file(tmp_path, scheduler={"type": "asha", "grace_period": 1}))
-    asha = _scheduler(spec, epochs=3)
+    asha = SCHEDULERS[spec.scheduler].build(spec, 3)
     assert type(asha).__name__ == "AsyncHyperBandScheduler"
     assert asha._time_attr == "training_iteration" and asha._max_t == 3
 

@@ -114,7 +114,7 @@ def _auth_hint(env: dict[str, str] | None = None) -> str:
 
 def _tcp_reachable(address: str, timeout_s: float = 3.0) -> bool:
     """Whether ``host:port`` accepts a TCP connection (``auto`` and ``ray://`` are not checked)."""
-    if address == "auto" or "://" in address:
+    if address == "auto" or is_remote(address):
         return True
     host, _, port = address.rpartition(":")
     try:

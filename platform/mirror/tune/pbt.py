@@ -22,9 +22,12 @@ PBT trial runs differently from an ASHA one: as a chain of one-epoch fits.
 * A fit per epoch costs one worker-group start per epoch: seconds, against epochs that take
   hours at population scale. ``perturbation_interval`` is in epochs.
 * Every member stays live (its trial process holds 0.05 CPU), but only as many fits run at
-  once as the cluster fits (:class:`FitSlots`, first come first served). Members therefore
-  take turns epoch by epoch and advance together, which is what PBT's comparisons need; a
-  2-core laptop trains one member at a time, a GPU cluster many.
+  once as the cluster fits (fit slots, ``mirror.tune.fit_slots``; first come first served).
+  Members therefore take turns epoch by epoch and advance together, which is what PBT's
+  comparisons need; a 2-core laptop trains one member at a time, a GPU cluster many.
+
+The sweep-file loader, the scheduler table (``mirror.tune.schedulers``) and the driver reach
+these pieces through the ``pbt`` strategy; this module imports only the layers below it.
 
 MLflow: a trial keeps one child run for its whole history. Each epoch logs ``pbt/<knob>``
 (the value trained with) and ``pbt/exploited`` (1 on the epoch after taking over another
@@ -34,23 +37,130 @@ gives the member's config from then on (its params keep the values first drawn).
 
 from __future__ import annotations
 
-import asyncio
+import difflib
 import json
 import os
 import uuid
-from collections import deque
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ray.tune import Callback
+from mirror.tune.fields import SpaceError, read_int, read_number
+from mirror.tune.spec import Parameter, SweepSpec
+from mirror.tune.trial import finish_trial, storage_dirs, trial_run_name
 
 if TYPE_CHECKING:
     from mirror.train.driver import TrainingOutcome
-    from mirror.tune.space import Parameter, SweepSpec
 
+PBT_OPTIONS = (  # the sweep file's scheduler options; intervals in epochs
+    "perturbation_interval",
+    "burn_in",
+    "quantile_fraction",
+    "resample_probability",
+    "synch",
+    "mutate",
+)
 MUTABLE_TRAIN_KEYS = ("train.grad_clip",)
 EXPLOIT_TAG = "pbt.exploit.epoch_{epoch:04d}"
+SEARCH_REFUSAL = (  # PBT accepts only search 'random'; the loader's error says why
+    "PBT explores by perturbing its own population; use search 'random' (it draws the "
+    "starting population)"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks at load (called by the sweep-file loader through mirror.tune.schedulers).
+
+
+def check_pbt(spec: SweepSpec, concurrency_given: bool) -> SweepSpec:
+    """PBT's options, with ``mutate`` resolved to the knobs PBT perturbs: the listed ones, each
+    checked to be perturbable, or by default every searched knob that is. ``concurrency``
+    defaults to the whole population unless the file sets it."""
+    where, opts = spec.source, dict(spec.scheduler_options)
+    epochs = spec.base_spec().train.epochs
+    if spec.samples < 2:
+        raise SpaceError(
+            f"{where}: samples: PBT needs a population of at least 2 trials, received {spec.samples}"
+        )
+    interval = read_int(
+        where, "scheduler.perturbation_interval", opts.get("perturbation_interval", 1), minimum=1
+    )
+    if interval >= epochs:
+        raise SpaceError(
+            f"{where}: scheduler.perturbation_interval: expected fewer epochs than the run's "
+            f"{epochs} (train.epochs), or PBT never perturbs; received {interval}"
+        )
+    read_int(where, "scheduler.burn_in", opts.get("burn_in", 0), minimum=0)
+    quantile = read_number(
+        where, "scheduler.quantile_fraction", opts.get("quantile_fraction", 0.25)
+    )
+    if not 0 < quantile <= 0.5:
+        raise SpaceError(
+            f"{where}: scheduler.quantile_fraction: expected a number in (0, 0.5], received {quantile!r}"
+        )
+    resample = read_number(
+        where, "scheduler.resample_probability", opts.get("resample_probability", 0.25)
+    )
+    if not 0 <= resample <= 1:
+        raise SpaceError(
+            f"{where}: scheduler.resample_probability: expected a number in [0, 1], received {resample!r}"
+        )
+    if not isinstance(opts.get("synch", True), bool):
+        raise SpaceError(
+            f"{where}: scheduler.synch: expected true or false, received {opts['synch']!r}"
+        )
+
+    searched = {p.key: p for p in spec.parameters}
+    if "train.epochs" in searched:
+        raise SpaceError(
+            f"{where}: parameters.train.epochs: PBT compares members epoch by epoch, so all of "
+            "them train the same number of epochs; set it in 'fixed'"
+        )
+    listed = opts.get("mutate")
+    if listed is not None:
+        if (
+            not isinstance(listed, list)
+            or not listed
+            or not all(isinstance(k, str) for k in listed)
+        ):
+            raise SpaceError(
+                f"{where}: scheduler.mutate: expected a non-empty list of parameter keys, received {listed!r}"
+            )
+        for key in listed:
+            if key not in searched:
+                close = difflib.get_close_matches(key, list(searched), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SpaceError(
+                    f"{where}: scheduler.mutate: {key!r} is not a searched parameter{hint}; "
+                    f"searched: {', '.join(searched)}"
+                )
+    problems = {  # builds models, so only for the knobs that could be perturbed
+        key: problem
+        for key in (listed if listed is not None else searched)
+        for model in spec.models
+        if (problem := mutation_problem(model, key, searched[key].probes(), spec.fixed)) is not None
+    }
+    if listed is not None:
+        for key in listed:
+            if key in problems:
+                raise SpaceError(
+                    f"{where}: scheduler.mutate: PBT cannot perturb {key}: {problems[key]}"
+                )
+        mutate = tuple(listed)
+    else:
+        mutate = tuple(key for key in searched if key not in problems)
+        if not mutate:
+            raise SpaceError(
+                f"{where}: scheduler: PBT has no parameter it can perturb: "
+                + "; ".join(f"{k}: {v}" for k, v in problems.items())
+            )
+    return replace(
+        spec,
+        scheduler_options={**opts, "mutate": mutate},
+        # members training at once (the rest wait their turn, live); default: all of them
+        concurrency=spec.concurrency if concurrency_given else spec.samples,
+    )
 
 
 def mutation_problem(
@@ -111,6 +221,10 @@ def mutation_problem(
     return None
 
 
+# --------------------------------------------------------------------------------------------
+# The scheduler, and what the sweep driver adds for it.
+
+
 class KeepInsideRanges:
     """PBT's ``custom_explore_fn``: Tune perturbs continuous knobs by factors (x0.8, x1.2)
     without regard to bounds; this clips each back into the range the sweep file declares, so
@@ -135,7 +249,10 @@ def mutation_domain(param: Parameter) -> Any:
     return param.domain()
 
 
-def pbt_scheduler(spec: SweepSpec) -> Any:
+def pbt_scheduler(spec: SweepSpec, epochs: int) -> Any:
+    """Tune's PBT scheduler over the knobs ``mutate`` names. ``epochs`` goes unused: PBT's
+    intervals are its own options, and each member ends at its last epoch through the stop
+    condition (:func:`stop_at_last_epoch`)."""
     from ray.tune.schedulers import PopulationBasedTraining
 
     opts = spec.scheduler_options
@@ -160,90 +277,27 @@ def pbt_scheduler(spec: SweepSpec) -> Any:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Fit slots: how many members train at once.
+def stop_at_last_epoch(epochs: int) -> dict[str, Any]:
+    """Tune's ``stop``: end a member at its last epoch before the scheduler sees that result,
+    so it is never "exploited" into a run with no epochs left to train."""
+    return {"training_iteration": epochs}
 
 
-class FitSlots:
-    """A first-come-first-served semaphore shared by a sweep's members (a named Ray actor).
-
-    Tune cannot bound PBT's running members by resources: a member's trial process holds
-    almost nothing, and its ``TorchTrainer`` reserves workers only while a fit runs. Left
-    alone, every member would start a fit at once and their worker groups would time out
-    waiting for each other. A member holds a slot for the length of one fit.
-
-    Slots are keyed by trial id, so a restarted member first gives back what its previous
-    attempt held, and the sweep driver gives back the slot of a member that fails
-    (:class:`ReleaseFitSlots`).
-    """
-
-    def __init__(self, slots: int):
-        self.slots = slots
-        self.holders: set[str] = set()
-        self.waiting: deque[tuple[str, asyncio.Future]] = deque()
-
-    async def acquire(self, holder: str) -> None:
-        self.holders.discard(holder)
-        granted = asyncio.get_running_loop().create_future()
-        self.waiting.append((holder, granted))
-        self._grant()
-        await granted
-
-    async def release(self, holder: str) -> None:
-        self.holders.discard(holder)
-        self._grant()
-
-    async def held(self) -> list[str]:
-        return sorted(self.holders)
-
-    def _grant(self) -> None:
-        while self.waiting and len(self.holders) < self.slots:
-            holder, granted = self.waiting.popleft()
-            if not granted.done():  # a waiter whose caller has gone is skipped
-                self.holders.add(holder)
-                granted.set_result(None)
+def pbt_summary(spec: SweepSpec) -> str:
+    """The driver's one line on what PBT perturbs and what members only inherit."""
+    mutate = spec.scheduler_options["mutate"]
+    inherited = [p.key for p in spec.parameters if p.key not in mutate]
+    return f"PBT over a population of {spec.samples}: perturbs {', '.join(mutate)}" + (
+        f"; draws once and inherits on exploit: {', '.join(inherited)}" if inherited else ""
+    )
 
 
-def fit_slots_name(sweep_name: str) -> str:
-    return f"mirror-fit-slots-{sweep_name}"
+def fit_slots_during_sweep(sweep_name: str, slots: int) -> AbstractContextManager[list[Any]]:
+    """The fit-slot actor for as long as the sweep runs, plus its driver-side Tune callback
+    (:func:`mirror.tune.fit_slots.fit_slots_during_sweep`)."""
+    from mirror.tune import fit_slots  # needs Ray; this module is imported by the loader
 
-
-def start_fit_slots(sweep_name: str, slots: int) -> Any:
-    """The sweep's :class:`FitSlots` actor; it lives as long as the sweep driver."""
-    import ray
-
-    actor = ray.remote(num_cpus=0)(FitSlots)
-    return actor.options(name=fit_slots_name(sweep_name), get_if_exists=True).remote(slots)
-
-
-@contextmanager
-def fit_slot(sweep_name: str, trial_id: str) -> Iterator[None]:
-    import ray
-
-    slots = ray.get_actor(fit_slots_name(sweep_name))
-    ray.get(slots.acquire.remote(trial_id))
-    try:
-        yield
-    finally:
-        ray.get(slots.release.remote(trial_id))
-
-
-class ReleaseFitSlots(Callback):
-    """Driver-side Tune callback: a member that failed mid-fit cannot give its slot back."""
-
-    def __init__(self, sweep_name: str):
-        self.sweep_name = sweep_name
-
-    def _release(self, trial: Any) -> None:
-        import ray
-
-        ray.get(ray.get_actor(fit_slots_name(self.sweep_name)).release.remote(trial.trial_id))
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._release(trial)
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._release(trial)
+    return fit_slots.fit_slots_during_sweep(sweep_name, slots)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +314,7 @@ def run_pbt_trial(
 
     from mirror import tracking
     from mirror.train.driver import run_training, storage_path
-    from mirror.tune.sweep import finish_trial, trial_run_name
+    from mirror.tune.fit_slots import fit_slot
 
     os.environ["MLFLOW_TRACKING_URI"] = uri  # Tune moves the trial into its own working dir
     trial_id = tune.get_context().get_trial_id()
@@ -304,7 +358,7 @@ def run_pbt_trial(
         checkpoint = tune.Checkpoint(outcome.checkpoint.path, outcome.checkpoint.filesystem)
         origin = None
         epoch += 1
-        if epoch == spec.train.epochs:  # Tune stops the trial at its last report (see sweep)
+        if epoch == spec.train.epochs:  # Tune stops the trial at this report (stop_at_last_epoch)
             finish_trial(sweep, outcome)
         tune.report(outcome.metrics, checkpoint=checkpoint)  # PBT may pause or exploit here
 
@@ -319,8 +373,6 @@ def read_origin(checkpoint: Any) -> dict[str, Any]:
 
 
 def _remove_fits(storage: str, run_name: str) -> None:
-    from mirror.tune.sweep import storage_dirs
-
     fs, dirs = storage_dirs(storage)
     for name, path in dirs.items():
         if name.startswith(f"{run_name}-e"):

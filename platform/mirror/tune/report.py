@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror import tracking
-from mirror.tune.space import Parameter, SweepSpec
+from mirror.tune.spec import Parameter, SweepSpec
 
 BEST_TAG = "best"  # parent tags: best.run_id, best.trial_id, best.config, best.<knob>
 

@@ -1,9 +1,11 @@
 """Layer 3: a Ray Tune sweep whose trials are Ray Train runs (Ray's Train V2 interop pattern).
 
-Each trial is a small function trainable, :func:`run_trial`, that builds the trial's run spec
-and calls the same :func:`run_training` as a single ``jobs/train.py`` run, with
-``TuneReportCallback`` forwarding every epoch's metrics to Tune (ASHA stops weak trials on
-them). The trial itself reserves almost nothing; its ``TorchTrainer`` reserves the workers.
+Each trial is a small function trainable (``mirror.tune.trial.run_trial``) that builds the
+trial's run spec and calls the same :func:`run_training` as a single ``jobs/train.py`` run,
+with ``TuneReportCallback`` forwarding every epoch's metrics to Tune (ASHA stops weak trials
+on them). The trial itself reserves almost nothing; its ``TorchTrainer`` reserves the workers.
+What differs by scheduler (PBT's trainable, its fit slots and stop condition) comes from the
+scheduler's strategy in ``mirror.tune.schedulers``; this driver never branches on its name.
 
 Concurrency: one trial needs ``workers x cpus_per_worker`` CPUs (and ``workers`` GPUs with
 ``--gpu``) for its train workers plus one CPU for its Ray Data read tasks, which would
@@ -20,23 +22,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray import tune
 
 from mirror import tracking
 from mirror.cluster import release_orphaned_placement_groups
+from mirror.storage import is_remote
+from mirror.storage import join as storage_join
+from mirror.tune.fields import SpaceError, plain
 from mirror.tune.report import TrialRow, record_summary
-from mirror.tune.space import SpaceError, SweepSpec
-
-if TYPE_CHECKING:
-    from mirror.train.driver import TrainingOutcome
+from mirror.tune.schedulers import SCHEDULERS
+from mirror.tune.spec import SweepSpec
+from mirror.tune.trial import storage_dirs, trial_run_name
 
 TRIAL_DRIVER_CPUS = 0.05  # the trial process only waits on its TorchTrainer
 DATA_CPUS_PER_TRIAL = 1.0  # headroom for the trial's Ray Data read tasks
@@ -56,11 +59,6 @@ class SweepOutcome:
     best: TrialRow | None
     trials: int
     errors: int
-
-
-def trial_run_name(sweep_name: str, trial_id: str) -> str:
-    """Ray Train run name and MLflow run name of one trial: stable across restores."""
-    return f"{sweep_name}-{trial_id}"
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
@@ -84,31 +82,7 @@ def max_concurrent_trials(spec: SweepSpec, cluster: Mapping[str, float]) -> tupl
 
 
 # --------------------------------------------------------------------------------------------
-# The trainable (runs in a Tune trial actor).
-
-
-def run_trial(
-    config: dict[str, Any], *, sweep: SweepSpec, data: str, parent_run_id: str, uri: str
-) -> None:
-    """One trial: the sampled knobs on top of the sweep's fixed overrides, trained by the same
-    driver as a single run; metrics reach Tune through ``TuneReportCallback``."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mirror.train.driver import run_training
-
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # Tune moves the trial into its own working dir
-    trial_id = tune.get_context().get_trial_id()
-    spec = sweep.trial_spec(config, data, trial_run_name(sweep.name, trial_id))
-    outcome = run_training(spec, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
-    finish_trial(sweep, outcome)
-
-
-def finish_trial(sweep: SweepSpec, outcome: TrainingOutcome) -> None:
-    """End-of-trial work shared by every scheduler: evaluation when the file asks for it."""
-    if sweep.evaluate == "all":
-        from mirror.evaluation import evaluate_run
-
-        evaluate_run(outcome.run_id)
+# Driver-side bookkeeping.
 
 
 class ChildRunBookkeeping(tune.Callback):
@@ -195,7 +169,7 @@ def run_sweep(
     storage = storage_path(base)
     name = _resolve_name(spec, storage, name, resume)
     spec = replace(spec, name=name, fixed={**spec.fixed, "train.storage_path": storage})
-    experiment_path = _join(storage, name)
+    experiment_path = storage_join(storage, name)
 
     need = trial_resources(spec)
     ensure_ray(min_logical_cpus=need["CPU"])
@@ -205,13 +179,10 @@ def run_sweep(
         f"fits {fits} now; running up to {concurrency} at once"
         + ("" if fits >= 1 else " (waiting for the autoscaler to add nodes)")
     )
-    if spec.scheduler == "pbt":
-        mutate = spec.scheduler_options["mutate"]
-        inherited = [p.key for p in spec.parameters if p.key not in mutate]
-        print(
-            f"PBT over a population of {spec.samples}: perturbs {', '.join(mutate)}"
-            + (f"; draws once and inherits on exploit: {', '.join(inherited)}" if inherited else "")
-        )
+    strategy = SCHEDULERS[spec.scheduler]
+    summary = strategy.summary(spec)
+    if summary is not None:
+        print(summary)
 
     uri = tracking.tracking_uri()
     parent_run_id = tracking.start_run(
@@ -228,56 +199,44 @@ def run_sweep(
     )
     _log_space_file(spec, parent_run_id, uri)
 
-    callbacks: list[tune.Callback] = [
-        ChildRunBookkeeping(name, base.train.experiment, base.train.epochs, uri)
-    ]
-    if spec.scheduler == "pbt":
-        from mirror.tune.pbt import ReleaseFitSlots, start_fit_slots
-        from mirror.tune.pbt import run_pbt_trial as trial_fn
-
-        fit_slots = start_fit_slots(name, concurrency)
-        callbacks.append(ReleaseFitSlots(name))
-    else:
-        trial_fn, fit_slots = run_trial, None
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, sweep=spec, data=data, parent_run_id=parent_run_id, uri=uri),
-        {"CPU": TRIAL_DRIVER_CPUS},
-    )
-    if resume:
-        tuner = tune.Tuner.restore(
-            experiment_path, trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=spec.param_space(),
-            tune_config=tune.TuneConfig(
-                metric=spec.metric,
-                mode=spec.mode,
-                scheduler=_scheduler(spec, base.train.epochs),
-                search_alg=_searcher(spec, concurrency),
-                num_samples=spec.samples,
+    bookkeeping = ChildRunBookkeeping(name, base.train.experiment, base.train.epochs, uri)
+    with strategy.during_sweep(name, concurrency) as extra_callbacks:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                strategy.trainable, sweep=spec, data=data, parent_run_id=parent_run_id, uri=uri
             ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                # PBT: end a member at its last epoch before the scheduler sees that result,
-                # so it is never "exploited" into a run with no epochs left to train.
-                stop={"training_iteration": base.train.epochs} if spec.scheduler == "pbt" else None,
-                callbacks=callbacks,
-                verbose=1,
-            ),
+            {"CPU": TRIAL_DRIVER_CPUS},
         )
-    try:
-        tuner.fit()
-        rows = _trial_rows(spec, experiment_path, base.train.experiment, uri)
-    except BaseException:
-        tracking.end_run(parent_run_id, status="KILLED", uri=uri)
-        raise
-    finally:
-        if fit_slots is not None:
-            ray.kill(fit_slots)
+        if resume:
+            tuner = tune.Tuner.restore(
+                experiment_path, trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=spec.param_space(),
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    scheduler=strategy.build(spec, base.train.epochs),
+                    search_alg=_searcher(spec, concurrency),
+                    num_samples=spec.samples,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    stop=strategy.stop(base.train.epochs),
+                    callbacks=[bookkeeping, *extra_callbacks],
+                    verbose=1,
+                ),
+            )
+        try:
+            tuner.fit()
+            rows = _trial_rows(spec, experiment_path, base.train.experiment, uri)
+        except BaseException:
+            tracking.end_run(parent_run_id, status="KILLED", uri=uri)
+            raise
     best = record_summary(spec, rows, parent_run_id, uri)
     if best is not None and best.run_id and spec.evaluate == "best":
         from mirror.evaluation import evaluate_run
@@ -288,35 +247,17 @@ def run_sweep(
     return SweepOutcome(name, experiment_path, parent_run_id, best, len(rows), errors)
 
 
-def _scheduler(spec: SweepSpec, epochs: int) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    opts = spec.scheduler_options
-    if spec.scheduler == "pbt":
-        from mirror.tune.pbt import pbt_scheduler
-
-        return pbt_scheduler(spec)
-    if spec.scheduler == "asha":
-        return ASHAScheduler(
-            time_attr="training_iteration",  # one Tune iteration per epoch
-            max_t=opts.get("max_t", epochs),
-            grace_period=opts.get("grace_period", 1),
-            reduction_factor=opts.get("reduction_factor", 2),
-            stop_last_trials=False,  # a trial at max_t ends by itself, releasing its workers
-        )
-    return FIFOScheduler()
-
-
 def _searcher(spec: SweepSpec, concurrency: int) -> Any:
     """Random/grid search limits concurrency itself (Tune ignores ``max_concurrent_trials``
     for a ``BasicVariantGenerator`` instance); Optuna gets a ``ConcurrencyLimiter``.
 
-    PBT creates its whole population at once: a paused member still counts against a
-    searcher's limit, so a limit below the population would never start the rest. How many
-    members train at once is bounded by fit slots instead (``mirror.tune.pbt.FitSlots``)."""
+    A strategy with ``whole_population_at_once`` (PBT) gets no limit: a paused member still
+    counts against a searcher's limit, so a limit below the population would never start the
+    rest. How many members train at once is bounded by fit slots instead
+    (``mirror.tune.fit_slots.FitSlots``)."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    if spec.scheduler == "pbt":
+    if SCHEDULERS[spec.scheduler].whole_population_at_once:
         return BasicVariantGenerator(max_concurrent=0, random_state=spec.seed)
 
     if spec.search == "optuna":
@@ -339,7 +280,7 @@ def _trial_rows(spec: SweepSpec, experiment_path: str, experiment: str, uri: str
                 run_id=tracking.find_run(
                     trial_run_name(spec.name, trial.trial_id), experiment, uri
                 ),
-                config={k: _plain(v) for k, v in trial.config.items()},
+                config={k: plain(v) for k, v in trial.config.items()},
                 value=None if value is None else float(value),
                 epochs=int(last.get("training_iteration", 0)),
                 status=str(trial.status),
@@ -382,7 +323,7 @@ def _resolve_data(spec: SweepSpec, data: str | None) -> str:
     data = data or spec.data
     if not data:
         raise SpaceError(f"{spec.source}: data: no dataset; set 'data' in the file or pass --data")
-    if "://" in data:
+    if is_remote(data):
         return data
     path = Path(data).expanduser().resolve()
     if not (path / "metadata" / "dataset.json").exists():
@@ -407,7 +348,7 @@ def _resolve_name(spec: SweepSpec, storage: str, name: str | None, resume: bool)
             )
         name = existing[-1]
     name = name or f"{spec.name}-{time.strftime(STAMP)}"
-    exists = tune.Tuner.can_restore(_join(storage, name))
+    exists = tune.Tuner.can_restore(storage_join(storage, name))
     if resume and not exists:
         raise SpaceError(f"--resume: no sweep {name!r} under {storage} to continue")
     if not resume and exists:
@@ -423,21 +364,3 @@ def _is_stamp(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def storage_dirs(storage: str) -> tuple[Any, dict[str, str]]:
-    """The storage path's filesystem and its subdirectories (name -> path on it), local or
-    remote alike."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return fs, {Path(i.path).name: i.path for i in infos if i.type == pafs.FileType.Directory}
-
-
-def _join(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") and not isinstance(value, str | bytes) else value
