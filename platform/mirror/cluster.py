@@ -38,6 +38,8 @@ from typing import Any
 import ray
 import ray.data
 
+from mirror.storage import is_remote
+
 DEFAULT_TEMP_DIR = "/tmp/ray-mirror"  # not /tmp/ray: `ray.init()` elsewhere won't attach to it
 PID_FILE = "head.pid"
 LOG_FILE = "head.log"
