@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from chaos import WorkerKiller, first_checkpoint_under
 
 from mirror import tracking
 from mirror.cluster import Head, free_port, job_runtime_env, start_head, stop_head
@@ -242,34 +243,35 @@ class SweepLifecycle:
     history_before: dict[str, list]  # trial id -> val/loss history, at the stop
     statuses_after: dict[str, str]
     resumed: subprocess.CompletedProcess
+    killed_run: str | None  # the run name of the trial whose worker was killed
 
 
 @pytest.fixture(scope="module")
 def sweep_lifecycle(cluster) -> SweepLifecycle:
-    """One 2-trial sweep, one trial at a time, whose first trial crashes once (rank 1 exits at
-    step 1; ``train.max_failures=0`` hands the failure to Tune). The first job is stopped as soon
-    as one trial is recorded finished; ``make submit-sweep ... --resume`` then finishes it."""
+    """One 2-trial sweep of 2 epochs, one trial at a time. Once the first trial has stored its
+    first epoch, one of its train workers is killed from outside (SIGKILL); with
+    ``train.max_failures=0`` Ray Train hands the failure to Tune, which retries the trial. The
+    first job is stopped as soon as one trial is recorded finished; ``make submit-sweep ...
+    --resume`` then finishes it."""
     space = write_space(
         cluster, "lifecycle",
-        fixed={**TINY_MODEL, **TINY_TRAIN, "train.max_failures": 0},
-        parameters={
-            "model.lam": {"space": "loguniform", "low": 0.1, "high": 10.0},
-            # grid order is trial order: the crash and its retry happen in the first job
-            "train.crash_once_at_step": {"space": "grid", "values": [1, -1]},
-        },
-        samples=1, concurrency=1,
+        fixed={**TINY_MODEL, **TINY_TRAIN, "train.epochs": 2, "train.max_failures": 0},
+        parameters={"model.lam": {"space": "loguniform", "low": 0.1, "high": 10.0}},
+        samples=2, concurrency=1,
         resources={"workers": 1, "cpus_per_worker": 1},  # DDP is covered by the train job
     )  # fmt: skip
     name = "lifecycle-sweep"
     entry = ["python", "jobs/sweep.py", str(space), "--name", name, "--data", str(cluster.data),
              "--storage-path", str(cluster.storage)]  # fmt: skip
-    first = submit(cluster, entry, "--submission-id", "lifecycle-first", "--no-wait")
-    assert first.returncode == 0, first.stderr
-    experiment = cluster.storage / name
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while "TERMINATED" not in trial_statuses(experiment).values():  # one finished, on disk
-        assert time.monotonic() < deadline, "no trial finished"
-        time.sleep(2)
+    first_epoch_stored = first_checkpoint_under(cluster.storage, f"{name}-*/epoch_0000")
+    with WorkerKiller(first_epoch_stored, cluster.head.temp_dir) as killer:
+        first = submit(cluster, entry, "--submission-id", "lifecycle-first", "--no-wait")
+        assert first.returncode == 0, first.stderr
+        experiment = cluster.storage / name
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while "TERMINATED" not in trial_statuses(experiment).values():  # one finished, on disk
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(2)
     stop = run(
         [RAY, "job", "stop", "--address", cluster.head.dashboard_url, "lifecycle-first"],
         cluster.env,
@@ -290,7 +292,8 @@ def sweep_lifecycle(cluster) -> SweepLifecycle:
     resumed = make(
         cluster, "submit-sweep", SWEEP_SPACE=str(space), SWEEP_ARGS=f"--name {name} --resume"
     )
-    return SweepLifecycle(parent, finished, runs, history, trial_statuses(experiment), resumed)
+    killed = killer.trigger.parent.name if killer.killed_pid else None
+    return SweepLifecycle(parent, finished, runs, history, trial_statuses(experiment), resumed, killed)
 
 
 def test_resumed_sweep_job_succeeds_without_rerunning_finished_trials(cluster, sweep_lifecycle):
@@ -311,12 +314,13 @@ def test_resumed_sweep_job_succeeds_without_rerunning_finished_trials(cluster, s
         assert history == life.history_before[trial_id]
 
 
-def test_a_trial_that_crashes_once_is_retried_by_tune(cluster, sweep_lifecycle):
+def test_a_trial_whose_worker_is_killed_is_retried_by_tune(cluster, sweep_lifecycle):
+    assert sweep_lifecycle.killed_run is not None, "no train worker was killed"
     children = tracking.child_runs(sweep_lifecycle.parent, uri=cluster.uri)
-    crashed = [c for c in children if c.data.params["train.crash_once_at_step"] == "1"]
+    crashed = [c for c in children if c.data.tags["mirror.run_name"] == sweep_lifecycle.killed_run]
     assert len(crashed) == 1
     assert crashed[0].info.status == "FINISHED" and crashed[0].data.tags[FAILURES_TAG] == "1"
-    assert (cluster.storage / f"{crashed[0].data.tags['mirror.run_name']}.crashed").exists()
+    assert crashed[0].data.metrics["epoch"] == 1.0  # it went on to finish both epochs
 
 
 def test_sweep_parent_run_records_children_best_trial_and_plot(cluster, sweep_lifecycle):
@@ -329,10 +333,7 @@ def test_sweep_parent_run_records_children_best_trial_and_plot(cluster, sweep_li
     run = tracking.get_run(parent, uri=cluster.uri)
     assert run.info.status == "FINISHED"
     assert run.data.tags["best.run_id"] in {c.info.run_id for c in children}
-    assert json.loads(run.data.tags["best.config"]).keys() == {
-        "model.lam",
-        "train.crash_once_at_step",
-    }
+    assert json.loads(run.data.tags["best.config"]).keys() == {"model.lam"}
     assert run.data.metrics["best/val/loss"] == min(c.data.metrics["val/loss"] for c in children)
     assert "summary/plots/val_loss_vs_knobs.png" in tracking.list_artifacts(
         parent, "summary/plots", uri=cluster.uri
