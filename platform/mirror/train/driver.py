@@ -71,7 +71,9 @@ def epoch_lines_printed():
     thread. Ray's own worker logs stay in Ray's log files (``log_to_driver=False``)."""
     from ray.util.queue import Empty, Queue
 
-    queue = Queue()
+    # num_cpus=0: an actor needs a CPU to be scheduled by default, and a Tune trial that holds
+    # 0.05 CPU (or a full cluster) would leave it pending and rank 0 waiting on its first put.
+    queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
 
     def pump() -> None:

@@ -23,6 +23,7 @@ whatever is left of its shard without training on it; the drained count is logge
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -43,6 +44,7 @@ from mirror.models.base import ModelSpec, TrainableModel
 from mirror.models.local_step import LocalStepContext
 from mirror.train.spec import RunSpec, TrainConfig
 
+logger = logging.getLogger(__name__)
 COUNTERS = ("steps", "drained", "examples", "units", "seconds")  # train_epoch's own sums
 
 
@@ -278,7 +280,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 if progress is not None:
                     done = epoch - start_epoch + 1
                     eta = (time.monotonic() - started) / done * (stop_epoch - epoch - 1)
-                    progress.put(epoch_line(metrics, epoch, train.epochs, eta, unit=view.unit))
+                    line = epoch_line(metrics, epoch, train.epochs, eta, unit=view.unit)
+                    try:
+                        progress.put_nowait(line)
+                    except Exception as err:  # the console line is a courtesy; never block training on it
+                        logger.warning("epoch line not sent to the driver (%s): %s", err, line)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
