@@ -12,18 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import ray.data
 
 from mirror.config import require
 from mirror.data import schema
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.collate import CollateConfig, MaskSpec, collate
-from mirror.data.stream import FilterReport, iter_sequence_batches, read_split
 from mirror.data.views.base import DataView
+
+# Ray is imported where rows are read, not here: model files import their view, and loading a
+# config or a sweep file must not pay for importing Ray.
+if TYPE_CHECKING:
+    import ray.data
+
+    from mirror.data.stream import FilterReport
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class SequenceView(DataView):
         return SequenceInfo(week_vocab_size=self.metadata.vocab["week"], max_words=self.config.max_words)
 
     def read(self, split: str, *, purpose: str = "train") -> tuple[ray.data.Dataset, FilterReport]:
+        from mirror.data.stream import read_split
+
         if purpose == "inference":
             return read_split(self.root, split, min_words=1, max_words=schema.MAX_EVENTS)
         return read_split(self.root, split, min_words=self.config.min_words, max_words=self.config.max_words)
@@ -79,6 +86,9 @@ class SequenceView(DataView):
         self, source: Any, batch_size: int, *, training: bool, epoch: int = 0, seed: int = 0,
         device: Any = "auto",
     ) -> Iterator[SequenceBatch]:
+
+        from mirror.data.stream import iter_sequence_batches
+
         config = self.collate_config(training=training, seed=seed)
         return iter_sequence_batches(source, batch_size, config=config, epoch=epoch, device=device)
 
