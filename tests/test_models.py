@@ -35,9 +35,10 @@ TINY = {
 # Fast critic schedule for tests (the WGAN reference warm-up is 25 x 100 critic steps).
 TINY_WAE = TINY | {"n_critic": 2, "n_critic_warmup": 3, "critic_warmup_steps": 2}
 
-# Sentences of (diagnosis-age id, week id) words.
+# Sentences of (diagnosis-age id, week id) words, each consistent with one birth week (as
+# real data are: constrained decoding could not reproduce one that is not).
 SENTENCES = [
-    [(3 + 24 * 10 + 5, 4), (3 + 24 * 200 + 6, 9), (3 + 24 * 33 + 6, 12), (3 + 24 * 7 + 7, 30)],
+    [(3 + 24 * 10 + 5, 4), (3 + 24 * 200 + 6, 9), (3 + 24 * 33 + 6, 12), (3 + 24 * 7 + 6, 30)],
     [(3 + 24 * 400 + 1, 3)],
     [(3 + 24 * 5 + 12, 20), (3 + 24 * 5 + 12, 21)],
     [(3 + 24 * 600 + 23, 5), (3 + 24 * 90 + 23, 6), (3 + 24 * 91 + 23, 7)],
@@ -306,7 +307,70 @@ def test_generate_restricts_vocab_and_pads_after_eos():
         assert bool((wk < INFO.week_vocab_size).all())
         out.bias[EOS] = 2e4
         dx, wk, n = model.generate(z, sex, max_words=6)
-    assert bool((n == 0).all()) and bool((dx == PAD).all()) and bool((wk == PAD).all())
+    # <EOS> is never the first word (every patient has one): one word, then <EOS>, then <PAD>.
+    assert bool((n == 1).all()) and bool((dx[:, 1:] == PAD).all()) and bool((wk[:, 1:] == PAD).all())
+    assert bool((dx[:, 0] >= N_SPECIAL).all()) and bool((wk[:, 0] >= N_SPECIAL).all())
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decoding_never_breaks_a_validity_rule_even_from_an_untrained_model(greedy: bool):
+    """Words and weeks are picked among what the data contract allows: an untrained decoder
+    (uniform-ish logits, weeks pushed towards the wrong end) still yields only sentences that
+    pass every rule of generation_rule_failures, except running past max_words."""
+    from mirror.metrics.tasks import generation_rule_failures
+
+    model = tiny_model("wae")
+    out = model.autoencoder.decoder
+    n = 64
+    z, sex = torch.randn(n, 16), torch.where(torch.rand(n) < 0.5, 1.0, -1.0)
+    with torch.no_grad():
+        # Sampled: <EOS> ~17% per step, sentences of a few words; greedy: never (runs to 31).
+        out.dx_out.bias[EOS] = -5.0 if greedy else 8.0
+        out.wk_out.bias[N_SPECIAL:] = torch.linspace(5.0, 0.0, N_WEEKS)  # early weeks favoured
+        gen = torch.Generator().manual_seed(3)
+        dx, wk, n_words = model.generate(z, sex, 31, greedy=greedy, generator=gen, top_p=0.9)
+    fails = generation_rule_failures(dx, wk, n_words, max_words=30, week_vocab_size=INFO.week_vocab_size)
+    for rule in ("empty", "token", "age_order", "week_order", "age_time"):
+        assert int(fails[rule].sum()) == 0, rule
+    assert int((n_words > 1).sum()) > 0  # multi-word sentences were made, so the rules bit
+
+
+def test_decode_constraints_keep_age_week_order_and_one_birth_week():
+    """What DecodeConstraints allows after one word (age group 5 at week 20) in row 0 and
+    nothing yet in row 1."""
+    from mirror.models.ae import DecodeConstraints
+
+    rules = DecodeConstraints(2, INFO.diag_age_vocab_size, INFO.week_vocab_size, torch.device("cpu"))
+    word = torch.tensor([3 + 24 * 10 + 5, 3 + 24 * 10 + 5])  # age group 5, both rows
+    rules.update(word, torch.tensor([N_SPECIAL + 20, N_SPECIAL + 20]), torch.tensor([True, False]))
+    allowed = rules.allowed_words(first=False)
+    assert not bool(allowed[0, 3 + 24 * 10 + 4]) and bool(allowed[0, 3 + 24 * 10 + 5])  # no younger
+    assert bool(allowed[1, 3 + 24 * 10 + 4])  # row 1 emitted nothing yet: anything goes
+    assert bool(allowed[0, EOS]) and not bool(rules.allowed_words(first=True)[0, EOS])
+    weeks = rules.allowed_weeks(word)
+    assert not bool(weeks[0, N_SPECIAL + 19]) and bool(weeks[0, N_SPECIAL + 20])  # no earlier week
+    # Age group 6 after 5 at week 20: born in (20 - 6P, 20 - 5P], P = 260.9 weeks per group,
+    # the patient turns 30 at week 20.36 at the earliest, so week 20 is too early, 21 is fine.
+    weeks = rules.allowed_weeks(torch.tensor([3 + 24 * 10 + 6, 3 + 24 * 10 + 6]))
+    assert not bool(weeks[0, N_SPECIAL + 20]) and bool(weeks[0, N_SPECIAL + 21])
+    assert bool(weeks[1, N_SPECIAL:].all())  # no word yet: every real week
+    assert not bool(rules.allowed_words(first=False)[0, 3 + 24 * 10 + 13])  # 40 years later:
+    # no week in the 40-week span is that far from week 20
+
+
+def test_sampling_follows_temperature_and_top_p():
+    from mirror.models.ae import sample_logits
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_logits(logits, 1.0, 1.0, gen)
+    assert not bool((draws == 3).any())  # -inf is never drawn
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    torch.testing.assert_close(freq[:3], torch.softmax(logits[0, :3], 0).double(), atol=0.03, rtol=0)
+    nucleus = sample_logits(logits, 1.0, 0.6, gen)  # p = (.665, .245, .09): only the first stays
+    assert bool((nucleus == 0).all())
+    hot = sample_logits(logits, 100.0, 1.0, gen)  # near-uniform over the three allowed ids
+    assert float((hot == 2).double().mean()) > 0.25
 
 
 @pytest.mark.parametrize("name", ["ae", "wae"])
@@ -382,3 +446,55 @@ def test_local_step_context_clips_and_reports_pre_clip_norm():
     assert ctx.grad_norms["autoencoder"] > 1e-2  # the pre-clip norm is reported
     assert moved.norm().item() == pytest.approx(1e-3, rel=1e-3)  # the step used the clipped one
     assert ctx.global_step == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# LR schedules.
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_optimizer_schedule_advances_once_per_training_step(name: str):
+    """An optimizer's LR schedule is sized in training steps: after N steps each optimizer's
+    rate is base * lr_lambda(N), however many optimizer steps a training step takes (the WAE
+    critic takes 2-3 here; stepping its schedule on each would run ahead of the autoencoder's)."""
+    from mirror.train.loop import lr_lambda, make_schedulers
+
+    model = tiny_model(name)
+    optimizers = model.make_optimizers()
+    base = {k: [g["lr"] for g in o.param_groups] for k, o in optimizers.items()}
+    total, warmup_fraction, floor = 20, 0.25, 0.1
+    schedulers = make_schedulers(optimizers, total, warmup_fraction, floor)
+    ctx = LocalStepContext(model, optimizers, grad_clip=1.0, schedulers=schedulers)
+    factor = lr_lambda(total, warmup_fraction, floor)
+    batch = make_batch(SENTENCES, SEXES)
+    for n in range(1, 8):  # through the warm-up (5 steps) and into the decay
+        ctx.train_step(batch)
+        for key, opt in optimizers.items():
+            got = [g["lr"] for g in opt.param_groups]
+            assert got == pytest.approx([b * factor(n) for b in base[key]], rel=1e-12), (key, n)
+            assert schedulers[key].last_epoch == n == ctx.global_step
+
+
+def test_resume_pins_every_schedule_to_the_global_step():
+    """A checkpoint whose critic schedule ran ahead (the old per-critic-step rule) resumes with
+    every schedule at the checkpoint's global step, on this run's base rates."""
+    from mirror.train.loop import (
+        hyperparameters,
+        lr_lambda,
+        make_schedulers,
+        reapply_hyperparameters,
+    )
+
+    model = tiny_model("wae", critic_lr=1e-4)
+    optimizers = model.make_optimizers()
+    schedulers = make_schedulers(optimizers, 20, 0.25, 0.1)
+    for _ in range(9):
+        schedulers["critic"].step()  # ran ahead: 9 critic schedule steps in 3 training steps
+    for _ in range(3):
+        schedulers["autoencoder"].step()
+    settings = hyperparameters(optimizers)
+    settings["critic"][0].update(lr=2e-4, initial_lr=2e-4)  # a PBT perturbation of critic_lr
+    reapply_hyperparameters(optimizers, schedulers, settings, global_step=3)
+    factor = lr_lambda(20, 0.25, 0.1)
+    assert optimizers["critic"].param_groups[0]["lr"] == pytest.approx(2e-4 * factor(3))
+    assert schedulers["critic"].last_epoch == 3

@@ -198,7 +198,7 @@ class ScriptedModel(nn.Module):
             dx[r, n, EOS] = 1.0
         return dx, wk
 
-    def generate(self, z: torch.Tensor, sex: torch.Tensor, max_words: int):
+    def generate(self, z: torch.Tensor, sex: torch.Tensor, max_words: int, **options):
         b = z.shape[0]
         dx = torch.full((b, max_words), PAD, dtype=torch.int64)
         wk = torch.full((b, max_words), PAD, dtype=torch.int64)
