@@ -241,7 +241,8 @@ def test_encode_logits_generate_nll_shapes(name: str):
     assert wk_logits.shape == (b, t, INFO.week_vocab_size)
     assert dx.shape == wk.shape == (b, 7) and n_words.shape == (b,)
     assert per_patient.shape == (b,) and bool((per_patient > 0).all())
-    assert set(sums) == {"nll_dx", "nll_wk", "loss", "tokens"}
+    latent = {"z_mean_abs", "z_var", "mmd", "w1_estimate", "loss_plus_mmd"} if name == "wae" else set()
+    assert set(sums) == {"nll_dx", "nll_wk", "loss", "tokens"} | latent
     assert all(v.dim() == 0 and v.dtype == torch.float32 for v in sums.values())
     assert sums["tokens"].item() == batch.n_tokens
     # Per-patient NLL adds up to the summed eval terms, and matches the padded logits.
@@ -426,7 +427,9 @@ def test_wae_generator_loss_reaches_encoder_but_not_critic():
     grads = {}
     for lam in (0.0, 1e4):
         torch.manual_seed(1)
-        model = tiny_model("wae", lam=lam, critic_warmup_steps=0, critic_boost_every=0)
+        model = tiny_model(
+            "wae", lam=lam, critic_warmup_steps=0, critic_boost_every=0, lam_warmup_steps=0
+        )
         torch.manual_seed(2)
         ctx = _RecordingContext(model, model.make_optimizers(), grad_clip=0.0)
         ctx.train_step(make_batch(SENTENCES, SEXES))
@@ -498,3 +501,46 @@ def test_resume_pins_every_schedule_to_the_global_step():
     factor = lr_lambda(20, 0.25, 0.1)
     assert optimizers["critic"].param_groups[0]["lr"] == pytest.approx(2e-4 * factor(3))
     assert schedulers["critic"].last_epoch == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# WAE latent fit.
+
+
+def test_wae_lambda_warms_up_from_zero_and_step_metrics_report_latent_fit():
+    model = tiny_model("wae", lam=10.0, lam_warmup_steps=4)
+    assert isinstance(model, WassersteinAutoencoder)
+    assert [model.lam_at(s) for s in (0, 1, 2, 4, 9)] == [0.0, 2.5, 5.0, 10.0, 10.0]
+    history = train(model, make_batch(SENTENCES, SEXES), steps=3)
+    assert [m["lam"] for m in history] == [0.0, 2.5, 5.0]
+    assert history[0]["gen_loss"] == 0.0  # λ = 0 at step 0: no W1 penalty yet
+    for m in history:
+        assert {"z_mean_abs", "z_var", "mmd", "w1_estimate"} <= set(m)
+        assert m["z_mean_abs"] >= 0 and m["z_var"] >= 0
+
+
+def test_wae_validation_selection_metric_is_loss_plus_mmd_per_token():
+    """eval_sums carry batch statistics times tokens, so after the loop's division by the
+    total token count val/loss_plus_mmd == val/loss + val/mmd."""
+    from mirror.train.loop import epoch_metrics
+
+    model = tiny_model("wae")
+    model.eval()
+    batches = [make_batch(SENTENCES, SEXES), make_batch(SENTENCES[:3], SEXES[:3])]
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in batches:
+            for key, value in model.eval_sums(batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+    ctx = LocalStepContext(model, model.make_optimizers(), grad_clip=1.0)
+    metrics = epoch_metrics({"steps": 1.0}, sums | {"patients": 7.0}, 1, ctx, 0, normaliser="tokens")
+    assert metrics["val/loss_plus_mmd"] == pytest.approx(metrics["val/loss"] + metrics["val/mmd"])
+    assert metrics["val/mmd"] > 0.05  # an untrained encoder's z is far from N(0, I)
+    assert metrics["val/z_var"] >= 0
+
+
+def test_wae_warns_when_the_w1_estimate_turns_negative():
+    model = tiny_model("wae")
+    assert model.epoch_warnings({"train/w1_estimate": 0.01, "val/w1_estimate": 0.0}) == []
+    (warning,) = model.epoch_warnings({"train/w1_estimate": -0.02, "train/z_mean_abs": 97.0})
+    assert "train/w1_estimate" in warning and "< 0" in warning and "97" in warning

@@ -73,6 +73,10 @@ class TrainableModel(Protocol):
         divides each by the view's normaliser (a key of these sums, or the patient count)."""
         ...
 
+    # Optional (not part of the protocol, looked up by the loop):
+    # ``epoch_warnings(metrics: dict[str, float]) -> list[str]``: warnings about one epoch's
+    # reduced metrics (``train/*``, ``val/*``), logged and shown on the driver by rank 0.
+
 
 # ---------------------------------------------------------------------------------------------
 # Capabilities: opt-in, declared in the model's ModelSpec and checked against these protocols.

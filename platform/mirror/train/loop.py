@@ -27,6 +27,7 @@ whatever is left of its shard without training on it; the drained count is logge
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -47,6 +48,7 @@ from mirror.models.base import ModelSpec, TrainableModel
 from mirror.models.local_step import LocalStepContext
 from mirror.train.spec import RunSpec, TrainConfig
 
+logger = logging.getLogger(__name__)
 COUNTERS = ("steps", "drained", "examples", "units", "seconds")  # train_epoch's own sums
 
 
@@ -292,11 +294,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 tracking.log_metrics(run_id, metrics, step=epoch, uri=uri)
+                for warning in epoch_warnings(model, metrics):
+                    logger.warning("epoch %d: %s", epoch, warning)
+                    if progress is not None:
+                        progress.put(f"warning (epoch {epoch + 1}): {warning}")
                 if progress is not None:
                     done = epoch - start_epoch + 1
                     eta = (time.monotonic() - started) / done * (stop_epoch - epoch - 1)
                     progress.put(epoch_line(metrics, epoch, train.epochs, eta, unit=view.unit))
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def epoch_warnings(model: TrainableModel, metrics: dict[str, float]) -> list[str]:
+    """The model's own warnings about an epoch's metrics (optional ``epoch_warnings`` hook,
+    e.g. the WAE's negative W1 estimate); none for models without the hook."""
+    hook = getattr(model, "epoch_warnings", None)
+    return list(hook(metrics)) if hook is not None else []
 
 
 def epoch_metrics(
