@@ -26,6 +26,7 @@ the CPU at toy sizes: the smoke test in ``tests/test_bench_gpu.py``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform as host
@@ -191,22 +192,26 @@ def measure(name: str, latent: int, plan: Plan, rows, n_weeks: int, mean_tokens:
     n_params = sum(p.numel() for p in model.parameters())
 
     def fits(batch: int) -> bool:
+        """One training step on ``batch`` worst-case patients; False on out-of-memory."""
         ctx = make_context(model, plan.device, 10)
+        ctx.global_step = 10_001  # a mid-run step, as measured below
+        oom = False
         try:
             ctx.train_step(worst_case_batch(batch, n_weeks, info.max_words, plan.device))
             if cuda:
                 torch.cuda.synchronize()
-            return True
         except Exception as err:  # noqa: BLE001 - only OOM is an answer; anything else re-raised
             if not is_oom(err):
                 raise
-            return False
-        finally:
-            del ctx
-            for p in model.parameters():
-                p.grad = None
-            if cuda:
-                torch.cuda.empty_cache()
+            oom = True
+        # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+        del ctx
+        for p in model.parameters():
+            p.grad = None
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+        return not oom
 
     start = time.perf_counter()
     max_batch, hit_cap = largest_batch(fits, 64 if cuda else 4, plan.max_batch_cap)

@@ -381,13 +381,13 @@ def imq_mmd2_unbiased(
     is ~0 (and may be slightly negative) when x and y share a distribution. O(n^2 d) time,
     O(chunk * n) memory."""
     x = torch.as_tensor(x, dtype=torch.float64)
-    y = torch.as_tensor(y, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64, device=x.device)
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"imq_mmd2_unbiased: shapes {tuple(x.shape)} and {tuple(y.shape)}")
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     if n < 2 or m < 2:
         return math.nan
-    cs = torch.tensor([2.0 * d * s for s in scales], dtype=torch.float64)
+    cs = torch.tensor([2.0 * d * s for s in scales], dtype=torch.float64, device=x.device)
 
     def kernel_sum(a: torch.Tensor, b: torch.Tensor) -> float:
         total = 0.0
