@@ -561,3 +561,11 @@ def test_shuffled_z_control_scores_below_an_overfitted_autoencoder():
     assert 0.0 <= m["baseline/copy_prev/recon/tf_acc"] < 1.0
     # Generation goes through the sampling path, under the validity constraints.
     assert m["eval/gen/fail_age_order"] == m["eval/gen/fail_week_order"] == m["eval/gen/fail_empty"] == 0.0
+
+
+def test_the_loop_asks_each_model_for_its_epoch_warnings():
+    from mirror.train.loop import epoch_warnings
+
+    negative = {"train/w1_estimate": -0.5, "val/w1_estimate": -0.1}
+    assert epoch_warnings(tiny_model("ae"), negative) == []  # no hook: no warnings
+    assert len(epoch_warnings(tiny_model("wae"), negative)) == 2
