@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint demo bench-data bench-train bench-metrics clean
+.PHONY: install test lint demo bench-data bench-train bench-metrics bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,13 @@ bench-train: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info
+
+# GPU sizing of every registered model at seed-000 sizes in bf16: tokens/s, peak GPU memory and
+# the largest batch that fits, then the README's 100M-patient sizing table (under 8 minutes on one
+# CUDA GPU). Writes bench/results/gpu.json. Without CUDA it prints one line and exits with code 2
+# (make reports the failure); `$(PY) bench/bench_gpu.py --device cpu --tiny` is the CPU smoke run.
+bench-gpu: install
+	$(PY) bench/bench_gpu.py
 
 # Simulator throughput, Ray Data read + collate vs plain pyarrow, peak memory at 1M and 4M
 # patients (datasets under /tmp/mirror-bench). Writes bench/results/data.json.

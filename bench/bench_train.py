@@ -34,6 +34,8 @@ from mirror.data.collate import CollateConfig, MaskSpec, collate
 from mirror.data.simulator import generate_dataset
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
+from mirror.train.loop import make_schedulers
+from mirror.train.spec import TrainConfig
 
 PATIENTS = int(os.environ.get("BENCH_TRAIN_PATIENTS", 30_000))
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", 40))
@@ -54,7 +56,12 @@ def plain_batches(root: Path, config: CollateConfig):
 def plain_tokens_per_s(root: Path, n_weeks: int, device: str = "cpu") -> tuple[float, float]:
     torch.manual_seed(0)
     model = build_model("wae", {}, SequenceInfo(week_vocab_size=n_weeks + 3)).to(device)
-    ctx = LocalStepContext(model, model.make_optimizers(), grad_clip=1.0, device=torch.device(device))
+    optimizers = model.make_optimizers()
+    # The Ray loop's schedules (one step per training step, for every optimizer), so that the
+    # plain loop does the same work per step, LR schedule included.
+    defaults = TrainConfig()
+    schedulers = make_schedulers(optimizers, STEPS + 3, defaults.warmup_fraction, defaults.min_lr_ratio)
+    ctx = LocalStepContext(model, optimizers, grad_clip=1.0, schedulers=schedulers, device=torch.device(device))
     batches = plain_batches(root, CollateConfig(n_weeks, mask=MaskSpec("training")))
     for _ in range(3):  # warm-up
         ctx.train_step(next(batches).to(device))

@@ -35,9 +35,10 @@ TINY = {
 # Fast critic schedule for tests (the WGAN reference warm-up is 25 x 100 critic steps).
 TINY_WAE = TINY | {"n_critic": 2, "n_critic_warmup": 3, "critic_warmup_steps": 2}
 
-# Sentences of (diagnosis-age id, week id) words.
+# Sentences of (diagnosis-age id, week id) words, each consistent with one birth week (as
+# real data are: constrained decoding could not reproduce one that is not).
 SENTENCES = [
-    [(3 + 24 * 10 + 5, 4), (3 + 24 * 200 + 6, 9), (3 + 24 * 33 + 6, 12), (3 + 24 * 7 + 7, 30)],
+    [(3 + 24 * 10 + 5, 4), (3 + 24 * 200 + 6, 9), (3 + 24 * 33 + 6, 12), (3 + 24 * 7 + 6, 30)],
     [(3 + 24 * 400 + 1, 3)],
     [(3 + 24 * 5 + 12, 20), (3 + 24 * 5 + 12, 21)],
     [(3 + 24 * 600 + 23, 5), (3 + 24 * 90 + 23, 6), (3 + 24 * 91 + 23, 7)],
@@ -240,7 +241,8 @@ def test_encode_logits_generate_nll_shapes(name: str):
     assert wk_logits.shape == (b, t, INFO.week_vocab_size)
     assert dx.shape == wk.shape == (b, 7) and n_words.shape == (b,)
     assert per_patient.shape == (b,) and bool((per_patient > 0).all())
-    assert set(sums) == {"nll_dx", "nll_wk", "loss", "tokens"}
+    latent = {"z_mean_abs", "z_var", "mmd", "w1_estimate", "loss_plus_mmd"} if name == "wae" else set()
+    assert set(sums) == {"nll_dx", "nll_wk", "loss", "tokens"} | latent
     assert all(v.dim() == 0 and v.dtype == torch.float32 for v in sums.values())
     assert sums["tokens"].item() == batch.n_tokens
     # Per-patient NLL adds up to the summed eval terms, and matches the padded logits.
@@ -306,7 +308,70 @@ def test_generate_restricts_vocab_and_pads_after_eos():
         assert bool((wk < INFO.week_vocab_size).all())
         out.bias[EOS] = 2e4
         dx, wk, n = model.generate(z, sex, max_words=6)
-    assert bool((n == 0).all()) and bool((dx == PAD).all()) and bool((wk == PAD).all())
+    # <EOS> is never the first word (every patient has one): one word, then <EOS>, then <PAD>.
+    assert bool((n == 1).all()) and bool((dx[:, 1:] == PAD).all()) and bool((wk[:, 1:] == PAD).all())
+    assert bool((dx[:, 0] >= N_SPECIAL).all()) and bool((wk[:, 0] >= N_SPECIAL).all())
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decoding_never_breaks_a_validity_rule_even_from_an_untrained_model(greedy: bool):
+    """Words and weeks are picked among what the data contract allows: an untrained decoder
+    (uniform-ish logits, weeks pushed towards the wrong end) still yields only sentences that
+    pass every rule of generation_rule_failures, except running past max_words."""
+    from mirror.metrics.tasks import generation_rule_failures
+
+    model = tiny_model("wae")
+    out = model.autoencoder.decoder
+    n = 64
+    z, sex = torch.randn(n, 16), torch.where(torch.rand(n) < 0.5, 1.0, -1.0)
+    with torch.no_grad():
+        # Sampled: <EOS> ~17% per step, sentences of a few words; greedy: never (runs to 31).
+        out.dx_out.bias[EOS] = -5.0 if greedy else 8.0
+        out.wk_out.bias[N_SPECIAL:] = torch.linspace(5.0, 0.0, N_WEEKS)  # early weeks favoured
+        gen = torch.Generator().manual_seed(3)
+        dx, wk, n_words = model.generate(z, sex, 31, greedy=greedy, generator=gen, top_p=0.9)
+    fails = generation_rule_failures(dx, wk, n_words, max_words=30, week_vocab_size=INFO.week_vocab_size)
+    for rule in ("empty", "token", "age_order", "week_order", "age_time"):
+        assert int(fails[rule].sum()) == 0, rule
+    assert int((n_words > 1).sum()) > 0  # multi-word sentences were made, so the rules bit
+
+
+def test_decode_constraints_keep_age_week_order_and_one_birth_week():
+    """What DecodeConstraints allows after one word (age group 5 at week 20) in row 0 and
+    nothing yet in row 1."""
+    from mirror.models.ae import DecodeConstraints
+
+    rules = DecodeConstraints(2, INFO.diag_age_vocab_size, INFO.week_vocab_size, torch.device("cpu"))
+    word = torch.tensor([3 + 24 * 10 + 5, 3 + 24 * 10 + 5])  # age group 5, both rows
+    rules.update(word, torch.tensor([N_SPECIAL + 20, N_SPECIAL + 20]), torch.tensor([True, False]))
+    allowed = rules.allowed_words(first=False)
+    assert not bool(allowed[0, 3 + 24 * 10 + 4]) and bool(allowed[0, 3 + 24 * 10 + 5])  # no younger
+    assert bool(allowed[1, 3 + 24 * 10 + 4])  # row 1 emitted nothing yet: anything goes
+    assert bool(allowed[0, EOS]) and not bool(rules.allowed_words(first=True)[0, EOS])
+    weeks = rules.allowed_weeks(word)
+    assert not bool(weeks[0, N_SPECIAL + 19]) and bool(weeks[0, N_SPECIAL + 20])  # no earlier week
+    # Age group 6 after 5 at week 20: born in (20 - 6P, 20 - 5P], P = 260.9 weeks per group,
+    # the patient turns 30 at week 20.36 at the earliest, so week 20 is too early, 21 is fine.
+    weeks = rules.allowed_weeks(torch.tensor([3 + 24 * 10 + 6, 3 + 24 * 10 + 6]))
+    assert not bool(weeks[0, N_SPECIAL + 20]) and bool(weeks[0, N_SPECIAL + 21])
+    assert bool(weeks[1, N_SPECIAL:].all())  # no word yet: every real week
+    assert not bool(rules.allowed_words(first=False)[0, 3 + 24 * 10 + 13])  # 40 years later:
+    # no week in the 40-week span is that far from week 20
+
+
+def test_sampling_follows_temperature_and_top_p():
+    from mirror.models.ae import sample_logits
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_logits(logits, 1.0, 1.0, gen)
+    assert not bool((draws == 3).any())  # -inf is never drawn
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    torch.testing.assert_close(freq[:3], torch.softmax(logits[0, :3], 0).double(), atol=0.03, rtol=0)
+    nucleus = sample_logits(logits, 1.0, 0.6, gen)  # p = (.665, .245, .09): only the first stays
+    assert bool((nucleus == 0).all())
+    hot = sample_logits(logits, 100.0, 1.0, gen)  # near-uniform over the three allowed ids
+    assert float((hot == 2).double().mean()) > 0.25
 
 
 @pytest.mark.parametrize("name", ["ae", "wae"])
@@ -362,7 +427,9 @@ def test_wae_generator_loss_reaches_encoder_but_not_critic():
     grads = {}
     for lam in (0.0, 1e4):
         torch.manual_seed(1)
-        model = tiny_model("wae", lam=lam, critic_warmup_steps=0, critic_boost_every=0)
+        model = tiny_model(
+            "wae", lam=lam, critic_warmup_steps=0, critic_boost_every=0, lam_warmup_steps=0
+        )
         torch.manual_seed(2)
         ctx = _RecordingContext(model, model.make_optimizers(), grad_clip=0.0)
         ctx.train_step(make_batch(SENTENCES, SEXES))
@@ -382,3 +449,123 @@ def test_local_step_context_clips_and_reports_pre_clip_norm():
     assert ctx.grad_norms["autoencoder"] > 1e-2  # the pre-clip norm is reported
     assert moved.norm().item() == pytest.approx(1e-3, rel=1e-3)  # the step used the clipped one
     assert ctx.global_step == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# LR schedules.
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_optimizer_schedule_advances_once_per_training_step(name: str):
+    """An optimizer's LR schedule is sized in training steps: after N steps each optimizer's
+    rate is base * lr_lambda(N), however many optimizer steps a training step takes (the WAE
+    critic takes 2-3 here; stepping its schedule on each would run ahead of the autoencoder's)."""
+    from mirror.train.loop import lr_lambda, make_schedulers
+
+    model = tiny_model(name)
+    optimizers = model.make_optimizers()
+    base = {k: [g["lr"] for g in o.param_groups] for k, o in optimizers.items()}
+    total, warmup_fraction, floor = 20, 0.25, 0.1
+    schedulers = make_schedulers(optimizers, total, warmup_fraction, floor)
+    ctx = LocalStepContext(model, optimizers, grad_clip=1.0, schedulers=schedulers)
+    factor = lr_lambda(total, warmup_fraction, floor)
+    batch = make_batch(SENTENCES, SEXES)
+    for n in range(1, 8):  # through the warm-up (5 steps) and into the decay
+        ctx.train_step(batch)
+        for key, opt in optimizers.items():
+            got = [g["lr"] for g in opt.param_groups]
+            assert got == pytest.approx([b * factor(n) for b in base[key]], rel=1e-12), (key, n)
+            assert schedulers[key].last_epoch == n == ctx.global_step
+
+
+def test_resume_pins_every_schedule_to_the_global_step():
+    """A checkpoint whose critic schedule ran ahead (the old per-critic-step rule) resumes with
+    every schedule at the checkpoint's global step, on this run's base rates."""
+    from mirror.train.loop import (
+        hyperparameters,
+        lr_lambda,
+        make_schedulers,
+        reapply_hyperparameters,
+    )
+
+    model = tiny_model("wae", critic_lr=1e-4)
+    optimizers = model.make_optimizers()
+    schedulers = make_schedulers(optimizers, 20, 0.25, 0.1)
+    for _ in range(9):
+        schedulers["critic"].step()  # ran ahead: 9 critic schedule steps in 3 training steps
+    for _ in range(3):
+        schedulers["autoencoder"].step()
+    settings = hyperparameters(optimizers)
+    settings["critic"][0].update(lr=2e-4, initial_lr=2e-4)  # a PBT perturbation of critic_lr
+    reapply_hyperparameters(optimizers, schedulers, settings, global_step=3)
+    factor = lr_lambda(20, 0.25, 0.1)
+    assert optimizers["critic"].param_groups[0]["lr"] == pytest.approx(2e-4 * factor(3))
+    assert schedulers["critic"].last_epoch == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# WAE latent fit.
+
+
+def test_wae_lambda_warms_up_from_zero_and_step_metrics_report_latent_fit():
+    model = tiny_model("wae", lam=10.0, lam_warmup_steps=4)
+    assert isinstance(model, WassersteinAutoencoder)
+    assert [model.lam_at(s) for s in (0, 1, 2, 4, 9)] == [0.0, 2.5, 5.0, 10.0, 10.0]
+    history = train(model, make_batch(SENTENCES, SEXES), steps=3)
+    assert [m["lam"] for m in history] == [0.0, 2.5, 5.0]
+    assert history[0]["gen_loss"] == 0.0  # λ = 0 at step 0: no W1 penalty yet
+    for m in history:
+        assert {"z_mean_abs", "z_var", "mmd", "w1_estimate"} <= set(m)
+        assert m["z_mean_abs"] >= 0 and m["z_var"] >= 0
+
+
+def test_wae_validation_selection_metric_is_loss_plus_mmd_per_token():
+    """eval_sums carry batch statistics times tokens, so after the loop's division by the
+    total token count val/loss_plus_mmd == val/loss + val/mmd."""
+    from mirror.train.loop import epoch_metrics
+
+    model = tiny_model("wae")
+    model.eval()
+    batches = [make_batch(SENTENCES, SEXES), make_batch(SENTENCES[:3], SEXES[:3])]
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in batches:
+            for key, value in model.eval_sums(batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+    ctx = LocalStepContext(model, model.make_optimizers(), grad_clip=1.0)
+    metrics = epoch_metrics({"steps": 1.0}, sums | {"patients": 7.0}, 1, ctx, 0, normaliser="tokens")
+    assert metrics["val/loss_plus_mmd"] == pytest.approx(metrics["val/loss"] + metrics["val/mmd"])
+    assert metrics["val/mmd"] > 0.05  # an untrained encoder's z is far from N(0, I)
+    assert metrics["val/z_var"] >= 0
+
+
+def test_wae_warns_when_the_w1_estimate_turns_negative():
+    model = tiny_model("wae")
+    assert model.epoch_warnings({"train/w1_estimate": 0.01, "val/w1_estimate": 0.0}) == []
+    (warning,) = model.epoch_warnings({"train/w1_estimate": -0.02, "train/z_mean_abs": 97.0})
+    assert "train/w1_estimate" in warning and "< 0" in warning and "97" in warning
+
+
+def test_shuffled_z_control_scores_below_an_overfitted_autoencoder():
+    """The shuffled-z floor decodes each patient with another patient's z: once z carries the
+    sentence (a tiny overfitted batch), the control loses what z carried."""
+    from mirror.metrics.evaluate import EvalConfig, evaluate_model
+
+    model = tiny_model("ae")
+    batch = make_batch(SENTENCES, SEXES)
+    train(model, batch, steps=60)
+    result = evaluate_model(model, [batch], data_info=INFO, config=EvalConfig(n_generate=8, cv_folds=2))
+    m = result.metrics
+    assert m["eval/recon/tf_acc"] == 1.0
+    assert m["baseline/shuffled_z/recon/tf_acc"] < 0.8
+    assert 0.0 <= m["baseline/copy_prev/recon/tf_acc"] < 1.0
+    # Generation goes through the sampling path, under the validity constraints.
+    assert m["eval/gen/fail_age_order"] == m["eval/gen/fail_week_order"] == m["eval/gen/fail_empty"] == 0.0
+
+
+def test_the_loop_asks_each_model_for_its_epoch_warnings():
+    from mirror.train.loop import epoch_warnings
+
+    negative = {"train/w1_estimate": -0.5, "val/w1_estimate": -0.1}
+    assert epoch_warnings(tiny_model("ae"), negative) == []  # no hook: no warnings
+    assert len(epoch_warnings(tiny_model("wae"), negative)) == 2

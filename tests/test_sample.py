@@ -17,7 +17,7 @@ class ThreeKindsOfSentence:
 
     latent_dim = 4
 
-    def generate(self, z: torch.Tensor, sex: torch.Tensor, max_words: int):
+    def generate(self, z: torch.Tensor, sex: torch.Tensor, max_words: int, **options):
         b = z.shape[0]
         dx = torch.full((b, max_words), vocab.PAD)
         wk = torch.full((b, max_words), vocab.PAD)

@@ -26,12 +26,13 @@ from mirror.data.vocab import (
     DIAG_AGE_VOCAB_SIZE,
     EOS,
     N_CONDITIONS,
+    N_SPECIAL,
     PAD,
     SOS,
     age_group_at,
     diag_age_token,
 )
-from mirror.metrics.baselines import FrequencyBaseline
+from mirror.metrics.baselines import FrequencyBaseline, copy_previous_topk
 from mirror.metrics.evaluate import (
     BASELINE_METRIC_NAMES,
     METRIC_GOALS,
@@ -40,6 +41,7 @@ from mirror.metrics.evaluate import (
     GroundTruth,
     evaluate_model,
     load_ground_truth,
+    model_metric_of,
 )
 from mirror.metrics.tasks import (
     LatentReservoir,
@@ -50,6 +52,7 @@ from mirror.metrics.tasks import (
     pearson_r,
     ridge_r2_cv,
     sex_auroc_cv,
+    word_positions,
 )
 from mirror.models.base import Encoder, SequenceDecoder
 
@@ -198,7 +201,7 @@ class ScriptedModel(nn.Module):
             dx[r, n, EOS] = 1.0
         return dx, wk
 
-    def generate(self, z: torch.Tensor, sex: torch.Tensor, max_words: int):
+    def generate(self, z: torch.Tensor, sex: torch.Tensor, max_words: int, **options):
         b = z.shape[0]
         dx = torch.full((b, max_words), PAD, dtype=torch.int64)
         wk = torch.full((b, max_words), PAD, dtype=torch.int64)
@@ -246,7 +249,7 @@ def test_every_metric_name_is_reported(evaluated):
     assert list(result.metrics) == list(METRIC_NAMES)
     assert len(set(METRIC_NAMES)) == len(METRIC_NAMES)
     assert all(name.startswith(("eval/", "baseline/")) for name in METRIC_NAMES)
-    assert {n.replace("baseline/", "eval/", 1) for n in BASELINE_METRIC_NAMES} <= set(METRIC_NAMES)
+    assert {model_metric_of(n) for n in BASELINE_METRIC_NAMES} <= set(METRIC_NAMES)  # a floor each
     assert set(METRIC_GOALS) == {n for n in METRIC_NAMES if "/count/" not in n}
 
 
@@ -361,6 +364,51 @@ def test_baseline_is_scored_on_the_same_words(evaluated):
         assert math.isfinite(m[f"baseline/gen/{name}"])
 
 
+def naive_copy_previous(dec_dx: torch.Tensor, k: int) -> list[list[list[int]]]:
+    """The heuristic by hand: per position, the distinct words seen so far, newest first."""
+    out = []
+    for row in dec_dx.tolist():
+        per_row = []
+        for t in range(len(row)):
+            seen: list[int] = []
+            for token in reversed(row[: t + 1]):
+                if token >= N_SPECIAL and token not in seen:
+                    seen.append(token)
+            per_row.append((seen + [PAD] * k)[:k])
+        out.append(per_row)
+    return out
+
+
+def test_copy_previous_topk_matches_the_heuristic_by_hand():
+    gen = torch.Generator().manual_seed(0)
+    dec = torch.randint(N_SPECIAL, N_SPECIAL + 5, (6, 11), generator=gen)  # many repeats
+    dec[:, 0] = SOS
+    dec[2, 7:] = PAD
+    top, week = copy_previous_topk(dec, dec + 100, 3)
+    assert top.tolist() == naive_copy_previous(dec, 3)
+    assert torch.equal(week, dec + 100)  # the previous word's week
+
+
+def test_floors_are_scored_on_the_same_words(evaluated):
+    result, batch = evaluated
+    m = result.metrics
+    # The scripted decoder ignores z, so its shuffled-z control reconstructs exactly as it
+    # does (at masked positions the script reads the encoder input, which the control keeps
+    # clean, so those differ).
+    for name in ("recon/tf_acc", "recon/tf_week_acc"):
+        assert m[f"baseline/shuffled_z/{name}"] == pytest.approx(m[f"eval/{name}"])
+    naive = naive_copy_previous(batch.dec_dx, 1)
+    hits = words = 0
+    for row, n in enumerate(batch.lengths.tolist()):
+        for i in range(n):
+            words += 1
+            hits += naive[row][i][0] == int(batch.tgt_dx[row, i])
+    assert words == 14 and m["baseline/copy_prev/recon/tf_acc"] == pytest.approx(hits / words)
+    assert m["baseline/copy_prev/recon/tf_week_acc"] == pytest.approx(
+        float(((batch.dec_wk == batch.tgt_wk) & word_positions(batch.lengths, batch.tgt_dx.shape[1])).sum()) / 14
+    )
+
+
 def test_latent_metrics_on_the_fixed_set(evaluated):
     result, _ = evaluated
     m = result.metrics
@@ -410,6 +458,10 @@ def test_ground_truth_is_read_from_parquet_and_scored(tmp_path):
         config=EvalConfig(n_generate=0, cv_folds=2),
     )
     assert math.isfinite(result.metrics["eval/latent/truth_r2"])
+    # The floor probes the sentences' own summary; here z holds the subject id the truth is
+    # a linear function of, and four sentences' condition counts do not.
+    floor = result.metrics["baseline/latent/truth_r2"]
+    assert math.isfinite(floor) and floor < result.metrics["eval/latent/truth_r2"]
     assert math.isnan(result.metrics["baseline/recon/tf_acc"])
     assert result.notes["baseline/recon/tf_acc"] == "no baseline given"
     assert result.samples.num_rows == 0

@@ -19,6 +19,15 @@ How each task uses it:
   the table; first week and week gaps sampled independently from their histograms.
 
 Fitting streams over training batches and keeps only count arrays (about 3 MB).
+
+Two more floors need no fitting (``mirror.metrics.evaluate`` reports them beside the unigram's):
+
+* :func:`copy_previous_topk`, the copy-previous-word heuristic: at each position predict the
+  words already seen in this sentence, most recent first (top-1 = the previous word), and the
+  previous word's week. Patients repeat conditions, so this scores far above the unigram on
+  teacher-forced accuracy; a decoder that does not beat it has learnt little beyond copying.
+* the shuffled-z control: the model's own decoder given another patient's z (built in
+  ``evaluate``), which measures how much z, rather than the teacher-forced prefix, carries.
 """
 
 from __future__ import annotations
@@ -46,6 +55,39 @@ def previous_word_context(dec_dx: torch.Tensor) -> torch.Tensor:
         (dec_dx - N_SPECIAL).clamp(min=0) % N_AGE_GROUPS,
         torch.full_like(dec_dx, SOS_CONTEXT),
     )
+
+
+def copy_previous_topk(
+    dec_dx: torch.Tensor, dec_wk: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The copy-previous-word heuristic under teacher forcing: at decoder position t (input
+    ``dec_dx[:, t]``, predicting ``tgt_dx[:, t]``) the k most recently seen *distinct* words of
+    the decoder inputs ``dec_dx[:, :t + 1]``, most recent first, ``<PAD>`` where fewer exist
+    (the first word has nothing to copy: a miss). Week: the previous word's week (``<SOS>`` at
+    the first word, a miss). Returns (B, T, k) ids and (B, T) week ids.
+
+    Vectorised over positions in O(B T^2): input j is the latest occurrence of its word at
+    time t iff j <= t and the word's next occurrence comes after t; its recency rank is the
+    number of such latest occurrences after j.
+    """
+    b, width = dec_dx.shape
+    device = dec_dx.device
+    idx = torch.arange(width, device=device)
+    same = dec_dx[:, :, None] == dec_dx[:, None, :]  # (B, j, j')
+    later = (idx[None, :] > idx[:, None])[None]  # j' > j
+    repeat = same & later
+    next_same = torch.where(repeat.any(-1), repeat.float().argmax(-1), torch.full_like(dec_dx, width))
+    is_word = dec_dx >= N_SPECIAL
+    t = idx[None, :, None]  # (1, t, 1)
+    j = idx[None, None, :]  # (1, 1, j)
+    latest = (j <= t) & (next_same[:, None, :] > t) & is_word[:, None, :]  # (B, t, j)
+    rank = latest.flip(-1).cumsum(-1).flip(-1) - latest.long()  # latest occurrences after j
+    out = torch.full((b, width, k), PAD, dtype=dec_dx.dtype, device=device)
+    for r in range(k):
+        pick = latest & (rank == r)
+        where = pick.float().argmax(-1)  # (B, t): the j of rank r (0 if none)
+        out[..., r] = torch.where(pick.any(-1), dec_dx.gather(1, where), torch.full_like(where, PAD))
+    return out, dec_wk.clone()
 
 
 def _grow(counts: np.ndarray, size: int) -> np.ndarray:

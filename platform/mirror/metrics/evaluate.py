@@ -7,6 +7,19 @@ marginal) and a bounded reservoir of z; then z ~ N(0, I) is decoded for generati
 latent probes run on the reservoir. Memory is O(batch + reservoir + n_generate samples),
 never O(held-out patients). Metric definitions are in ``mirror.metrics.tasks``.
 
+Floors, all under ``baseline/...`` (``mirror.metrics.baselines``):
+
+* ``baseline/<task>/...``: the age-conditioned unigram model fitted on train (every task);
+* ``baseline/copy_prev/...``: the copy-previous-word heuristic (teacher-forced accuracy, week
+  accuracy, top-k at masked positions: the k most recent distinct words of the prefix);
+* ``baseline/shuffled_z/...``: the model's own decoder under teacher forcing with z rolled by
+  one row across the batch (each patient decoded with another patient's z): what the decoder
+  gets from the prefix alone. At masked positions the decoder input is the true prefix, so
+  the control there is the same shuffled-z prediction;
+* ``baseline/latent/truth_r2``: the ridge probe's R² from the observed sentence itself
+  (bag-of-conditions counts, length, first age group) to the true latent state: z should
+  recover at least what these summary features do.
+
 Masks come from ``mirror.data.collate.make_mask`` (a pure function of seed, subject id and
 word index), so two models evaluated with the same seed are scored on the same words.
 Every metric in :data:`METRIC_NAMES` is always present; one that cannot be computed is NaN
@@ -30,8 +43,8 @@ import torch
 from mirror.data import schema
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.collate import MaskSpec, make_mask
-from mirror.data.vocab import N_AGE_GROUPS, N_SPECIAL
-from mirror.metrics.baselines import FrequencyBaseline
+from mirror.data.vocab import N_AGE_GROUPS, N_CONDITIONS, N_SPECIAL
+from mirror.metrics.baselines import FrequencyBaseline, copy_previous_topk
 from mirror.metrics.tasks import (
     GENERATION_RULES,
     ConditionPrevalence,
@@ -50,6 +63,7 @@ from mirror.metrics.tasks import (
     sex_auroc_cv,
     teacher_forced_sums,
     topk_hits,
+    word_positions,
 )
 from mirror.progress import progress
 
@@ -99,8 +113,27 @@ MODEL_METRIC_NAMES: tuple[str, ...] = (
     + tuple(f"eval/latent/{m}" for m in LATENT_METRICS)
     + tuple(f"eval/count/{m}" for m in COUNT_METRICS)
 )
-BASELINE_METRIC_NAMES: tuple[str, ...] = _task_names("baseline")
+# The unigram floor of every task (needs a fitted FrequencyBaseline).
+UNIGRAM_METRIC_NAMES: tuple[str, ...] = _task_names("baseline")
+# Teacher-forced floors that need no fitting: "baseline/<floor>/<task>/<metric>".
+TEACHER_FORCED_FLOORS = ("copy_prev", "shuffled_z")
+FLOOR_TASK_METRICS = ("recon/tf_acc", "recon/tf_week_acc") + tuple(
+    f"{task}/{m}" for task in ("interp", "extrap") for m in MASKED_METRICS
+)
+FLOOR_METRIC_NAMES: tuple[str, ...] = tuple(
+    f"baseline/{floor}/{m}" for floor in TEACHER_FORCED_FLOORS for m in FLOOR_TASK_METRICS
+) + ("baseline/latent/truth_r2",)
+BASELINE_METRIC_NAMES: tuple[str, ...] = UNIGRAM_METRIC_NAMES + FLOOR_METRIC_NAMES
 METRIC_NAMES: tuple[str, ...] = MODEL_METRIC_NAMES + BASELINE_METRIC_NAMES
+
+
+def model_metric_of(baseline_name: str) -> str:
+    """The ``eval/...`` metric a floor stands beside: ``baseline/copy_prev/recon/tf_acc`` ->
+    ``eval/recon/tf_acc``."""
+    parts = baseline_name.split("/")[1:]
+    if parts[0] in TEACHER_FORCED_FLOORS:
+        parts = parts[1:]
+    return "/".join(["eval", *parts])
 
 # Which way is better, per metric suffix: "max", "min", or a target value ("0.5", "1.0").
 _GOALS = {
@@ -398,6 +431,30 @@ class _GenerationScore:
         return pa.concat_tables(self.tables) if self.tables else schema.ROW_SCHEMA.empty_table()
 
 
+def _floor_metrics(sums: Sums) -> dict[str, float]:
+    out = {}
+    for floor in TEACHER_FORCED_FLOORS:
+        p = f"baseline/{floor}"
+        out[f"{p}/recon/tf_acc"] = sums.ratio(f"{p}/tf/tf_correct", f"{p}/tf/words")
+        out[f"{p}/recon/tf_week_acc"] = sums.ratio(f"{p}/tf/tf_week_correct", f"{p}/tf/words")
+        for task in ("interp", "extrap"):
+            for k in TOPK:
+                out[f"{p}/{task}/top{k}"] = sums.ratio(f"{p}/{task}/top{k}", f"{p}/{task}/masked")
+    return out
+
+
+def sentence_features(batch: SequenceBatch) -> torch.Tensor:
+    """(B, N_CONDITIONS + 2) float: how often each condition occurs in the sentence, its
+    length and its first word's age group: the summary the truth-recovery floor probes."""
+    words = word_positions(batch.lengths, batch.tgt_dx.shape[1]) & (batch.tgt_dx >= N_SPECIAL)
+    cond = torch.where(words, (batch.tgt_dx - N_SPECIAL) // N_AGE_GROUPS, torch.full_like(batch.tgt_dx, N_CONDITIONS))
+    counts = torch.zeros(batch.size, N_CONDITIONS + 1, device=cond.device).scatter_add_(
+        1, cond, torch.ones_like(cond, dtype=torch.float32)
+    )[:, :N_CONDITIONS]
+    first_age = ((batch.tgt_dx[:, 0] - N_SPECIAL).clamp(min=0) % N_AGE_GROUPS).float()
+    return torch.cat([counts, batch.lengths.float()[:, None], first_age[:, None]], dim=1)
+
+
 def _task_metrics(sums: Sums, prefix: str) -> dict[str, float]:
     tf, gr = f"{prefix}/tf/", f"{prefix}/greedy/"
     out = {
@@ -473,11 +530,21 @@ def _score_model_batch(
     z = model.encode(clean)
     top, week = _model_topk(model, clean, z)
     sums.add(teacher_forced_sums(top[..., 0], week, batch), "eval/tf/")
+    # Floors that need the batch only (copy the prefix) or the model's decoder with another
+    # patient's z (rolled by one row: no patient keeps its own when B >= 2).
+    floors = {
+        "copy_prev": copy_previous_topk(batch.dec_dx, batch.dec_wk, max(TOPK)),
+        "shuffled_z": _model_topk(model, clean, z.roll(1, dims=0)),
+    }
+    for floor, (floor_top, floor_week) in floors.items():
+        sums.add(teacher_forced_sums(floor_top[..., 0], floor_week, batch), f"baseline/{floor}/tf/")
+        for task, select in masks.items():
+            _score_masked(sums, f"baseline/{floor}/{task}/", floor_top, batch, select)
     # Decoding L + 1 words (L: the longest true sentence here) shows whether each <EOS> comes
     # in the right place; decoding on to max_words would only cost time.
     gen_dx, gen_wk, gen_len = model.generate(z, batch.sex, width)
     sums.add(greedy_sums(gen_dx, gen_wk, gen_len, batch), "eval/greedy/")
-    reservoir.add(z, batch.sex, batch.subject_id)
+    reservoir.add(z, batch.sex, batch.subject_id, features=sentence_features(batch))
     for task, select in masks.items():
         masked = mask_encoder_input(batch, select[:, : width - 1])
         top_masked, _ = _model_topk(model, masked, model.encode(masked))
@@ -519,16 +586,21 @@ def _generate(
     cfg: EvalConfig,
     device: torch.device,
 ) -> None:
-    """Decode z ~ N(0, I) with sex drawn from the held-out marginal, and sample the baseline,
+    """Decode z ~ N(0, I) by ancestral sampling (the model's configured temperature and top-p,
+    the same decoding as the scorecard's ``sample_rows``) with sex drawn from the held-out
+    marginal, and sample the baseline,
     in chunks of ``gen_batch_size``; decoding runs one word past max_words to see <EOS>."""
     steps = score.max_words + 1
     torch_gen = torch.Generator().manual_seed(cfg.seed)
+    draws = torch.Generator(device=device).manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     for start in range(0, cfg.n_generate, cfg.gen_batch_size):
         b = min(cfg.gen_batch_size, cfg.n_generate - start)
         z = torch.randn(b, model.latent_dim, generator=torch_gen)
         sex = torch.where(torch.rand(b, generator=torch_gen) < female_share, 1.0, -1.0)
-        score.add(*model.generate(z.to(device), sex.to(device), steps), sex)
+        # Ancestral sampling, as the Generator capability samples for the scorecard.
+        decoded = model.generate(z.to(device), sex.to(device), steps, greedy=False, generator=draws)
+        score.add(*decoded, sex)
         if baseline is not None:
             base_score.add(*baseline.sample(b, rng, steps), torch.zeros(b))
 
@@ -585,8 +657,8 @@ def _evaluate(
     if cfg.n_generate == 0:
         notes.update(dict.fromkeys((n for n in METRIC_NAMES if "/gen/" in n), "n_generate = 0"))
     if baseline is None:
-        notes.update(dict.fromkeys(BASELINE_METRIC_NAMES, "no baseline given"))
-    metrics = _task_metrics(sums, "eval") | _task_metrics(sums, "baseline")
+        notes.update(dict.fromkeys(UNIGRAM_METRIC_NAMES, "no baseline given"))
+    metrics = _task_metrics(sums, "eval") | _task_metrics(sums, "baseline") | _floor_metrics(sums)
     metrics |= gen.metrics(real_prevalence.prevalence(), real_lengths.counts)
     metrics |= base_gen.metrics(real_prevalence.prevalence(), real_lengths.counts)
     metrics |= _latent_metrics(reservoir, ground_truth, cfg, notes)
@@ -651,14 +723,20 @@ def _latent_metrics(
             if isinstance(ground_truth, GroundTruth)
             else load_ground_truth(ground_truth, reservoir.subject_id)
         )
-        out["eval/latent/truth_r2"] = ridge_r2_cv(
-            z, truth.lookup(reservoir.subject_id), folds=cfg.cv_folds, seed=cfg.seed
+        latent = truth.lookup(reservoir.subject_id)
+        out["eval/latent/truth_r2"] = ridge_r2_cv(z, latent, folds=cfg.cv_folds, seed=cfg.seed)
+        # The floor: the same probe on what the sentence shows directly, same patients, folds.
+        out["baseline/latent/truth_r2"] = ridge_r2_cv(
+            reservoir.features.astype(np.float64), latent, folds=cfg.cv_folds, seed=cfg.seed
         )
+    if ground_truth is None:
+        notes["baseline/latent/truth_r2"] = notes["eval/latent/truth_r2"]
     return out
 
 
 __all__ = [
     "BASELINE_METRIC_NAMES",
+    "FLOOR_METRIC_NAMES",
     "METRIC_GOALS",
     "METRIC_NAMES",
     "MODEL_METRIC_NAMES",
@@ -667,4 +745,5 @@ __all__ = [
     "GroundTruth",
     "evaluate_model",
     "load_ground_truth",
+    "model_metric_of",
 ]

@@ -301,12 +301,25 @@ class LatentReservoir:
         self.z = np.empty((0, 0), dtype=np.float32)
         self.sex = np.empty(0, dtype=np.float32)
         self.subject_id = np.empty(0, dtype=np.int64)
+        self.features = np.empty((0, 0), dtype=np.float32)  # optional per-patient rows
 
-    def add(self, z: torch.Tensor, sex: torch.Tensor, subject_id: torch.Tensor) -> None:
+    def add(
+        self, z: torch.Tensor, sex: torch.Tensor, subject_id: torch.Tensor,
+        features: torch.Tensor | None = None,
+    ) -> None:
+        """Offer a batch; ``features`` (B, F), if given, are kept beside z for the same
+        patients (give them on every call or on none)."""
         z_np = z.detach().float().cpu().numpy()
+        feats = (
+            np.zeros((z_np.shape[0], 0), dtype=np.float32)
+            if features is None
+            else features.detach().float().cpu().numpy()
+        )
         if self.z.shape[0] == 0:
             self.z = np.empty((0, z_np.shape[1]), dtype=np.float32)
+            self.features = np.empty((0, feats.shape[1]), dtype=np.float32)
         keys = np.concatenate([self._keys, self._rng.random(z_np.shape[0])])
+        feats_all = np.concatenate([self.features, feats])
         z_all = np.concatenate([self.z, z_np])
         sex_all = np.concatenate([self.sex, sex.detach().float().cpu().numpy()])
         ids_all = np.concatenate(
@@ -316,7 +329,9 @@ class LatentReservoir:
         if keys.size > self.capacity:
             keep = np.argpartition(keys, self.capacity - 1)[: self.capacity]
             keys, z_all, sex_all, ids_all = keys[keep], z_all[keep], sex_all[keep], ids_all[keep]
+            feats_all = feats_all[keep]
         self._keys, self.z, self.sex, self.subject_id = keys, z_all, sex_all, ids_all
+        self.features = feats_all
 
     def __len__(self) -> int:
         return int(self.z.shape[0])
@@ -366,13 +381,13 @@ def imq_mmd2_unbiased(
     is ~0 (and may be slightly negative) when x and y share a distribution. O(n^2 d) time,
     O(chunk * n) memory."""
     x = torch.as_tensor(x, dtype=torch.float64)
-    y = torch.as_tensor(y, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64, device=x.device)
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"imq_mmd2_unbiased: shapes {tuple(x.shape)} and {tuple(y.shape)}")
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     if n < 2 or m < 2:
         return math.nan
-    cs = torch.tensor([2.0 * d * s for s in scales], dtype=torch.float64)
+    cs = torch.tensor([2.0 * d * s for s in scales], dtype=torch.float64, device=x.device)
 
     def kernel_sum(a: torch.Tensor, b: torch.Tensor) -> float:
         total = 0.0

@@ -22,8 +22,18 @@ Choices where the seed is silent:
   a sentence ``<PAD>`` is the training mask token, and it gets a learned vector.
 * Sequences are packed with ``lengths + 1`` (never inferred from ``<PAD>``, which doubles as the
   mask token), so padding costs no compute in the GRUs, embeddings or 14,523-way output layer.
-* The decoder predicts the next diagnosis-age token and its week from the same state; the two
-  are conditionally independent given the state (the week is not conditioned on the dx).
+* The week is conditioned on the word it belongs to (``week_on_dx``, default on):
+  ``P(c_t, τ_t | state) = P(c_t | state) · P(τ_t | state, c_t)``, the week head reading the
+  features together with ``E_dx(c_t)`` (the target under teacher forcing, the chosen word when
+  decoding). The age group in ``c_t`` pins the week to a five-year window of the birth week,
+  which an unconditioned week head cannot know. ``week_on_dx = False`` is the old factorisation
+  (dx and week independent given the state).
+* Decoding (:meth:`SentenceAutoencoder.generate`): greedy for reconstruction, ancestral
+  sampling with temperature and nucleus (top-p) truncation for generation. Both decode under
+  the data contract's structure: no ``<EOS>`` before the first word, age group and week never
+  decrease, and every (age group, week) pair keeps one birth week consistent with all the
+  words so far (the rules of ``metrics.tasks.generation_rule_failures``, which stay the
+  definition of validity; decoding only never proposes what they reject).
 * The loss is the per-token mean of ``CE(dx) + w_time * CE(week)`` over the predicted tokens
   (words and the final ``<EOS>``); :meth:`SentenceAutoencoder.patient_nll` is the plain
   (unweighted) NLL summed per patient.
@@ -31,6 +41,7 @@ Choices where the seed is silent:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -42,7 +53,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from mirror.config import require
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.views.sequence import SequenceView
-from mirror.data.vocab import EOS, N_SPECIAL, PAD, SOS
+from mirror.data.vocab import EOS, N_AGE_GROUPS, N_SPECIAL, PAD, SOS
+from mirror.metrics.tasks import AGE_GROUP_WEEKS
 from mirror.models.base import GenerationContext, ModelSpec, StepContext
 from mirror.models.sentences import sample_sentence_rows
 
@@ -61,8 +73,12 @@ class AEConfig:
     head_hidden: int = 64  # d_h: GRU hidden units per head (real scale: 256)
     latent_dim: int = 32  # width of z (real scale: 1024 = H·d_h)
     out_hidden: int = 128  # decoder aggregation layer before the two softmax heads (real: 512)
+    week_on_dx: bool = True  # week head also reads E_dx(word): P(week | state, word)
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
+    # Generation (z ~ N(0, I) decoded by ancestral sampling; reconstruction stays greedy).
+    gen_temperature: float = 1.0  # softmax temperature of sampled words and weeks (1 = the model)
+    gen_top_p: float = 1.0  # nucleus sampling: smallest set of mass >= top_p (1 = no truncation)
     # Optimisation: AdamW over every autoencoder parameter. Gradient clipping, LR schedule and
     # batch size belong to the training loop (TrainConfig), not to the model.
     lr: float = 1e-3  # learning rate
@@ -80,6 +96,8 @@ class AEConfig:
         ):
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
         require(self, "w_time", self.w_time >= 0, "a float >= 0")
+        require(self, "gen_temperature", self.gen_temperature > 0, "a float > 0")
+        require(self, "gen_top_p", 0 < self.gen_top_p <= 1, "a float in (0, 1]")
         require(self, "lr", self.lr > 0, "a float > 0")
         require(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "a float in [0, 1)")
         require(self, "weight_decay", self.weight_decay >= 0, "a float >= 0")
@@ -160,6 +178,11 @@ class MultiHeadGRUDecoder(nn.Module):
         )
         self.aggregate = nn.Linear(cfg.n_heads * cfg.head_hidden, cfg.out_hidden)
         self.dx_out = nn.Linear(cfg.out_hidden, data_info.diag_age_vocab_size)
+        # P(week | state, word): a hidden layer over [features ⊕ E_dx(word)], so that the week
+        # window can depend jointly on the state (birth week, last week) and the word's age.
+        self.wk_mix = (
+            nn.Linear(cfg.out_hidden + cfg.dx_emb_dim, cfg.out_hidden) if cfg.week_on_dx else None
+        )
         self.wk_out = nn.Linear(cfg.out_hidden, data_info.week_vocab_size)
 
     def initial_state(self, z: torch.Tensor) -> torch.Tensor:
@@ -169,6 +192,14 @@ class MultiHeadGRUDecoder(nn.Module):
 
     def features(self, head_outputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.relu(self.aggregate(torch.cat(head_outputs, dim=-1)))  # (..., out_hidden)
+
+    def week_logits(self, features: torch.Tensor, word_emb: torch.Tensor) -> torch.Tensor:
+        """(..., V_wk) week logits given the features and the embedding of the word (dx) the
+        week belongs to (ignored when ``week_on_dx`` is off)."""
+        if self.wk_mix is None:
+            return self.wk_out(features)
+        mixed = torch.relu(self.wk_mix(torch.cat([features, word_emb.to(features.dtype)], dim=-1)))
+        return self.wk_out(mixed)
 
     def forward(self, steps: PackedSequence, state: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: features (N, out_hidden) of every valid step, in packed order.
@@ -238,15 +269,21 @@ class SentenceAutoencoder(nn.Module):
             self.decoder.dx_out(features), tgt_dx, ignore_index=PAD, reduction="none"
         )
         nll_wk = F.cross_entropy(
-            self.decoder.wk_out(features), tgt_wk, ignore_index=PAD, reduction="none"
+            self.week_logits(features, tgt_dx), tgt_wk, ignore_index=PAD, reduction="none"
         )
         return nll_dx.float(), nll_wk.float(), row, (tgt_dx != PAD).sum().float()
+
+    def week_logits(self, features: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """Week logits (..., V_wk) of the word ``dx`` (...,) predicted from ``features``."""
+        return self.decoder.week_logits(features, self.embed.dx(dx))
 
     def teacher_forced_logits(
         self, batch: SequenceBatch, z: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, V_dx) and (B, T, V_wk); steps past ``lengths + 1`` hold zeros."""
+        """(B, T, V_dx) and (B, T, V_wk); steps past ``lengths + 1`` hold zeros. The week
+        logits are those of the true word at each step (teacher forcing)."""
         features, packed = self.decode_features(batch, z)
+        tgt_dx = packed.data[:, 0]
         total = batch.dec_dx.shape[1]
 
         def unpack(logits: torch.Tensor) -> torch.Tensor:
@@ -254,7 +291,7 @@ class SentenceAutoencoder(nn.Module):
                 with_data(packed, logits), batch_first=True, total_length=total
             )[0]
 
-        return unpack(self.decoder.dx_out(features)), unpack(self.decoder.wk_out(features))
+        return unpack(self.decoder.dx_out(features)), unpack(self.week_logits(features, tgt_dx))
 
     def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
         """-log P(y | z, x) per patient (B,): dx plus week NLL summed over the patient's tokens."""
@@ -263,12 +300,17 @@ class SentenceAutoencoder(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, z: torch.Tensor, sex: torch.Tensor, max_words: int
+        self, z: torch.Tensor, sex: torch.Tensor, max_words: int, *, greedy: bool = True,
+        temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy batched decoding from ``<SOS>``. Diagnosis-age predictions are restricted to
-        real tokens or ``<EOS>`` and weeks to real weeks; nothing else is enforced. A row stops
-        at its first ``<EOS>``; positions from there on hold ``<PAD>``. Returns dx (B, max_words),
-        week (B, max_words) and the number of words per row (B,)."""
+        """Batched decoding from ``<SOS>``: each step picks a word, then its week given the word.
+
+        ``greedy``: argmax (reconstruction); otherwise ancestral sampling at ``temperature``
+        from the nucleus of mass ``top_p`` (generation), drawing from ``generator``.
+        Both pick only among what :class:`DecodeConstraints` allows (real words or ``<EOS>``,
+        no ``<EOS>`` first, ages and weeks non-decreasing, one consistent birth week). A row
+        stops at its first ``<EOS>``; positions from there on hold ``<PAD>``. Returns dx
+        (B, max_words), week (B, max_words) and the number of words per row (B,)."""
         b, device = z.shape[0], z.device
         out_dx = torch.full((b, max_words), PAD, dtype=torch.long, device=device)
         out_wk = torch.full_like(out_dx, PAD)
@@ -276,20 +318,108 @@ class SentenceAutoencoder(nn.Module):
         alive = torch.ones(b, dtype=torch.bool, device=device)
         dx = torch.full((b,), SOS, dtype=torch.long, device=device)
         wk = torch.full_like(dx, SOS)
+        rules = DecodeConstraints(b, self.decoder.dx_out.out_features, self.decoder.wk_out.out_features, device)
         state = self.decoder.initial_state(z)
+
+        def pick(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+            logits = logits.float().masked_fill(~allowed, float("-inf"))
+            if greedy:
+                return logits.argmax(-1)
+            return sample_logits(logits, temperature, top_p, generator)
+
         for t in range(max_words):
             features, state = self.decoder.step(self.embed(dx, wk, sex), state)
-            dx_logits = self.decoder.dx_out(features)
-            dx_logits[:, [PAD, SOS]] = float("-inf")
-            dx = dx_logits.argmax(-1)
-            wk = self.decoder.wk_out(features)[:, N_SPECIAL:].argmax(-1) + N_SPECIAL
+            dx = pick(self.decoder.dx_out(features), rules.allowed_words(first=t == 0))
+            wk = pick(self.week_logits(features, dx), rules.allowed_weeks(dx))
             alive &= dx != EOS
+            rules.update(dx, wk, alive)
             out_dx[:, t] = torch.where(alive, dx, PAD)
             out_wk[:, t] = torch.where(alive, wk, PAD)
+            wk = torch.where(alive, wk, torch.full_like(wk, EOS))  # the week input after <EOS>
             n_words += alive.long()
             if not bool(alive.any()):
                 break
         return out_dx, out_wk, n_words
+
+
+def sample_logits(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One draw per row from softmax(logits / temperature), restricted to the smallest set of
+    most likely ids whose mass reaches ``top_p`` (Holtzman et al. 2020, nucleus sampling).
+    ``-inf`` logits are never drawn. (B, V) -> (B,)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely ids
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the most likely id always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class DecodeConstraints:
+    """What a decoded word and week may be, given the words decoded so far in each row.
+
+    The structure of every real sentence (the data contract, and the validity rules of
+    ``metrics.tasks.generation_rule_failures``): ``<EOS>`` not before the first word, age group
+    and week never decrease, and one integer birth week b consistent with every word (g, w):
+    ``w - (g + 1) P < b <= w - g P`` (P: weeks per five-year age group), tracked as an
+    interval [lo, hi] per row. An age group is allowed when some week >= the last week keeps
+    the interval non-empty; a week when the interval stays non-empty with the chosen word's
+    age group. Token ids: dx ``3 + condition * 24 + age_group``, week ``3 + week``.
+    """
+
+    def __init__(self, b: int, dx_vocab: int, wk_vocab: int, device: torch.device) -> None:
+        self.dx_vocab, self.n_weeks = dx_vocab, wk_vocab - N_SPECIAL
+        self.device = device
+        self.last_age = torch.zeros(b, dtype=torch.long, device=device)
+        self.last_week = torch.zeros(b, dtype=torch.float64, device=device)
+        self.lo = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
+        self.hi = torch.full((b,), math.inf, dtype=torch.float64, device=device)
+        self.token_age = (torch.arange(dx_vocab, device=device) - N_SPECIAL).clamp(min=0) % N_AGE_GROUPS
+        self.weeks = torch.arange(self.n_weeks, dtype=torch.float64, device=device)  # (W,)
+
+    def allowed_words(self, first: bool) -> torch.Tensor:
+        """(B, V_dx) bool: real words of an allowed age group, and ``<EOS>`` after a word."""
+        g = torch.arange(N_AGE_GROUPS, dtype=torch.float64, device=self.device)[None, :]  # (1, G)
+        # Weeks w keeping [lo, hi] non-empty for age group g: ceil(lo + gP) <= w <= ceil(hi + (g+1)P) - 1.
+        first_week = torch.maximum(torch.ceil(self.lo[:, None] + g * AGE_GROUP_WEEKS), self.last_week[:, None])
+        last_week = torch.clamp(torch.ceil(self.hi[:, None] + (g + 1) * AGE_GROUP_WEEKS) - 1, max=self.n_weeks - 1)
+        age_ok = (g >= self.last_age[:, None]) & (first_week <= last_week)  # (B, G)
+        allowed = torch.zeros(age_ok.shape[0], self.dx_vocab, dtype=torch.bool, device=self.device)
+        allowed[:, N_SPECIAL:] = age_ok[:, self.token_age[N_SPECIAL:]]
+        allowed[:, EOS] = not first
+        return allowed
+
+    def _bounds(self, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Birth-week bounds (B, W) implied by each candidate week for the word ``dx``, with
+        the arithmetic of ``metrics.tasks.birth_week_bounds``."""
+        g = self.token_age[dx].double()[:, None]
+        w = self.weeks[None, :]
+        lo = torch.floor(w - (g + 1) * AGE_GROUP_WEEKS) + 1
+        hi = torch.floor(w - g * AGE_GROUP_WEEKS)
+        return torch.maximum(lo, self.lo[:, None]), torch.minimum(hi, self.hi[:, None])
+
+    def allowed_weeks(self, dx: torch.Tensor) -> torch.Tensor:
+        """(B, V_wk) bool: real weeks >= the last week that keep a birth week for word ``dx``;
+        after ``<EOS>`` (or if rounding left none) any real week >= the last one."""
+        lo, hi = self._bounds(dx)
+        later = self.weeks[None, :] >= self.last_week[:, None]
+        ok = later & (lo <= hi)
+        ok = torch.where(ok.any(1, keepdim=True) & (dx >= N_SPECIAL)[:, None], ok, later)
+        allowed = torch.zeros(dx.shape[0], N_SPECIAL + self.n_weeks, dtype=torch.bool, device=self.device)
+        allowed[:, N_SPECIAL:] = ok
+        return allowed
+
+    def update(self, dx: torch.Tensor, wk: torch.Tensor, words: torch.Tensor) -> None:
+        """Take the decoded (dx, week) of the rows where ``words`` (a real word was emitted)."""
+        lo, hi = self._bounds(dx)
+        col = (wk - N_SPECIAL).clamp(0, self.n_weeks - 1)[:, None]
+        lo, hi = lo.gather(1, col)[:, 0], hi.gather(1, col)[:, 0]
+        self.lo = torch.where(words, lo, self.lo)
+        self.hi = torch.where(words, hi, self.hi)
+        self.last_age = torch.where(words, self.token_age[dx], self.last_age)
+        self.last_week = torch.where(words, (wk - N_SPECIAL).double(), self.last_week)
 
 
 def _row_ids(batch: SequenceBatch) -> torch.Tensor:
@@ -369,9 +499,17 @@ class ConditionalAutoencoder(nn.Module):
         return self.autoencoder.teacher_forced_logits(batch, z)
 
     def generate(
-        self, z: torch.Tensor, sex: torch.Tensor, max_words: int
+        self, z: torch.Tensor, sex: torch.Tensor, max_words: int, *, greedy: bool = True,
+        temperature: float | None = None, top_p: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.autoencoder.generate(z, sex, max_words)
+        """Greedy (reconstruction) or sampled (generation) decoding; the sampling knobs
+        default to the config's ``gen_temperature`` and ``gen_top_p``."""
+        return self.autoencoder.generate(
+            z, sex, max_words, greedy=greedy,
+            temperature=self.config.gen_temperature if temperature is None else temperature,
+            top_p=self.config.gen_top_p if top_p is None else top_p, generator=generator,
+        )
 
     def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
         return self.autoencoder.patient_nll(batch)

@@ -43,8 +43,10 @@ class StepContext(Protocol):
         ...
 
     def step(self, loss: torch.Tensor, optimizer: str) -> float:
-        """Backward ``loss``, clip the gradients of that optimizer's parameters, step it and
-        its LR schedule, zero its gradients. Returns the pre-clip gradient norm."""
+        """Backward ``loss``, clip the gradients of that optimizer's parameters, step it, zero
+        its gradients. Returns the pre-clip gradient norm. LR schedules are not stepped here:
+        the loop advances every schedule once per training step (global step), however many
+        times ``train_step`` steps each optimizer."""
         ...
 
 
@@ -70,6 +72,10 @@ class TrainableModel(Protocol):
         """Validation sums for one batch; the loop adds them across batches and ranks, then
         divides each by the view's normaliser (a key of these sums, or the patient count)."""
         ...
+
+    # Optional (not part of the protocol, looked up by the loop):
+    # ``epoch_warnings(metrics: dict[str, float]) -> list[str]``: warnings about one epoch's
+    # reduced metrics (``train/*``, ``val/*``), logged and shown on the driver by rank 0.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +105,15 @@ class SequenceDecoder(Protocol):
         ...
 
     def generate(
-        self, z: torch.Tensor, sex: torch.Tensor, max_words: int
+        self, z: torch.Tensor, sex: torch.Tensor, max_words: int, *, greedy: bool = True,
+        temperature: float | None = None, top_p: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Free-running decode from z: dx ids (B, max_words), week ids (B, max_words), and the
-        number of words before ``<EOS>`` (B,). Positions past a sentence's end hold ``<PAD>``."""
+        number of words before ``<EOS>`` (B,). Positions past a sentence's end hold ``<PAD>``.
+        ``greedy`` (reconstruction) takes the argmax; otherwise words are drawn by ancestral
+        sampling (generation) at ``temperature`` with nucleus ``top_p`` (None: the model's
+        configured values), from ``generator`` (on z's device)."""
         ...
 
     def patient_nll(self, batch: Any) -> torch.Tensor:

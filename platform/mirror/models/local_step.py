@@ -1,8 +1,15 @@
 """A minimal plain-PyTorch :class:`~mirror.models.base.StepContext`: one process, no DDP.
 
-Used by the model tests and by ``bench/`` as the "plain PyTorch loop" baseline against which
-the Ray training loop is measured. It does what the protocol says and nothing more: backward,
-clip, optimizer step, optional LR-scheduler step, zero grad.
+Used by the Ray loop (``mirror.train.loop``, with DDP-wrapped parts), by the model tests and by
+``bench/`` as the "plain PyTorch loop" baseline against which the Ray training loop is measured.
+It does what the protocol says and nothing more: ``step`` is backward, clip, optimizer step,
+zero grad; ``train_step`` is one ``model.train_step`` followed by one step of *every* LR
+schedule and of ``global_step``.
+
+Schedules advance once per training step, never per optimizer step: a WAE's critic steps 5 to
+100 times per autoencoder step, and a schedule advanced on each of those would run through its
+warm-up and decay (sized in training steps) 5 to 100 times too fast. So every schedule is a
+function of the global step alone, which is also what a resumed or PBT-exploited run restores.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from mirror.models.base import TrainableModel
 
 
 class LocalStepContext:
-    """Drives ``model.train_step``: backward, clipping, optimizer and schedule steps.
+    """Drives ``model.train_step``: backward, clipping and optimizer steps per ``step``; LR
+    schedules and ``global_step`` once per ``train_step``.
 
     ``parts``: the modules ``train_step`` calls; the model's own by default (a plain loop), or
     their DDP wrappers (the Ray loop in ``mirror.train.loop`` passes those).
@@ -58,15 +66,20 @@ class LocalStepContext:
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # pre-clip norm
-        opt.step()
-        if optimizer in self.schedulers:
-            self.schedulers[optimizer].step()
+        opt.step()  # no schedule step here: schedules follow the global step (end_step)
         opt.zero_grad(set_to_none=True)
         self.grad_norms[optimizer] = float(grad_norm)
         return float(grad_norm)
 
-    def train_step(self, batch: Any) -> dict[str, float]:
-        """One ``model.train_step`` on ``batch``, then advance ``global_step``."""
-        metrics = self.model.train_step(batch, self)
+    def end_step(self) -> None:
+        """After one training step: every LR schedule and ``global_step`` advance by one, so
+        after N steps each optimizer's rate is ``base_lr * lr_lambda(N)``."""
+        for schedule in self.schedulers.values():
+            schedule.step()
         self.global_step += 1
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One ``model.train_step`` on ``batch``, then :meth:`end_step`."""
+        metrics = self.model.train_step(batch, self)
+        self.end_step()
         return metrics

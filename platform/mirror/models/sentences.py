@@ -32,16 +32,27 @@ def valid_rows(
     return rows, {rule: int(failed.sum()) for rule, failed in fails.items()}
 
 
+def device_generator(rng: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded from ``rng``: sampling on a GPU needs one there, and
+    drawing its seed from ``rng`` keeps a run reproducible from the caller's seed alone."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @torch.no_grad()
 def sample_sentence_rows(
     model: SequenceDecoder, latent_dim: int, max_words: int, n: int, *,
     rng: torch.Generator, first_id: int, context: GenerationContext, device: torch.device | str = "cpu",
 ) -> tuple[pa.Table, dict[str, int]]:
     """The ``Generator`` capability of sentence autoencoders: z ~ N(0, I) and sex from the real
-    marginal, decoded (with room for ``<EOS>`` after ``max_words`` words), valid ones kept."""
+    marginal, decoded by ancestral sampling (the model's ``gen_temperature`` and ``gen_top_p``;
+    with room for ``<EOS>`` after ``max_words`` words), valid ones kept. The evaluation's
+    generation metrics decode the same way (``metrics.evaluate``)."""
     z = torch.randn(n, latent_dim, generator=rng).to(device)
     sex = torch.where(torch.rand(n, generator=rng) < context.female_share, 1.0, -1.0).to(device)
-    dx, wk, n_words = model.generate(z, sex, max_words + 1)
+    dx, wk, n_words = model.generate(
+        z, sex, max_words + 1, greedy=False, generator=device_generator(rng, device)
+    )
     return valid_rows(
         dx.cpu(), wk.cpu(), n_words.cpu().long(), sex.cpu(), max_words=max_words,
         week_vocab_size=context.week_vocab_size, first_id=first_id,

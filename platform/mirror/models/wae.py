@@ -30,10 +30,27 @@ Choices where the seed is silent or ambiguous (see also models.md §2):
   the hidden axis), stride 2 per layer, so it both mixes heads and compresses (seed: to
   disentangle and compress). The encoder is deterministic (valid for a WAE).
 * The autoencoder's AdamW uses beta1 = 0.5 (WAE reference configs).
+* λ warms up linearly from 0 over ``lam_warmup_steps`` training steps (models.md §2 suggests
+  warming up over the first epoch): early on the critic is still near its clamped
+  initialisation and its gradient says little about where N(0, I) is.
+
+Latent fit, logged per epoch (models.md §2 evaluation): ``train/z_mean_abs`` (mean over
+dimensions of |batch mean of z|), ``train/z_var`` (mean per-dimension batch variance),
+``train/mmd`` (unbiased IMQ MMD² of the batch's z against as many N(0, I) draws,
+``metrics.tasks.imq_mmd2_unbiased``) and ``train/w1_estimate`` (the last critic step's -L_d),
+each the mean of per-batch values over the epoch; and the same four on the tuning split under
+``val/...``. The loop divides validation sums by the view's normaliser (predicted tokens), so
+:meth:`WassersteinAutoencoder.eval_sums` returns each batch statistic times the batch's tokens:
+``val/mmd`` etc. are token-weighted means of per-batch values (batch = ``eval_batch_size``
+patients), not statistics of the whole split's z. ``val/loss_plus_mmd`` = ``val/loss`` +
+``val/mmd`` is the sweeps' selection metric: reconstruction alone rewards λ -> 0.
+A negative W1 estimate (the critic finds prior samples *less* critic-like than z, i.e. it has
+fallen behind) is reported as a warning at the end of the epoch (:meth:`epoch_warnings`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +61,7 @@ from torch import nn
 from mirror.config import require
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.views.sequence import SequenceView
+from mirror.metrics.tasks import imq_mmd2_unbiased
 from mirror.models.ae import (
     AEConfig,
     ConditionalAutoencoder,
@@ -75,12 +93,15 @@ class WAEConfig(AEConfig):
     n_critic_warmup: int = 100  # critic steps during warm-up and on boost steps
     critic_warmup_steps: int = 25  # first autoencoder steps that use n_critic_warmup; 0 = none
     critic_boost_every: int = 500  # every k-th step uses n_critic_warmup; 0 = never
+    lam_warmup_steps: int = 200  # λ rises linearly from 0 to lam over these steps; 0 = none
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("cnn_channels", "cnn_kernel", "critic_hidden", "n_critic", "n_critic_warmup"):
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
-        for name in ("cnn_layers", "critic_layers", "critic_warmup_steps", "critic_boost_every"):
+        for name in (
+            "cnn_layers", "critic_layers", "critic_warmup_steps", "critic_boost_every", "lam_warmup_steps",
+        ):
             require(self, name, getattr(self, name) >= 0, "an int >= 0")
         require(self, "lam", self.lam >= 0, "a float >= 0")
         require(self, "clip", self.clip > 0, "a float > 0")
@@ -170,6 +191,13 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
         boost = cfg.critic_boost_every > 0 and step % cfg.critic_boost_every == 0
         return cfg.n_critic_warmup if step < cfg.critic_warmup_steps or boost else cfg.n_critic
 
+    def lam_at(self, step: int) -> float:
+        """λ at training step ``step``: linear from 0 over ``lam_warmup_steps``, then λ."""
+        cfg = self.config
+        if cfg.lam_warmup_steps <= 0:
+            return cfg.lam
+        return cfg.lam * min(1.0, step / cfg.lam_warmup_steps)
+
     def train_step(self, batch: SequenceBatch, ctx: StepContext) -> dict[str, float]:
         cfg = self.config
         autoencoder, critic = ctx.parts["autoencoder"], ctx.parts["critic"]
@@ -188,8 +216,9 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
             self.critic.clamp_(cfg.clip)  # same tensors as the DDP-wrapped critic's
 
         # Autoencoder: minimise L_ae + L_g with the critic fixed (no gradient into it).
+        lam = self.lam_at(ctx.global_step)
         with frozen(self.critic):
-            gen_loss = -cfg.lam * critic(z.float()).mean()
+            gen_loss = -lam * critic(z.float()).mean()
             loss = recon + gen_loss
             ctx.step(loss, "autoencoder")
 
@@ -204,7 +233,55 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
                 "w1_estimate": -critic_loss,  # last critic step's -L_d, in units of h (K * W1)
             }
         )
-        return metrics | {"critic_steps": float(n_steps)}
+        return metrics | latent_fit(z_data) | {"critic_steps": float(n_steps), "lam": lam}
+
+    def eval_sums(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        """Model 0's sums plus the latent fit of this batch's z, each batch value times the
+        batch's tokens (the loop divides by total tokens: token-weighted batch means), and
+        ``loss_plus_mmd`` = the loss sum + mmd x tokens (so val/loss_plus_mmd = val/loss +
+        val/mmd)."""
+        sums, z = self.autoencoder(batch)
+        sums["loss"] = sums["nll_dx"] + self.config.w_time * sums["nll_wk"]
+        z = z.float()
+        prior = torch.randn_like(z)
+        h = self.critic(torch.cat([z, prior]))
+        h_data, h_prior = h.split(z.shape[0])
+        fit = latent_fit(z) | {"w1_estimate": float(h_prior.mean() - h_data.mean())}
+        tokens = sums["tokens"]
+        out = {k: v.detach().float() for k, v in sums.items()}
+        for key, value in fit.items():
+            value = value if math.isfinite(value) else 0.0  # a 1-patient batch has no variance
+            out[key] = (tokens * value).float()
+        out["loss_plus_mmd"] = out["loss"] + out["mmd"]
+        return out
+
+    def epoch_warnings(self, metrics: dict[str, float]) -> list[str]:
+        """Warnings about an epoch's metrics: a negative W1 estimate means the critic has
+        fallen behind the encoder (it rates z above prior samples), so L_g pushes z nowhere
+        useful; z drifts (check train/z_mean_abs) until the critic catches up."""
+        out = []
+        for key in ("train/w1_estimate", "val/w1_estimate"):
+            value = metrics.get(key)
+            if value is not None and value < 0:
+                out.append(
+                    f"{key} = {value:.3g} < 0: the critic is behind the encoder (raise "
+                    f"critic_lr or n_critic, or lower lam); z mean |E z| "
+                    f"{metrics.get(key.split('/')[0] + '/z_mean_abs', float('nan')):.3g}"
+                )
+        return out
+
+
+def latent_fit(z: torch.Tensor) -> dict[str, float]:
+    """Batch statistics of z (B, d) against N(0, I): mean over dimensions of |mean|, mean
+    per-dimension variance, and unbiased IMQ MMD² against B prior draws."""
+    z = z.detach().float()
+    prior = torch.randn_like(z)
+    mmd = imq_mmd2_unbiased(z, prior) if z.shape[0] >= 2 else float("nan")
+    return {
+        "z_mean_abs": float(z.mean(0).abs().mean()),
+        "z_var": float(z.var(0).mean()) if z.shape[0] >= 2 else float("nan"),
+        "mmd": mmd,
+    }
 
 
 MODEL = ModelSpec(

@@ -71,8 +71,8 @@ def epoch_lines_printed():
     thread. Ray's own worker logs stay in Ray's log files (``log_to_driver=False``)."""
     from ray.util.queue import Empty, Queue
 
-    # num_cpus=0: an actor needs a CPU to be scheduled by default, and a Tune trial that holds
-    # 0.05 CPU (or a full cluster) would leave it pending and rank 0 waiting on its first put.
+    # No CPU for the queue's actor: inside a Tune trial it is placed in the trial's placement
+    # group, whose driver bundle holds 0.05 CPU (a 1-CPU actor cannot be scheduled there).
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
 

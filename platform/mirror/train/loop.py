@@ -11,6 +11,10 @@ Nothing here knows the shape of the data: the model's data view (built on the dr
 handed over in the loop config) turns shards into batches, says what throughput counts and
 what validation sums are divided by. Batches are opaque to the loop.
 
+Every optimizer's LR schedule is sized in training steps and advances once per training step
+(``LocalStepContext.end_step``), however many optimizer steps a model takes per training step
+(a WAE's critic takes 5-100), so a schedule's position always equals the global step.
+
 Restoring takes weights, optimizer moments and the schedule's position from the checkpoint,
 but the optimizer settings (learning rates, betas, weight decay) from this run's config, so a
 run resumed under a changed config, as PBT does, trains with the new values.
@@ -59,6 +63,16 @@ def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def make_schedulers(
+    optimizers: dict[str, torch.optim.Optimizer], total_steps: int, warmup_fraction: float,
+    min_lr_ratio: float,
+) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+    """One warm-up + cosine schedule per optimizer, all sized in training steps: the step
+    context advances each once per training step, so they stay in step with each other."""
+    factor = lr_lambda(total_steps, warmup_fraction, min_lr_ratio)
+    return {name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in optimizers.items()}
 
 
 def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -125,13 +139,12 @@ def train_epoch(
             drained += batch.size  # keep the stream moving for the other ranks
             continue
         batch = batch.to(ctx.device)
-        metrics = model.train_step(batch, ctx)
+        metrics = ctx.train_step(batch)  # model.train_step, then every schedule and global_step
         metrics.update({f"grad_norm/{key}": value for key, value in ctx.grad_norms.items()})
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
         examples += batch.size
         n_units += units(batch) if units else batch.size
-        ctx.global_step += 1
         done += 1
         if step_logger is not None:
             step_logger.add(metrics, ctx.global_step)
@@ -179,6 +192,7 @@ def reapply_hyperparameters(
     optimizers: dict[str, torch.optim.Optimizer],
     schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR],
     settings: dict[str, list[dict[str, Any]]],
+    global_step: int | None = None,
 ) -> None:
     """After loading a checkpoint, put this run's optimizer settings back over the saved ones.
 
@@ -187,7 +201,9 @@ def reapply_hyperparameters(
     (the settings are the same) and wrong when the config changed in between: a PBT trial that
     took over another trial's checkpoint with a perturbed ``lr`` would silently keep the old
     one. Moments and step counts stay as loaded; the schedule keeps its position and is
-    re-evaluated on the new base rates.
+    re-evaluated on the new base rates. ``global_step`` (the checkpoint's) pins every
+    schedule's position to it: schedules advance once per training step, and checkpoints
+    written before that rule advanced the critic's schedule once per critic step.
     """
     for name, opt in optimizers.items():
         for group, fresh in zip(opt.param_groups, settings[name], strict=True):
@@ -195,6 +211,8 @@ def reapply_hyperparameters(
         schedule = schedulers.get(name)
         if schedule is None:
             continue
+        if global_step is not None:
+            schedule.last_epoch = global_step
         schedule.base_lrs = [group["initial_lr"] for group in opt.param_groups]
         for group, base, factor in zip(opt.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
             group["lr"] = base * factor(schedule.last_epoch)
@@ -232,8 +250,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     optimizers = model.make_optimizers()
     steps_per_epoch = int(config["steps_per_epoch"])
     total_steps = max(1, steps_per_epoch * train.epochs)
-    schedule = lr_lambda(total_steps, train.warmup_fraction, train.min_lr_ratio)
-    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
+    schedulers = make_schedulers(optimizers, total_steps, train.warmup_fraction, train.min_lr_ratio)
 
     start_epoch, global_step = 0, 0
     checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")  # own, else seed
@@ -245,8 +262,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             o.load_state_dict(state["optimizers"][k])
         for k, s in schedulers.items():
             s.load_state_dict(state["schedulers"][k])
-        reapply_hyperparameters(optimizers, schedulers, settings)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        reapply_hyperparameters(optimizers, schedulers, settings, global_step)
     stop_epoch = min(train.epochs, config.get("until_epoch") or train.epochs)
 
     parts = {name: _wrap(part, device, world) for name, part in model.parts().items()}
@@ -277,6 +294,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 tracking.log_metrics(run_id, metrics, step=epoch, uri=uri)
+                for warning in epoch_warnings(model, metrics):
+                    logger.warning("epoch %d: %s", epoch, warning)
+                    if progress is not None:
+                        progress.put(f"warning (epoch {epoch + 1}): {warning}")
                 if progress is not None:
                     done = epoch - start_epoch + 1
                     eta = (time.monotonic() - started) / done * (stop_epoch - epoch - 1)
@@ -286,6 +307,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     except Exception as err:  # the console line is a courtesy; never block training on it
                         logger.warning("epoch line not sent to the driver (%s): %s", err, line)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def epoch_warnings(model: TrainableModel, metrics: dict[str, float]) -> list[str]:
+    """The model's own warnings about an epoch's metrics (optional ``epoch_warnings`` hook,
+    e.g. the WAE's negative W1 estimate); none for models without the hook."""
+    hook = getattr(model, "epoch_warnings", None)
+    return list(hook(metrics)) if hook is not None else []
 
 
 def epoch_metrics(
