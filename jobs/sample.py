@@ -26,6 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-unsafe", action="store_true", help="export even if the gate fails (tags the run)")
     args = parser.parse_args(argv)
 
+    from mirror import guards, tracking
+
+    try:  # before Ray starts; the output is staged beside --out, never in a user's directory
+        guards.check_positive("--patients", args.patients)
+        guards.check_empty_output(args.out)
+        uri = tracking.tracking_uri()
+        guards.check_tracking_reachable(uri)
+        guards.check_run_exists(args.run, uri)
+        guards.check_run_has_checkpoint(args.run, uri)
+        guards.check_run_dataset_metadata(args.run, uri)
+    except guards.GuardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
     from mirror.cluster import ensure_ray
     from mirror.metrics.privacy import GateThresholds
     from mirror.synthesize import release_synthetic

@@ -13,7 +13,7 @@ message that names the argument, file or run and the rule it broke.
   only what this process created is ever deleted); :func:`owned_dataset_files` (what
   ``generate --overwrite`` may delete).
 * Runs: :class:`RunLock` (one ``jobs/train.py`` per run name), :func:`check_resume_compatible`
-  (a re-used name must continue the same model), :func:`guarded_run` (every run this job
+  (a re-used name must continue the same model), :func:`run_guarded` (every run this job
   opens ends FINISHED, FAILED or KILLED).
 * Services: :func:`check_tracking_reachable`, :func:`check_run_exists`.
 """
@@ -25,11 +25,12 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,25 +446,27 @@ def check_resume_compatible(spec: Any, storage: str, uri: str) -> None:
             )
 
 
-@contextmanager
-def guarded_run(run_name: str, experiment: str, storage: str, uri: str) -> Iterator[None]:
-    """Hold the run's lock and make sure the MLflow run of ``run_name`` does not stay RUNNING:
-    FINISHED when the job returns 0, KILLED on Ctrl-C, FAILED otherwise. A run that is no
-    longer RUNNING (evaluation finished it, the driver marked it FAILED) is left as it is."""
+def run_guarded(
+    run_name: str, experiment: str, storage: str, uri: str, body: Callable[[], int]
+) -> int:
+    """Run ``body`` holding the run's lock, then make sure the MLflow run of ``run_name`` does
+    not stay RUNNING: FINISHED when ``body`` returns 0, KILLED on Ctrl-C, FAILED otherwise.
+    A run that is no longer RUNNING (evaluation finished it, the driver marked it FAILED, or
+    it is an earlier run this job never reopened) is left as it is."""
     lock = RunLock.acquire(storage, run_name)
     status = "FAILED"
     try:
-        yield
-        status = "FINISHED"
+        rc = body()
+        status = "FINISHED" if rc == 0 else "FAILED"
+        return rc
     except KeyboardInterrupt:
         status = "KILLED"
-        raise
-    except SystemExit as stop:
-        status = "FINISHED" if stop.code in (0, None) else "FAILED"
         raise
     finally:
         try:
             close_run(run_name, experiment, uri, status)
+        except Exception as err:  # noqa: BLE001 (the tracking server may be the failure)
+            print(f"warning: could not end MLflow run {run_name!r} as {status}: {err}", file=sys.stderr)
         finally:
             lock.release()
 
@@ -531,3 +534,54 @@ def check_run_exists(run_id: str, uri: str, flag: str = "--run") -> None:
     except Exception as err:  # noqa: BLE001 (MlflowException, or a malformed id)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise GuardError(f"{flag} {run_id}: no such MLflow run in {uri} ({first[:160]})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+
+# What the loop itself reports every epoch for any model (``loop.epoch_metrics``).
+LOOP_METRICS = (
+    "train/steps_per_rank", "train/drained_patients", "train/tokens", "train/tokens_per_s",
+    "val/patients",
+)  # fmt: skip
+
+
+def check_sweep_metric(source: str, metric: str, models: list[str] | tuple[str, ...]) -> None:
+    """A sweep's ``metric`` must be reported by every trial, or Tune fails each trial after
+    its first epoch (and used to leave the parent run KILLED and a child RUNNING)."""
+    from mirror.models import get_model_spec
+
+    for model in models:
+        names = set(get_model_spec(model).metric_names) | set(LOOP_METRICS)
+        if metric not in names:
+            raise GuardError(
+                f"{source}: metric: {metric!r} is not reported by model {model!r}; it reports "
+                f"{', '.join(sorted(names))}"
+            )
+
+
+def check_run_has_checkpoint(run_id: str, uri: str, flag: str = "--run") -> None:
+    """``--run`` is a training run that finished with a checkpoint (not a sweep's parent)."""
+    from mirror.train.checkpoints import checkpoint_dir
+
+    try:
+        path = checkpoint_dir(run_id, uri)
+    except ValueError as err:
+        raise GuardError(f"{flag} {run_id}: {err}") from None
+    if not (path / "checkpoint.pt").is_file():
+        raise GuardError(f"{flag} {run_id}: its checkpoint {path} is gone (checkpoint.pt missing)")
+
+
+def check_run_dataset_metadata(run_id: str, uri: str, flag: str = "--run") -> None:
+    """The run's dataset still has valid metadata: ``sample`` copies ``codes.parquet`` into
+    every export, so a broken file (e.g. non-UTF-8 names) must stop it first."""
+    from mirror import tracking
+    from mirror.data.validate import check_codes, check_metadata
+
+    data = tracking.get_run(run_id, uri=uri).data.params.get("data")
+    if not data or is_remote(data):
+        return
+    _, problems = check_metadata(data)
+    problems += check_codes(data)
+    if problems:
+        raise GuardError(f"{flag} {run_id}: its dataset {data} is invalid: {problems[0]}")

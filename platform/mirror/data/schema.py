@@ -65,6 +65,9 @@ LATENT = "latent"  # list<float32> fixed width: the patient's true latent health
 MIN_WORDS, MAX_WORDS = 1, 100
 MAX_EVENTS = 5_000
 
+# Generated patients' ids start here (jobs/sample.py, evaluation): never a real patient's id.
+SYNTHETIC_ID_OFFSET = 10**12
+
 METADATA_DIR, DATA_DIR, GROUND_TRUTH_DIR = "metadata", "data", "ground_truth"
 DATASET_JSON = f"{METADATA_DIR}/dataset.json"
 CODES_PARQUET = f"{METADATA_DIR}/codes.parquet"

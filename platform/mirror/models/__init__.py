@@ -22,11 +22,20 @@ class ModelSpec:
     config_cls: type  # frozen config dataclass; overrides are checked against its fields
     build: Callable[[Any, DataInfo], MirrorModel]  # (config, data_info) -> model
     data_view: str = "sequence"  # which batch the model reads ("sequence": SequenceBatch)
+    # Per-epoch metrics the model makes the loop report (``train/<train_step key>``,
+    # ``train/grad_norm/<optimizer>``, ``val/<eval_sums key>``): a sweep's ``metric`` must be
+    # one of these or of the loop's own (``mirror.guards.LOOP_METRICS``), checked at load.
+    metric_names: tuple[str, ...] = ()
 
 
+_RECONSTRUCTION = ("train/loss", "train/nll_dx", "train/nll_wk", "train/grad_norm/autoencoder",
+                   "val/loss", "val/nll_dx", "val/nll_wk")  # fmt: skip
 MODELS: dict[str, ModelSpec] = {
-    "ae": ModelSpec("ae", AEConfig, ConditionalAutoencoder),
-    "wae": ModelSpec("wae", WAEConfig, WassersteinAutoencoder),
+    "ae": ModelSpec("ae", AEConfig, ConditionalAutoencoder, metric_names=_RECONSTRUCTION),
+    "wae": ModelSpec("wae", WAEConfig, WassersteinAutoencoder, metric_names=_RECONSTRUCTION + (
+        "train/recon_loss", "train/gen_loss", "train/w1_estimate", "train/critic_steps",
+        "train/grad_norm/critic",
+    )),  # fmt: skip
 }
 
 

@@ -24,6 +24,7 @@ from mirror import tracking
 from mirror.cluster import ensure_ray
 from mirror.data.schema import TRAIN, TUNING, DatasetMetadata, split_files
 from mirror.data.stream import FilterReport, read_split
+from mirror.guards import check_run_name
 from mirror.models.base import DataInfo
 from mirror.train.loop import train_fn_per_worker
 from mirror.train.spec import RunSpec
@@ -80,6 +81,7 @@ def run_training(
     weights, optimizer moments and schedule position come from it, the hyperparameters from
     ``spec``."""
     train = spec.train
+    check_run_name(spec.run_name, "run name")  # it becomes a directory: never outside storage
     ensure_ray(min_logical_cpus=train.workers * train.cpus_per_worker + 2)
     meta = DatasetMetadata.read(spec.data)
     data_info = DataInfo(week_vocab_size=meta.vocab["week"], max_words=train.max_words)

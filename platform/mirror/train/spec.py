@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from mirror.guards import check_train_numbers
 from mirror.models import get_model_spec
 from mirror.models.config import build_config
 
@@ -141,6 +142,7 @@ def build_run_spec(model: str, data: str, run_name: str, overrides: dict[str, An
         )
     if train.workers < 1:
         raise ValueError(f"train.workers: expected >= 1, got {train.workers}")
+    check_train_numbers(train)  # epochs, batch sizes, fractions: before any worker starts
     return RunSpec(
         model=model,
         data=str(Path(data).resolve()) if "://" not in data else data,
