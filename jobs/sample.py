@@ -42,16 +42,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from mirror.cluster import ensure_ray
     from mirror.metrics.privacy import GateThresholds
-    from mirror.synthesize import release_synthetic
+    from mirror.synthesize import TooFewValidSentences, release_synthetic
 
     ensure_ray()
     thresholds = GateThresholds(
         exact_match_z=args.exact_match_z, max_mia_auc=args.max_mia_auc, max_presence_sensitivity=args.max_presence
     )
-    result = release_synthetic(
-        args.run, n_patients=args.patients, out_dir=args.out, thresholds=thresholds,
-        allow_unsafe=args.allow_unsafe, seed=args.seed,
-    )
+    try:
+        result = release_synthetic(
+            args.run, n_patients=args.patients, out_dir=args.out, thresholds=thresholds,
+            allow_unsafe=args.allow_unsafe, seed=args.seed,
+        )
+    except TooFewValidSentences as err:  # nothing was exported, nothing of the user's deleted
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     s = result.sample
     print(f"sampled {s.written} valid patients from {s.drawn} draws (validity {s.validity_rate:.3f}); rejected {s.rejected}")
     if not result.gate_passed:
