@@ -40,6 +40,7 @@ import yaml
 
 from mirror import guards, tracking
 from mirror.data import schema as S
+from mirror.models import get_model_spec
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_WAS_UP = "ray" in sys.modules and sys.modules["ray"].is_initialized()
@@ -110,6 +111,7 @@ def check(case: Case, ctx: dict[str, str]) -> Result:
     argv = shlex.split(case.args.format(**ctx))
     env = {k: v.format(**ctx) for k, v in case.env.items()}
     result = run_job(case.job, argv, env)
+    print(f"ROW {case.id} | {case.job} {case.args} | {result.rc} | {result.last}")  # pytest -s shows it
     assert "Traceback" not in result.err, result.err
     assert result.rc == case.rc, f"{case.id}: rc {result.rc}\n{result.err[-2000:]}"
     if case.rc == 2:  # a refusal: exactly one line says why
@@ -334,7 +336,9 @@ def trained(world: dict[str, str], ray_cluster) -> dict[str, str]:
     result = run_job("train", shlex.split(args))
     assert result.rc == 0, result.err[-3000:]
     run_id = tracking.find_run("first-ae", uri=world["uri"])
-    assert tracking.get_run(run_id, uri=world["uri"]).info.status == "FINISHED"  # --no-eval too
+    run = tracking.get_run(run_id, uri=world["uri"])
+    assert run.info.status == "FINISHED"  # --no-eval too
+    assert set(get_model_spec("ae").metric_names) <= set(run.data.metrics)  # sweeps check these
     assert not (Path(world["storage"]) / "first-ae.lock").exists()
     other = tracking.start_run("a-run-without-checkpoint", params={}, tags={}, uri=world["uri"])
     tracking.end_run(other, uri=world["uri"])

@@ -192,23 +192,23 @@ def check_dataset_rows(root: str, splits: tuple[str, ...] | None = None) -> None
             try:
                 parquet = pq.ParquetFile(path)
             except Exception as err:  # noqa: BLE001 (pyarrow raises several types)
-                raise GuardError(f"{rel}: unreadable: not a Parquet file ({err})") from None
+                raise GuardError(f"{root}: {rel}: unreadable: not a Parquet file ({err})") from None
             with parquet:
                 problems = schema_violations(parquet.schema_arrow, rel)
                 if problems:
-                    raise GuardError(f"{problems[0]} (checked before training starts)")
+                    raise GuardError(f"{root}: {problems[0]} (checked before training starts)")
                 row = 0
                 for group in range(parquet.num_row_groups):
                     ids = parquet.read_row_group(group, columns=[schema.SUBJECT_ID]).column(0).to_numpy()
                     if ids.size and ids.min() < 0:
                         bad = int(np.flatnonzero(ids < 0)[0])
-                        raise GuardError(f"{rel} row {row + bad}: split: negative subject id {ids[bad]}")
+                        raise GuardError(f"{root}: {rel} row {row + bad}: split: negative subject id {ids[bad]}")
                     wrong = np.flatnonzero(split_codes(ids) != SPLIT_CODES[split])
                     if wrong.size:
                         i = int(wrong[0])
                         home = names[int(split_codes(ids[i : i + 1])[0])]
                         raise GuardError(
-                            f"{rel} row {row + i} (subject {ids[i]}): split: in {split!r} but "
+                            f"{root}: {rel} row {row + i} (subject {ids[i]}): split: in {split!r} but "
                             f"belongs to {home!r}; a patient may appear in one split only"
                         )
                     row += ids.size
