@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         guards.check_tracking_reachable(uri)
         guards.check_dataset_rows(spec.data)
         storage = storage_path(spec)
+        guards.check_storage_dir(storage)
     except (ValueError, TypeError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -187,6 +187,8 @@ def world(tmp_path_factory) -> dict[str, str]:
     (root / "nonempty" / "keep.txt").write_text("mine\n")
     write_sweep(root / "sweep_metric.yaml", metric="val/accuracy")
     write_sweep(root / "sweep_ok.yaml")
+    write_sweep(root / "sweep_bad_choice.yaml", parameters={"train.epochs": {"space": "choice", "values": [0, 2]}})
+    (root / "cfg_epochs0.yaml").write_text("train: {epochs: 0}\n")
     ctx = {
         "root": str(root), "data": str(data), "missing": str(root / "missing"), "file": str(root / "a_file"),
         "bad_json": str(bad_json), "ssn": str(ssn), "two_splits": str(root / "two_splits"),
@@ -222,6 +224,10 @@ BEFORE_RAY = [
     Case("--cpus-per-worker 0", "train", T + " --cpus-per-worker 0", 2, r"train.cpus_per_worker: expected > 0"),
     Case("warmup fraction 1.5", "train", T + " --set train.warmup_fraction=1.5", 2, r"warmup_fraction: expected a fraction"),
     Case("eval batch 0", "train", T + " --set train.eval_batch_size=0", 2, r"eval_batch_size: expected >= 1"),
+    Case("--storage-path a file", "train", "--model ae --data {data} --storage-path {file}", 2,
+         r"--storage-path \S+a_file: is a file, expected a directory"),
+    Case("--config with train.epochs: 0", "train", T + " --config {root}/cfg_epochs0.yaml", 2,
+         r"train.epochs: expected >= 1, received 0"),
     # Names
     Case("path traversal", "train", T + " --run-name ../../escape", 2, r"--run-name '\.\./\.\./escape': expected",
          absent=("{root}/escape", "{storage}")),
@@ -272,6 +278,10 @@ BEFORE_RAY = [
          r"metric: 'val/accuracy' is not reported by model 'wae'; it reports .*val/loss"),
     Case("sweep --name traversal", "sweep", "{root}/sweep_ok.yaml --data {data} --name ../up", 2, r"--name '\.\./up': expected"),
     Case("sweep --samples 0", "sweep", "{root}/sweep_ok.yaml --data {data} --samples 0", 2, r"--samples: expected >= 1"),
+    Case("sweep with batch size 0", "sweep", "{root}/sweep_ok.yaml --data {data} --set train.batch_size=0", 2,
+         r"train.batch_size: expected >= 1, received 0"),
+    Case("sweep searching a bad value", "sweep", "{root}/sweep_bad_choice.yaml --data {data}", 2,
+         r"parameters.train.epochs.*train.epochs: expected >= 1, received 0"),
     Case("sweep --set without =", "sweep", "{root}/sweep_ok.yaml --data {data} --set oops", 2, r"expected key=value"),
     Case("sweep on data in two splits", "sweep", "{root}/sweep_ok.yaml --data {two_splits}", 2, r"split: in 'train'"),
 ]

@@ -219,6 +219,12 @@ def check_dataset_rows(root: str, splits: tuple[str, ...] | None = None) -> None
 # Outputs
 
 
+def check_storage_dir(path: str, flag: str = "--storage-path") -> None:
+    """Checkpoints and locks go under it, so it must be a directory (or not exist yet)."""
+    if not is_remote(path) and Path(path).exists() and not Path(path).is_dir():
+        raise GuardError(f"{flag} {path}: is a file, expected a directory for checkpoints")
+
+
 def check_empty_output(path: str, flag: str = "--out") -> None:
     """An output directory must not exist yet or be empty: re-running into it would mix old
     and new files (embed appended 7,202 rows for 3,601 patients)."""
