@@ -185,6 +185,20 @@ def test_head_listens_on_loopback_only(cluster):
     assert not exposed, f"listening outside loopback: {exposed}"
 
 
+def test_a_local_driver_runs_against_the_loopback_head(cluster):
+    """`RAY_ADDRESS=127.0.0.1:<port>` (what `make cluster-up` prints for drivers) still works
+    although the head's node IP is 127.0.0.1: ensure_ray puts the driver on loopback too."""
+    code = (
+        "import ray; from mirror.cluster import ensure_ray; ensure_ray(); "
+        "print('answer', ray.get(ray.remote(lambda: 6 * 7).remote()))"
+    )
+    env = {**cluster.env, "RAY_ADDRESS": cluster.head.gcs_address}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    result = run([sys.executable, "-c", code], env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "answer 42" in result.stdout
+
+
 def test_job_imports_mirror_from_the_uploaded_copy_and_excludes_heavy_paths(cluster):
     probe = (
         "import mirror, mirror.data.schema, os; print('MIRROR_AT', mirror.__file__); "

@@ -329,6 +329,35 @@ def test_non_ray_host_at_ray_address_is_unreachable_not_auth(world: dict[str, st
     assert not (Path(world["storage"]) / "no-ray-here.lock").exists()  # lock released
 
 
+def test_overwrite_ownership_needs_proof_and_nothing_foreign(tmp_path: Path) -> None:
+    """What --overwrite may delete: a generation's files (proven by the marker it writes first,
+    so an interrupted one counts), never a dataset from elsewhere or a foreign file."""
+    from mirror.data.simulator import SIMULATOR_NAME
+
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "metadata").mkdir(parents=True)
+    (interrupted / "metadata" / guards.GENERATED_MARKER).write_text(SIMULATOR_NAME)
+    (interrupted / "data" / "train").mkdir(parents=True)
+    (interrupted / "data" / "train" / "part-00000.parquet").write_bytes(b"PAR1")
+    owned = guards.owned_dataset_files(interrupted, SIMULATOR_NAME)
+    assert [p.name for p in owned] == ["part-00000.parquet", guards.GENERATED_MARKER]
+    guards.remove_owned_dataset(interrupted, owned)
+    assert list(interrupted.iterdir()) == []
+
+    imported = tmp_path / "imported"  # a valid dataset, but not the simulator's: refused
+    corpus.write(copy.deepcopy(corpus.BASE), imported)
+    with pytest.raises(guards.GuardError, match="not a dataset written by jobs/generate.py"):
+        guards.owned_dataset_files(imported, SIMULATOR_NAME)
+
+    (interrupted / "metadata").mkdir()
+    (interrupted / "metadata" / guards.GENERATED_MARKER).write_text(SIMULATOR_NAME)
+    (interrupted / "ground_truth").mkdir()
+    (interrupted / "ground_truth" / "notes.md").write_text("mine")
+    with pytest.raises(guards.GuardError, match=r"ground_truth/notes.md was not written"):
+        guards.owned_dataset_files(interrupted, SIMULATOR_NAME)
+    assert (interrupted / "ground_truth" / "notes.md").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Table 2: against a finished run and a generated dataset
 
