@@ -345,13 +345,13 @@ class RunLock:
         path = Path(storage) / f"{run_name}{LOCK_SUFFIX}"
         path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read_lock(path)
                 if holder is not None and _stale(holder):
-                    path.unlink(missing_ok=True)  # its process is gone: take it over
+                    _remove_stale(path, holder, me)  # its process is gone: take it over
                     continue
                 who = (
                     f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
@@ -373,6 +373,27 @@ class RunLock:
             if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
                 self.path.unlink(missing_ok=True)
             self.path = None
+
+
+def _remove_stale(path: Path, holder: dict[str, Any], me: dict[str, Any]) -> None:
+    """Remove a stale lock, but only while holding ``<lock>.takeover`` (also ``O_EXCL``): two
+    jobs that find the same stale lock cannot both remove it, nor one remove the other's
+    fresh lock. The loser just tries ``O_EXCL`` again and finds the winner's lock."""
+    guard = path.with_name(path.name + ".takeover")
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        other = _read_lock(guard)
+        if other is not None and _stale(other):
+            guard.unlink(missing_ok=True)  # a takeover that died half-way
+        return
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump(me, file)
+        if _read_lock(path) == holder:  # still the stale one, not a lock taken meanwhile
+            path.unlink(missing_ok=True)
+    finally:
+        guard.unlink(missing_ok=True)
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
