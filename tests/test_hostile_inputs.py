@@ -391,6 +391,8 @@ WITH_A_RUN = [
          r"--run-name first-ae: MLflow run \w+ of that name trained model 'ae', not 'wae'", keep=("{ckpt}/checkpoint.pt",)),
     Case("same run name, other shapes", "train", "--model ae " + G + " model.latent_dim=16", 2,
          r"checkpoint \S+ does not fit this config \(model.latent_dim: 8 -> 16; parameter", keep=("{ckpt}/checkpoint.pt",)),
+    Case("same run name, other storage path", "train", "--model ae " + G.replace("{storage}", "{root}/elsewhere"), 2,
+         r"keeps its checkpoints in \S+first-ae, not under --storage-path \S+elsewhere", absent=("{root}/elsewhere/first-ae",)),
     Case("generate --overwrite over a user's file", "generate", "--patients 600 --seed 2 --out {gen} --overwrite", 2,
          r"data/my_study_results.csv was not written by jobs/generate.py",
          keep=("{gen}/data/my_study_results.csv", "{gen}/metadata/dataset.json", "{gen}/data/train/part-00000.parquet")),

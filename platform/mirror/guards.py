@@ -434,11 +434,20 @@ def check_resume_compatible(spec: Any, storage: str, uri: str) -> None:
 
     existing = tracking.find_run(spec.run_name, spec.train.experiment, uri)
     if existing is not None:
-        earlier = tracking.get_run(existing, uri=uri).data.params.get("model")
+        run = tracking.get_run(existing, uri=uri)
+        earlier = run.data.params.get("model")
         if earlier and earlier != spec.model:
             raise GuardError(
                 f"--run-name {spec.run_name}: MLflow run {existing} of that name trained model "
                 f"{earlier!r}, not {spec.model!r}; choose another --run-name (re-using a name resumes it)"
+            )
+        kept = run.data.tags.get("mirror.checkpoint")  # driver.CHECKPOINT_TAG, absolute
+        here = Path(storage) / spec.run_name
+        if kept and not is_remote(kept) and not is_remote(storage) and here.resolve() not in Path(kept).resolve().parents:
+            raise GuardError(
+                f"--run-name {spec.run_name}: MLflow run {existing} of that name keeps its checkpoints "
+                f"in {Path(kept).parent}, not under --storage-path {storage}; resume it with that "
+                "storage path, or choose another --run-name (its history would mix two runs)"
             )
     checkpoint = latest_checkpoint(storage, spec.run_name)
     if checkpoint is None:
