@@ -63,14 +63,16 @@ bench-metrics: install
 	$(PY) bench/bench_metrics.py
 
 # ---- A local Ray cluster and job submission ---------------------------------------------------
-# `make cluster-up` starts a Ray head on 127.0.0.1 (dashboard :8265) with token authentication
-# on; the token is ~/.ray/auth_token (created if missing). `make submit-train` / `submit-sweep`
+# `make cluster-up` starts a Ray head with every port on 127.0.0.1 (dashboard :8265) and token
+# authentication on; the token is ~/.ray/auth_token (created if missing). RAY_EXPOSE=1 listens
+# on the host's address instead, for adding nodes (they need the same token). `make submit-train` / `submit-sweep`
 # send jobs with `ray job submit --working-dir .`; point RAY_ADDRESS at a remote cluster's
 # dashboard (and put its token in ~/.ray/auth_token) to run the same jobs there unchanged.
 # Paths handed to jobs must be absolute or s3:// (a job runs in a temporary copy of this dir).
 .PHONY: cluster-up cluster-down submit-train submit-sweep
 
 RAY_TEMP_DIR ?= /tmp/ray-mirror
+RAY_EXPOSE ?=
 RAY_PORT ?= 6379
 DASHBOARD_PORT ?= 8265
 CLUSTER_CPUS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? 4 : n )))
@@ -86,7 +88,7 @@ SUBMIT = RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(RAY_ADDRESS)
 
 cluster-up: install
 	$(PY) -m mirror.cluster up --num-cpus $(CLUSTER_CPUS) --port $(RAY_PORT) \
-		--dashboard-port $(DASHBOARD_PORT) --temp-dir $(RAY_TEMP_DIR)
+		--dashboard-port $(DASHBOARD_PORT) --temp-dir $(RAY_TEMP_DIR) $(if $(filter 1 yes true,$(RAY_EXPOSE)),--expose)
 
 cluster-down:
 	$(PY) -m mirror.cluster down --temp-dir $(RAY_TEMP_DIR)

@@ -19,20 +19,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     args = parser.parse_args(argv)
 
+    from mirror import guards, tracking
+
+    try:  # before Ray starts: a re-run into the same --out used to append to it
+        guards.check_positive("--actors", args.actors)
+        guards.check_positive("--batch-size", args.batch_size)
+        guards.check_dataset_dir(args.data)
+        guards.check_empty_output(args.out)
+        uri = tracking.tracking_uri()
+        guards.check_tracking_reachable(uri)
+        guards.check_run_exists(args.run, uri)
+        guards.check_run_has_checkpoint(args.run, uri)
+        guards.check_run_capability(args.run, uri, "encoder", "embed")
+    except guards.GuardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
     from mirror.checkpoint import checkpoint_dir
     from mirror.cluster import ensure_ray
     from mirror.embed import export_embeddings
-    from mirror.models import MissingCapability
 
     ensure_ray(min_logical_cpus=args.actors + 2)
-    try:
+    with guards.staged_output(args.out) as staging:  # all of it, or nothing, lands in --out
         report = export_embeddings(
-            str(checkpoint_dir(args.run)), args.data, args.out,
+            str(checkpoint_dir(args.run)), args.data, staging,
             actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
         )
-    except MissingCapability as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     for split, n in report.patients.items():
         print(f"{split}: {n} patients embedded ({report.truncated[split]} truncated to the model's max words)")
     print(f"z ({report.latent_dim} dims) written to {args.out}")

@@ -15,6 +15,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true", help="don't log the model to MLflow again")
     args = parser.parse_args(argv)
 
+    from mirror import guards, tracking
+
+    try:
+        uri = tracking.tracking_uri()
+        guards.check_tracking_reachable(uri)
+        guards.check_run_exists(args.run, uri)
+        guards.check_run_has_checkpoint(args.run, uri)
+    except guards.GuardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
     from mirror.evaluation import evaluate_run
 
     metrics = evaluate_run(args.run, log_model=not args.no_model)

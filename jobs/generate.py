@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+from pathlib import Path
 
-from mirror.data.simulator import generate_dataset
+from mirror import guards
+from mirror.data.simulator import BLOCK, generate_dataset
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,10 +33,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    meta = generate_dataset(
-        args.out, args.patients, seed=args.seed, workers=args.workers,
-        chunk_size=args.chunk_size, name=args.name, overwrite=args.overwrite,
-    )  # fmt: skip
+    try:  # before Ray starts; --overwrite deletes only what this generator wrote
+        guards.check_positive("--patients", args.patients)
+        guards.check_positive("--workers", args.workers)
+        if args.chunk_size is not None and (args.chunk_size < 1 or args.chunk_size % BLOCK):
+            raise guards.GuardError(
+                f"--chunk-size: expected a positive multiple of {BLOCK} (the RNG block), received {args.chunk_size}"
+            )
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise guards.GuardError(f"--out {args.out}: is a file, expected a directory")
+        meta = generate_dataset(
+            args.out, args.patients, seed=args.seed, workers=args.workers,
+            chunk_size=args.chunk_size, name=args.name, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (guards.GuardError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     summary = {
         "out": args.out,
         "name": meta.name,

@@ -26,10 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-unsafe", action="store_true", help="export even if the gate fails (tags the run)")
     args = parser.parse_args(argv)
 
+    from mirror import guards, tracking
+
+    try:  # before Ray starts; the output is staged beside --out, never in a user's directory
+        guards.check_positive("--patients", args.patients)
+        guards.check_empty_output(args.out)
+        uri = tracking.tracking_uri()
+        guards.check_tracking_reachable(uri)
+        guards.check_run_exists(args.run, uri)
+        guards.check_run_has_checkpoint(args.run, uri)
+        guards.check_run_capability(args.run, uri, "generator", "sample")
+        guards.check_run_dataset_metadata(args.run, uri)
+    except guards.GuardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
     from mirror.cluster import ensure_ray
     from mirror.metrics.privacy import GateThresholds
-    from mirror.models import MissingCapability
-    from mirror.synthesize import release_synthetic
+    from mirror.synthesize import TooFewValidSentences, release_synthetic
 
     ensure_ray()
     thresholds = GateThresholds(
@@ -40,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             args.run, n_patients=args.patients, out_dir=args.out, thresholds=thresholds,
             allow_unsafe=args.allow_unsafe, seed=args.seed,
         )
-    except MissingCapability as err:
+    except TooFewValidSentences as err:  # nothing was exported, nothing of the user's deleted
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     s = result.sample
     print(f"sampled {s.written} valid patients from {s.drawn} draws (validity {s.validity_rate:.3f}); rejected {s.rejected}")
     if not result.gate_passed:

@@ -40,6 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", help="plot directory (default: <out stem>_plots)")
     args = parser.parse_args(argv)
 
+    from mirror import guards
+
+    try:  # before Ray starts
+        guards.check_dataset_dir(args.real, "--real")
+        guards.check_dataset_dir(args.synthetic, "--synthetic")
+        guards.check_positive("--max-queries", args.max_queries)
+        if args.run:
+            from mirror import tracking
+
+            guards.check_tracking_reachable(tracking.tracking_uri())
+            guards.check_run_exists(args.run, tracking.tracking_uri())
+    except guards.GuardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out or Path(args.synthetic) / "scorecard.json")
     plots = Path(args.artifacts or out.with_name(out.stem + "_plots"))
     ensure_ray()

@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream-run", help="MLflow run of the first stage (overrides 'upstream_run')")
     args = parser.parse_args(argv)
 
+    from mirror import guards, tracking
+
     try:
+        guards.check_set_pairs(args.set)
+        guards.check_positive("--samples", args.samples)
+        guards.check_positive("--workers", args.workers)
+        if args.name:
+            guards.check_run_name(args.name, "--name")
         overrides = parse_set(args.set)
         if args.storage_path:
             overrides["train.storage_path"] = args.storage_path
@@ -48,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             resources=resources,
             upstream_run=args.upstream_run,
         )
+        guards.check_sweep_metric(spec.source, spec.metric, spec.models)
+        if args.data or spec.data:
+            guards.check_dataset_dir(args.data or spec.data)
+            guards.check_dataset_rows(args.data or spec.data)
+        guards.check_tracking_reachable(tracking.tracking_uri())
     except (SpaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

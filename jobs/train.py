@@ -34,22 +34,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     args = parser.parse_args(argv)
 
-    overrides = load_overrides(args.config) if args.config else {}
-    flags = {
-        "train.workers": args.workers,
-        "train.epochs": args.epochs,
-        "train.cpus_per_worker": args.cpus_per_worker,
-        "train.storage_path": args.storage_path,
-        "train.use_gpu": True if args.gpu else None,
-    }
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.update(parse_set(args.set))
-    run_name = args.run_name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
+    from mirror import guards, tracking
+    from mirror.train.driver import storage_path
+
+    try:  # everything a user can get wrong, before Ray starts or a run opens
+        guards.check_set_pairs(args.set)
+        if args.config:
+            guards.check_config_file(args.config)
+        guards.check_dataset_dir(args.data)
+        overrides = load_overrides(args.config) if args.config else {}
+        flags = {
+            "train.workers": args.workers,
+            "train.epochs": args.epochs,
+            "train.cpus_per_worker": args.cpus_per_worker,
+            "train.storage_path": args.storage_path,
+            "train.use_gpu": True if args.gpu else None,
+        }
+        overrides.update({k: v for k, v in flags.items() if v is not None})
+        overrides.update(parse_set(args.set))
+        run_name = args.run_name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        guards.check_run_name(run_name)
         spec = build_run_spec(args.model, args.data, run_name, overrides, upstream_run=args.upstream_run)
+        uri = tracking.tracking_uri()
+        guards.check_tracking_reachable(uri)
+        guards.check_dataset_rows(spec.data)
+        storage = storage_path(spec)
+        guards.check_storage_dir(storage)
     except (ValueError, TypeError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return guards.run_guarded(
+            run_name, spec.train.experiment, storage, uri,
+            lambda: train_and_evaluate(spec, storage, uri, no_eval=args.no_eval),
+        )  # fmt: skip
+    except guards.GuardError as err:  # the name is locked, or belongs to another model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train_and_evaluate(spec, storage: str, uri: str, *, no_eval: bool) -> int:
+    """Under the run's lock: refuse a name that belongs to another model, train, evaluate."""
+    from mirror import guards
+
+    guards.check_resume_compatible(spec, storage, uri)
+    run_name = spec.run_name
 
     from mirror.checkpoint import UpstreamRunError
     from mirror.cluster import ClusterConnectionError
@@ -61,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"run {outcome.run_id} ({run_name}): checkpoint {outcome.checkpoint_path}")
-    if not args.no_eval:
+    if not no_eval:
         from mirror.evaluation import evaluate_run
 
         metrics = evaluate_run(outcome.run_id, synthetic=spec.train.score_synthetic)

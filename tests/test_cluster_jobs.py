@@ -158,6 +158,48 @@ def test_cluster_yaml_passes_rays_own_validation():
     )
 
 
+def test_head_listens_on_loopback_only(cluster):
+    """`make cluster-up` without RAY_EXPOSE: GCS, raylet and agent gRPC, Ray client, runtime-env
+    agent, metrics export and dashboard all listen on 127.0.0.1, nothing on another address."""
+    import ipaddress
+
+    import psutil
+
+    head = psutil.Process(cluster.head.pid)
+    listening = []
+    for proc in [head, *head.children(recursive=True)]:
+        try:
+            sockets = proc.net_connections(kind="inet")
+            name = proc.name()
+        except psutil.Error:  # a worker that exited meanwhile
+            continue
+        listening += [(name, s.laddr.ip, s.laddr.port) for s in sockets if s.status == psutil.CONN_LISTEN]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening
+    assert any(port == int(cluster.head.gcs_address.rpartition(":")[2]) for _, _, port in listening)
+    exposed = []
+    for name, ip, port in listening:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        address = getattr(address, "ipv4_mapped", None) or address
+        if not address.is_loopback:
+            exposed.append((name, ip, port))
+    assert not exposed, f"listening outside loopback: {exposed}"
+
+
+def test_a_local_driver_runs_against_the_loopback_head(cluster):
+    """`RAY_ADDRESS=127.0.0.1:<port>` (what `make cluster-up` prints for drivers) still works
+    although the head's node IP is 127.0.0.1: ensure_ray puts the driver on loopback too."""
+    code = (
+        "import ray; from mirror.cluster import ensure_ray; ensure_ray(); "
+        "print('answer', ray.get(ray.remote(lambda: 6 * 7).remote()))"
+    )
+    env = {**cluster.env, "RAY_ADDRESS": cluster.head.gcs_address}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    result = run([sys.executable, "-c", code], env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "answer 42" in result.stdout
+
+
 def test_job_imports_mirror_from_the_uploaded_copy_and_excludes_heavy_paths(cluster):
     probe = (
         "import mirror, mirror.data.schema, os; print('MIRROR_AT', mirror.__file__); "

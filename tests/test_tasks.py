@@ -324,7 +324,8 @@ def test_generation_matches_hand_counts(evaluated):
 def test_generated_samples_are_valid_rows(evaluated):
     samples = evaluated[0].samples
     assert samples.schema.equals(schema.ROW_SCHEMA)
-    assert samples.column(schema.SUBJECT_ID).to_pylist() == [0, 5]  # draws 0 and 5 were valid
+    offset = schema.SYNTHETIC_ID_OFFSET  # generated ids never fall in the real-id range
+    assert samples.column(schema.SUBJECT_ID).to_pylist() == [offset, offset + 5]  # draws 0, 5 valid
     assert samples.column(schema.CONDITIONS).to_pylist() == [[5, 7], [5, 7]]
     assert samples.column(schema.AGE_GROUPS).to_pylist() == [[2, 2], [2, 2]]
     assert samples.column(schema.WEEKS).to_pylist() == [[10, 12], [10, 12]]

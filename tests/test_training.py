@@ -17,6 +17,7 @@ from mirror.checkpoint import load_state
 from mirror.data import schema
 from mirror.data.simulator import generate_dataset
 from mirror.metrics.evaluate import METRIC_NAMES
+from mirror.models import get_model_spec
 from mirror.train.driver import run_training
 from mirror.train.spec import build_run_spec
 
@@ -130,9 +131,12 @@ def test_evaluation_logs_every_metric_and_artifact(evaluated):
     assert set(METRIC_NAMES) <= set(run.data.metrics)
     assert run.data.tags["model"] == "wae" and run.data.tags["dataset.fingerprint"]
     assert run.data.params["model_config.lam"] == "10.0"
+    # The registry's declared metric names (what sweeps are checked against) are really logged.
+    assert set(get_model_spec("wae").metric_names) <= set(run.data.metrics)
     artifacts = {a.path for a in tracking.client().list_artifacts(run_id, "evaluation")}
-    for name in ("config.json", "training_curve.png", "prevalence_scatter.png", "generated_sample.parquet"):
+    for name in ("config.json", "training_curve.png", "prevalence_scatter.png"):
         assert f"evaluation/{name}" in artifacts
+    assert "evaluation/generated_sample.parquet" not in artifacts  # ungated model output
     assert "model" in tracking.logged_model_names(run_id)
 
 

@@ -79,6 +79,13 @@ def ensure_ray(min_logical_cpus: float = 4) -> None:
             f"cannot reach the Ray cluster at {address!r}; is it running (make cluster-up) and "
             "is RAY_ADDRESS right?"
         )
+    if address and not _speaks_grpc(address):  # e.g. a web server: not an auth problem
+        raise ClusterConnectionError(
+            f"cannot reach the Ray cluster at {address!r}: something listens there but it is not "
+            "a Ray head (no gRPC answer); is RAY_ADDRESS the head's GCS address (host:6379)?"
+        )
+    if address and _is_loopback(address):
+        _use_loopback_node_ip()
     # Workers' and Ray's own logs stay in Ray's log files (session_*/logs); the driver prints
     # what the user asked for, e.g. the training loop's one line per epoch.
     try:
@@ -124,6 +131,46 @@ def _tcp_reachable(address: str, timeout_s: float = 3.0) -> bool:
             return True
     except (OSError, ValueError):
         return False
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _use_loopback_node_ip() -> None:
+    """A head started by :func:`start_head` lives on 127.0.0.1 only; a driver on the same host
+    must then call itself 127.0.0.1 too, or it waits forever for a node at the host's address.
+    This is the driver-side half of ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's single-host
+    mode), which Ray reads once at import."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+# An HTTP/2 client preface plus an empty SETTINGS frame: a gRPC server (every Ray head) answers
+# with its own SETTINGS frame, whatever its authentication; a web or database server does not.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _speaks_grpc(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether ``host:port`` answers an HTTP/2 preface with a SETTINGS frame, as gRPC does."""
+    if address == "auto" or is_remote(address):
+        return True
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            sock.sendall(_H2_PREFACE)
+            reply = b""
+            while len(reply) < 9:
+                chunk = sock.recv(9 - len(reply))
+                if not chunk:
+                    return False
+                reply += chunk
+    except (OSError, ValueError):
+        return False
+    return reply[3] == 0x04  # frame type SETTINGS
 
 
 def release_orphaned_placement_groups() -> int:
@@ -186,10 +233,20 @@ def start_head(
     temp_dir: str = DEFAULT_TEMP_DIR,
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
+    expose: bool = False,
 ) -> Head:
-    """Start ``ray start --head --block`` on 127.0.0.1 with token auth and wait until its job
-    server answers. The token is created if missing. Ports Ray would otherwise fix (dashboard
-    agent, Ray client) are picked free, so this head can coexist with another local Ray."""
+    """Start ``ray start --head --block`` with token auth and wait until its job server
+    answers. The token is created if missing. Ports Ray would otherwise fix (dashboard agent,
+    Ray client) are picked free, so this head can coexist with another local Ray.
+
+    By default every socket of the head listens on 127.0.0.1 only: GCS, raylet and agent gRPC,
+    Ray client, runtime-env agent, metrics export and dashboard. ``ray start`` turns
+    ``--node-ip-address=127.0.0.1`` into the host's address (and GCS and raylets then listen
+    on all interfaces), unless Ray's single-host mode is on
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), which keeps the node IP, and with it every
+    bind address, on loopback. ``expose=True`` is for multi-node clusters: Ray's defaults (the
+    host's address, reachable by other nodes, which must hold the same token) and the
+    dashboard on all interfaces."""
     temp = Path(temp_dir)
     temp.mkdir(parents=True, exist_ok=True)
     pid_file = temp / PID_FILE
@@ -209,14 +266,16 @@ def start_head(
         **(env or {}),
         "RAY_AUTH_MODE": "token",
     }
+    if not expose:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single host: node IP stays 127.0.0.1
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this venv's
     ray_cli = str(Path(bin_dir) / "ray")
     ensure_token(env)
     cmd = [
         ray_cli, "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", f"--port={port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        *([] if expose else ["--node-ip-address=127.0.0.1"]), f"--port={port}",
+        f"--dashboard-host={'0.0.0.0' if expose else '127.0.0.1'}", f"--dashboard-port={dashboard_port}",
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
         f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
     ]  # fmt: skip
@@ -388,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=6379)
     up.add_argument("--dashboard-port", type=int, default=8265)
     up.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
+    up.add_argument(
+        "--expose",
+        action="store_true",
+        help="listen on the host's address, not only 127.0.0.1 (multi-node; token auth stays on)",
+    )
     down = sub.add_parser("down", help="stop the head started by `up`")
     down.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
     check = sub.add_parser("check", help="pre-flight for ray job submit")
@@ -402,12 +466,19 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 dashboard_port=args.dashboard_port,
                 temp_dir=args.temp_dir,
+                expose=args.expose,
             )
-            print(f"Ray head up (pid {head.pid}, {args.num_cpus} logical CPUs, token auth on)")
+            where = "on the host's address (--expose)" if args.expose else "on 127.0.0.1 only"
+            print(f"Ray head up {where} (pid {head.pid}, {args.num_cpus} logical CPUs, token auth on)")
             print(
                 f"  submit jobs:  RAY_ADDRESS={head.dashboard_url}  (make submit-train / submit-sweep)"
             )
             print(f"  run drivers:  RAY_ADDRESS={head.gcs_address} RAY_AUTH_MODE=token")
+            if args.expose:
+                print(
+                    f"  add nodes:    RAY_AUTH_MODE=token ray start --address=<this host's IP>:{args.port} "
+                    f"(copy {ensure_token()} to the node first)"
+                )
             print(f"  logs: {Path(args.temp_dir) / LOG_FILE}; stop with make cluster-down")
         elif args.command == "down":
             print(

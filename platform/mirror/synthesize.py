@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from mirror.data.schema import TRAIN, DatasetMetadata
 from mirror.models.base import GenerationContext, Generator
 from mirror.progress import progress
 
-SYNTHETIC_ID_OFFSET = 10**12
+SYNTHETIC_ID_OFFSET = schema.SYNTHETIC_ID_OFFSET
 PATIENTS_PER_FILE = 250_000
 
 
@@ -146,12 +147,11 @@ def sample_and_score(
 
     loaded = load_run(run_id, uri=uri)
     require_capability(loaded.model_spec, "generator", "sample")
-    shutil.rmtree(staging, ignore_errors=True)
     report = sample_patients(
         loaded.model, loaded.spec.data, n_patients=n_patients, out_dir=staging,
         female_share=female_fraction(loaded.spec.data), seed=seed, provenance={"generator": loaded.spec.model, "mlflow_run_id": run_id},
     )
-    plots = staging.with_name(staging.name + "-plots")
+    plots = Path(tempfile.mkdtemp(prefix=f".{staging.name}-plots-", dir=staging.parent))  # ours alone
     try:
         scorecard = compute_scorecard(loaded.spec.data, staging, max_queries=max_queries, seed=seed, artifacts_dir=plots)
         gate = privacy_gate(scorecard, thresholds)
@@ -179,21 +179,25 @@ def release_synthetic(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: output directory is not empty")
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    report, scorecard, gate = sample_and_score(
-        run_id, n_patients=n_patients, staging=staging, thresholds=thresholds, seed=seed,
-        max_queries=max_queries, uri=uri,
-    )
-    if gate.passed or allow_unsafe:
-        if not gate.passed:
-            tracking.set_tags(run_id, {"mirror.unsafe_export": "; ".join(gate.failures)}, uri=uri)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-        return ReleaseResult(out_dir, report, scorecard, gate.passed, gate.failures, not gate.passed)
-    shutil.rmtree(staging, ignore_errors=True)
-    return ReleaseResult(None, report, scorecard, False, gate.failures, False)
+    # A staging directory this call creates (unique name beside out_dir): a user's
+    # ``out.staging`` is never touched, and only this one is ever removed.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        report, scorecard, gate = sample_and_score(
+            run_id, n_patients=n_patients, staging=staging, thresholds=thresholds, seed=seed,
+            max_queries=max_queries, uri=uri,
+        )
+        if gate.passed or allow_unsafe:
+            if not gate.passed:
+                tracking.set_tags(run_id, {"mirror.unsafe_export": "; ".join(gate.failures)}, uri=uri)
+            if out_dir.exists():
+                out_dir.rmdir()
+            staging.rename(out_dir)
+            return ReleaseResult(out_dir, report, scorecard, gate.passed, gate.failures, not gate.passed)
+        return ReleaseResult(None, report, scorecard, False, gate.failures, False)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it became out_dir
 
 
 def score_run(run_id: str, n_patients: int, work_dir: str | Path, seed: int = 0, uri: str | None = None) -> dict[str, float]:
@@ -205,7 +209,8 @@ def score_run(run_id: str, n_patients: int, work_dir: str | Path, seed: int = 0,
     """
     from mirror import tracking
 
-    staging = Path(work_dir) / f"scorecard-{run_id}"
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"scorecard-{run_id}-", dir=work_dir))  # ours alone
     try:
         _, scorecard, _ = sample_and_score(run_id, n_patients=n_patients, staging=staging, seed=seed, uri=uri)
     except TooFewValidSentences as err:

@@ -125,13 +125,27 @@ def derived_metadata(corpus: Corpus) -> dict:
     return asdict(meta)
 
 
+def codes_table(rows: list[dict]) -> pa.Table:
+    """``CODES_SCHEMA`` rows; a ``bytes`` value in a text column is written as is (Arrow does
+    not check UTF-8 when a binary column is viewed as string), so the encoding rule can be
+    broken on purpose."""
+    columns = {}
+    for f in S.CODES_SCHEMA:
+        values = [row[f.name] for row in rows]
+        if pa.types.is_string(f.type):
+            raw = [v if isinstance(v, bytes) else v.encode() for v in values]
+            columns[f.name] = pa.array(raw, pa.binary()).view(pa.string())
+        else:
+            columns[f.name] = pa.array(values, f.type)
+    return pa.Table.from_arrays(list(columns.values()), schema=S.CODES_SCHEMA)
+
+
 def write(corpus: Corpus, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     meta = derived_metadata(corpus) | corpus.metadata_patch
     (root / S.DATASET_JSON).parent.mkdir(parents=True, exist_ok=True)
     (root / S.DATASET_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    codes = pa.Table.from_pylist(corpus.codes, schema=S.CODES_SCHEMA)
-    pq.write_table(codes, root / S.CODES_PARQUET, compression="zstd")
+    pq.write_table(codes_table(corpus.codes), root / S.CODES_PARQUET, compression="zstd")
     for split, shards in corpus.shards.items():
         for i, rows in enumerate(shards):
             name = shard_name(split, i)
@@ -165,6 +179,12 @@ def _codes(c: Corpus) -> Expected:
     c.codes[-1]["condition_id"] = N_CONDITIONS - 2
     return {"file": S.CODES_PARQUET, "row": None, "subject_id": None,
             "what": f"condition id {N_CONDITIONS - 2} twice, {N_CONDITIONS - 1} missing"}
+
+
+def _encoding(c: Corpus) -> Expected:
+    c.codes[7]["name"] = c.codes[7]["name"].encode()[:4] + b"\xe9" + c.codes[7]["name"].encode()[4:]
+    return {"file": S.CODES_PARQUET, "row": 7, "subject_id": None,
+            "what": "a latin-1 byte inside a condition name"}
 
 
 def _unreadable(c: Corpus) -> Expected:
@@ -265,6 +285,7 @@ def _enrollment(c: Corpus) -> Expected:
 BREAKAGES: dict[str, Callable[[Corpus], Expected]] = {
     "metadata": _metadata,
     "codes": _codes,
+    "encoding": _encoding,
     "unreadable": _unreadable,
     "schema": _schema,
     "subject_order": _subject_order,

@@ -65,6 +65,9 @@ LATENT = "latent"  # list<float32> fixed width: the patient's true latent health
 MIN_WORDS, MAX_WORDS = 1, 100
 MAX_EVENTS = 5_000
 
+# Generated patients' ids start here (jobs/sample.py, evaluation): never a real patient's id.
+SYNTHETIC_ID_OFFSET = 10**12
+
 METADATA_DIR, DATA_DIR, GROUND_TRUTH_DIR = "metadata", "data", "ground_truth"
 DATASET_JSON = f"{METADATA_DIR}/dataset.json"
 CODES_PARQUET = f"{METADATA_DIR}/codes.parquet"
@@ -121,7 +124,12 @@ class DatasetMetadata:
         path = Path(root) / DATASET_JSON
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; is {root} a mirror dataset directory?")
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(
                 f"{path}: schema_version {raw.get('schema_version')!r}, this reader needs {SCHEMA_VERSION}"
@@ -130,4 +138,7 @@ class DatasetMetadata:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as err:  # a required key is missing
+            raise ValueError(f"{path}: {err}") from None

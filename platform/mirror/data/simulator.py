@@ -58,7 +58,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -886,6 +885,11 @@ def write_chunk(
 
 
 def _prepare_output(root: Path, overwrite: bool) -> None:
+    """Refuse an existing dataset unless ``overwrite``; even then delete only files this
+    generator provably wrote (``guards.owned_dataset_files``), never a user's. The marker
+    written first proves authorship of a generation that is interrupted later."""
+    from mirror.guards import GENERATED_MARKER, owned_dataset_files, remove_owned_dataset
+
     owned = [root / schema.METADATA_DIR, root / schema.DATA_DIR, root / schema.GROUND_TRUTH_DIR]
     existing = [p for p in owned if p.exists()]
     if existing and not overwrite:
@@ -893,9 +897,10 @@ def _prepare_output(root: Path, overwrite: bool) -> None:
             f"{root}: already holds {', '.join(p.name for p in existing)}; "
             "choose an empty directory or pass overwrite=True (--overwrite)"
         )
-    for path in existing:
-        shutil.rmtree(path)
-    root.mkdir(parents=True, exist_ok=True)
+    if existing:
+        remove_owned_dataset(root, owned_dataset_files(root, SIMULATOR_NAME))
+    (root / schema.METADATA_DIR).mkdir(parents=True, exist_ok=True)
+    (root / schema.METADATA_DIR / GENERATED_MARKER).write_text(f"{SIMULATOR_NAME}\n")
 
 
 def generate_dataset(
@@ -932,7 +937,7 @@ def generate_dataset(
     began = time.perf_counter()
     params = params or SimulatorParams.from_seed(seed)
     files = params.save(root / schema.GROUND_TRUTH_DIR)
-    (root / schema.METADATA_DIR).mkdir()
+    (root / schema.METADATA_DIR).mkdir(exist_ok=True)  # holds the marker already
     pq.write_table(codes_table(), root / schema.CODES_PARQUET)
 
     if not ray.is_initialized():

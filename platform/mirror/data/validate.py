@@ -22,6 +22,8 @@ Rules (the closed set ``RULES``; every :class:`Violation` names one):
                      the rows and ``n_events`` actually found in ``data/<split>/``.
 ``codes``            ``metadata/codes.parquet`` has ``schema.CODES_SCHEMA``, no nulls, and
                      exactly the 605 unique condition ids ``0..604`` with unique, non-empty codes.
+``encoding``         every text value in ``metadata/codes.parquet`` is valid UTF-8 (Parquet
+                     readers do not check it unless asked to; exports copy the file as is).
 ``unreadable``       a shard cannot be opened or decoded as Parquet.
 ``schema``           shard columns are exactly ``schema.ROW_SCHEMA`` (no missing or unknown
                      columns, exact Arrow dtypes) and hold no nulls, also inside lists.
@@ -89,9 +91,10 @@ WEEK_RANGE = "week_range"
 SORTED_TIMES = "sorted_times"
 AGE_CONSISTENCY = "age_consistency"
 ENROLLMENT = "enrollment"
+ENCODING = "encoding"
 
 RULES = (
-    METADATA, CODES, UNREADABLE, SCHEMA, SUBJECT_ORDER, SPLIT, SEX, LIST_LENGTHS,
+    METADATA, CODES, ENCODING, UNREADABLE, SCHEMA, SUBJECT_ORDER, SPLIT, SEX, LIST_LENGTHS,
     EMPTY_SENTENCE, OVER_LONG, CONDITION_RANGE, AGE_GROUP_RANGE, WEEK_RANGE, SORTED_TIMES,
     AGE_CONSISTENCY, ENROLLMENT,
 )
@@ -441,6 +444,8 @@ def check_codes(root: str | Path) -> list[Violation]:
     want = [(f.name, f.type) for f in S.CODES_SCHEMA]
     if got != want:
         return bad(f"columns {got}, expected {want}")
+    if broken := encoding_violations(codes, file):
+        return broken
     for name in codes.column_names:
         if codes.column(name).null_count:
             return bad(f"null values in column {name!r}")
@@ -455,6 +460,32 @@ def check_codes(root: str | Path) -> list[Violation]:
     code = codes.column("code").to_pylist()
     if len(set(code)) != len(code) or not all(code):
         out += bad("codes must be unique and non-empty")
+    return out
+
+
+def encoding_violations(table: pa.Table, file: str, limit: int = 5) -> list[Violation]:
+    """``encoding`` rule: string columns hold valid UTF-8 (Arrow trusts the bytes it reads
+    until ``validate(full=True)``); each bad value is reported with its row and column."""
+    try:
+        table.validate(full=True)
+        return []
+    except pa.ArrowInvalid:
+        pass
+    out = []
+    for name in table.column_names:
+        if not pa.types.is_string(table.schema.field(name).type):
+            continue
+        raw = _column(table, name).view(pa.binary()).to_pylist()
+        for row, value in enumerate(raw):
+            if value is None:
+                continue
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                out.append(Violation(file, row, None, ENCODING,
+                                     f"column {name!r} is not valid UTF-8: {value!r} ({err.reason} at byte {err.start})"))
+                if len(out) >= limit:
+                    return out
     return out
 
 

@@ -3,7 +3,9 @@
 Fits the frequency baseline on ``train``, scores the model and the baseline on the same
 ``held_out`` patients (``mirror.metrics.evaluate``: the four tasks of seed 000 and the latent
 probes), runs the white-box membership test from per-patient NLL, and leaves its artifacts
-(prevalence scatter, a Parquet sample of generated sentences) in the folder it is given.
+(prevalence scatter and arrays, notes) in the folder it is given. Generated sentences are
+kept as aggregates only (prevalence, lengths): this evaluation runs no privacy gate, and
+per-patient model output leaves the platform only through ``jobs/sample.py``, behind it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from mirror.checkpoint import LoadedRun  # noqa: E402
@@ -26,6 +27,7 @@ from mirror.metrics.evaluate import EvalConfig, EvalResult, evaluate_model  # no
 from mirror.metrics.privacy import membership_from_losses  # noqa: E402
 
 BASELINE_TRAIN_PATIENTS = 50_000  # enough for stable word frequencies; counted in the run
+NO_SAMPLE_NOTE = "not logged: per-patient output is released only by jobs/sample.py's privacy gate"
 
 
 def evaluate_loaded(loaded: LoadedRun) -> EvalResult:
@@ -99,8 +101,8 @@ def sequence_suite(loaded: LoadedRun, artifacts: Path) -> dict[str, float]:
     """The four tasks and latent probes beside their floors, plus white-box membership."""
     result = evaluate_loaded(loaded)
     membership = white_box_membership(loaded, loaded.spec.train.eval_patients or 5_000)
-    (artifacts / "eval_notes.json").write_text(json.dumps(result.notes, indent=2, sort_keys=True) + "\n")
+    notes = {**result.notes, "generated_sample": NO_SAMPLE_NOTE}
+    (artifacts / "eval_notes.json").write_text(json.dumps(notes, indent=2, sort_keys=True) + "\n")
     prevalence_scatter(result, artifacts / "prevalence_scatter.png")
-    pq.write_table(result.samples, artifacts / "generated_sample.parquet")
     np.savez(artifacts / "prevalence.npz", **result.prevalence)
     return {**result.metrics, **membership}

@@ -283,7 +283,7 @@ def load_ground_truth(dataset_dir: str | Path, subject_ids: np.ndarray) -> Groun
 class EvalResult:
     metrics: dict[str, float]  # every name in METRIC_NAMES
     notes: dict[str, str]  # metric name -> why it is NaN, and other caveats
-    samples: pa.Table  # valid generated sentences in schema.ROW_SCHEMA (ids 0..n_generate-1)
+    samples: pa.Table  # valid generated sentences in schema.ROW_SCHEMA (ids from SYNTHETIC_ID_OFFSET)
     prevalence: dict[str, np.ndarray]  # "real", "generated", "baseline": (N_CONDITIONS,)
     length_histograms: dict[str, np.ndarray]  # same keys: counts of lengths 0..max_words+1
 
@@ -410,7 +410,7 @@ class _GenerationScore:
         self.prevalence.add(condition_sets(dx, n_clipped))
         self.lengths.add(n_clipped)
         if self.keep_rows:
-            ids = self.next_id + np.flatnonzero(valid.numpy())
+            ids = schema.SYNTHETIC_ID_OFFSET + self.next_id + np.flatnonzero(valid.numpy())
             self.tables.append(generated_rows(dx[valid], wk[valid], n_words[valid], sex[valid], ids))
         self.next_id += int(n_words.shape[0])
 

@@ -529,6 +529,10 @@ def _adamw(module: nn.Module, cfg: AEConfig) -> torch.optim.Optimizer:
     )
 
 
+RECONSTRUCTION_METRICS = (
+    "train/loss", "train/nll_dx", "train/nll_wk", "train/grad_norm/autoencoder",
+    "val/loss", "val/nll_dx", "val/nll_wk",
+)  # fmt: skip
 MODEL = ModelSpec(
     name="ae",
     config_cls=AEConfig,
@@ -536,5 +540,6 @@ MODEL = ModelSpec(
     view=SequenceView,
     capabilities=("encoder", "sequence_decoder", "generator"),
     default_sweep="search_spaces/ae_vs_wae.yaml",
+    metric_names=RECONSTRUCTION_METRICS,
     description="seed 000 Model 0: conditional multi-head GRU autoencoder",
 )

@@ -199,6 +199,10 @@ class ModelSpec:
     capabilities: tuple[str, ...] = ()  # keys of CAPABILITIES
     default_sweep: str | None = None  # search_spaces/... file, relative to the repository
     upstream: tuple[ModelSpec, ...] = ()  # models a run of this one can start from
+    # Per-epoch metrics the model makes the loop report (``train/<train_step key>``,
+    # ``train/grad_norm/<optimizer>``, ``val/<eval_sums key>``): a sweep's ``metric`` must be
+    # one of these or of the loop's own (``mirror.guards.loop_metrics``), checked at load.
+    metric_names: tuple[str, ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -63,6 +63,7 @@ from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.views.sequence import SequenceView
 from mirror.metrics.tasks import imq_mmd2_unbiased
 from mirror.models.ae import (
+    RECONSTRUCTION_METRICS,
     AEConfig,
     ConditionalAutoencoder,
     reconstruction_loss,
@@ -271,6 +272,9 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
         return out
 
 
+LATENT_FIT = ("z_mean_abs", "z_var", "mmd")  # the keys of latent_fit
+
+
 def latent_fit(z: torch.Tensor) -> dict[str, float]:
     """Batch statistics of z (B, d) against N(0, I): mean over dimensions of |mean|, mean
     per-dimension variance, and unbiased IMQ MMD² against B prior draws."""
@@ -291,5 +295,11 @@ MODEL = ModelSpec(
     view=SequenceView,
     capabilities=("encoder", "sequence_decoder", "generator"),
     default_sweep="search_spaces/wae_ablation.yaml",
+    metric_names=RECONSTRUCTION_METRICS + tuple(
+        f"{split}/{name}" for split in ("train", "val") for name in ("w1_estimate", *LATENT_FIT)
+    ) + (
+        "train/recon_loss", "train/gen_loss", "train/critic_steps", "train/lam",
+        "train/grad_norm/critic", "val/loss_plus_mmd",
+    ),  # fmt: skip
     description="seed 000 Model 1: Wasserstein autoencoder with a weight-clipped critic",
 )

@@ -27,6 +27,7 @@ from mirror.checkpoint import CHECKPOINT_TAG, upstream_checkpoint
 from mirror.cluster import ensure_ray
 from mirror.data.schema import TRAIN, TUNING, DatasetMetadata, split_files
 from mirror.data.views.base import SplitReport
+from mirror.guards import check_run_name
 from mirror.models import get_model_spec
 from mirror.models.base import ModelSpec
 from mirror.train.loop import train_fn_per_worker
@@ -112,6 +113,7 @@ def run_training(
     ``spec``. ``model_spec`` defaults to the registry's entry for ``spec.model`` (tests pass
     models that are not registered)."""
     train = spec.train
+    check_run_name(spec.run_name, "run name")  # it becomes a directory: never outside storage
     model_spec = model_spec or get_model_spec(spec.model)
     uri = tracking.tracking_uri()
     upstream = None

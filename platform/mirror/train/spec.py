@@ -26,6 +26,7 @@ import yaml
 
 from mirror import storage
 from mirror.config import build_config
+from mirror.guards import check_train_numbers
 from mirror.models import get_model_spec
 from mirror.models.base import ModelSpec
 
@@ -171,6 +172,7 @@ def build_run_spec(
     train = build_config(TrainConfig, by_section["train"])
     if train.workers < 1:
         raise ValueError(f"train.workers: expected >= 1, got {train.workers}")
+    check_train_numbers(train)  # epochs, batch sizes, fractions: before any worker starts
     if upstream_run is not None and not model_spec.upstream:
         raise ValueError(f"--upstream-run: model {model_spec.name!r} does not build on another run's model")
     if upstream_run is None and model_spec.upstream:
