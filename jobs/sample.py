@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mirror.cluster import ensure_ray
     from mirror.metrics.privacy import GateThresholds
+    from mirror.metrics.scorecard import ScorecardError
     from mirror.synthesize import TooFewValidSentences, release_synthetic
 
     ensure_ray()
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             args.run, n_patients=args.patients, out_dir=args.out, thresholds=thresholds,
             allow_unsafe=args.allow_unsafe, seed=args.seed,
         )
-    except TooFewValidSentences as err:  # nothing was exported, nothing of the user's deleted
+    except (TooFewValidSentences, ScorecardError) as err:  # nothing exported, nothing of the user's deleted
         print(f"error: {err}", file=sys.stderr)
         return 1
     s = result.sample

@@ -43,7 +43,10 @@ from mirror.data import schema as S
 from mirror.models import get_model_spec
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_WAS_UP = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 TINY_AE = (
     "model.head_hidden=8 model.dx_emb_dim=8 model.wk_emb_dim=4 model.latent_dim=8 model.out_hidden=16 "
     "train.batch_size=32 train.max_steps_per_epoch=2 train.val_max_batches=1 train.eval_batch_size=64"
@@ -289,12 +292,10 @@ BEFORE_RAY = [
 
 @pytest.mark.parametrize("case", BEFORE_RAY, ids=lambda c: c.id)
 def test_refused_before_ray_in_one_line(case: Case, world: dict[str, str]) -> None:
+    was_up = ray_is_up()  # an earlier test module may have started Ray in this process
     check(case, world)
     assert not Path(world["storage"]).exists(), "nothing may be written to the storage path"
-    if not RAY_WAS_UP:
-        import ray
-
-        assert not ray.is_initialized(), f"{case.id}: Ray was started"
+    assert was_up or not ray_is_up(), f"{case.id}: Ray was started"
 
 
 def test_non_ray_host_at_ray_address_is_unreachable_not_auth(world: dict[str, str]) -> None:
@@ -438,9 +439,11 @@ def test_sample_never_deletes_a_users_staging_dir(trained: dict[str, str]) -> No
     users = out.with_name(out.name + ".staging")
     (users / "notes").mkdir(parents=True)
     (users / "notes" / "plan.txt").write_text("my draft\n")
-    # Two training steps do not make a generator: sampling fails, and must clean up only its own.
+    # Two training steps on 600 patients: sampling, or scoring so few patients, fails after the
+    # job made its own staging folder; it must clean up only its own.
     case = Case("sample beside a user's X.staging", "sample", f"--run {{run}} --patients 20 --out {out}", 1,
-                r"error: sampling: only \d+ valid of \d+ drawn", keep=(f"{users}/notes/plan.txt",))  # fmt: skip
+                r"error: (sampling: only \d+ valid of \d+ drawn|\d+ metric\(s\) could not be computed)",
+                keep=(f"{users}/notes/plan.txt",))  # fmt: skip
     check(case, trained)
     assert not out.exists()
     assert sorted(p.name for p in out.parent.iterdir() if "staging" in p.name) == [users.name]

@@ -74,13 +74,13 @@ def test_restored_optimizer_takes_the_new_learning_rate_and_keeps_its_moments():
 
 def test_perturbed_values_are_clipped_into_the_declared_range():
     keep = KeepInsideRanges(
-        {"model.lam": (0.1, 10.0, False), "train.mask_min_words": (5, 19, True)}
+        {"model.lam": (0.1, 10.0, False), "view.mask_min_words": (5, 19, True)}
     )
-    config = keep({"model.lam": 12.0, "train.mask_min_words": 22.6, "other": 99})
-    assert config == {"model.lam": 10.0, "train.mask_min_words": 19, "other": 99}
-    assert keep({"model.lam": 0.05, "train.mask_min_words": 7.4}) == {
+    config = keep({"model.lam": 12.0, "view.mask_min_words": 22.6, "other": 99})
+    assert config == {"model.lam": 10.0, "view.mask_min_words": 19, "other": 99}
+    assert keep({"model.lam": 0.05, "view.mask_min_words": 7.4}) == {
         "model.lam": 0.1,
-        "train.mask_min_words": 7,
+        "view.mask_min_words": 7,
     }
 
 

@@ -233,7 +233,7 @@ class FrequencyBaseline:
     def sample(
         self, n: int, rng: np.random.Generator, width: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` sentences like ``MirrorModel.generate``: dx ids (n, width), week ids (n, width)
+        """``n`` sentences like ``SequenceDecoder.generate``: dx ids (n, width), week ids (n, width)
         and words before ``<EOS>`` (n,), ``width`` defaulting to max_words + 1."""
         width = self.max_words + 1 if width is None else width
         lengths = rng.choice(
