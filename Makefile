@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint demo bench-data bench-train bench-metrics bench-gpu clean
+.PHONY: install test lint demo bench-data bench-train bench-metrics bench-gpu reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,14 @@ clean:
 # (make reports the failure); `$(PY) bench/bench_gpu.py --device cpu --tiny` is the CPU smoke run.
 bench-gpu: install
 	$(PY) bench/bench_gpu.py
+
+# The digital-mirror reference run: 200K simulated patients, AE and WAE on 2 CPU workers (one
+# full pass each, about an hour on 2 cores with evaluation and scorecard), every acceptance
+# target of issue 11 beside its floor. MLflow experiment 'reference-mirror'; writes
+# bench/results/reference_mirror.json. REFERENCE_ARGS passes options (e.g. --epochs 2).
+REFERENCE_ARGS ?=
+reference-mirror: install
+	$(PY) bench/reference_mirror.py $(REFERENCE_ARGS)
 
 # Simulator throughput, Ray Data read + collate vs plain pyarrow, peak memory at 1M and 4M
 # patients (datasets under /tmp/mirror-bench). Writes bench/results/data.json.
