@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import signal
@@ -57,10 +58,16 @@ class ClusterConnectionError(RuntimeError):
 
 
 def quiet_progress() -> None:
-    """Jobs log to files and MLflow; per-operator progress bars only flood those logs."""
+    """Jobs log to files and MLflow; per-operator progress bars and Ray Data's per-dataset
+    execution lines only flood a user's console. Ray Data keeps its full log in the session's
+    ``logs/ray-data`` file either way."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:  # the console one, not the file's
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
 
 
 def ensure_ray(min_logical_cpus: float = 4) -> None:

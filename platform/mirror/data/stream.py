@@ -297,7 +297,7 @@ def read_split(
     order of row groups on every execution (epoch); ``shuffle_seed`` makes that sequence of
     orders reproducible. ``read_cpus`` and ``rows_per_read_task`` size the read tasks (the
     latter is also the granularity at which ``streaming_split`` deals rows to workers);
-    ``read_concurrency`` caps tasks in flight (default: the cluster's CPUs). Only Parquet
+    ``read_concurrency`` caps tasks in flight (default: the cluster's CPUs, at most one per unit). Only Parquet
     footers are read here (and Ray is started if it is not yet); rows are read when iterated.
     """
     root = Path(root).resolve()
@@ -338,7 +338,7 @@ def read_split(
     if read_concurrency is None:
         if not ray.is_initialized():
             ray.init()  # as Ray Data would on first use; honours RAY_ADDRESS
-        read_concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        read_concurrency = max(1, min(len(units), int(ray.cluster_resources().get("CPU", 1))))
     # An instance, not the class: a class would make Ray start an actor pool.
     dataset = dataset.map_batches(
         read, batch_format="pyarrow", batch_size=1, num_cpus=read_cpus,
