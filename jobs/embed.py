@@ -27,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         guards.check_dataset_dir(args.data)
         guards.check_empty_output(args.out)
         uri = tracking.tracking_uri()
-        guards.check_tracking_reachable(uri)
-        guards.check_run_exists(args.run, uri)
-        guards.check_run_has_checkpoint(args.run, uri)
-        guards.check_run_capability(args.run, uri, "encoder", "embed")
+        guards.check_trained_run(args.run, uri, needs="encoder", job="embed")
     except guards.GuardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

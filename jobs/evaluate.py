@@ -19,9 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         uri = tracking.tracking_uri()
-        guards.check_tracking_reachable(uri)
-        guards.check_run_exists(args.run, uri)
-        guards.check_run_has_checkpoint(args.run, uri)
+        guards.check_trained_run(args.run, uri)
     except guards.GuardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,10 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         guards.check_positive("--patients", args.patients)
         guards.check_empty_output(args.out)
         uri = tracking.tracking_uri()
-        guards.check_tracking_reachable(uri)
-        guards.check_run_exists(args.run, uri)
-        guards.check_run_has_checkpoint(args.run, uri)
-        guards.check_run_capability(args.run, uri, "generator", "sample")
+        guards.check_trained_run(args.run, uri, needs="generator", job="sample")
         guards.check_run_dataset_metadata(args.run, uri)
     except guards.GuardError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -610,6 +610,16 @@ def check_run_has_checkpoint(run_id: str, uri: str, flag: str = "--run") -> None
         raise GuardError(f"{flag} {run_id}: its checkpoint {path} is gone (checkpoint.pt missing)")
 
 
+def check_trained_run(run_id: str, uri: str, *, needs: str | None = None, job: str = "") -> None:
+    """What every job on a finished run checks first: the tracking server answers, the run
+    exists and kept its checkpoint, and (with ``needs``) its model has that capability."""
+    check_tracking_reachable(uri)
+    check_run_exists(run_id, uri)
+    check_run_has_checkpoint(run_id, uri)
+    if needs is not None:
+        check_run_capability(run_id, uri, needs, job)
+
+
 def check_run_capability(run_id: str, uri: str, capability: str, job: str) -> None:
     """The run's model can do what ``job`` needs (e.g. ``embed`` needs an encoder); the
     refusal names the models that can."""
