@@ -80,7 +80,7 @@ def checks(ae: dict[str, float], wae: dict[str, float]) -> list[dict[str, object
         out.append(target(f"AE {task} top5 beats both floors", value, value > max(floors),
                           f"unigram {floors[0]:.4f}, copy_prev {floors[1]:.4f}"))  # fmt: skip
     out += [
-        target("WAE mean |E z| < 0.5", wae.get("eval/latent/z_mean_abs", nan), wae.get("eval/latent/z_mean_abs", nan) < 0.5, "0.5"),
+        target("WAE mean abs(E z) < 0.5", wae.get("eval/latent/z_mean_abs", nan), wae.get("eval/latent/z_mean_abs", nan) < 0.5, "0.5"),
         target("WAE z variance in [0.5, 2]", wae.get("eval/latent/z_var", nan), 0.5 <= wae.get("eval/latent/z_var", nan) <= 2, "[0.5, 2]"),
         target("WAE latent MMD < AE's", wae.get("eval/latent/mmd", nan),
                wae.get("eval/latent/mmd", nan) < ae.get("eval/latent/mmd", nan), f"AE {ae.get('eval/latent/mmd', nan):.4f}"),
