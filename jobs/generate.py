@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mirror import guards
+from mirror.data.ownership import NotWrittenByGenerator
 from mirror.data.simulator import BLOCK, generate_dataset
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.out, args.patients, seed=args.seed, workers=args.workers,
             chunk_size=args.chunk_size, name=args.name, overwrite=args.overwrite,
         )  # fmt: skip
-    except (guards.GuardError, FileExistsError) as err:
+    except (guards.GuardError, NotWrittenByGenerator, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     summary = {

@@ -39,6 +39,7 @@ import pytest
 import yaml
 
 from mirror import guards, tracking
+from mirror.data import ownership
 from mirror.data import schema as S
 from mirror.models import get_model_spec
 
@@ -337,25 +338,25 @@ def test_overwrite_ownership_needs_proof_and_nothing_foreign(tmp_path: Path) -> 
 
     interrupted = tmp_path / "interrupted"
     (interrupted / "metadata").mkdir(parents=True)
-    (interrupted / "metadata" / guards.GENERATED_MARKER).write_text(SIMULATOR_NAME)
+    (interrupted / "metadata" / ownership.GENERATED_MARKER).write_text(SIMULATOR_NAME)
     (interrupted / "data" / "train").mkdir(parents=True)
     (interrupted / "data" / "train" / "part-00000.parquet").write_bytes(b"PAR1")
-    owned = guards.owned_dataset_files(interrupted, SIMULATOR_NAME)
-    assert [p.name for p in owned] == ["part-00000.parquet", guards.GENERATED_MARKER]
-    guards.remove_owned_dataset(interrupted, owned)
+    owned = ownership.owned_dataset_files(interrupted, SIMULATOR_NAME)
+    assert [p.name for p in owned] == ["part-00000.parquet", ownership.GENERATED_MARKER]
+    ownership.remove_owned_dataset(interrupted, owned)
     assert list(interrupted.iterdir()) == []
 
     imported = tmp_path / "imported"  # a valid dataset, but not the simulator's: refused
     corpus.write(copy.deepcopy(corpus.BASE), imported)
-    with pytest.raises(guards.GuardError, match="not a dataset written by jobs/generate.py"):
-        guards.owned_dataset_files(imported, SIMULATOR_NAME)
+    with pytest.raises(ownership.NotWrittenByGenerator, match="not a dataset written by jobs/generate.py"):
+        ownership.owned_dataset_files(imported, SIMULATOR_NAME)
 
     (interrupted / "metadata").mkdir()
-    (interrupted / "metadata" / guards.GENERATED_MARKER).write_text(SIMULATOR_NAME)
+    (interrupted / "metadata" / ownership.GENERATED_MARKER).write_text(SIMULATOR_NAME)
     (interrupted / "ground_truth").mkdir()
     (interrupted / "ground_truth" / "notes.md").write_text("mine")
-    with pytest.raises(guards.GuardError, match=r"ground_truth/notes.md was not written"):
-        guards.owned_dataset_files(interrupted, SIMULATOR_NAME)
+    with pytest.raises(ownership.NotWrittenByGenerator, match=r"ground_truth/notes.md was not written"):
+        ownership.owned_dataset_files(interrupted, SIMULATOR_NAME)
     assert (interrupted / "ground_truth" / "notes.md").exists()
 
 
@@ -371,7 +372,7 @@ def trained(world: dict[str, str], ray_cluster) -> dict[str, str]:
     for extra in ("", " --overwrite"):
         result = run_job("generate", shlex.split(f"--patients 600 --seed 2 --out {gen} --workers 2{extra}"))
         assert result.rc == 0, result.err[-3000:]
-    assert (gen / S.METADATA_DIR / guards.GENERATED_MARKER).exists()
+    assert (gen / S.METADATA_DIR / ownership.GENERATED_MARKER).exists()
     args = f"--model ae --data {gen} --storage-path {world['storage']} --workers 1 --epochs 1 --run-name first-ae --no-eval --set {TINY_AE}"
     result = run_job("train", shlex.split(args))
     assert result.rc == 0, result.err[-3000:]

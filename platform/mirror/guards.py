@@ -6,7 +6,8 @@ a run whose history mixes two experiments. Each check raises :class:`GuardError`
 message that names the argument, file or run and the rule it broke.
 
 * Names: :func:`check_run_name` (run names become directory names and MLflow filter values).
-* Numbers: :func:`check_train_numbers` (``train.epochs=0`` would start workers, then fail).
+* Numbers: counts given on the command line (the loop's own config checks its numbers in
+  ``mirror.train.spec``: ``train.epochs=0`` would start workers, then fail).
 * Inputs: :func:`check_dataset_dir`, :func:`check_config_file`, :func:`check_dataset_rows`
   (schema from Parquet footers, split membership from the ``subject_id`` column only).
 * Outputs: :func:`check_empty_output` and :func:`staged_output` (write beside, then rename;
@@ -59,40 +60,6 @@ def check_run_name(name: str, flag: str = "--run-name") -> None:
             f"{flag} {name!r}: expected 1-128 letters, digits, '_', '.', '-' starting with a "
             "letter or digit, without '..' (it names a directory and an MLflow run)"
         )
-
-
-# TrainConfig field -> (lowest allowed value, whether the bound is exclusive). Fields missing
-# from the config are skipped, so the table outlives fields that move elsewhere.
-TRAIN_MINIMUMS: dict[str, tuple[float, bool]] = {
-    "epochs": (1, False),
-    "batch_size": (1, False),
-    "eval_batch_size": (1, False),
-    "workers": (1, False),
-    "cpus_per_worker": (0, True),
-    "max_failures": (0, False),
-    "checkpoints_to_keep": (1, False),
-    "max_steps_per_epoch": (0, False),
-    "val_max_batches": (0, False),
-    "eval_patients": (0, False),
-    "n_generate": (0, False),
-    "grad_clip": (0, False),
-}
-TRAIN_FRACTIONS = ("warmup_fraction", "min_lr_ratio")  # each in [0, 1]
-
-
-def check_train_numbers(train: Any) -> None:
-    """Counts and sizes of the loop's config, checked before anything starts."""
-    for name, (low, exclusive) in TRAIN_MINIMUMS.items():
-        value = getattr(train, name, None)
-        if value is None:
-            continue
-        if value < low or (exclusive and value == low):
-            rule = f"> {low}" if exclusive else f">= {low}"
-            raise GuardError(f"train.{name}: expected {rule}, received {value!r}")
-    for name in TRAIN_FRACTIONS:
-        value = getattr(train, name, None)
-        if value is not None and not 0 <= value <= 1:
-            raise GuardError(f"train.{name}: expected a fraction in [0, 1], received {value!r}")
 
 
 def check_positive(flag: str, value: int | float | None, minimum: int = 1) -> None:
@@ -248,78 +215,6 @@ def staged_output(out: str | Path) -> Iterator[Path]:
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     staging.rename(out)  # fails (and keeps both) if someone filled ``out`` meanwhile
-
-
-GENERATED_MARKER = ".written-by-mirror-generate"  # in metadata/, written before anything else
-_SHARD = re.compile(r"part-\d{5}\.parquet")
-
-
-def owned_dataset_files(root: Path, simulator_name: str) -> list[Path]:
-    """Every file ``generate --overwrite`` may delete under ``root``; raises if the directory
-    is not provably a dataset written by the simulator, or holds any file it did not write.
-
-    Proof of authorship: ``metadata/dataset.json`` whose ``provenance.simulator`` is the
-    simulator, or the marker the generator writes first (an interrupted generation). Then
-    every file under ``data/``, ``metadata/`` and ``ground_truth/`` must be one the generator
-    writes (shards ``part-NNNNN.parquet``, ``dataset.json``, ``codes.parquet``, the
-    simulator's parameters); anything else, e.g. ``data/my_study_results.csv``, is the user's
-    and the whole overwrite is refused.
-    """
-    from mirror.data import schema
-
-    meta_file, marker = root / schema.DATASET_JSON, root / schema.METADATA_DIR / GENERATED_MARKER
-    proven = marker.is_file()
-    if not proven and meta_file.is_file():
-        try:
-            proven = json.loads(meta_file.read_text()).get("provenance", {}).get("simulator") == simulator_name
-        except (ValueError, OSError, AttributeError):
-            proven = False
-    if not proven:
-        raise GuardError(
-            f"--overwrite {root}: not a dataset written by jobs/generate.py (no {schema.DATASET_JSON} "
-            f"from the simulator, no {schema.METADATA_DIR}/{GENERATED_MARKER}); refusing to delete "
-            "anything there"
-        )
-    allowed_meta = {"dataset.json", "codes.parquet", GENERATED_MARKER}
-    allowed_truth = {"params.json", "params.npz"}
-    owned: list[Path] = []
-    for top in (schema.DATA_DIR, schema.METADATA_DIR, schema.GROUND_TRUTH_DIR):
-        for path in sorted((root / top).rglob("*")):
-            if path.is_dir() and not path.is_symlink():
-                continue
-            parts = path.relative_to(root).parts
-            ok = not path.is_symlink() and (
-                (top == schema.METADATA_DIR and len(parts) == 2 and parts[1] in allowed_meta)
-                or (top == schema.DATA_DIR and len(parts) == 3 and parts[1] in schema.SPLITS and _SHARD.fullmatch(parts[2]))
-                or (top == schema.GROUND_TRUTH_DIR and len(parts) == 2 and parts[1] in allowed_truth)
-                or (top == schema.GROUND_TRUTH_DIR and len(parts) == 4 and parts[1] == "latent"
-                    and parts[2] in schema.SPLITS and _SHARD.fullmatch(parts[3]))
-            )  # fmt: skip
-            if not ok:
-                raise GuardError(
-                    f"--overwrite {root}: {path.relative_to(root)} was not written by jobs/generate.py; "
-                    "move it out first (nothing was deleted)"
-                )
-            owned.append(path)
-    return owned
-
-
-def remove_owned_dataset(root: Path, files: list[Path]) -> None:
-    """Delete exactly ``files`` (from :func:`owned_dataset_files`), then the directories they
-    leave empty; directories still holding anything are kept."""
-    from mirror.data import schema
-
-    for path in files:
-        path.unlink()
-    for top in (schema.DATA_DIR, schema.METADATA_DIR, schema.GROUND_TRUTH_DIR):
-        base = root / top
-        if not base.is_dir():
-            continue
-        for directory in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            if not any(directory.iterdir()):
-                directory.rmdir()
-        if not any(base.iterdir()):
-            base.rmdir()
 
 
 # --------------------------------------------------------------------------------------------

@@ -886,9 +886,9 @@ def write_chunk(
 
 def _prepare_output(root: Path, overwrite: bool) -> None:
     """Refuse an existing dataset unless ``overwrite``; even then delete only files this
-    generator provably wrote (``guards.owned_dataset_files``), never a user's. The marker
+    generator provably wrote (``ownership.owned_dataset_files``), never a user's. The marker
     written first proves authorship of a generation that is interrupted later."""
-    from mirror.guards import GENERATED_MARKER, owned_dataset_files, remove_owned_dataset
+    from mirror.data.ownership import GENERATED_MARKER, owned_dataset_files, remove_owned_dataset
 
     owned = [root / schema.METADATA_DIR, root / schema.DATA_DIR, root / schema.GROUND_TRUTH_DIR]
     existing = [p for p in owned if p.exists()]

@@ -26,7 +26,6 @@ import yaml
 
 from mirror import storage
 from mirror.config import build_config
-from mirror.guards import check_train_numbers
 from mirror.models import get_model_spec
 from mirror.models.base import ModelSpec
 
@@ -60,6 +59,40 @@ class TrainConfig:
     score_synthetic: bool = True  # run the synthetic-data scorecard at the end of the run
     experiment: str = "mirror"
     log_every_steps: int = 50  # training metrics to MLflow every this many steps (0: per epoch only)
+
+
+# TrainConfig field -> (lowest allowed value, whether the bound is exclusive). Fields missing
+# from the config are skipped, so the table outlives fields that move elsewhere.
+TRAIN_MINIMUMS: dict[str, tuple[float, bool]] = {
+    "epochs": (1, False),
+    "batch_size": (1, False),
+    "eval_batch_size": (1, False),
+    "workers": (1, False),
+    "cpus_per_worker": (0, True),
+    "max_failures": (0, False),
+    "checkpoints_to_keep": (1, False),
+    "max_steps_per_epoch": (0, False),
+    "val_max_batches": (0, False),
+    "eval_patients": (0, False),
+    "n_generate": (0, False),
+    "grad_clip": (0, False),
+}
+TRAIN_FRACTIONS = ("warmup_fraction", "min_lr_ratio")  # each in [0, 1]
+
+
+def check_train_numbers(train: Any) -> None:
+    """Counts and sizes of the loop's config, checked before anything starts."""
+    for name, (low, exclusive) in TRAIN_MINIMUMS.items():
+        value = getattr(train, name, None)
+        if value is None:
+            continue
+        if value < low or (exclusive and value == low):
+            rule = f"> {low}" if exclusive else f">= {low}"
+            raise ValueError(f"train.{name}: expected {rule}, received {value!r}")
+    for name in TRAIN_FRACTIONS:
+        value = getattr(train, name, None)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"train.{name}: expected a fraction in [0, 1], received {value!r}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""Which files a dataset directory holds that ``jobs/generate.py`` provably wrote.
+
+``generate --overwrite`` deletes exactly those and refuses the whole overwrite when anything
+else is there (a user's ``data/my_study_results.csv``): lose nothing a user put there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from mirror.data import schema
+
+
+class NotWrittenByGenerator(ValueError):
+    """The directory, or a file in it, is not the generator's: nothing may be deleted."""
+
+
+GENERATED_MARKER = ".written-by-mirror-generate"  # in metadata/, written before anything else
+_SHARD = re.compile(r"part-\d{5}\.parquet")
+
+
+def owned_dataset_files(root: Path, simulator_name: str) -> list[Path]:
+    """Every file ``generate --overwrite`` may delete under ``root``; raises if the directory
+    is not provably a dataset written by the simulator, or holds any file it did not write.
+
+    Proof of authorship: ``metadata/dataset.json`` whose ``provenance.simulator`` is the
+    simulator, or the marker the generator writes first (an interrupted generation). Then
+    every file under ``data/``, ``metadata/`` and ``ground_truth/`` must be one the generator
+    writes (shards ``part-NNNNN.parquet``, ``dataset.json``, ``codes.parquet``, the
+    simulator's parameters); anything else, e.g. ``data/my_study_results.csv``, is the user's
+    and the whole overwrite is refused.
+    """
+    meta_file, marker = root / schema.DATASET_JSON, root / schema.METADATA_DIR / GENERATED_MARKER
+    proven = marker.is_file()
+    if not proven and meta_file.is_file():
+        try:
+            proven = json.loads(meta_file.read_text()).get("provenance", {}).get("simulator") == simulator_name
+        except (ValueError, OSError, AttributeError):
+            proven = False
+    if not proven:
+        raise NotWrittenByGenerator(
+            f"--overwrite {root}: not a dataset written by jobs/generate.py (no {schema.DATASET_JSON} "
+            f"from the simulator, no {schema.METADATA_DIR}/{GENERATED_MARKER}); refusing to delete "
+            "anything there"
+        )
+    allowed_meta = {"dataset.json", "codes.parquet", GENERATED_MARKER}
+    allowed_truth = {"params.json", "params.npz"}
+    owned: list[Path] = []
+    for top in (schema.DATA_DIR, schema.METADATA_DIR, schema.GROUND_TRUTH_DIR):
+        for path in sorted((root / top).rglob("*")):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            parts = path.relative_to(root).parts
+            ok = not path.is_symlink() and (
+                (top == schema.METADATA_DIR and len(parts) == 2 and parts[1] in allowed_meta)
+                or (top == schema.DATA_DIR and len(parts) == 3 and parts[1] in schema.SPLITS and _SHARD.fullmatch(parts[2]))
+                or (top == schema.GROUND_TRUTH_DIR and len(parts) == 2 and parts[1] in allowed_truth)
+                or (top == schema.GROUND_TRUTH_DIR and len(parts) == 4 and parts[1] == "latent"
+                    and parts[2] in schema.SPLITS and _SHARD.fullmatch(parts[3]))
+            )  # fmt: skip
+            if not ok:
+                raise NotWrittenByGenerator(
+                    f"--overwrite {root}: {path.relative_to(root)} was not written by jobs/generate.py; "
+                    "move it out first (nothing was deleted)"
+                )
+            owned.append(path)
+    return owned
+
+
+def remove_owned_dataset(root: Path, files: list[Path]) -> None:
+    """Delete exactly ``files`` (from :func:`owned_dataset_files`), then the directories they
+    leave empty; directories still holding anything are kept."""
+    for path in files:
+        path.unlink()
+    for top in (schema.DATA_DIR, schema.METADATA_DIR, schema.GROUND_TRUTH_DIR):
+        base = root / top
+        if not base.is_dir():
+            continue
+        for directory in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(directory.iterdir()):
+                directory.rmdir()
+        if not any(base.iterdir()):
+            base.rmdir()
