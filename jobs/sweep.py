@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     from mirror import guards, tracking
 
     try:
-        guards.check_set_pairs(args.set)
         guards.check_positive("--samples", args.samples)
         guards.check_positive("--workers", args.workers)
         if args.name:
@@ -55,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
             resources=resources,
             upstream_run=args.upstream_run,
         )
-        guards.check_sweep_metric(spec.source, spec.metric, spec.models)
         if args.data or spec.data:
             guards.check_dataset_dir(args.data or spec.data)
             guards.check_dataset_rows(args.data or spec.data)

@@ -38,9 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     from mirror.train.driver import storage_path
 
     try:  # everything a user can get wrong, before Ray starts or a run opens
-        guards.check_set_pairs(args.set)
-        if args.config:
-            guards.check_config_file(args.config)
         guards.check_dataset_dir(args.data)
         overrides = load_overrides(args.config) if args.config else {}
         flags = {

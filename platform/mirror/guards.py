@@ -8,7 +8,7 @@ message that names the argument, file or run and the rule it broke.
 * Names: :func:`check_run_name` (run names become directory names and MLflow filter values).
 * Numbers: counts given on the command line (the loop's own config checks its numbers in
   ``mirror.train.spec``: ``train.epochs=0`` would start workers, then fail).
-* Inputs: :func:`check_dataset_dir`, :func:`check_config_file`, :func:`check_dataset_rows`
+* Inputs: :func:`check_dataset_dir`, :func:`check_dataset_rows`
   (schema from Parquet footers, split membership from the ``subject_id`` column only).
 * Outputs: :func:`check_empty_output` and :func:`staged_output` (write beside, then rename;
   only what this process created is ever deleted); :func:`owned_dataset_files` (what
@@ -89,43 +89,6 @@ def check_dataset_dir(path: str, flag: str = "--data") -> None:
         DatasetMetadata.read(root)
     except (ValueError, TypeError, OSError) as err:
         raise GuardError(f"{flag} {path}: {err}") from None
-
-
-def check_config_file(path: str) -> None:
-    """``--config`` exists, parses, and holds mappings under ``model:`` and ``train:`` only;
-    ``load_overrides`` then reads it without surprises."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise GuardError(f"--config {path}: no such file")
-    try:
-        text = file.read_text()
-        raw = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        kind = "YAML" if file.suffix in (".yaml", ".yml") else "JSON"
-        raise GuardError(f"--config {path}: not valid {kind}: {first}") from None
-    if not isinstance(raw, dict):
-        raise GuardError(
-            f"--config {path}: expected a mapping with 'model' and/or 'train' sections, "
-            f"received {type(raw).__name__}"
-        )
-    for section in ("model", "train"):
-        value = raw.get(section)
-        if value is not None and not isinstance(value, dict):
-            raise GuardError(
-                f"--config {path}: section '{section}' must be a mapping of keys to values "
-                f"(e.g. '{section}: {{...}}'), received {type(value).__name__}"
-            )
-
-
-def check_set_pairs(pairs: list[str]) -> None:
-    """``--set`` items are ``key=value`` with a dotted key."""
-    for pair in pairs:
-        key, sep, _ = pair.partition("=")
-        if not sep or not key.strip():
-            raise GuardError(f"--set {pair!r}: expected key=value, e.g. train.epochs=3")
 
 
 def check_dataset_rows(root: str, splits: tuple[str, ...] | None = None) -> None:
@@ -345,12 +308,11 @@ def check_resume_compatible(spec: Any, storage: str, uri: str) -> None:
     checkpoint = latest_checkpoint(storage, spec.run_name)
     if checkpoint is None:
         return
-    import torch
 
-    from mirror.checkpoint import CHECKPOINT_FILE
+    from mirror.checkpoint import load_state
     from mirror.models import build_model, get_model_spec
 
-    state = torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state = load_state(checkpoint)
     where = f"--run-name {spec.run_name}: the checkpoint {checkpoint}"
     saved = state.get("spec", {})
     if saved.get("model") != spec.model:

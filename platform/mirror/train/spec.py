@@ -152,7 +152,7 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"--set {pair!r}: expected key=value, e.g. train.epochs=3")
         try:
             value: Any = ast.literal_eval(raw)
@@ -163,14 +163,30 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
 
 
 def load_overrides(path: str | Path) -> dict[str, Any]:
-    """A YAML/JSON file ``{model: {...}, train: {...}}`` as dotted overrides."""
+    """A YAML/JSON file ``{model: {...}, view: {...}, train: {...}}`` as dotted overrides; every
+    way the file can be wrong is one ``ValueError`` line naming it."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        text = path.read_text()
+        raw = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--config {path}: not valid {kind}: {first}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping with {_sections_list()} sections")
+        raise ValueError(f"--config {path}: expected a mapping with {_sections_list()} sections, received {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}; valid sections are {list(SECTIONS)}")
+    for section in SECTIONS:
+        value = raw.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(
+                f"--config {path}: section '{section}' must be a mapping of keys to values "
+                f"(e.g. '{section}: {{...}}'), received {type(value).__name__}"
+            )
     return {key: value for section in SECTIONS for key, value in _prefixed(section, raw.get(section) or {}).items()}
 
 

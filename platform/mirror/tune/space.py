@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mirror.guards import GuardError, check_sweep_metric
 from mirror.models import MODELS
 from mirror.train.spec import RunSpec, build_run_spec
 from mirror.tune.fields import (
@@ -176,6 +177,10 @@ def _check(spec: SweepSpec) -> None:
             f"{where}: metric: expected a per-epoch metric named 'val/<name>' or 'train/<name>' "
             f"(e.g. val/loss), received {spec.metric!r}"
         )
+    try:  # a metric no trial reports would fail every trial after its first epoch
+        check_sweep_metric(where, spec.metric, spec.models)
+    except GuardError as err:
+        raise SpaceError(str(err)) from None
     if spec.evaluate not in EVALUATE:
         raise SpaceError(
             f"{where}: evaluate: expected one of {list(EVALUATE)}, received {spec.evaluate!r}"
