@@ -133,10 +133,6 @@ class RunSpec:
             upstream_run=raw.get("upstream_run"),
         )
 
-    def model_config_obj(self, model_spec: ModelSpec | None = None) -> Any:
-        spec = model_spec or get_model_spec(self.model)
-        return build_config(spec.config_cls, self.model_config)
-
     def view_config_obj(self, model_spec: ModelSpec | None = None) -> Any:
         spec = model_spec or get_model_spec(self.model)
         return build_config(spec.view.config_cls, self.view_config)
