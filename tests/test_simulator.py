@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mirror.data import schema, splits, vocab
-from mirror.data.conditions import BY_CODE, CONDITIONS, codes_table
+from mirror.data.conditions import BY_CODE, CONDITIONS
 from mirror.data.simulator import (
     LATENT_SCHEMA,
     SimulatorParams,
@@ -20,6 +20,7 @@ from mirror.data.simulator import (
     latent_path,
     simulate_block,
 )
+from mirror.data.vocabularies import codes_table, vocabulary_sizes
 
 SEED = 7
 N_REALISM = 20_000
@@ -57,8 +58,10 @@ def _ids(codes: list[str]) -> np.ndarray:
 
 def test_catalogue_has_605_named_conditions():
     table = codes_table()
-    assert table.schema == schema.CODES_SCHEMA and table.num_rows == vocab.N_CONDITIONS
-    assert table["condition_id"].to_pylist() == list(range(vocab.N_CONDITIONS))
+    assert table.schema == schema.CODES_SCHEMA
+    table = table.filter(pc.equal(table["modality"], schema.CONDITION))
+    assert table.num_rows == vocab.N_CONDITIONS
+    assert table["id"].to_pylist() == list(range(vocab.N_CONDITIONS))
     assert len(set(table["code"].to_pylist())) == vocab.N_CONDITIONS
     assert all(": " in name and name.split(": ")[1] for name in table["name"].to_pylist())
     assert BY_CODE["I10"].name == "Circulatory system: Essential (primary) hypertension"
@@ -233,7 +236,7 @@ def test_dataset_files_match_metadata_and_ground_truth(datasets, params):
     root, metadata = paths["two"], meta["two"]
     assert schema.DatasetMetadata.read(root) == metadata
     assert metadata.patients == splits.expected_counts(7_000)
-    assert metadata.vocab == {"diag_age": vocab.DIAG_AGE_VOCAB_SIZE, "week": params.n_weeks + 3}
+    assert metadata.vocab == {"diag_age": vocab.DIAG_AGE_VOCAB_SIZE, "week": params.n_weeks + 3} | vocabulary_sizes()
     assert metadata.provenance["seed"] == SEED and metadata.provenance["parameters"]["seed"] == SEED
     assert pq.read_table(root / schema.CODES_PARQUET).equals(codes_table())
     saved = SimulatorParams.load(root / schema.GROUND_TRUTH_DIR)

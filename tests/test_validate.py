@@ -52,7 +52,8 @@ def base_rows(n: int = 20) -> list[dict]:
 
 
 def to_table(rows: list[dict], schema: pa.Schema = S.ROW_SCHEMA) -> pa.Table:
-    return pa.Table.from_pylist([r | {S.N_EVENTS: len(r[S.CONDITIONS])} for r in rows], schema=schema)
+    rows = [corpus.complete_row(r) | {S.N_EVENTS: len(r[S.CONDITIONS])} for r in rows]
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def base_table(n: int = 20) -> pa.Table:
@@ -159,7 +160,8 @@ def move_histogram_bucket(meta: dict) -> None:
 METADATA_CASES = {
     "missing": (lambda root: (root / S.DATASET_JSON).unlink(), "missing"),
     "not json": (lambda root: (root / S.DATASET_JSON).write_text("{"), "not readable JSON"),
-    "version": (lambda r: edit_json(r, lambda m: m.update(schema_version=2)), "schema_version 2"),
+    "version": (lambda r: edit_json(r, lambda m: m.update(schema_version=3)), "schema_version 3"),
+    "version 1": (lambda r: edit_json(r, lambda m: m.update(schema_version=1)), "schema version 1 holds diagnoses only"),
     "unknown key": (lambda r: edit_json(r, lambda m: m.update(colour=1)), "unknown keys ['colour']"),
     "missing field": (lambda r: edit_json(r, lambda m: m.pop("n_weeks")), "['n_weeks']"),
     "n_weeks": (lambda r: edit_json(r, lambda m: m.update(n_weeks=0)), "n_weeks must be"),
@@ -245,7 +247,7 @@ def test_sorted_times_ignores_patient_boundaries() -> None:
     for row in rows:
         row[S.AGE_GROUPS] = age_group_at(np.array(row[S.WEEKS]), row[S.BIRTH_WEEK]).tolist()
         row[S.N_EVENTS] = len(row[S.WEEKS])
-    found = check(pa.Table.from_pylist(rows, schema=S.ROW_SCHEMA))
+    found = check(to_table(rows))
     assert [(v.row, v.rule) for v in found] == [(1, V.EMPTY_SENTENCE)]
 
 

@@ -498,7 +498,7 @@ def check_run_dataset_metadata(run_id: str, uri: str, flag: str = "--run") -> No
     data = tracking.get_run(run_id, uri=uri).data.params.get("data")
     if not data or is_remote(data):
         return
-    _, problems = check_metadata(data)
-    problems += check_codes(data)
+    meta, problems = check_metadata(data)
+    problems += check_codes(data, meta.vocab if meta else None)
     if problems:
         raise GuardError(f"{flag} {run_id}: its dataset {data} is invalid: {problems[0]}")

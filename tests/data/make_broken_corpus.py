@@ -99,7 +99,9 @@ def base() -> Corpus:
         n = TRAIN_SHARDS if split == S.TRAIN else 1
         shards[split] = [list(part) for part in np.array_split(np.array(mine, dtype=object), n)]
     condition_codes = [
-        {"condition_id": i, "code": f"C{i:03d}", "name": f"condition {i}"} for i in range(N_CONDITIONS)
+        {"modality": S.CONDITION, "id": i, "code": f"C{i:03d}", "name": f"condition {i}",
+         "parent_code": None, "unit": None, "severe": None}
+        for i in range(N_CONDITIONS)
     ]
     return Corpus(shards, condition_codes)
 
@@ -133,11 +135,18 @@ def codes_table(rows: list[dict]) -> pa.Table:
     for f in S.CODES_SCHEMA:
         values = [row[f.name] for row in rows]
         if pa.types.is_string(f.type):
-            raw = [v if isinstance(v, bytes) else v.encode() for v in values]
+            raw = [v if isinstance(v, bytes) or v is None else v.encode() for v in values]
             columns[f.name] = pa.array(raw, pa.binary()).view(pa.string())
         else:
             columns[f.name] = pa.array(values, f.type)
     return pa.Table.from_arrays(list(columns.values()), schema=S.CODES_SCHEMA)
+
+
+def complete_row(row: Row) -> Row:
+    """A diagnosis-only row with every other modality empty (and no diagnosis in a stay)."""
+    filled = {name: [] for name in S.ROW_SCHEMA.names if name not in S.DIAGNOSIS_COLUMNS}
+    filled[S.CONDITION_STAYS] = [S.NO_STAY] * len(row[S.CONDITIONS])
+    return filled | row
 
 
 def write(corpus: Corpus, root: Path) -> None:
@@ -150,6 +159,7 @@ def write(corpus: Corpus, root: Path) -> None:
         for i, rows in enumerate(shards):
             name = shard_name(split, i)
             rows = [row | {S.N_EVENTS: len(row[S.CONDITIONS])} for row in rows]
+            rows = [complete_row(row) for row in rows]
             table = pa.Table.from_pylist(rows, schema=corpus.file_schemas.get(name, S.ROW_SCHEMA))
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, root / name, compression="zstd")
@@ -176,7 +186,7 @@ def _metadata(c: Corpus) -> Expected:
 
 
 def _codes(c: Corpus) -> Expected:
-    c.codes[-1]["condition_id"] = N_CONDITIONS - 2
+    c.codes[-1]["id"] = N_CONDITIONS - 2
     return {"file": S.CODES_PARQUET, "row": None, "subject_id": None,
             "what": f"condition id {N_CONDITIONS - 2} twice, {N_CONDITIONS - 1} missing"}
 

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyarrow as pa
-
-from mirror.data.schema import CODES_SCHEMA
 from mirror.data.vocab import N_CONDITIONS
 
 # Age profiles: how a condition's incidence varies over life (shapes in simulator.py).
@@ -747,15 +744,3 @@ MOST_COMMON_ACUTE = (
     "R53", "B34", "R07", "A09", "J00", "F43",
 )  # fmt: skip
 BY_CODE: dict[str, Condition] = {c.code: c for c in CONDITIONS}
-
-
-def codes_table() -> pa.Table:
-    """The catalogue as ``metadata/codes.parquet`` (``schema.CODES_SCHEMA``)."""
-    return pa.table(
-        {
-            "condition_id": pa.array([c.condition_id for c in CONDITIONS], pa.int16()),
-            "code": [c.code for c in CONDITIONS],
-            "name": [c.name for c in CONDITIONS],
-        },
-        schema=CODES_SCHEMA,
-    )

@@ -132,6 +132,7 @@ ROW_SCHEMA = pa.schema(
 # empty lists through ``fill_missing_modalities``.
 DIAGNOSIS_COLUMNS = [SUBJECT_ID, SEX, BIRTH_WEEK, ENROLL_START, ENROLL_END, N_EVENTS,
                      CONDITIONS, AGE_GROUPS, WEEKS]
+DIAGNOSIS_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in DIAGNOSIS_COLUMNS])
 
 
 def fill_missing_modalities(table: pa.Table) -> pa.Table:

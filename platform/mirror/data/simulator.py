@@ -69,13 +69,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mirror.data import schema
-from mirror.data.conditions import (
-    BY_CODE,
-    CONDITIONS,
-    MOST_COMMON_ACUTE,
-    MOST_COMMON_CHRONIC,
-    codes_table,
-)
+from mirror.data.conditions import BY_CODE, CONDITIONS, MOST_COMMON_ACUTE, MOST_COMMON_CHRONIC
 from mirror.data.splits import SPLIT_CODES, expected_counts, split_codes
 from mirror.data.vocab import (
     AGE_GROUP_YEARS,
@@ -86,6 +80,7 @@ from mirror.data.vocab import (
     WeekVocab,
     age_group_at,
 )
+from mirror.data.vocabularies import codes_table, vocabulary_sizes
 from mirror.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -448,7 +443,7 @@ class _Patients:
                 "array can (2^31 - 1): simulate fewer patients per call"
             )
         offsets = pa.array(self.offsets.astype(np.int32))
-        rows = pa.Table.from_arrays(
+        rows = schema.fill_missing_modalities(pa.Table.from_arrays(
             [
                 pa.array(self.subject_id, pa.int64()),
                 pa.array(self.sex, pa.int8()),
@@ -460,8 +455,8 @@ class _Patients:
                 pa.ListArray.from_arrays(offsets, pa.array(self.age_groups, pa.int8())),
                 pa.ListArray.from_arrays(offsets, pa.array(self.weeks, pa.int32())),
             ],
-            schema=schema.ROW_SCHEMA,
-        )
+            schema=schema.DIAGNOSIS_SCHEMA,
+        ))
         k = self.latent.shape[1]
         latent_offsets = pa.array(np.arange(len(self) + 1, dtype=np.int32) * k)
         truth = pa.Table.from_arrays(
@@ -984,7 +979,8 @@ def generate_dataset(
         origin_date=params.origin_date,
         n_weeks=params.n_weeks,
         patients=totals["patients"],
-        vocab={"diag_age": DIAG_AGE_VOCAB_SIZE, "week": WeekVocab(params.n_weeks).size},
+        vocab={"diag_age": DIAG_AGE_VOCAB_SIZE, "week": WeekVocab(params.n_weeks).size}
+        | vocabulary_sizes(),
         provenance={
             "simulator": SIMULATOR_NAME,
             "version": SIMULATOR_VERSION,

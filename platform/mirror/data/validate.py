@@ -16,12 +16,14 @@ A reader, per batch::
 
 Rules (the closed set ``RULES``; every :class:`Violation` names one):
 
-``metadata``         ``metadata/dataset.json`` is readable JSON with ``schema_version`` 1, all
+``metadata``         ``metadata/dataset.json`` is readable JSON with ``schema_version`` 2, all
                      required fields of the right types and no unknown ones; vocabulary sizes
                      match; per-split patient counts and length histograms add up and match
                      the rows and ``n_events`` actually found in ``data/<split>/``.
-``codes``            ``metadata/codes.parquet`` has ``schema.CODES_SCHEMA``, no nulls, and
-                     exactly the 605 unique condition ids ``0..604`` with unique, non-empty codes.
+``codes``            ``metadata/codes.parquet`` has ``schema.CODES_SCHEMA``, no nulls in its
+                     required columns, known modalities, and per modality ids ``0..size-1``
+                     once each with unique, non-empty codes; conditions are exactly the 605;
+                     every vocabulary size in ``dataset.json`` matches its rows.
 ``encoding``         every text value in ``metadata/codes.parquet`` is valid UTF-8 (Parquet
                      readers do not check it unless asked to; exports copy the file as is).
 ``unreadable``       a shard cannot be opened or decoded as Parquet.
@@ -371,6 +373,8 @@ def check_metadata(root: str | Path) -> tuple[S.DatasetMetadata | None, list[Vio
         return None, [_meta(f"not readable JSON: {e}")]
     if not isinstance(raw, dict):
         return None, [_meta(f"expected a JSON object, got {type(raw).__name__}")]
+    if raw.get("schema_version") == 1:
+        return None, [_meta(S.VERSION_1_HINT)]
     if raw.get("schema_version") != S.SCHEMA_VERSION:
         return None, [_meta(f"schema_version {raw.get('schema_version')!r}, "
                             f"this validator needs {S.SCHEMA_VERSION}")]
@@ -426,8 +430,10 @@ def check_metadata(root: str | Path) -> tuple[S.DatasetMetadata | None, list[Vio
     return S.DatasetMetadata(**raw), []
 
 
-def check_codes(root: str | Path) -> list[Violation]:
-    """``codes`` rule on ``metadata/codes.parquet``."""
+def check_codes(root: str | Path, sizes: dict[str, int] | None = None) -> list[Violation]:
+    """``codes`` rule on ``metadata/codes.parquet``; ``sizes`` are ``dataset.json``'s
+    vocabulary sizes, when known."""
+    sizes = {k: v for k, v in (sizes or {}).items() if k in S.VOCABULARIES}
     file = S.CODES_PARQUET
 
     def bad(message: str) -> list[Violation]:
@@ -447,19 +453,29 @@ def check_codes(root: str | Path) -> list[Violation]:
     if broken := encoding_violations(codes, file):
         return broken
     for name in codes.column_names:
-        if codes.column(name).null_count:
+        if not S.CODES_SCHEMA.field(name).nullable and codes.column(name).null_count:
             return bad(f"null values in column {name!r}")
-    ids = codes.column("condition_id").to_numpy()
     out = []
-    unique = np.unique(ids)
-    if ids.size != N_CONDITIONS or unique.size != N_CONDITIONS or unique[0] != 0 or unique[-1] != N_CONDITIONS - 1:
-        dupes = sorted(k for k, n in Counter(ids.tolist()).items() if n > 1)[:5]
-        out += bad(f"{ids.size} rows with {unique.size} unique condition ids "
-                   f"(range {ids.min() if ids.size else None}..{ids.max() if ids.size else None}, "
-                   f"duplicates {dupes}); expected exactly ids 0..{N_CONDITIONS - 1} once each")
-    code = codes.column("code").to_pylist()
-    if len(set(code)) != len(code) or not all(code):
-        out += bad("codes must be unique and non-empty")
+    modality = np.asarray(codes.column("modality").to_pylist(), dtype=object)
+    if unknown := sorted(set(modality) - set(S.VOCABULARIES)):
+        out += bad(f"unknown modalities {unknown}; expected some of {list(S.VOCABULARIES)}")
+    ids_all = codes.column("id").to_numpy()
+    code_all = np.asarray(codes.column("code").to_pylist(), dtype=object)
+    for name in S.VOCABULARIES:
+        rows = modality == name
+        ids = ids_all[rows]
+        size = N_CONDITIONS if name == S.CONDITION else ids.size
+        unique = np.unique(ids)
+        if name in sizes and sizes[name] != ids.size:
+            out += bad(f"{ids.size} {name} rows, but dataset.json's vocab says {sizes[name]}")
+        if ids.size != size or unique.size != size or (size and (unique[0] != 0 or unique[-1] != size - 1)):
+            dupes = sorted(k for k, n in Counter(ids.tolist()).items() if n > 1)[:5]
+            out += bad(f"{ids.size} {name} rows with {unique.size} unique ids "
+                       f"(range {ids.min() if ids.size else None}..{ids.max() if ids.size else None}, "
+                       f"duplicates {dupes}); expected exactly ids 0..{size - 1} once each")
+        code = code_all[rows].tolist()
+        if len(set(code)) != len(code) or not all(code):
+            out += bad(f"{name} codes must be unique and non-empty")
     return out
 
 
@@ -605,7 +621,7 @@ def validate_dataset(
     root = Path(root)
     report = ValidationReport(str(root))
     meta, problems = check_metadata(root)
-    report.violations += problems + check_codes(root)
+    report.violations += problems + check_codes(root, meta.vocab if meta else None)
     if meta is None:
         return report  # no n_weeks and no split counts: nothing to check the rows against
     unknown = sorted(p.name for p in (root / S.DATA_DIR).glob("*") if p.name not in S.SPLITS)

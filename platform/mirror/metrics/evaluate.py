@@ -361,7 +361,7 @@ def generated_rows(
     lo, hi = birth_week_bounds(age, week, words)
     flat_dx, flat_age, flat_week = dx[words].numpy(), age[words].numpy(), week[words].numpy()
     offsets = np.concatenate([[0], np.cumsum(n.numpy())]).astype(np.int32)
-    return pa.Table.from_arrays(
+    return schema.fill_missing_modalities(pa.Table.from_arrays(
         [
             pa.array(np.asarray(ids).astype(np.int64)),
             pa.array(sex.numpy().astype(np.int8)),
@@ -376,8 +376,8 @@ def generated_rows(
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_age.astype(np.int8))),
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_week.astype(np.int32))),
         ],
-        schema=schema.ROW_SCHEMA,
-    )
+        schema=schema.DIAGNOSIS_SCHEMA,
+    ))
 
 
 class _GenerationScore:

@@ -49,7 +49,7 @@ VALIDITY_RULES: tuple[str, ...] = (
 )
 MAX_WEEK = 1 << 20  # weeks must lie in [0, MAX_WEEK) to be encoded in feature keys
 READ_BATCH_ROWS = 65_536
-_ROW_TYPES = {f.name: f.type for f in S.ROW_SCHEMA}
+_ROW_TYPES = {f.name: f.type for f in S.DIAGNOSIS_SCHEMA}  # what metrics score
 
 
 @dataclass
@@ -134,7 +134,7 @@ class PatientBlock:
     def to_table(self) -> pa.Table:
         """Rows in ``schema.ROW_SCHEMA`` (for writing datasets)."""
         offsets = pa.array(self.offsets.astype(np.int32))
-        return pa.Table.from_arrays(
+        return S.fill_missing_modalities(pa.Table.from_arrays(
             [
                 pa.array(self.subject_id.astype(np.int64)),
                 pa.array(self.sex.astype(np.int8)),
@@ -146,8 +146,8 @@ class PatientBlock:
                 pa.ListArray.from_arrays(offsets, pa.array(self.age_groups.astype(np.int8))),
                 pa.ListArray.from_arrays(offsets, pa.array(self.weeks.astype(np.int32))),
             ],
-            schema=S.ROW_SCHEMA,
-        )
+            schema=S.DIAGNOSIS_SCHEMA,
+        ))
 
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).nbytes for f in fields(self))
