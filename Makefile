@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint demo bench-data bench-train bench-metrics bench-gpu reference-mirror clean
+.PHONY: install test lint demo bench-data bench-train bench-metrics bench-gpu bench-scale reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,14 @@ reference-mirror: install
 # patients (datasets under /tmp/mirror-bench). Writes bench/results/data.json.
 bench-data: install
 	$(PY) bench/bench_data.py
+
+# The mission's scale for real: 100M patients with the whole record generated, then one full
+# epoch of every data view streamed through the reader (no training), against the same pass at
+# 1M. Needs ~SCALE_GIB of free disk under /tmp (checked first); deletes the datasets afterwards.
+# Writes bench/results/scale_100m.json. SCALE_ARGS passes options (e.g. --patients 10000000).
+SCALE_ARGS ?=
+bench-scale: install
+	$(PY) bench/bench_scale.py $(SCALE_ARGS)
 
 # Full synthetic-data scorecard, 50K synthetic vs 200K real, and how its time and peak memory
 # grow from a 50K to a 200K real reference. Writes bench/results/metrics.json.

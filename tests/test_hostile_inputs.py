@@ -457,7 +457,8 @@ def test_sample_refuses_a_dataset_with_non_utf8_codes(trained: dict[str, str]) -
     table = pq.read_table(codes)
     names = [v.encode() for v in table.column("name").to_pylist()]
     names[3] = names[3][:3] + b"\xff" + names[3][3:]
-    broken = table.set_column(2, "name", pa.array(names, pa.binary()).view(pa.string()))
+    index = table.schema.get_field_index("name")
+    broken = table.set_column(index, "name", pa.array(names, pa.binary()).view(pa.string()))
     pq.write_table(broken, codes)
     try:
         case = Case("sample from non-UTF-8 codes", "sample", "--run {run} --patients 5 --out {root}/s8", 2,
