@@ -291,13 +291,14 @@ def test_trial_participants_merge_into_their_patient_shard(full_record: Path, tm
     assert by_code["LOINC//13457-7"]["unit"] == "mg/dL"
 
 
-def test_simulated_dataset_exports_with_ray(ray_cluster, tmp_path: Path) -> None:
-    src = tmp_path / "sim"
-    generate_dataset(src, 3000, seed=3, workers=2, chunk_size=4096)
-    report = export_meds(src, tmp_path / "meds", parallel=True)
+def test_trial_only_dataset(tmp_path: Path) -> None:
+    """An imported trial: empty patient splits, participants only."""
+    src = tmp_path / "trial-only"
+    write_full_record(src, n_patients=0)
+    report = export_meds(src, tmp_path / "meds", parallel=False)
     written = check_export(src, tmp_path / "meds")
-    assert written["diagnoses"] == report.source_counts["diagnoses"] > 3000
-    assert report.patients == S.DatasetMetadata.read(src).patients
+    assert report.patients == dict.fromkeys(S.SPLITS, 0) and written["trial_arms"] == 14
+    assert "diagnoses" not in written
 
 
 def test_bad_input_names_file_row_and_rule(tmp_path: Path) -> None:
@@ -364,7 +365,8 @@ def test_acceptance_10k_patients(ray_cluster, tmp_path: Path, n_patients: int) -
     began = time.perf_counter()
     report = export_meds(src, tmp_path / "meds", parallel=True)
     seconds = time.perf_counter() - began
-    check_export(src, tmp_path / "meds")
-    assert sum(report.patients.values()) == n_patients
+    written = check_export(src, tmp_path / "meds")
+    assert report.patients == S.DatasetMetadata.read(src).patients
+    assert written["diagnoses"] == report.source_counts["diagnoses"] > n_patients
     print(f"\n{n_patients} patients: {report.rows} rows in {seconds:.2f} s "
           f"({report.rows / seconds:,.0f} rows/s, {report.source_events_per_s:,.0f} source events/s)")

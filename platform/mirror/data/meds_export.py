@@ -20,47 +20,47 @@ Data columns: ``subject_id`` int64, ``time`` timestamp[us] (null for static code
 string, ``numeric_value`` float32 (nullable), and ``stay_index`` int32 (nullable; listed in
 ``other_extension_columns``): the index of the admission (into the patient's admissions) an
 event belongs to, null outside any stay. Rows are sorted by (subject_id, time), static rows
-first; ties keep the order of the table below, then list order.
+first; rows at one time follow ``CATEGORIES`` (birth, enrollment start, admission, diagnoses,
+procedures, medication starts, labs, medication ends, discharge, enrollment end, then the
+trial's), then list order.
 
 Times: week ``w`` is ``origin_date + 7w`` days (the week's first day), day ``d`` is
 ``origin_date + d`` days, both at midnight. ``week = (time - origin) // 7 days`` reverses it.
 
-Codes, per row of the source (``<code>`` is the vocabulary code in the source's codes.parquet):
+Codes, per row of the source (``<code>`` is the vocabulary code in the source's codes.parquet)::
 
-=================================  ============================  ==============================
-code                               time                          numeric_value / stay_index
-=================================  ============================  ==============================
-``GENDER//M``, ``GENDER//F``       null (static)                 -
-``MEDS_BIRTH``                     birth week                    -
-``ENROLLMENT//START`` / ``//END``  enroll start / end week        - (end week is inclusive)
-``ICD10CM//<code>``                diagnosis week                stay (``condition_stays``)
-``CCS-PR//<chapter.n>``            procedure week                stay
-``ATC//<class>//START`` / ``//END``  start / end week (inclusive)  stay (both rows)
-``LOINC//<code>``                  lab week                      lab value (unit in codes);
-                                                                 stay
-``HOSPITAL_ADMISSION``             admit day                     stay = its own index
-``HOSPITAL_DISCHARGE``             discharge day                 length of stay (days); stay
-``TRIAL//ARM//<0|1>``              enroll day                    -
-``TRIAL//BASELINE//<feature>``     enroll day                    baseline value
-``TRIAL//VISIT``                   each visit day                -
-``TRIAL//TREATMENT//<code>``       visit day                     -  (``TX:`` prefix dropped)
-``TRIAL//MEDICATION//<code>``      visit day                     -
-``TRIAL//AE//<code>``              visit day                     -  (``AE:`` prefix dropped)
-``TRIAL//END``                     end day (last follow-up)      -
-``TRIAL//SEVERE_OUTCOME``          end day, only when true       -
-=================================  ============================  ==============================
+    code                                 time                            numeric_value; stay_index
+    GENDER//M, GENDER//F                 null (static)                   -
+    MEDS_BIRTH                           birth week                      -
+    ENROLLMENT//START, ENROLLMENT//END   enroll start / end week         - (end week inclusive)
+    ICD10CM//<code>                      diagnosis week                  -; condition_stays
+    CCS-PR//<chapter.n>                  procedure week                  -; procedure_stays
+    ATC//<class>//START, //END           start / end week (inclusive)    -; medication_stays (both)
+    LOINC//<code>                        lab week                        lab value; lab_stays
+    HOSPITAL_ADMISSION                   admit day                       -; its own index
+    HOSPITAL_DISCHARGE                   discharge day                   length of stay (days); index
+    TRIAL//ARM//<0|1>                    enroll day                      -
+    TRIAL//BASELINE//<feature>           enroll day                      baseline value
+    TRIAL//VISIT                         each visit day                  -
+    TRIAL//TREATMENT//<code>             visit day                       - ("TX:" prefix dropped)
+    TRIAL//MEDICATION//<code>            visit day                       -
+    TRIAL//AE//<code>                    visit day                       - ("AE:" prefix dropped)
+    TRIAL//END                           end day (last follow-up)        -
+    TRIAL//SEVERE_OUTCOME                end day, only when true         -
 
 Age groups (derived from birth and event weeks), ``n_events`` (the diagnosis count) and the
 visit an item belongs to (its visit day: visit days are increasing) are not written; they
 follow from the rows. ``codes.parquet`` holds, besides ``code``, ``description`` and
 ``parent_codes`` (``ICD10CM/E11``, ``CCS-PR/1``, ``ATC/C10``, ``LOINC/13457-7``): ``modality``
 (a platform vocabulary, or ``record`` / ``trial`` for structural codes), ``source_id`` (the
-platform id in that vocabulary), ``source_code`` and ``unit``. An importer maps a MEDS code
+platform id in that vocabulary; the ``sex`` value for ``GENDER``, the arm, the baseline index), ``source_code`` and ``unit``. An importer maps a MEDS code
 back to (modality, id) by joining on ``code``.
 
 Counts (``mirror_export``): the source side is list lengths (``sum(n_events)`` diagnoses, items
 of every list), the written side is the rows actually written, per code category; the export
-fails unless every category agrees, so nothing is dropped silently.
+fails unless every category agrees, and unless every trial participant was exported exactly
+once (merged into a patient shard or trial-only), so nothing is dropped silently. Data codes
+are indices into the export vocabulary, so ``codes.parquet`` lists every code that occurs.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ class _Rows:
         return self.origin_us + days.astype(np.int64) * DAY_US
 
     def table(self) -> tuple[pa.Table, np.ndarray]:
-        """The sorted MEDS table and the written rows per category."""
+        """The sorted MEDS table and the written rows per code (global index)."""
         cols = [np.concatenate(c) for c in zip(*self.parts, strict=True)] if self.parts else \
             [np.empty(0, d) for d in (np.int64, np.int64, np.int64, np.float32, bool, np.int32)]
         subject, t, code, val, has_val, stay = cols
@@ -274,8 +274,7 @@ class _Rows:
             ],
             schema=DATA_SCHEMA,
         )
-        written = np.bincount(np.asarray(self.vocab.category, np.int64)[code], minlength=len(CATEGORIES))
-        return table, written
+        return table, np.bincount(code, minlength=len(self.vocab.codes))
 
 
 def _lists(batch: pa.RecordBatch | pa.Table, columns: tuple[str, ...], file: str, first_row: int,
@@ -434,7 +433,7 @@ class ShardResult:
     participants: int = 0
     rows: int = 0
     source_counts: dict[str, int] = field(default_factory=dict)
-    written_counts: dict[str, int] = field(default_factory=dict)
+    code_counts: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # rows per code
     subject_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
@@ -455,7 +454,7 @@ def export_shard(source_root: str, out_root: str, job: ShardJob, vocab: ExportVo
     ``meds.DataSchema`` before it is written."""
     result = ShardResult(job)
     codes = pa.array(vocab.codes, pa.string())
-    source, written = Counter(), np.zeros(len(CATEGORIES), np.int64)
+    source, written = Counter(), np.zeros(len(vocab.codes), np.int64)
     out = Path(out_root) / job.out
     out.parent.mkdir(parents=True, exist_ok=True)
     pieces: list[np.ndarray] = []
@@ -500,7 +499,7 @@ def export_shard(source_root: str, out_root: str, job: ShardJob, vocab: ExportVo
             first_row += ids.size
             last = int(ids[-1]) if ids.size else last
     result.source_counts = {c: int(source[c]) for c in CATEGORIES}
-    result.written_counts = {c: int(n) for c, n in zip(CATEGORIES, written, strict=True)}
+    result.code_counts = written
     result.subject_ids = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
     return result
 
@@ -680,7 +679,7 @@ def _finish(root: Path, meta: S.DatasetMetadata, staging: Path, dst: Path, vocab
     split_schema = meds.SubjectSplitSchema.schema()
     patients = dict.fromkeys(S.SPLITS, 0)
     participants = dict.fromkeys(S.SPLITS, 0)
-    source_counts, written_counts = Counter(), Counter()
+    source_counts, code_counts = Counter(), np.zeros(len(vocab.codes), np.int64)
     shards = rows = 0
     with pq.ParquetWriter(staging / meds.subject_splits_filepath, split_schema) as writer:
         for result in results:
@@ -693,9 +692,16 @@ def _finish(root: Path, meta: S.DatasetMetadata, staging: Path, dst: Path, vocab
             patients[result.job.split] += result.patients
             participants[result.job.split] += result.participants
             source_counts.update(result.source_counts)
-            written_counts.update(result.written_counts)
+            code_counts += result.code_counts
             shards += 1
             rows += result.rows
+    per_category = np.bincount(vocab.category, weights=code_counts, minlength=len(CATEGORIES))
+    written_counts = {c: int(n) for c, n in zip(CATEGORIES, per_category, strict=True)}
+    trial_rows = {s: sum(pq.ParquetFile(p).metadata.num_rows for p in S.trial_split_files(root, s))
+                  for s in S.SPLITS}
+    if trial_rows != participants:  # each participant exported once: merged or trial-only
+        raise MedsExportError(f"{root / S.TRIAL_DIR}: reconciliation: the trial shards hold "
+                              f"{trial_rows} participants, but {participants} were exported")
     if patients != meta.patients:
         raise MedsExportError(f"{S.DATASET_JSON}: metadata: patients {meta.patients}, but the "
                               f"shards hold {patients}")
@@ -711,15 +717,11 @@ def _finish(root: Path, meta: S.DatasetMetadata, staging: Path, dst: Path, vocab
     code_table = vocab.table()
     _validate(meds.CodeMetadataSchema, code_table, meds.code_metadata_filepath)
     pq.write_table(code_table, staging / meds.code_metadata_filepath, compression=COMPRESSION)
-    used = _codes_used(staging)
-    if missing := sorted(used - set(vocab.codes)):  # cannot happen: codes are vocabulary indices
-        raise MedsExportError(f"{meds.code_metadata_filepath}: codes: data holds codes it does not "
-                              f"list: {missing[:5]}")
     seconds = time.perf_counter() - began
     events = sum(source_counts[c] for c in CATEGORIES)
     report = ExportReport(
         source=str(root), out=str(dst), patients=patients, participants=participants,
-        shards=shards, rows=rows, codes=code_table.num_rows, codes_used=len(used),
+        shards=shards, rows=rows, codes=code_table.num_rows, codes_used=int((code_counts > 0).sum()),
         source_counts={c: source_counts[c] for c in CATEGORIES},
         written_counts={c: written_counts[c] for c in CATEGORIES},
         seconds=round(seconds, 3), rows_per_s=round(rows / seconds, 1),
@@ -739,17 +741,6 @@ def _finish(root: Path, meta: S.DatasetMetadata, staging: Path, dst: Path, vocab
     _validate(meds.DatasetMetadataSchema, dataset, meds.dataset_metadata_filepath)
     (staging / meds.dataset_metadata_filepath).write_text(json.dumps(dataset, indent=2) + "\n")
     return report
-
-
-def _codes_used(root: Path) -> set[str]:
-    """Distinct codes in ``data/``, read one row group's code column at a time."""
-    used: set[str] = set()
-    for path in sorted((root / meds.data_subdirectory).glob("*/*.parquet")):
-        with pq.ParquetFile(path) as pf:
-            for g in range(pf.num_row_groups):
-                column = pf.read_row_group(g, columns=["code"]).column(0)
-                used.update(column.unique().to_pylist())
-    return used
 
 
 __all__ = [
