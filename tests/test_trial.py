@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from mirror import guards
 from mirror.data import schema
 from mirror.data.simulator import BLOCK, generate_dataset
 from mirror.data.splits import SPLIT_CODES
@@ -37,7 +39,8 @@ from mirror.data.vocabularies import (
 
 SEED = 11
 N = 20_000
-PYTRIAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "pytrial-demo"
+REPO = Path(__file__).resolve().parents[1]
+PYTRIAL = REPO.parent / "shared" / "fixtures" / "pytrial-demo"  # ../shared/fixtures (README)
 VISIT_LISTS = (schema.VISIT_TREATMENTS, schema.VISIT_MEDICATIONS, schema.VISIT_ADVERSE_EVENTS)
 MED = {c.code: c.id for c in TRIAL_MEDICATIONS}
 AE = {c.name: c.id for c in ADVERSE_EVENTS}
@@ -302,6 +305,26 @@ def test_generate_dataset_writes_a_readable_trial_part(ray_cluster, tmp_path):
     )
     assert (root / trial["parameter_file"]).is_file()
     assert not any("counterfactual" in str(p) for p in (root / schema.TRIAL_DIR).rglob("*"))
-    # --overwrite recognises the trial part as the generator's own.
-    again = generate_dataset(root, 500, seed=SEED, workers=2, overwrite=True)
-    assert again.trial == {} and not (root / schema.TRIAL_DIR).exists()
+    # jobs/generate.py --overwrite recognises the trial part as the generator's own.
+    job = _generate_job()
+    summary = job.main(["--patients", "500", "--out", str(root), "--overwrite", "--trial-participants", "0"])
+    assert summary["trial_participants"] == {} and not (root / schema.TRIAL_DIR).exists()
+    assert not (root / schema.GROUND_TRUTH_DIR / "trial_counterfactual").exists()
+
+
+def _generate_job():
+    spec = importlib.util.spec_from_file_location("generate_job", REPO / "jobs" / "generate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_generate_job_sizes_the_trial():
+    job = _generate_job()
+    assert job.trial_participants("auto", 300) == 1000  # a real trial's size at least
+    assert job.trial_participants("auto", 300_000) == 3000  # 1 % of the population
+    assert job.trial_participants("auto", 10**8) == 5000
+    assert job.trial_participants("0", 10**8) == 0
+    for bad in ("-3", "many"):
+        with pytest.raises(guards.GuardError, match="--trial-participants: expected a count >= 0 or 'auto'"):
+            job.trial_participants(bad, 1000)
