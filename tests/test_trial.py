@@ -274,6 +274,8 @@ def test_written_trial_is_the_same_whatever_the_chunking(ray_cluster, tmp_path):
     one = write_trial(tmp_path / "one", n, SEED)  # one chunk, written here
     three = write_trial(tmp_path / "three", n, SEED, chunk_size=BLOCK, workers=2)  # three Ray tasks
     assert three["chunks"] == 3 and one["chunks"] == 1
+    with pytest.raises(FileExistsError, match="already holds a trial part"):
+        write_trial(tmp_path / "one", 10, SEED)  # never mixed with a stale trial's files
     volatile = ("chunk_size", "row_group_size", "chunks", "data_bytes", "ground_truth_bytes", "seconds")
     assert {k: v for k, v in one.items() if k not in volatile} == {k: v for k, v in three.items() if k not in volatile}
     for split in schema.SPLITS:

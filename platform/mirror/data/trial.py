@@ -739,6 +739,13 @@ def write_trial(root: str | Path, n_participants: int, seed: int, *, workers: in
         raise ValueError(f"workers: expected >= 1, got {workers}")
     p = params or TrialParams()
     root = Path(root).resolve()
+    stale = [f for d in (root / schema.TRIAL_DIR, root / schema.GROUND_TRUTH_DIR / COUNTERFACTUAL_DIR)
+             if d.exists() for f in d.rglob("*.parquet")]  # fmt: skip
+    if stale:
+        raise FileExistsError(
+            f"{root}: already holds a trial part ({stale[0].relative_to(root)}, ...); write a trial into a "
+            "dataset without one (generate_dataset(..., overwrite=True) clears its own)"
+        )
     began = time.perf_counter()
     truth_dir = root / schema.GROUND_TRUTH_DIR
     truth_dir.mkdir(parents=True, exist_ok=True)
