@@ -4,6 +4,8 @@
 
 Chunks run as Ray tasks (the cluster at RAY_ADDRESS, or a local one). The same seed gives the
 same rows in the same files whatever --workers is; a larger --patients appends patients.
+--trial-participants adds a simulated two-arm trial (trial/, with counterfactual twins in
+ground_truth/): a number, or "auto" = N / 100 kept within [1000, 5000] (the size of real trials).
 """
 
 from __future__ import annotations
@@ -18,6 +20,21 @@ from mirror import guards
 from mirror.data.ownership import NotWrittenByGenerator
 from mirror.data.simulator import BLOCK, generate_dataset
 
+AUTO_TRIAL_MIN, AUTO_TRIAL_MAX = 1000, 5000  # real two-arm trials: hundreds to a few thousand
+
+
+def trial_participants(value: str, n_patients: int) -> int:
+    """``--trial-participants``: a count (0 = no trial part) or ``auto``."""
+    if value == "auto":
+        return min(max(n_patients // 100, AUTO_TRIAL_MIN), AUTO_TRIAL_MAX)
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise guards.GuardError(f"--trial-participants: expected a count >= 0 or 'auto', received {value!r}")
+    return count
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -31,12 +48,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="patients per file, a multiple of 4096 (default: by N)")
     parser.add_argument("--name", default=None, help="dataset name for dataset.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parser.add_argument("--trial-participants", default="0",
+                        help="participants of the simulated trial part: a count, 0 for none (default), or auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     try:  # before Ray starts; --overwrite deletes only what this generator wrote
         guards.check_positive("--patients", args.patients)
         guards.check_positive("--workers", args.workers)
+        n_trial = trial_participants(args.trial_participants, args.patients)
         if args.chunk_size is not None and (args.chunk_size < 1 or args.chunk_size % BLOCK):
             raise guards.GuardError(
                 f"--chunk-size: expected a positive multiple of {BLOCK} (the RNG block), received {args.chunk_size}"
@@ -45,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise guards.GuardError(f"--out {args.out}: is a file, expected a directory")
         meta = generate_dataset(
             args.out, args.patients, seed=args.seed, workers=args.workers,
-            chunk_size=args.chunk_size, name=args.name, overwrite=args.overwrite,
+            chunk_size=args.chunk_size, name=args.name, overwrite=args.overwrite, trial_participants=n_trial,
         )  # fmt: skip
     except (guards.GuardError, NotWrittenByGenerator, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -59,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": meta.extra["seconds"],
         "forced_first_event": meta.provenance["forced_first_event"],
         "truncated_patients": meta.provenance["truncated_patients"],
+        "trial_participants": meta.trial.get("participants", {}),
     }
     print(json.dumps(summary, indent=2))
     return summary

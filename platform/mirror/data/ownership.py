@@ -19,6 +19,7 @@ class NotWrittenByGenerator(ValueError):
 
 GENERATED_MARKER = ".written-by-mirror-generate"  # in metadata/, written before anything else
 _SHARD = re.compile(r"part-\d{5}\.parquet")
+_TOPS = (schema.DATA_DIR, schema.TRIAL_DIR, schema.METADATA_DIR, schema.GROUND_TRUTH_DIR)
 
 
 def owned_dataset_files(root: Path, simulator_name: str) -> list[Path]:
@@ -27,10 +28,10 @@ def owned_dataset_files(root: Path, simulator_name: str) -> list[Path]:
 
     Proof of authorship: ``metadata/dataset.json`` whose ``provenance.simulator`` is the
     simulator, or the marker the generator writes first (an interrupted generation). Then
-    every file under ``data/``, ``metadata/`` and ``ground_truth/`` must be one the generator
-    writes (shards ``part-NNNNN.parquet``, ``dataset.json``, ``codes.parquet``, the
-    simulator's parameters); anything else, e.g. ``data/my_study_results.csv``, is the user's
-    and the whole overwrite is refused.
+    every file under ``data/``, ``trial/``, ``metadata/`` and ``ground_truth/`` must be one the
+    generator writes (shards ``part-NNNNN.parquet``, ``dataset.json``, ``codes.parquet``, the
+    simulator's and the trial's parameters); anything else, e.g. ``data/my_study_results.csv``,
+    is the user's and the whole overwrite is refused.
     """
     meta_file, marker = root / schema.DATASET_JSON, root / schema.METADATA_DIR / GENERATED_MARKER
     proven = marker.is_file()
@@ -46,18 +47,20 @@ def owned_dataset_files(root: Path, simulator_name: str) -> list[Path]:
             "anything there"
         )
     allowed_meta = {"dataset.json", "codes.parquet", GENERATED_MARKER}
-    allowed_truth = {"params.json", "params.npz"}
+    allowed_truth = {"params.json", "params.npz", "trial_params.json"}
+    sharded_truth = {"latent", "trial_counterfactual"}  # ground_truth/<name>/<split>/part-*.parquet
     owned: list[Path] = []
-    for top in (schema.DATA_DIR, schema.METADATA_DIR, schema.GROUND_TRUTH_DIR):
+    for top in _TOPS:
         for path in sorted((root / top).rglob("*")):
             if path.is_dir() and not path.is_symlink():
                 continue
             parts = path.relative_to(root).parts
             ok = not path.is_symlink() and (
                 (top == schema.METADATA_DIR and len(parts) == 2 and parts[1] in allowed_meta)
-                or (top == schema.DATA_DIR and len(parts) == 3 and parts[1] in schema.SPLITS and _SHARD.fullmatch(parts[2]))
+                or (top in (schema.DATA_DIR, schema.TRIAL_DIR) and len(parts) == 3 and parts[1] in schema.SPLITS
+                    and _SHARD.fullmatch(parts[2]))
                 or (top == schema.GROUND_TRUTH_DIR and len(parts) == 2 and parts[1] in allowed_truth)
-                or (top == schema.GROUND_TRUTH_DIR and len(parts) == 4 and parts[1] == "latent"
+                or (top == schema.GROUND_TRUTH_DIR and len(parts) == 4 and parts[1] in sharded_truth
                     and parts[2] in schema.SPLITS and _SHARD.fullmatch(parts[3]))
             )  # fmt: skip
             if not ok:
@@ -74,7 +77,7 @@ def remove_owned_dataset(root: Path, files: list[Path]) -> None:
     leave empty; directories still holding anything are kept."""
     for path in files:
         path.unlink()
-    for top in (schema.DATA_DIR, schema.METADATA_DIR, schema.GROUND_TRUTH_DIR):
+    for top in _TOPS:
         base = root / top
         if not base.is_dir():
             continue

@@ -198,6 +198,9 @@ MAX_EVENTS = 5_000
 
 # Generated patients' ids start here (jobs/sample.py, evaluation): never a real patient's id.
 SYNTHETIC_ID_OFFSET = 10**12
+# Simulated trial participants' ids start here (``mirror.data.trial``): never a patient's id,
+# never a generated patient's id.
+TRIAL_ID_OFFSET = 2 * 10**12
 
 METADATA_DIR, DATA_DIR, TRIAL_DIR, GROUND_TRUTH_DIR = "metadata", "data", "trial", "ground_truth"
 DATASET_JSON = f"{METADATA_DIR}/dataset.json"

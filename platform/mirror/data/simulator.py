@@ -885,7 +885,7 @@ def _prepare_output(root: Path, overwrite: bool) -> None:
     written first proves authorship of a generation that is interrupted later."""
     from mirror.data.ownership import GENERATED_MARKER, owned_dataset_files, remove_owned_dataset
 
-    owned = [root / schema.METADATA_DIR, root / schema.DATA_DIR, root / schema.GROUND_TRUTH_DIR]
+    owned = [root / d for d in (schema.METADATA_DIR, schema.DATA_DIR, schema.TRIAL_DIR, schema.GROUND_TRUTH_DIR)]
     existing = [p for p in owned if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
@@ -908,6 +908,7 @@ def generate_dataset(
     *,
     overwrite: bool = False,
     params: SimulatorParams | None = None,
+    trial_participants: int = 0,
 ) -> schema.DatasetMetadata:
     """Simulate ``n_patients`` (ids 0..N-1) and write a complete dataset to ``out_dir``.
 
@@ -916,10 +917,12 @@ def generate_dataset(
     to every Ray node (local disk on one machine, or a shared filesystem). ``dataset.json`` is
     written last: its presence marks a finished dataset. ``params`` overrides the default
     ``SimulatorParams.from_seed(seed)`` (e.g. a wider latent state); ``seed`` still drives
-    the patients.
+    the patients. ``trial_participants`` > 0 adds the simulated trial part (``mirror.data.trial``).
     """
     if n_patients < 1:
         raise ValueError(f"n_patients: expected >= 1, got {n_patients}")
+    if trial_participants < 0:
+        raise ValueError(f"trial_participants: expected >= 0, got {trial_participants}")
     chunk_size = chunk_size or default_chunk_size(n_patients)
     if chunk_size < 1 or chunk_size % BLOCK:
         raise ValueError(
@@ -973,6 +976,11 @@ def generate_dataset(
             f"simulator: split counts {totals['patients']} != "
             f"expected {expected_counts(n_patients)}"
         )
+    trial: dict[str, Any] = {}
+    if trial_participants:
+        from mirror.data.trial import write_trial  # imports this module
+
+        trial = write_trial(root, trial_participants, seed, workers=workers)
     seconds = time.perf_counter() - began
     metadata = schema.DatasetMetadata(
         name=name or f"simulated-{n_patients}-seed{seed}",
@@ -997,6 +1005,7 @@ def generate_dataset(
         length_histogram={
             s: {str(k): int(v) for k, v in enumerate(h) if v} for s, h in totals["histogram"].items()
         },
+        trial=trial,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         extra={
             "events": int(totals["events"]),
