@@ -76,6 +76,7 @@ def child(root: Path, n_patients: int, status: Path) -> None:
     import ray.data
 
     from mirror.data import simulator
+    from mirror.data.trial import auto_trial_participants
     from mirror.data.views import VIEWS
 
     def report(phase: str, **figures) -> None:
@@ -94,7 +95,8 @@ def child(root: Path, n_patients: int, status: Path) -> None:
 
     report("generate")
     began = time.perf_counter()
-    meta = simulator.generate_dataset(root, n_patients, seed=SEED, workers=cpus, overwrite=True)
+    meta = simulator.generate_dataset(root, n_patients, seed=SEED, workers=cpus, overwrite=True,
+                                      trial_participants=auto_trial_participants(n_patients))
     report("generated", generate={"wall_s": round(time.perf_counter() - began, 1), "workers": cpus,
                                   "modalities": meta.modalities, "trial": bool(meta.trial)})
 

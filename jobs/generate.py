@@ -19,14 +19,13 @@ from pathlib import Path
 from mirror import guards
 from mirror.data.ownership import NotWrittenByGenerator
 from mirror.data.simulator import BLOCK, generate_dataset
-
-AUTO_TRIAL_MIN, AUTO_TRIAL_MAX = 1000, 5000  # real two-arm trials: hundreds to a few thousand
+from mirror.data.trial import auto_trial_participants
 
 
 def trial_participants(value: str, n_patients: int) -> int:
     """``--trial-participants``: a count (0 = no trial part) or ``auto``."""
     if value == "auto":
-        return min(max(n_patients // 100, AUTO_TRIAL_MIN), AUTO_TRIAL_MAX)
+        return auto_trial_participants(n_patients)
     try:
         count = int(value)
     except ValueError:
@@ -48,8 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="patients per file, a multiple of 4096 (default: by N)")
     parser.add_argument("--name", default=None, help="dataset name for dataset.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    parser.add_argument("--trial-participants", default="0",
-                        help="participants of the simulated trial part: a count, 0 for none (default), or auto")
+    parser.add_argument("--trial-participants", default="auto",
+                        help="participants of the simulated trial part: a count (0 for none) or auto "
+                             "(default: N / 100 within [1000, 5000])")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 

@@ -222,6 +222,15 @@ _MED_TABLE = (
 _RISK_FEATURES = ("frailty", "cardiac", "thrombotic", "premenopausal")
 
 
+AUTO_TRIAL_MIN, AUTO_TRIAL_MAX = 1000, 5000  # real two-arm trials: hundreds to a few thousand
+
+
+def auto_trial_participants(n_patients: int) -> int:
+    """The trial size ``generate`` picks by default: 1 % of the population, within the sizes
+    of real two-arm trials."""
+    return min(max(n_patients // 100, AUTO_TRIAL_MIN), AUTO_TRIAL_MAX)
+
+
 def _logit(p: np.ndarray | float) -> np.ndarray:
     p = np.asarray(p, np.float64)
     return np.log(p / (1.0 - p))
