@@ -289,3 +289,27 @@ def test_record_looks_like_claims(causal):
     assert 0.3 <= figures["share_with_any_medication"] <= 0.85, figures
     assert 2.0 <= figures["lab_measurements_per_patient_year"] <= 40.0, figures
     assert 0.3 <= figures["share_with_any_lab"] <= 0.9, figures
+
+
+def test_generated_dataset_holds_the_record_and_its_ground_truth(ray_cluster, tmp_path, params):
+    import pyarrow.parquet as pq
+
+    from mirror.data.simulator import generate_dataset, truth_path
+
+    metadata = generate_dataset(tmp_path / "d", 5_000, seed=SEED, workers=2, chunk_size=BLOCK)
+    assert metadata.modalities == list(schema.MODALITIES)
+    provenance = metadata.provenance["record"]
+    assert provenance["counts"]["admissions"] > 0 and provenance["lab_driven_onsets"] >= 0
+    assert set(provenance["additions_per_ladder"]) == {ladder.name for ladder in LADDERS}
+    assert 0 < provenance["claims_figures"]["median_length_of_stay"] < 10
+    for split in schema.SPLITS:
+        for chunk, path in enumerate(schema.split_files(tmp_path / "d", split)):
+            rows = pq.read_table(path)
+            check_record_invariants(rows)
+            for kind, truth_schema in record.TRUTH_SCHEMAS.items():
+                truth = pq.read_table(truth_path(tmp_path / "d", kind, split, chunk))
+                assert truth.schema == truth_schema
+                assert truth[schema.SUBJECT_ID].equals(rows[schema.SUBJECT_ID]), (kind, split)
+            stays = pq.read_table(truth_path(tmp_path / "d", record.ADMISSIONS, split, chunk))
+            assert np.array_equal(pc.list_value_length(stays["stay_principal"]).to_numpy(),
+                                  pc.list_value_length(rows[schema.ADMIT_DAYS]).to_numpy())

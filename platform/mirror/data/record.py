@@ -1069,24 +1069,12 @@ def encounter_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator
     effects = Ragged.build(n, er["patient"], {k: er[k] for k in EFFECT_COLUMNS})
     orr = labs.onset_rows
     onsets = Ragged.build(n, orr["patient"], {k: orr[k] for k in ONSET_COLUMNS})
-    years = duration / WEEKS_PER_YEAR
-    # Complete enrolled years with >= 1 admission (for the yearly admission share).
-    full_years = duration // 52
-    year_of = (s_admit // DAYS - st.start[s_p]) // 52
-    in_full = year_of < full_years[s_p]
-    yk = np.unique(s_p[in_full] * 64 + year_of[in_full])
+    # Per-patient counts of what the rows cannot show (summed into the provenance).
     counts = {
-        "patient_years": years,
-        "complete_years": full_years.astype(np.float64),
-        "complete_years_with_admission": np.bincount(yk // 64, minlength=n).astype(np.float64),
-        "admissions": np.diff(admissions.offsets).astype(np.float64),
         "absorbed_stays": absorbed.astype(np.float64),
         "censored_stays": np.bincount(s_p, weights=censored[ki], minlength=n),
         "clipped_lab_values": clipped,
         "lab_onsets": np.bincount(orr["patient"], minlength=n).astype(np.float64),
-        "labs": np.diff(lab_group.offsets).astype(np.float64),
-        "medications": np.diff(medications.offsets).astype(np.float64),
-        "procedures": np.diff(procedures.offsets).astype(np.float64),
     }
     for li_, ladder in enumerate(LADDERS):
         counts[f"additions_{ladder.name}"] = np.bincount(labs.add_p, weights=labs.add_ladder == li_, minlength=n)

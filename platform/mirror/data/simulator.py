@@ -877,7 +877,18 @@ class _SplitFile:
 
 def latent_path(root: str | Path, split: str, chunk: int) -> Path:
     """Ground-truth latent shard matching ``schema.shard_path(root, split, chunk)``."""
-    return Path(root) / schema.GROUND_TRUTH_DIR / "latent" / split / f"part-{chunk:05d}.parquet"
+    return truth_path(root, "latent", split, chunk)
+
+
+def truth_path(root: str | Path, kind: str, split: str, chunk: int) -> Path:
+    """Ground-truth shard of ``kind`` (``latent`` or a ``record.TRUTH_SCHEMAS`` key) matching
+    ``schema.shard_path(root, split, chunk)`` row for row."""
+    return Path(root) / schema.GROUND_TRUTH_DIR / kind / split / f"part-{chunk:05d}.parquet"
+
+
+def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Key-wise sum of two dicts of numbers / numpy arrays (chunk counters)."""
+    return {k: total.get(k, 0) + v for k, v in part.items()} | {k: v for k, v in total.items() if k not in part}
 
 
 def write_chunk(
@@ -890,21 +901,29 @@ def write_chunk(
         s: _SplitFile(schema.shard_path(root, s, chunk), schema.ROW_SCHEMA, row_group)
         for s in schema.SPLITS
     }
+    kinds = {"latent": LATENT_SCHEMA} | (record.TRUTH_SCHEMAS if params.simulate_record else {})
     truth = {
-        s: _SplitFile(latent_path(root, s, chunk), LATENT_SCHEMA, row_group) for s in schema.SPLITS
+        (kind, s): _SplitFile(truth_path(root, kind, s, chunk), table_schema, row_group)
+        for kind, table_schema in kinds.items() for s in schema.SPLITS
     }
     histogram = {s: np.zeros(schema.MAX_EVENTS + 1, np.int64) for s in schema.SPLITS}
     condition_events = np.zeros(N_CONDITIONS, np.int64)
     forced = truncated = events = 0
+    record_counts: dict[str, Any] = {}
     for lo in range(first_id, first_id + n, row_group):
         patients = _simulate(params, seed, lo, min(row_group, first_id + n - lo))
-        rows, latent = patients.tables()
+        rows = patients.tables()[0]
+        truth_tables = patients.truth_tables()
         codes = split_codes(patients.subject_id)
         lengths = np.diff(patients.offsets)
+        if params.simulate_record:
+            record_counts = _add_counts(record_counts, record.claims_counters(rows)
+                                        | {k: float(v.sum()) for k, v in patients.record.counts.items()})
         for split, code in SPLIT_CODES.items():
             take = pa.array(np.flatnonzero(codes == code))
             data[split].add(rows.take(take))
-            truth[split].add(latent.take(take))
+            for kind in kinds:
+                truth[kind, split].add(truth_tables[kind].take(take))
             histogram[split] += np.bincount(lengths[codes == code], minlength=schema.MAX_EVENTS + 1)
         condition_events += np.bincount(patients.conditions, minlength=N_CONDITIONS)
         forced += int(patients.forced.sum())
@@ -920,9 +939,25 @@ def write_chunk(
         "events": events,
         "forced": forced,
         "truncated": truncated,
+        "record": record_counts,
         "data_bytes": data_bytes,
         "truth_bytes": truth_bytes,
         "seconds": time.perf_counter() - began,
+    }
+
+
+def _record_provenance(counts: dict[str, Any]) -> dict[str, Any]:
+    """The record stage's counts and claims-likeness figures for ``dataset.json``."""
+    figures = {k: round(float(v), 4) for k, v in record.claims_figures(counts).items()}
+    kept = {k: int(v) for k, v in counts.items() if k != "los_histogram" and float(v).is_integer()}
+    return {
+        "claims_figures": figures,
+        "counts": kept | {"patient_years": round(float(counts["patient_years"]), 1)},
+        "lab_driven_onsets": int(counts["lab_onsets"]),
+        "additions_per_ladder": {ladder.name: int(counts[f"additions_{ladder.name}"]) for ladder in record.LADDERS},
+        "clipped_lab_values": int(counts["clipped_lab_values"]),
+        "absorbed_overlapping_stays": int(counts["absorbed_stays"]),
+        "stays_censored_at_enrollment_end": int(counts["censored_stays"]),
     }
 
 
@@ -1005,6 +1040,7 @@ def generate_dataset(
         result = ray.get(done[0])
         for key in ("events", "forced", "truncated", "data_bytes", "truth_bytes", "condition_events"):
             totals[key] = totals.get(key, 0) + result[key]
+        totals["record"] = _add_counts(totals.get("record", {}), result["record"])
         for split in schema.SPLITS:
             totals.setdefault("patients", {}).setdefault(split, 0)
             totals["patients"][split] += result["patients"][split]
@@ -1040,11 +1076,12 @@ def generate_dataset(
             "compression": COMPRESSION,
             "forced_first_event": int(totals["forced"]),
             "truncated_patients": int(totals["truncated"]),
-        },
+        } | ({"record": _record_provenance(totals["record"])} if params.simulate_record else {}),
         length_histogram={
             s: {str(k): int(v) for k, v in enumerate(h) if v} for s, h in totals["histogram"].items()
         },
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        modalities=list(schema.MODALITIES) if params.simulate_record else ["diagnoses"],
         extra={
             "events": int(totals["events"]),
             "chunks": n_chunks,
@@ -1069,5 +1106,6 @@ __all__ = [
     "latent_path",
     "simulate_block",
     "simulate_block_with_truth",
+    "truth_path",
     "write_chunk",
 ]
