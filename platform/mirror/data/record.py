@@ -572,6 +572,8 @@ class LabStage:
     visit_p: np.ndarray  # outpatient visits sorted by (patient, week)
     visit_w: np.ndarray
     measured: np.ndarray  # (V, 9) bool
+    meas_v: np.ndarray  # np.nonzero(measured): visit and lab of every outpatient measurement
+    meas_lab: np.ndarray
     values: np.ndarray  # (V, 9) treated, clipped values (meaningful where measured)
     unclipped: np.ndarray  # (V, 9) treated values before the clip
     effect_rows: dict[str, np.ndarray]  # effect ground truth, flat, sorted by patient
@@ -642,19 +644,22 @@ def lab_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator) -> L
         if conds:
             prob[v_onset_present[:, [cond_col.get(c, 0) for c in conds if c in cond_col]].any(axis=1)] = raised
         measured[:, list(labs)] = (u[:, j] < prob)[:, None]
-    untreated = _lab_mean(st, level, slope, onset, vp, vw) + rng.standard_normal((len(vp), N_LABS)) * _NOISE
+    # Noise only where a lab is measured (other cells of the (V, 9) matrix are never read).
+    meas_v, meas_lab = np.nonzero(measured)
+    untreated = _lab_mean(st, level, slope, onset, vp, vw)
+    untreated[meas_v, meas_lab] += rng.standard_normal(len(meas_v)) * _NOISE[meas_lab]
 
     # Ladders: additions found level by level on a (candidate patients x measurements) grid.
     adds: list[tuple[np.ndarray, ...]] = []
     for li, ladder in enumerate(LADDERS):
         threshold = getattr(p, ladder.threshold_field)
+        # Decision points: measurements whose inertia coin says "act" and whose untreated value
+        # crosses the threshold (treatment only lowers the ladder's lab, so no other can).
         rows = np.flatnonzero(measured[:, ladder.lab])
-        rp = vp[rows]
         vals = untreated[rows, ladder.lab]
-        cand = np.zeros(n, bool)
-        cand[rp[vals >= threshold]] = True  # untreated values only fall under treatment
-        sel = cand[rp]
-        rows, rp, vals = rows[sel], rp[sel], vals[sel]
+        sel = (rng.random(len(rows)) < p.ladder_add_probability) & (vals >= threshold)
+        rows, vals = rows[sel], vals[sel]
+        rp = vp[rows]
         m_counts = np.bincount(rp, minlength=n)
         cand_ids = np.flatnonzero(m_counts)
         width = int(m_counts.max(initial=0))
@@ -668,11 +673,10 @@ def lab_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator) -> L
         grid_week = np.full((len(cand_ids), width), W, np.int64)
         grid_val[slot[rp], col] = vals
         grid_week[slot[rp], col] = vw[rows]
-        coin = rng.random((len(cand_ids), width)) < p.ladder_add_probability
         last = np.full(len(cand_ids), -1)
         cols = np.arange(width)
         for step, fraction in enumerate(ladder.fractions):
-            ok = (grid_val >= threshold) & coin & (cols > last[:, None])
+            ok = (grid_val >= threshold) & (cols > last[:, None])
             hit = ok.any(axis=1)
             if not hit.any():
                 break
@@ -707,7 +711,7 @@ def lab_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator) -> L
     visit_key = vp * W + vw
     unclipped = untreated + _active_effects(visit_key, add_p, add_start, add_end, add_effect, W)
     values = np.clip(unclipped, _LOW, _HIGH)
-    clipped = np.bincount(vp, weights=(measured & (values != unclipped)).sum(axis=1), minlength=n)
+    clipped = np.bincount(vp[meas_v], weights=values[meas_v, meas_lab] != unclipped[meas_v, meas_lab], minlength=n)
 
     # Effect ground truth: per (addition, affected lab), the next outpatient measurement.
     e_add, e_lab, e_val, e_week, e_obs, e_cf = [], [], [], [], [], []
@@ -805,7 +809,7 @@ def lab_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator) -> L
     return LabStage(
         patient_level=level, slope=slope, onset=onset, add_p=add_p, add_ladder=add_ladder,
         add_level=add_level, add_start=add_start, add_end=add_end, add_effect=add_effect,
-        visit_p=vp, visit_w=vw, measured=measured, values=values, unclipped=unclipped,
+        visit_p=vp, visit_w=vw, measured=measured, meas_v=meas_v, meas_lab=meas_lab, values=values, unclipped=unclipped,
         effect_rows=effect_rows, extra_p=np.concatenate([on_p, on_p[rep]]),
         extra_w=np.concatenate([on_w, fu_w]), extra_c=np.concatenate([on_c, on_c[rep]]),
         onset_rows=onset_rows, clipped=clipped,
@@ -1047,19 +1051,31 @@ def encounter_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator
         pw = st.start[pp] + np.floor(rng.random(len(pp)) * duration[pp]).astype(np.int64)
         proc_parts.append((pp, np.full(len(pp), _pid(code)), pw, np.full(len(pp), schema.NO_STAY)))
 
-    # Outpatient labs from stage A.
-    vi, li = np.nonzero(labs.measured)
-    lab_parts.insert(0, (labs.visit_p[vi], li, labs.visit_w[vi], labs.values[vi, li], np.full(len(vi), schema.NO_STAY)))
-
-    def assemble(parts, names, week_pos: int) -> Ragged:
+    def assemble(parts, names, week_pos: int, presorted: tuple | None = None) -> Ragged:
+        """Concatenate parts sorted by (patient, week); a large part already in that order
+        (``presorted``) is merged in by position instead of sorted again."""
         cols = [np.concatenate([part[i] for part in parts]) for i in range(len(names) + 1)]
         order = np.argsort(cols[0] * W + cols[week_pos], kind="stable")
-        return Ragged.build(n, cols[0][order], {name: col[order] for name, col in zip(names, cols[1:], strict=True)})
+        cols = [c[order] for c in cols]
+        if presorted is not None:
+            base_key = presorted[0] * W + presorted[week_pos]
+            at = np.searchsorted(base_key, cols[0] * W + cols[week_pos], side="right") + np.arange(len(order))
+            merged = []
+            for big, small in zip(presorted, cols, strict=True):
+                out = np.empty(len(big) + len(small), np.result_type(big, small))
+                mask = np.ones(len(out), bool)
+                mask[at] = False
+                out[mask], out[at] = big, small
+                merged.append(out)
+            cols = merged
+        return Ragged.build(n, cols[0], dict(zip(names, cols[1:], strict=True)))
 
     S = schema
     procedures = assemble(proc_parts, S.MODALITY_COLUMNS["procedures"], 2)
     medications = assemble(med_parts, S.MODALITY_COLUMNS["medications"], 2)
-    lab_group = assemble(lab_parts, S.MODALITY_COLUMNS["labs"], 2)
+    vi, li = labs.meas_v, labs.meas_lab  # outpatient labs: sorted by (patient, week) already
+    outpatient = (labs.visit_p[vi], li, labs.visit_w[vi], labs.values[vi, li], np.full(len(vi), S.NO_STAY))
+    lab_group = assemble(lab_parts, S.MODALITY_COLUMNS["labs"], 2, presorted=outpatient)
 
     adds = Ragged.build(n, labs.add_p, {
         "addition_weeks": labs.add_start, "addition_end_weeks": labs.add_end,

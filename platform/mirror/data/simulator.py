@@ -166,7 +166,7 @@ class SimulatorParams:
     n_random_progressions: int = 150  # seed-drawn within-cluster progression edges
     # The record stage (mirror.data.record; each number's source is in its docstring).
     simulate_record: bool = True  # False: diagnoses only (the other modalities stay empty)
-    lab_visit_rate: float = 0.012  # outpatient lab visits per week per (0.15 + chronic conditions)
+    lab_visit_rate: float = 0.010  # outpatient lab visits per week per (0.15 + chronic conditions)
     ladder_add_probability: float = 0.45  # chance a threshold-crossing value adds a level
     dm_threshold: float = 7.0  # HbA1c %, diabetes ladder (ADA target)
     ldl_threshold: float = 130.0  # LDL mg/dL, lipid ladder (NCEP ATP III)
