@@ -68,7 +68,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mirror.data import schema
+from mirror.data import record, schema
 from mirror.data.conditions import BY_CODE, CONDITIONS, MOST_COMMON_ACUTE, MOST_COMMON_CHRONIC
 from mirror.data.splits import SPLIT_CODES, expected_counts, split_codes
 from mirror.data.vocab import (
@@ -164,6 +164,20 @@ class SimulatorParams:
     utilisation_loading: float = 0.6  # how strongly frailty z_0 scales chronic visit rates
     visit_shape: float = 1.5  # Gamma shape of per-(patient, condition) visit-rate noise
     n_random_progressions: int = 150  # seed-drawn within-cluster progression edges
+    # The record stage (mirror.data.record; each number's source is in its docstring).
+    simulate_record: bool = True  # False: diagnoses only (the other modalities stay empty)
+    lab_visit_rate: float = 0.010  # outpatient lab visits per week per (0.15 + chronic conditions)
+    ladder_add_probability: float = 0.45  # chance a threshold-crossing value adds a level
+    dm_threshold: float = 7.0  # HbA1c %, diabetes ladder (ADA target)
+    ldl_threshold: float = 130.0  # LDL mg/dL, lipid ladder (NCEP ATP III)
+    sbp_threshold: float = 140.0  # SBP mmHg, hypertension ladder (JNC 7)
+    effect_sigma: float = 0.35  # log-normal spread of individual treatment effects
+    discontinue_weeks: float = 208.0  # mean weeks until a chronic medication stops
+    lab_onset_scale: float = 1.0  # multiplies every lab-driven onset hazard
+    admission_background: float = 0.0015  # chance any other diagnosis word opens a stay
+    helpful_give_probability: float = 0.7  # chance a stay gets a class that shortens it
+    los_sigma: float = 0.7  # log-normal spread of length of stay around its expectation
+    los_severity: float = 0.25  # log-LOS per unit of stay severity
     # Derived arrays (filled by from_seed).
     age_weights: np.ndarray = field(default=None, repr=False)  # (2, 21) pyramid, rows sum to 1
     hazard: np.ndarray = field(default=None, repr=False)  # (2, 24, 605) onset hazard /week
@@ -407,6 +421,7 @@ class _Patients:
     latent: np.ndarray  # (n, K) float32
     forced: np.ndarray  # (n,) bool: the one event was added because the window had none
     truncated: np.ndarray  # (n,) bool: more than MAX_EVENTS words, tail cut
+    record: record.Record  # the other modalities, condition_stays and their ground truth
 
     def __len__(self) -> int:
         return len(self.subject_id)
@@ -416,7 +431,7 @@ class _Patients:
         per_patient = {
             f.name: getattr(self, f.name)[lo:hi]
             for f in fields(self)
-            if f.name not in ("offsets", "conditions", "age_groups", "weeks")
+            if f.name not in ("offsets", "conditions", "age_groups", "weeks", "record")
         }
         return _Patients(
             **per_patient,
@@ -424,6 +439,7 @@ class _Patients:
             conditions=self.conditions[a:b],
             age_groups=self.age_groups[a:b],
             weeks=self.weeks[a:b],
+            record=self.record.slice(lo, hi, a, b),
         )
 
     @staticmethod
@@ -432,8 +448,10 @@ class _Patients:
             return parts[0]
         ends = np.cumsum([p.offsets[-1] for p in parts])
         offsets = [parts[0].offsets] + [p.offsets[1:] + e for p, e in zip(parts[1:], ends[:-1], strict=True)]
-        out = {f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Patients)}
+        out = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+               for f in fields(_Patients) if f.name != "record"}
         out["offsets"] = np.concatenate(offsets)
+        out["record"] = record.Record.concat([p.record for p in parts])
         return _Patients(**out)
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
@@ -443,20 +461,20 @@ class _Patients:
                 "array can (2^31 - 1): simulate fewer patients per call"
             )
         offsets = pa.array(self.offsets.astype(np.int32))
-        rows = schema.fill_missing_modalities(pa.Table.from_arrays(
-            [
-                pa.array(self.subject_id, pa.int64()),
-                pa.array(self.sex, pa.int8()),
-                pa.array(self.birth_week, pa.int32()),
-                pa.array(self.enroll_start, pa.int32()),
-                pa.array(self.enroll_end, pa.int32()),
-                pa.array(np.diff(self.offsets).astype(np.int32)),
-                pa.ListArray.from_arrays(offsets, pa.array(self.conditions, pa.int16())),
-                pa.ListArray.from_arrays(offsets, pa.array(self.age_groups, pa.int8())),
-                pa.ListArray.from_arrays(offsets, pa.array(self.weeks, pa.int32())),
-            ],
-            schema=schema.DIAGNOSIS_SCHEMA,
-        ))
+        columns = {
+            schema.SUBJECT_ID: pa.array(self.subject_id, pa.int64()),
+            schema.SEX: pa.array(self.sex, pa.int8()),
+            schema.BIRTH_WEEK: pa.array(self.birth_week, pa.int32()),
+            schema.ENROLL_START: pa.array(self.enroll_start, pa.int32()),
+            schema.ENROLL_END: pa.array(self.enroll_end, pa.int32()),
+            schema.N_EVENTS: pa.array(np.diff(self.offsets).astype(np.int32)),
+            schema.CONDITIONS: pa.ListArray.from_arrays(offsets, pa.array(self.conditions, pa.int16())),
+            schema.AGE_GROUPS: pa.ListArray.from_arrays(offsets, pa.array(self.age_groups, pa.int8())),
+            schema.WEEKS: pa.ListArray.from_arrays(offsets, pa.array(self.weeks, pa.int32())),
+            schema.CONDITION_STAYS: pa.ListArray.from_arrays(
+                offsets, pa.array(self.record.condition_stays, pa.int16())),
+        } | self.record.row_columns()
+        rows = pa.Table.from_arrays([columns[f.name] for f in schema.ROW_SCHEMA], schema=schema.ROW_SCHEMA)
         k = self.latent.shape[1]
         latent_offsets = pa.array(np.arange(len(self) + 1, dtype=np.int32) * k)
         truth = pa.Table.from_arrays(
@@ -467,6 +485,10 @@ class _Patients:
             schema=LATENT_SCHEMA,
         )
         return rows, truth
+
+    def truth_tables(self) -> dict[str, pa.Table]:
+        """Every ground-truth table of these patients: ``latent`` and the record's kinds."""
+        return {"latent": self.tables()[1]} | self.record.truth_tables(self.subject_id)
 
 
 LATENT_SCHEMA = pa.schema(
@@ -724,7 +746,18 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
 
     # Words: (patient, week, condition id), deduplicated and sorted by week within patient.
     week = np.clip(np.floor(ev_t).astype(np.int64), start[ev_p], end[ev_p])
-    word = np.sort((ev_p * p.n_weeks + week) * N_CONDITIONS + layout.order[ev_c])
+    word = (ev_p * p.n_weeks + week) * N_CONDITIONS + layout.order[ev_c]
+    if p.simulate_record:  # labs, ladders and lab-driven onsets (their own RNG stream)
+        state = record.BlockState(
+            female=female, birth=birth, start=start, end=end, z=z, utilisation=utilisation,
+            present_p=np.concatenate([prev_p, on_p]),
+            present_c=layout.order[np.concatenate([prev_c, on_c])],
+            present_t=np.concatenate([np.full(len(prev_p), -np.inf), on_t]),
+        )
+        record_rng = record.block_rng(seed, block)
+        labs = record.lab_stage(p, state, record_rng)
+        word = np.concatenate([word, (labs.extra_p * p.n_weeks + labs.extra_w) * N_CONDITIONS + labs.extra_c])
+    word = np.sort(word)
     word = word[np.concatenate([[True], word[1:] != word[:-1]])]
     condition, patient_week = word % N_CONDITIONS, word // N_CONDITIONS
     patient, week = patient_week // p.n_weeks, patient_week % p.n_weeks
@@ -737,6 +770,10 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
         counts = np.minimum(counts, schema.MAX_EVENTS)
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
+    if p.simulate_record:  # admissions, medications, procedures on the final words
+        rec = record.encounter_stage(p, state, record_rng, labs, patient, week, condition)
+    else:
+        rec = record.empty_record(n, len(patient))
     return _Patients(
         subject_id=block * BLOCK + np.arange(n, dtype=np.int64),
         sex=np.where(female, 1, -1).astype(np.int8),
@@ -750,6 +787,7 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
         latent=z,
         forced=forced,
         truncated=truncated,
+        record=rec,
     )
 
 
@@ -773,6 +811,15 @@ def simulate_block(params: SimulatorParams, seed: int, first_id: int, n: int) ->
     ranges aligned to ``BLOCK`` avoid simulating patients that are then cut away.
     """
     return _simulate(params, seed, first_id, n).tables()
+
+
+def simulate_block_with_truth(
+    params: SimulatorParams, seed: int, first_id: int, n: int
+) -> tuple[pa.Table, dict[str, pa.Table]]:
+    """Like :func:`simulate_block`, with every ground-truth table: ``latent`` and the record
+    stage's ``treatments``, ``admissions`` and ``onsets`` (``record.TRUTH_SCHEMAS``)."""
+    patients = _simulate(params, seed, first_id, n)
+    return patients.tables()[0], patients.truth_tables()
 
 
 # --------------------------------------------------------------------------------------------
@@ -830,7 +877,18 @@ class _SplitFile:
 
 def latent_path(root: str | Path, split: str, chunk: int) -> Path:
     """Ground-truth latent shard matching ``schema.shard_path(root, split, chunk)``."""
-    return Path(root) / schema.GROUND_TRUTH_DIR / "latent" / split / f"part-{chunk:05d}.parquet"
+    return truth_path(root, "latent", split, chunk)
+
+
+def truth_path(root: str | Path, kind: str, split: str, chunk: int) -> Path:
+    """Ground-truth shard of ``kind`` (``latent`` or a ``record.TRUTH_SCHEMAS`` key) matching
+    ``schema.shard_path(root, split, chunk)`` row for row."""
+    return Path(root) / schema.GROUND_TRUTH_DIR / kind / split / f"part-{chunk:05d}.parquet"
+
+
+def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Key-wise sum of two dicts of numbers / numpy arrays (chunk counters)."""
+    return {k: total.get(k, 0) + v for k, v in part.items()} | {k: v for k, v in total.items() if k not in part}
 
 
 def write_chunk(
@@ -843,21 +901,29 @@ def write_chunk(
         s: _SplitFile(schema.shard_path(root, s, chunk), schema.ROW_SCHEMA, row_group)
         for s in schema.SPLITS
     }
+    kinds = {"latent": LATENT_SCHEMA} | (record.TRUTH_SCHEMAS if params.simulate_record else {})
     truth = {
-        s: _SplitFile(latent_path(root, s, chunk), LATENT_SCHEMA, row_group) for s in schema.SPLITS
+        (kind, s): _SplitFile(truth_path(root, kind, s, chunk), table_schema, row_group)
+        for kind, table_schema in kinds.items() for s in schema.SPLITS
     }
     histogram = {s: np.zeros(schema.MAX_EVENTS + 1, np.int64) for s in schema.SPLITS}
     condition_events = np.zeros(N_CONDITIONS, np.int64)
     forced = truncated = events = 0
+    record_counts: dict[str, Any] = {}
     for lo in range(first_id, first_id + n, row_group):
         patients = _simulate(params, seed, lo, min(row_group, first_id + n - lo))
-        rows, latent = patients.tables()
+        rows = patients.tables()[0]
+        truth_tables = patients.truth_tables()
         codes = split_codes(patients.subject_id)
         lengths = np.diff(patients.offsets)
+        if params.simulate_record:
+            record_counts = _add_counts(record_counts, record.claims_counters(rows)
+                                        | {k: float(v.sum()) for k, v in patients.record.counts.items()})
         for split, code in SPLIT_CODES.items():
             take = pa.array(np.flatnonzero(codes == code))
             data[split].add(rows.take(take))
-            truth[split].add(latent.take(take))
+            for kind in kinds:
+                truth[kind, split].add(truth_tables[kind].take(take))
             histogram[split] += np.bincount(lengths[codes == code], minlength=schema.MAX_EVENTS + 1)
         condition_events += np.bincount(patients.conditions, minlength=N_CONDITIONS)
         forced += int(patients.forced.sum())
@@ -873,9 +939,25 @@ def write_chunk(
         "events": events,
         "forced": forced,
         "truncated": truncated,
+        "record": record_counts,
         "data_bytes": data_bytes,
         "truth_bytes": truth_bytes,
         "seconds": time.perf_counter() - began,
+    }
+
+
+def _record_provenance(counts: dict[str, Any]) -> dict[str, Any]:
+    """The record stage's counts and claims-likeness figures for ``dataset.json``."""
+    figures = {k: round(float(v), 4) for k, v in record.claims_figures(counts).items()}
+    kept = {k: int(v) for k, v in counts.items() if k != "los_histogram" and float(v).is_integer()}
+    return {
+        "claims_figures": figures,
+        "counts": kept | {"patient_years": round(float(counts["patient_years"]), 1)},
+        "lab_driven_onsets": int(counts["lab_onsets"]),
+        "additions_per_ladder": {ladder.name: int(counts[f"additions_{ladder.name}"]) for ladder in record.LADDERS},
+        "clipped_lab_values": int(counts["clipped_lab_values"]),
+        "absorbed_overlapping_stays": int(counts["absorbed_stays"]),
+        "stays_censored_at_enrollment_end": int(counts["censored_stays"]),
     }
 
 
@@ -961,6 +1043,7 @@ def generate_dataset(
         result = ray.get(done[0])
         for key in ("events", "forced", "truncated", "data_bytes", "truth_bytes", "condition_events"):
             totals[key] = totals.get(key, 0) + result[key]
+        totals["record"] = _add_counts(totals.get("record", {}), result["record"])
         for split in schema.SPLITS:
             totals.setdefault("patients", {}).setdefault(split, 0)
             totals["patients"][split] += result["patients"][split]
@@ -1001,12 +1084,13 @@ def generate_dataset(
             "compression": COMPRESSION,
             "forced_first_event": int(totals["forced"]),
             "truncated_patients": int(totals["truncated"]),
-        },
+        } | ({"record": _record_provenance(totals["record"])} if params.simulate_record else {}),
         length_histogram={
             s: {str(k): int(v) for k, v in enumerate(h) if v} for s, h in totals["histogram"].items()
         },
         trial=trial,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        modalities=list(schema.MODALITIES) if params.simulate_record else ["diagnoses"],
         extra={
             "events": int(totals["events"]),
             "chunks": n_chunks,
@@ -1030,5 +1114,7 @@ __all__ = [
     "generate_dataset",
     "latent_path",
     "simulate_block",
+    "simulate_block_with_truth",
+    "truth_path",
     "write_chunk",
 ]
