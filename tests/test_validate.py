@@ -221,7 +221,7 @@ def test_valid_batch_and_long_sentences_pass() -> None:
 def test_row_numbers_through_slices_and_chunks() -> None:
     rows = base_rows()
     k = next(k for k in range(12, 20) if len(set(rows[k][S.WEEKS])) > 1)
-    for name in S.EVENT_COLUMNS:  # reverse whole events: only the time order breaks
+    for name in S.MODALITY_COLUMNS["diagnoses"]:  # reverse whole events: only the time order breaks
         rows[k][name].reverse()
     broken = to_table(rows)
     (v,) = check(broken)
