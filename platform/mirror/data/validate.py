@@ -455,8 +455,8 @@ def check_table(
             bad = np.flatnonzero(holding)[:1]
             count = int(holding.sum())
             found.add(UNLISTED_MODALITY, bad, lambda i, m=modality, n=count: (
-                f"{m} hold items, but dataset.json's modalities {sorted(modalities)} does not "
-                f"list {m!r}: {n} such row(s) in this batch"))
+                f"{m} hold items in {n} row(s) of this batch, but dataset.json's modalities "
+                f"{list(modalities)} leave out {m!r}"))
     bad = np.flatnonzero(n_events == 0)
     found.add(EMPTY_SENTENCE, bad, lambda i: "patient has no events (n_events == 0)")
     bad = np.flatnonzero(n_events > S.MAX_EVENTS)
@@ -641,7 +641,9 @@ def _check_items(found: _Collector, cols: Mapping[str, pa.Array],
                 continue
             s, off = values[name], offsets[name]
             linked = np.flatnonzero(s != S.NO_STAY)
-            row = np.searchsorted(off, linked, side="right") - 1
+            # Few links: binary-search their rows; many: one pass over the modality is cheaper.
+            row = row_of(name)[linked] if 8 * linked.size > s.size else \
+                np.searchsorted(off, linked, side="right") - 1
             link = s[linked].astype(np.int64)
             bad = (link < 0) | (link >= n_adm[row])
             found.add_at(STAY_LINK, linked[bad], off, lambda k, s=s, off=off, name=name: (
@@ -660,8 +662,8 @@ def _check_items(found: _Collector, cols: Mapping[str, pa.Array],
             outside = (w < a[stay] // S.DAYS_PER_WEEK) | (w > d[stay] // S.DAYS_PER_WEEK)
             where = dict(zip(linked[outside].tolist(), stay[outside].tolist(), strict=True))
             found.add_at(STAY_WINDOW, linked[outside], off, lambda k, s=s, name=name, week_name=week_name, where=where: (
-                f"{name}: {_label(week_name)} {values[week_name][k]} outside its stay {s[k]} "
-                f"(days {a[where[k]]}..{d[where[k]]}, weeks "
+                f"{name} links the event at week {values[week_name][k]} ({week_name}) to stay "
+                f"{s[k]}, which spans days {a[where[k]]}..{d[where[k]]} (weeks "
                 f"[{a[where[k]] // S.DAYS_PER_WEEK}, {d[where[k]] // S.DAYS_PER_WEEK}])"))
 
     # Labs: values plausible in the lab's unit.
