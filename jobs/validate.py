@@ -4,8 +4,9 @@
     ray job submit --working-dir . -- python jobs/validate.py /data/claims --parallel
 
 Prints counts per split (patients, files, rows checked, sentences the training filter will
-drop) and exits 0 when the dataset is valid; otherwise lists the first violations, one per
-line as ``file row R (subject S): rule: message``, and exits 1.
+drop), and per trial split (participants) when the dataset has a trial part, and exits 0 when
+the dataset is valid; otherwise lists the first violations, one per line as
+``file row R (subject S): rule: message``, and exits 1.
 """
 
 from __future__ import annotations

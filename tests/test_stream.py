@@ -3,6 +3,7 @@ read, and a two-consumer streaming_split pass that sees every training patient e
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mirror.data.validate import DatasetValidationError
 from mirror.data.vocab import DIAG_AGE_VOCAB_SIZE, N_SPECIAL, age_group_at
 
 N_WEEKS = 260
+BROKEN = Path(__file__).parent / "data" / "broken"  # make_broken_corpus.py: whole records
 
 
 def write_dataset(root: Path, lengths: np.ndarray, *, files_per_split: int = 3, seed: int = 0,
@@ -42,7 +44,7 @@ def write_dataset(root: Path, lengths: np.ndarray, *, files_per_split: int = 3, 
             weeks = weeks[np.lexsort((weeks, row))]  # sorted within each patient
             birth = rng.integers(-90 * 52, 0, len(part)).astype(np.int32)
             ages = age_group_at(weeks, birth[row])
-            table = pa.table(
+            table = S.fill_missing_modalities(pa.table(
                 {
                     S.SUBJECT_ID: pa.array(part, pa.int64()),
                     S.SEX: pa.array(np.where(part % 2 == 0, -1, 1).astype(np.int8)),
@@ -54,8 +56,8 @@ def write_dataset(root: Path, lengths: np.ndarray, *, files_per_split: int = 3, 
                     S.AGE_GROUPS: pa.ListArray.from_arrays(offsets, pa.array(ages.astype(np.int8))),
                     S.WEEKS: pa.ListArray.from_arrays(offsets, pa.array(weeks.astype(np.int32))),
                 },
-                schema=S.ROW_SCHEMA,
-            )
+                schema=S.DIAGNOSIS_SCHEMA,
+            ))
             path = S.shard_path(root, split, shard)
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, path, row_group_size=64)
@@ -189,3 +191,22 @@ def test_read_split_stops_on_an_invalid_row_naming_file_row_and_rule(ray_cluster
     message = str(error.value)
     assert f"data/train/part-00001.parquet row {bad_row}" in message
     assert "week_range" in message
+
+
+def test_projected_read_validates_the_columns_it_reads(ray_cluster):
+    """A diagnosis view of whole records reads no lab column, so an implausible lab value
+    (the corpus' lab_value_range case) passes it; a view that keeps labs stops on it, naming
+    the file, row and rule."""
+    root = BROKEN / "lab_value_range"
+    expected = json.loads((root / "BROKEN.json").read_text())
+    ds, report = stream.read_split(root, S.TRAIN)
+    assert sum(b.num_rows for b in ds.iter_batches(batch_format="pyarrow")) == report.kept > 0
+    assert stream.validation.columns_to_read(S.MODEL_COLUMNS) == [
+        S.SUBJECT_ID, S.SEX, S.BIRTH_WEEK, S.ENROLL_START, S.ENROLL_END, S.N_EVENTS,
+        S.CONDITIONS, S.AGE_GROUPS, S.WEEKS]
+    ds, _ = stream.read_split(root, S.TRAIN, columns=[*S.MODEL_COLUMNS, S.LABS, S.LAB_VALUES])
+    with pytest.raises(DatasetValidationError) as error:
+        for _ in ds.iter_batches(batch_format="pyarrow"):
+            pass
+    assert (f"{expected['file']} row {expected['row']} (subject {expected['subject_id']}): "
+            f"lab_value_range: LDL (lab 0) value 2.9") in str(error.value)

@@ -19,6 +19,7 @@ import pytest
 from mirror.data import schema as S
 from mirror.data import validate as V
 from mirror.data.vocab import age_group_at
+from mirror.data.vocabularies import LABS, vocabulary_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).parent / "data" / "broken"
@@ -28,6 +29,9 @@ _spec = importlib.util.spec_from_file_location(
 corpus = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = corpus  # dataclasses look their module up
 _spec.loader.exec_module(corpus)
+_spec = importlib.util.spec_from_file_location("full_records", Path(__file__).parent / "data" / "full_records.py")
+full_records = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(full_records)
 
 
 @pytest.fixture
@@ -78,6 +82,8 @@ def test_valid_dataset_passes_with_counts(valid_dataset: Path) -> None:
     assert not report.truncated
     got = {name: (s.files, s.patients, s.rows_checked) for name, s in report.splits.items()}
     assert got == {S.TRAIN: (2, 72, 72), S.TUNING: (1, 4, 4), S.HELD_OUT: (1, 4, 4)}
+    trial = {name: (s.files, s.patients, s.rows_checked) for name, s in report.trial_splits.items()}
+    assert trial == {S.TRAIN: (1, 6, 6), S.TUNING: (1, 2, 2), S.HELD_OUT: (1, 2, 2)}
     # The long patient is valid data; the report says the training filter will drop it.
     assert report.splits[S.TRAIN].longer_than_max_words == 1
     assert sum(s.longer_than_max_words for s in report.splits.values()) == 1
@@ -88,7 +94,7 @@ def test_corpus_covers_every_rule() -> None:
     assert set(corpus.BREAKAGES) == set(V.RULES)
     assert {p.name for p in CORPUS.iterdir() if p.is_dir()} == set(V.RULES)
     size = sum(p.stat().st_size for p in CORPUS.rglob("*") if p.is_file())
-    assert size < 1_000_000
+    assert size < 1_500_000
 
 
 @pytest.mark.parametrize("rule", V.RULES)
@@ -180,6 +186,30 @@ METADATA_CASES = {
         lambda root: (root / S.DATA_DIR / "test").mkdir(),
         "unknown split directories ['test']",
     ),
+    "unknown modality": (
+        lambda r: edit_json(r, lambda m: m.update(modalities=["diagnoses", "notes"])),
+        "modalities must list each modality at most once",
+    ),
+    "record vocab size": (
+        lambda r: edit_json(r, lambda m: m["vocab"].update(procedure=300)),
+        "vocab sizes {'procedure': 300} differ from the platform's vocabularies {'procedure': 206}",
+    ),
+    "trial participants vs rows": (
+        lambda r: edit_json(r, lambda m: m["trial"]["participants"].update(tuning=3)),
+        "trial['participants']['tuning'] is 3, but trial/tuning/ holds 2 rows",
+    ),
+    "trial without baseline features": (
+        lambda r: edit_json(r, lambda m: m["trial"].pop("baseline_features")),
+        "trial['baseline_features'] must list unique, non-empty feature names",
+    ),
+    "trial part without trial": (
+        lambda r: edit_json(r, lambda m: m.update(trial={})),
+        "trial/ holds a trial part, but dataset.json's trial is empty",
+    ),
+    "trial vocabulary": (
+        lambda r: edit_json(r, lambda m: m["vocab"].pop("adverse_event")),
+        "a trial part needs the trial vocabulary sizes in vocab: missing ['adverse_event']",
+    ),
 }
 
 
@@ -221,7 +251,7 @@ def test_valid_batch_and_long_sentences_pass() -> None:
 def test_row_numbers_through_slices_and_chunks() -> None:
     rows = base_rows()
     k = next(k for k in range(12, 20) if len(set(rows[k][S.WEEKS])) > 1)
-    for name in S.EVENT_COLUMNS:  # reverse whole events: only the time order breaks
+    for name in S.MODALITY_COLUMNS["diagnoses"]:  # reverse whole events: only the time order breaks
         rows[k][name].reverse()
     broken = to_table(rows)
     (v,) = check(broken)
@@ -238,7 +268,7 @@ def test_row_numbers_through_slices_and_chunks() -> None:
 def test_sorted_times_ignores_patient_boundaries() -> None:
     """Weeks fall from one patient to the next (and across an empty one): not a violation."""
     rows = [
-        {**corpus.make_patient(np.random.default_rng(i), i, 3), S.ENROLL_START: 0, S.ENROLL_END: 519}
+        {**corpus.make_patient(np.random.default_rng(i), i, 3, full=False), S.ENROLL_START: 0, S.ENROLL_END: 519}
         for i in range(3)
     ]
     rows[0][S.WEEKS] = [400, 500, 510]
@@ -372,6 +402,14 @@ def test_cli_broken_dataset_lists_errors(tmp_path: Path) -> None:
                      f"(male) or 1 (female)" for r, s in ((0, 19), (1, 32))]
     assert "there may be more" in out.stdout
 
+    out = run_cli(str(CORPUS / V.STAY_WINDOW))
+    expected = json.loads((CORPUS / V.STAY_WINDOW / "BROKEN.json").read_text())
+    assert out.returncode == 1
+    assert (f"{expected['file']} row {expected['row']} (subject {expected['subject_id']}): stay_window: "
+            f"lab_stays links the event at week ") in out.stdout
+    trial = out.stdout.splitlines().index(next(line for line in out.stdout.splitlines() if line.startswith("trial")))
+    assert out.stdout.splitlines()[trial + 1].split() == ["train", "1", "6", "6", "0"]
+
     out = run_cli(str(tmp_path / "nowhere"))
     assert out.returncode == 1 and "metadata/dataset.json: metadata: missing" in out.stdout
 
@@ -383,3 +421,166 @@ def test_validation_error_survives_pickling_with_its_message():
     error = V.DatasetValidationError([V.Violation("f.parquet", 3, 7, "sex", "sex 0 not in {-1, 1}")])
     restored = pickle.loads(pickle.dumps(error))
     assert str(restored) == str(error) and restored.violations == error.violations
+
+
+# --- Whole records -------------------------------------------------------------------------------
+
+
+def test_whole_record_batches_pass() -> None:
+    """Random valid whole records (every modality, stays linked) give no violation, also
+    diagnosis-only and as a projected read of the diagnosis columns."""
+    table = full_records.full_record_table(3000, seed=1)
+    assert len(table[S.ADMIT_DAYS].combine_chunks().values) > 500  # stays to link to
+    assert np.asarray(table[S.LAB_STAYS].combine_chunks().values).max() >= 1
+    assert check(table, split=None, modalities=S.MODALITIES) == []
+    assert check(full_records.diagnosis_only(table), modalities=["diagnoses"]) == []
+    read = V.columns_to_read(S.MODEL_COLUMNS)
+    assert check(table.select(read), columns=read) == []
+
+
+def test_projected_read_checks_what_it_read() -> None:
+    table = full_records.full_record_table(50, seed=2)
+    rows = table.to_pylist()
+    k = next(i for i, r in enumerate(rows) if r[S.LAB_VALUES])
+    rows[k][S.LAB_VALUES][0] = float("nan")
+    rows[k + 1][S.WEEKS][-1] = corpus.N_WEEKS
+    broken = pa.Table.from_pylist(rows, schema=S.ROW_SCHEMA)
+    read = V.columns_to_read(S.MODEL_COLUMNS)
+    assert [(v.row, v.rule) for v in check(broken.select(read), columns=read)] == [(k + 1, V.WEEK_RANGE)]
+    labs = V.columns_to_read([S.LABS, S.LAB_VALUES, S.LAB_STAYS])
+    assert S.ADMIT_DAYS in labs and S.WEEKS not in labs  # stays are checked against admissions
+    (v,) = check(broken.select(labs), columns=labs)
+    assert (v.row, v.rule) == (k, V.LAB_VALUE_RANGE) and "value nan" in v.message
+    with pytest.raises(ValueError, match="must include"):
+        check(broken.select([S.SUBJECT_ID, S.WEEKS]), columns=[S.SUBJECT_ID, S.WEEKS])
+    (v,) = check(broken.select(read), columns=[*read, S.LABS])
+    assert v.rule == V.SCHEMA and "missing column 'labs'" in v.message
+
+
+def _first(rows: list[dict], test) -> int:
+    return next(i for i, r in enumerate(rows) if test(r))
+
+
+def _procedure_lengths(rows):
+    k = _first(rows, lambda r: r[S.PROCEDURES])
+    rows[k][S.PROCEDURE_WEEKS].pop()
+    n = len(rows[k][S.PROCEDURES])
+    return k, V.LIST_LENGTHS, f"procedures: {n} procedures, {n - 1} procedure_weeks, {n} procedure_stays"
+
+
+def _unsorted_procedures(rows):
+    k = _first(rows, lambda r: len(set(r[S.PROCEDURE_WEEKS])) > 1)
+    for name in S.MODALITY_COLUMNS["procedures"]:
+        rows[k][name].reverse()
+    return k, V.SORTED_TIMES, "procedure_weeks: week"
+
+
+def _medication_after_enrollment(rows):
+    k = _first(rows, lambda r: r[S.MEDICATIONS] and r[S.ENROLL_END] < corpus.N_WEEKS - 1)
+    rows[k][S.MEDICATION_END_WEEKS][-1] = rows[k][S.ENROLL_END] + 1
+    return k, V.ENROLLMENT, "medication_end_weeks: week"
+
+
+def _admission_before_enrollment(rows):
+    k = _first(rows, lambda r: r[S.ADMIT_DAYS] and r[S.ENROLL_START] > 0)
+    row = rows[k]
+    shift = row[S.ADMIT_DAYS][0] - (row[S.ENROLL_START] * 7 - 1)
+    row[S.ADMIT_DAYS][0] -= shift
+    row[S.LENGTH_OF_STAY][0] += shift  # keep the stay's length consistent: one rule
+    return k, V.ENROLLMENT, "admit_days: day"
+
+
+def _discharge_before_admit(rows):
+    k = _first(rows, lambda r: r[S.ADMIT_DAYS] and r[S.DISCHARGE_DAYS][0] > r[S.ADMIT_DAYS][0])
+    row = rows[k]
+    row[S.ADMIT_DAYS][0], row[S.DISCHARGE_DAYS][0] = row[S.DISCHARGE_DAYS][0], row[S.ADMIT_DAYS][0]
+    return k, V.ADMISSION_ORDER, "stay 0: discharge day"
+
+
+def _negative_length_of_stay(rows):
+    k = _first(rows, lambda r: r[S.ADMIT_DAYS])
+    rows[k][S.LENGTH_OF_STAY][0] = -0.5
+    return k, V.LENGTH_OF_STAY, "not a finite number >= 0"
+
+
+def _stay_below_no_stay(rows):
+    k = _first(rows, lambda r: r[S.MEDICATIONS])
+    rows[k][S.MEDICATION_STAYS][0] = -2
+    return k, V.STAY_LINK, "medication_stays: stay -2"
+
+
+def _linked_week_out_of_range(rows):
+    """A linked diagnosis at week n_weeks: only week_range (not its stay, order, age or
+    enrollment)."""
+    k = _first(rows, lambda r: max(r[S.CONDITION_STAYS]) >= 0)
+    row = rows[k]
+    row[S.WEEKS][row[S.CONDITION_STAYS].index(0)] = corpus.N_WEEKS
+    return k, V.WEEK_RANGE, f"week {corpus.N_WEEKS} outside"
+
+
+def _lab_outside_vocabulary(rows):
+    """An unknown lab id: only vocab_range (its plausible range is unknown)."""
+    k = _first(rows, lambda r: r[S.LABS])
+    rows[k][S.LABS][0] = len(LABS)
+    return k, V.VOCAB_RANGE, f"lab id {len(LABS)} outside [0, {len(LABS)})"
+
+
+def _medication_outside_vocabulary(rows):
+    k = _first(rows, lambda r: r[S.MEDICATIONS])
+    rows[k][S.MEDICATIONS][-1] = -1
+    return k, V.VOCAB_RANGE, f"medication id -1 outside [0, {vocabulary_sizes()[S.MEDICATION]})"
+
+
+WHOLE_RECORD_CASES = {f.__name__.strip("_"): f for f in (
+    _procedure_lengths, _unsorted_procedures, _medication_after_enrollment,
+    _admission_before_enrollment, _discharge_before_admit, _negative_length_of_stay,
+    _stay_below_no_stay, _linked_week_out_of_range, _lab_outside_vocabulary,
+    _medication_outside_vocabulary,
+)}
+
+
+@pytest.mark.parametrize("case", WHOLE_RECORD_CASES)
+def test_whole_record_rule(case: str) -> None:
+    """One breakage in a valid whole-record batch gives exactly one violation, at its row."""
+    rows = full_records.full_record_table(60, seed=3).to_pylist()
+    k, rule, message = WHOLE_RECORD_CASES[case](rows)
+    found = check(pa.Table.from_pylist(rows, schema=S.ROW_SCHEMA), first_row=100)
+    assert [(v.row, v.subject_id, v.rule) for v in found] == [(100 + k, rows[k][S.SUBJECT_ID], rule)], found
+    assert message in found[0].message
+
+
+def test_unlisted_modality_counts_rows() -> None:
+    table = full_records.full_record_table(200, seed=4)
+    with_labs = np.flatnonzero(np.diff(np.asarray(table[S.LABS].combine_chunks().offsets)) > 0)
+    (v,) = check(table, modalities=["diagnoses", "procedures", "medications", "admissions"])
+    assert (v.row, v.rule) == (with_labs[0], V.UNLISTED_MODALITY)
+    assert f"labs hold items in {len(with_labs)} row(s) of this batch" in v.message
+    assert "leave out 'labs'" in v.message
+
+
+def test_age_group_arithmetic_matches_the_vocabulary() -> None:
+    """check_table's integer age group equals vocab.age_group_at wherever either is a valid
+    group (so the age_consistency verdict is the same)."""
+    weeks = np.arange(-40_000, 40_000)
+    exact, vocab = V._age_group(weeks, np.zeros_like(weeks)), age_group_at(weeks, 0)
+    in_range = (vocab >= 0) & (vocab < 24)
+    assert np.array_equal(exact[in_range], vocab[in_range])
+    assert not ((exact >= 0) & (exact < 24) & ~in_range).any()
+
+
+def test_trial_table_rules() -> None:
+    rows = copy.deepcopy(corpus.BASE.trial[S.TRAIN])
+    table = pa.Table.from_pylist(rows, schema=S.TRIAL_SCHEMA)
+    assert V.check_trial_table(table, file="t.parquet", split=S.TRAIN, baseline_width=3) == []
+    rows[1][S.VISIT_ADVERSE_EVENTS].pop()
+    rows[2][S.VISIT_TREATMENTS][0] = [99]
+    rows[4][S.END_DAY] = rows[4][S.ENROLL_DAY] - 1
+    found = V.check_trial_table(pa.Table.from_pylist(rows, schema=S.TRIAL_SCHEMA), file="t.parquet")
+    assert [(v.row, v.rule) for v in found] == [(1, V.LIST_LENGTHS), (4, V.TRIAL_VISITS)]
+    assert "visits: " in found[0].message and "after end_day" in found[1].message
+    rows[1][S.VISIT_ADVERSE_EVENTS].append([])
+    rows[4][S.END_DAY] = rows[4][S.ENROLL_DAY] + 180
+    (v,) = V.check_trial_table(pa.Table.from_pylist(rows, schema=S.TRIAL_SCHEMA), file="t.parquet")
+    assert (v.row, v.rule) == (2, V.VOCAB_RANGE) and "visit_treatments: trial_treatment id 99" in v.message
+    (v,) = V.check_trial_table(table.drop_columns([S.ARM]), file="t.parquet")
+    assert v.rule == V.SCHEMA and "missing column 'arm'" in v.message

@@ -3,7 +3,9 @@
     .venv/bin/python tests/data/make_broken_corpus.py [OUT_DIR]
 
 Every ``broken/<rule>/`` directory is the same valid base dataset (:func:`base`, 80 patients
-in three splits, train in two shards) with one breakage from ``BREAKAGES`` applied, plus a
+in three splits, train in two shards, each a small whole record: diagnoses, procedures,
+medications, labs and admissions with stays; and a 10-participant trial part) with one
+breakage from ``BREAKAGES`` applied, plus a
 ``BROKEN.json`` naming the rule and the file, row and subject where the validator must report
 it. ``tests/test_validate.py`` uses :func:`base` as its valid dataset and checks that the
 corpus covers every rule in ``mirror.data.validate.RULES``. Deterministic: rerunning it
@@ -34,6 +36,7 @@ from mirror.data.vocab import (
     WEEKS_PER_YEAR,
     age_group_at,
 )
+from mirror.data.vocabularies import LABS, SIMULATED_LABS, vocabulary_sizes
 
 OUT_DIR = Path(__file__).parent / "broken"
 N_PATIENTS = 80  # ids 0..79: 72 train, 4 tuning, 4 held_out
@@ -41,6 +44,11 @@ N_WEEKS = 520
 TRAIN_SHARDS = 2
 LONG_PATIENT = 5  # MAX_WORDS + 20 events: valid data that the training filter drops
 Row = dict  # one patient: ROW_SCHEMA column -> value (n_events derived when written)
+SIZES = vocabulary_sizes()
+MODALITIES = list(S.MODALITIES)
+TRIAL = {"participants": None, "baseline_features": ["age_years", "ecog", "tumour_size_mm"],
+         "arms": ["AC-T", "AC-TH"], "indication": "breast cancer"}  # participants: derived
+TRIAL_PER_SPLIT = {S.TRAIN: 6, S.TUNING: 2, S.HELD_OUT: 2}
 
 
 @dataclass
@@ -49,6 +57,7 @@ class Corpus:
 
     shards: dict[str, list[list[Row]]]  # split -> shard -> patients in id order
     codes: list[dict]
+    trial: dict[str, list[Row]] = field(default_factory=dict)  # split -> participants (one shard)
     file_schemas: dict[str, pa.Schema] = field(default_factory=dict)  # relpath -> override
     raw_files: dict[str, bytes] = field(default_factory=dict)  # relpath -> bytes written as is
     metadata_patch: dict = field(default_factory=dict)  # applied over the derived dataset.json
@@ -62,18 +71,28 @@ class Corpus:
                         return shard_name(split, i), r, row
         raise KeyError(subject_id)
 
+    def first_with(self, test: Callable[[Row], bool], after: int = 0) -> tuple[str, int, Row]:
+        """(shard path, row, row) of the first patient with id >= ``after`` passing ``test``."""
+        for split, shards in self.shards.items():
+            for i, rows in enumerate(shards):
+                for r, row in enumerate(rows):
+                    if row[S.SUBJECT_ID] >= after and test(row):
+                        return shard_name(split, i), r, row
+        raise KeyError("no such patient in the base")
+
 
 def shard_name(split: str, index: int) -> str:
     return S.shard_path("", split, index).as_posix()
 
 
-def make_patient(rng: np.random.Generator, subject_id: int, n_events: int) -> Row:
-    """A valid patient: events sorted in time, inside enrollment, ages from the birth week."""
+def make_patient(rng: np.random.Generator, subject_id: int, n_events: int, *, full: bool = True) -> Row:
+    """A valid patient: events sorted in time, inside enrollment, ages from the birth week;
+    with ``full``, the whole record (:func:`add_record`), else diagnoses only."""
     birth = int(rng.integers(-80 * 52, -52))
     start = int(rng.integers(0, 200))
     end = int(rng.integers(start + 100, N_WEEKS))
     weeks = np.sort(rng.integers(start, end + 1, n_events))
-    return {
+    row = {
         S.SUBJECT_ID: subject_id,
         S.SEX: int(rng.choice([-1, 1])),
         S.BIRTH_WEEK: birth,
@@ -82,6 +101,77 @@ def make_patient(rng: np.random.Generator, subject_id: int, n_events: int) -> Ro
         S.CONDITIONS: rng.integers(0, N_CONDITIONS, n_events).tolist(),
         S.AGE_GROUPS: age_group_at(weeks, birth).tolist(),
         S.WEEKS: weeks.tolist(),
+    }
+    return add_record(rng, row) if full else row
+
+
+def _stay_of(week: int, spans: list[tuple[int, int]]) -> int:
+    return next((i for i, (lo, hi) in enumerate(spans) if lo <= week <= hi), S.NO_STAY)
+
+
+def add_record(rng: np.random.Generator, row: Row) -> Row:
+    """``row`` (diagnoses) with a small valid rest of the record: 0-2 admissions in separate
+    halves of the enrollment window (the first diagnosis moved into the first stay), a few
+    procedures, medications and labs, and every event linked to the stay its week is in."""
+    start, end = row[S.ENROLL_START], row[S.ENROLL_END]
+    n_adm = int(rng.integers(0, 3))
+    slot = (end - start + 1) * S.DAYS_PER_WEEK // max(n_adm, 1)
+    admit = [start * S.DAYS_PER_WEEK + i * slot + int(rng.integers(0, 20)) for i in range(n_adm)]
+    discharge = [a + int(rng.integers(0, 9)) for a in admit]
+    los = [max(d - a + round(float(rng.uniform(-0.4, 0.4)), 2), 0.0) for a, d in zip(admit, discharge, strict=True)]
+    spans = [(a // S.DAYS_PER_WEEK, d // S.DAYS_PER_WEEK) for a, d in zip(admit, discharge, strict=True)]
+    if spans and row[S.WEEKS]:
+        weeks = sorted([spans[0][0], *row[S.WEEKS][1:]])
+        row[S.WEEKS] = weeks
+        row[S.AGE_GROUPS] = age_group_at(np.array(weeks), row[S.BIRTH_WEEK]).tolist()
+
+    def weeks(n: int) -> list[int]:
+        w = rng.integers(start, end + 1, n).tolist()
+        if spans and n:
+            w[0] = spans[-1][1]  # one event in the last stay
+        return sorted(w)
+
+    procedure_weeks, medication_starts, lab_weeks = weeks(int(rng.integers(0, 4))), \
+        weeks(int(rng.integers(0, 4))), weeks(int(rng.integers(0, 5)))
+    lab_ids = rng.integers(0, len(SIMULATED_LABS), len(lab_weeks)).tolist()
+    return row | {
+        S.CONDITION_STAYS: [_stay_of(w, spans) for w in row[S.WEEKS]],
+        S.PROCEDURES: rng.integers(0, SIZES[S.PROCEDURE], len(procedure_weeks)).tolist(),
+        S.PROCEDURE_WEEKS: procedure_weeks,
+        S.PROCEDURE_STAYS: [_stay_of(w, spans) for w in procedure_weeks],
+        S.MEDICATIONS: rng.integers(0, SIZES[S.MEDICATION], len(medication_starts)).tolist(),
+        S.MEDICATION_START_WEEKS: medication_starts,
+        S.MEDICATION_END_WEEKS: [min(w + int(rng.integers(0, 12)), end) for w in medication_starts],
+        S.MEDICATION_STAYS: [_stay_of(w, spans) for w in medication_starts],
+        S.LABS: lab_ids,
+        S.LAB_WEEKS: lab_weeks,
+        S.LAB_VALUES: [round(LABS[i].typical * float(rng.uniform(0.8, 1.25)), 1) for i in lab_ids],
+        S.LAB_STAYS: [_stay_of(w, spans) for w in lab_weeks],
+        S.ADMIT_DAYS: admit,
+        S.DISCHARGE_DAYS: discharge,
+        S.LENGTH_OF_STAY: los,
+    }
+
+
+def make_participant(rng: np.random.Generator, subject_id: int) -> Row:
+    """A valid trial participant: 3-4 visits inside [enroll_day, end_day]."""
+    enroll = int(rng.integers(1000, 2000))
+    visits = np.sort(rng.choice(np.arange(enroll, enroll + 180, 7), int(rng.integers(3, 5)), replace=False))
+
+    def ids(vocabulary: str, most: int) -> list[list[int]]:
+        return [rng.integers(0, SIZES[vocabulary], int(rng.integers(0, most + 1))).tolist() for _ in visits]
+
+    return {
+        S.SUBJECT_ID: subject_id,
+        S.ARM: subject_id % 2,
+        S.ENROLL_DAY: enroll,
+        S.END_DAY: enroll + 180,
+        S.BASELINE: [round(float(x), 1) for x in rng.uniform(0, 60, len(TRIAL["baseline_features"]))],
+        S.VISIT_DAYS: visits.tolist(),
+        S.VISIT_TREATMENTS: ids(S.TRIAL_TREATMENT, 2),
+        S.VISIT_MEDICATIONS: ids(S.TRIAL_MEDICATION, 2),
+        S.VISIT_ADVERSE_EVENTS: ids(S.ADVERSE_EVENT, 2),
+        S.SEVERE_OUTCOME: bool(subject_id % 3 == 0),
     }
 
 
@@ -98,12 +188,15 @@ def base() -> Corpus:
         mine = [p for p, c in zip(patients, codes, strict=True) if c == code]
         n = TRAIN_SHARDS if split == S.TRAIN else 1
         shards[split] = [list(part) for part in np.array_split(np.array(mine, dtype=object), n)]
-    condition_codes = [
-        {"modality": S.CONDITION, "id": i, "code": f"C{i:03d}", "name": f"condition {i}",
-         "parent_code": None, "unit": None, "severe": None}
-        for i in range(N_CONDITIONS)
+    trial = {split: [make_participant(rng, int(i)) for i in ids[codes == SPLIT_CODES[split]][:n]]
+             for split, n in TRIAL_PER_SPLIT.items()}
+    codes = [
+        {"modality": modality, "id": i, "code": f"{modality[0].upper()}{i:03d}", "name": f"{modality} {i}",
+         "parent_code": None, "unit": LABS[i].unit if modality == S.LAB else None,
+         "severe": (i % 5 == 0) if modality == S.ADVERSE_EVENT else None}
+        for modality in S.VOCABULARIES for i in range(SIZES[modality])
     ]
-    return Corpus(shards, condition_codes)
+    return Corpus(shards, codes, trial)
 
 
 def derived_metadata(corpus: Corpus) -> dict:
@@ -114,12 +207,15 @@ def derived_metadata(corpus: Corpus) -> dict:
         patients[split] = len(rows)
         lengths = Counter(len(row[S.CONDITIONS]) for row in rows)
         histogram[split] = {str(k): v for k, v in sorted(lengths.items())}
+    trial = TRIAL | {"participants": {split: len(rows) for split, rows in corpus.trial.items()}}
     meta = S.DatasetMetadata(
         name="broken-corpus-base",
         origin_date="2010-01-04",
         n_weeks=N_WEEKS,
         patients=patients,
-        vocab={"diag_age": DIAG_AGE_VOCAB_SIZE, "week": N_SPECIAL + N_WEEKS},
+        modalities=MODALITIES,
+        trial=trial,
+        vocab={"diag_age": DIAG_AGE_VOCAB_SIZE, "week": N_SPECIAL + N_WEEKS} | SIZES,
         provenance={"source": "tests/data/make_broken_corpus.py", "seed": 0},
         length_histogram=histogram,
         created_at="2024-01-01T00:00:00+00:00",
@@ -149,12 +245,17 @@ def complete_row(row: Row) -> Row:
     return filled | row
 
 
+# Tiny files: no statistics and no embedded Arrow schema (Parquet's own types give back the
+# same Arrow types), which halves a 24-column shard of four patients.
+SMALL = {"write_statistics": False, "store_schema": False}
+
+
 def write(corpus: Corpus, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     meta = derived_metadata(corpus) | corpus.metadata_patch
     (root / S.DATASET_JSON).parent.mkdir(parents=True, exist_ok=True)
     (root / S.DATASET_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    pq.write_table(codes_table(corpus.codes), root / S.CODES_PARQUET, compression="zstd")
+    pq.write_table(codes_table(corpus.codes), root / S.CODES_PARQUET, **SMALL, compression="zstd")
     for split, shards in corpus.shards.items():
         for i, rows in enumerate(shards):
             name = shard_name(split, i)
@@ -162,7 +263,12 @@ def write(corpus: Corpus, root: Path) -> None:
             rows = [complete_row(row) for row in rows]
             table = pa.Table.from_pylist(rows, schema=corpus.file_schemas.get(name, S.ROW_SCHEMA))
             (root / name).parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, root / name, compression="zstd")
+            pq.write_table(table, root / name, **SMALL, compression="none")
+    for split, rows in corpus.trial.items():
+        name = S.trial_shard_path("", split, 0).as_posix()
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=S.TRIAL_SCHEMA), root / name, **SMALL,
+                       compression="none")
     for name, data in corpus.raw_files.items():
         (root / name).write_bytes(data)
 
@@ -240,7 +346,7 @@ def _list_lengths(c: Corpus) -> Expected:
 
 def _empty_sentence(c: Corpus) -> Expected:
     row, expected = _at(c, 21, "no events")
-    for name in S.EVENT_COLUMNS:
+    for name in S.MODALITY_COLUMNS["diagnoses"]:
         row[name] = []
     return expected
 
@@ -275,7 +381,7 @@ def _week_range(c: Corpus) -> Expected:
 def _sorted_times(c: Corpus) -> Expected:
     row, expected = _at(c, LONG_PATIENT, "two events swapped")
     k = next(k for k in range(len(row[S.WEEKS]) - 1) if row[S.WEEKS][k] < row[S.WEEKS][k + 1])
-    for name in S.EVENT_COLUMNS:  # swap whole events: ages stay consistent
+    for name in S.MODALITY_COLUMNS["diagnoses"]:  # swap whole events: ages stay consistent
         row[name][k], row[name][k + 1] = row[name][k + 1], row[name][k]
     return expected
 
@@ -289,6 +395,87 @@ def _age_consistency(c: Corpus) -> Expected:
 def _enrollment(c: Corpus) -> Expected:
     row, expected = _at(c, LONG_PATIENT, "enrollment starts after the first event")
     row[S.ENROLL_START] = row[S.WEEKS][0] + 1
+    return expected
+
+
+def _found(c: Corpus, column: str, what: str, n: int = 1, after: int = 0,
+           test: Callable[[Row], bool] = lambda row: True) -> tuple[Row, Expected]:
+    """The first patient (id >= ``after``) with ``n`` items in ``column`` (and passing
+    ``test``), and where to report it."""
+    file, index, row = c.first_with(lambda row: len(row[column]) >= n and test(row), after)
+    return row, {"file": file, "row": index, "subject_id": row[S.SUBJECT_ID], "what": what}
+
+
+def _trial_at(c: Corpus, split: str, index: int, what: str) -> tuple[Row, Expected]:
+    row = c.trial[split][index]
+    return row, {"file": S.trial_shard_path("", split, 0).as_posix(), "row": index,
+                 "subject_id": row[S.SUBJECT_ID], "what": what}
+
+
+def _unlisted_modality(c: Corpus) -> Expected:
+    c.metadata_patch = {"modalities": [m for m in MODALITIES if m != "labs"]}
+    return _found(c, S.LABS, "dataset.json's modalities leave out labs, which rows hold")[1]
+
+
+def _vocab_range(c: Corpus) -> Expected:
+    row, expected = _found(c, S.PROCEDURES, f"procedure id {SIZES[S.PROCEDURE]}", after=30)
+    row[S.PROCEDURES][0] = SIZES[S.PROCEDURE]
+    return expected
+
+
+def _medication_period(c: Corpus) -> Expected:
+    row, expected = _found(c, S.MEDICATIONS, "a medication ending the week before it starts", after=30)
+    row[S.MEDICATION_END_WEEKS][0] = row[S.MEDICATION_START_WEEKS][0] - 1
+    return expected
+
+
+def _admission_order(c: Corpus) -> Expected:
+    row, expected = _found(c, S.ADMIT_DAYS, "the second stay admitted a day before the first's discharge", n=2)
+    row[S.ADMIT_DAYS][1] = row[S.DISCHARGE_DAYS][0] - 1
+    row[S.LENGTH_OF_STAY][1] = float(row[S.DISCHARGE_DAYS][1] - row[S.ADMIT_DAYS][1])
+    return expected
+
+
+def _length_of_stay(c: Corpus) -> Expected:
+    row, expected = _found(c, S.ADMIT_DAYS, "length_of_stay 3 days longer than discharge - admit", after=30)
+    row[S.LENGTH_OF_STAY][0] += 3
+    return expected
+
+
+def _stay_link(c: Corpus) -> Expected:
+    row, expected = _found(c, S.ADMIT_DAYS, "a diagnosis linked to an admission one past the last")
+    row[S.CONDITION_STAYS][-1] = len(row[S.ADMIT_DAYS])
+    return expected
+
+
+def _stay_window(c: Corpus) -> Expected:
+    row, expected = _found(c, S.ADMIT_DAYS, "a lab linked to a stay months away", n=2, after=10,
+                           test=lambda row: 1 in row[S.LAB_STAYS])
+    row[S.LAB_STAYS][row[S.LAB_STAYS].index(1)] = 0  # its week is in stay 1, months after stay 0
+    return expected
+
+
+def _lab_value_range(c: Corpus) -> Expected:
+    row, expected = _found(c, S.LABS, "LDL 2.9: mmol/L where mg/dL is the unit", after=40)
+    row[S.LABS][0], row[S.LAB_VALUES][0] = 0, 2.9
+    return expected
+
+
+def _trial_arm(c: Corpus) -> Expected:
+    row, expected = _trial_at(c, S.TRAIN, 3, "arm 2")
+    row[S.ARM] = 2
+    return expected
+
+
+def _trial_baseline(c: Corpus) -> Expected:
+    row, expected = _trial_at(c, S.HELD_OUT, 1, "baseline one value short")
+    row[S.BASELINE].pop()
+    return expected
+
+
+def _trial_visits(c: Corpus) -> Expected:
+    row, expected = _trial_at(c, S.TUNING, 0, "last visit the day after end_day")
+    row[S.VISIT_DAYS][-1] = row[S.END_DAY] + 1
     return expected
 
 
@@ -310,6 +497,17 @@ BREAKAGES: dict[str, Callable[[Corpus], Expected]] = {
     "sorted_times": _sorted_times,
     "age_consistency": _age_consistency,
     "enrollment": _enrollment,
+    "unlisted_modality": _unlisted_modality,
+    "vocab_range": _vocab_range,
+    "medication_period": _medication_period,
+    "admission_order": _admission_order,
+    "length_of_stay": _length_of_stay,
+    "stay_link": _stay_link,
+    "stay_window": _stay_window,
+    "lab_value_range": _lab_value_range,
+    "trial_arm": _trial_arm,
+    "trial_baseline": _trial_baseline,
+    "trial_visits": _trial_visits,
 }
 
 

@@ -21,7 +21,9 @@ Data flow (data-formats.md section 6)::
   position in its file, so validation errors name the exact file row.
 * Validation (``mirror.data.validate.check_table``) and the length filter run inside the read
   tasks: the training process only slices batches and collates them. A violation stops the
-  job with :class:`DatasetValidationError` naming file, row and rule.
+  job with :class:`DatasetValidationError` naming file, row and rule. Each file's whole schema
+  is checked from its footer; the rows are checked on the columns read (the view's, plus the
+  per-patient ones, ``validation.columns_to_read``), so a diagnosis view never decodes labs.
 * The length filter (seed 000: 1-100 words) is counted up front, exactly, from the length
   histogram in ``dataset.json``: :class:`FilterReport` says how many patients were kept and
   how many dropped, before any data is read, so it can be logged with the run.
@@ -215,6 +217,8 @@ class _ReadRowGroups:
         *,
         split: str,
         n_weeks: int,
+        vocab: dict[str, int],
+        modalities: list[str],
         read_columns: list[str],
         columns: list[str],
         min_words: int,
@@ -223,6 +227,7 @@ class _ReadRowGroups:
         batch_rows: int,
     ) -> None:
         self.split, self.n_weeks, self.validate = split, n_weeks, validate
+        self.vocab, self.modalities = vocab, modalities
         self.read_columns, self.columns = read_columns, columns
         self.min_words, self.max_words, self.batch_rows = min_words, max_words, batch_rows
 
@@ -249,7 +254,8 @@ class _ReadRowGroups:
                 if self.validate:
                     found = validation.check_table(
                         batch, n_weeks=self.n_weeks, file=file, first_row=first_row,
-                        split=self.split, previous_subject_id=previous_subject,
+                        split=self.split, previous_subject_id=previous_subject, vocab=self.vocab,
+                        modalities=self.modalities, columns=self.read_columns,
                     )
                     if found:
                         raise validation.DatasetValidationError(found)
@@ -292,7 +298,8 @@ def read_split(
 
     Rows keep ``columns`` (default ``schema.MODEL_COLUMNS``, what collate needs) and
     ``min_words <= n_events <= max_words``. With ``validate`` every row is checked against
-    the dataset rules as it is read (``validation.check_table``); the first violation raises
+    the dataset rules on the columns read (``validation.check_table``; the other modalities
+    are left to ``jobs/validate.py``) as it is read; the first violation raises
     ``DatasetValidationError`` naming file, row and rule. ``shuffle_files`` randomises the
     order of row groups on every execution (epoch); ``shuffle_seed`` makes that sequence of
     orders reproducible. ``read_cpus`` and ``rows_per_read_task`` size the read tasks (the
@@ -315,9 +322,10 @@ def read_split(
     unknown = sorted(set(columns) - set(schema.ROW_SCHEMA.names))
     if unknown:
         raise ValueError(f"columns: unknown {unknown}; valid columns are {schema.ROW_SCHEMA.names}")
-    # Validation needs every column; otherwise read only what is kept (plus n_events to filter).
+    # Read what is kept, plus n_events to filter; validation adds the per-patient columns its
+    # rules on the kept columns need, and checks what was read (other modalities stay unread).
     if validate:
-        read_columns = list(schema.ROW_SCHEMA.names)
+        read_columns = validation.columns_to_read(columns)
     else:
         read_columns = [c for c in schema.ROW_SCHEMA.names if c in columns or c == schema.N_EVENTS]
 
@@ -329,7 +337,8 @@ def read_split(
             seed = ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         dataset = dataset.randomize_block_order(seed=seed)
     read = _ReadRowGroups(
-        split=split, n_weeks=metadata.n_weeks, read_columns=read_columns, columns=columns,
+        split=split, n_weeks=metadata.n_weeks, vocab=metadata.vocab, modalities=metadata.modalities,
+        read_columns=read_columns, columns=columns,
         min_words=min_words, max_words=max_words, validate=validate,
         batch_rows=READ_BATCH_ROWS,
     )

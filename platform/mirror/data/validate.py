@@ -5,21 +5,28 @@ Two entry points share one implementation:
 * :func:`check_table` checks one in-memory batch of rows. It is pure and vectorised over Arrow
   list offsets and flat numpy values (no Python loop per row or token), so readers call it on
   every batch on the training hot path and raise :class:`DatasetValidationError` on the first
-  violation.
+  violation. A projected read passes ``columns`` (what it read, see :func:`columns_to_read`):
+  the rules on those columns run, the others are skipped.
 * :func:`validate_dataset` checks a whole dataset directory (``jobs/validate.py``), streaming
-  file by file and batch by batch, optionally with one Ray task per file.
+  file by file and batch by batch, optionally with one Ray task per file; the trial part
+  (``trial/<split>/``) is checked the same way by :func:`check_trial_table`.
 
 A reader, per batch::
 
-    if found := check_table(batch, n_weeks=meta.n_weeks, file=path, first_row=row, split=split):
+    if found := check_table(batch, n_weeks=meta.n_weeks, file=path, first_row=row, split=split,
+                            vocab=meta.vocab, modalities=meta.modalities):
         raise DatasetValidationError(found)
 
 Rules (the closed set ``RULES``; every :class:`Violation` names one):
 
 ``metadata``         ``metadata/dataset.json`` is readable JSON with ``schema_version`` 2, all
                      required fields of the right types and no unknown ones; vocabulary sizes
-                     match; per-split patient counts and length histograms add up and match
-                     the rows and ``n_events`` actually found in ``data/<split>/``.
+                     match (the record's vocabularies, when listed, are the platform's);
+                     ``modalities`` is a subset of ``schema.MODALITIES``; per-split patient
+                     counts and length histograms add up and match the rows and ``n_events``
+                     actually found in ``data/<split>/``. With a trial part, ``trial`` holds
+                     ``participants`` per split (matching the rows in ``trial/<split>/``) and
+                     ``baseline_features``, and ``vocab`` sizes the trial vocabularies.
 ``codes``            ``metadata/codes.parquet`` has ``schema.CODES_SCHEMA``, no nulls in its
                      required columns, known modalities, and per modality ids ``0..size-1``
                      once each with unique, non-empty codes; conditions are exactly the 605;
@@ -27,37 +34,72 @@ Rules (the closed set ``RULES``; every :class:`Violation` names one):
 ``encoding``         every text value in ``metadata/codes.parquet`` is valid UTF-8 (Parquet
                      readers do not check it unless asked to; exports copy the file as is).
 ``unreadable``       a shard cannot be opened or decoded as Parquet.
-``schema``           shard columns are exactly ``schema.ROW_SCHEMA`` (no missing or unknown
-                     columns, exact Arrow dtypes) and hold no nulls, also inside lists.
+``schema``           shard columns are exactly ``schema.ROW_SCHEMA`` (``TRIAL_SCHEMA`` under
+                     ``trial/``): no missing or unknown columns, exact Arrow dtypes, and no
+                     nulls, also inside (nested) lists.
 ``subject_order``    subject ids strictly increase within a file and across a split's files in
                      path order; with dense ids this gives global uniqueness in O(1) memory.
 ``split``            each subject sits in the split ``splits.split_codes`` assigns (which also
-                     needs ids >= 0).
+                     needs ids >= 0); trial participants too.
 ``sex``              sex is -1 (male) or 1 (female).
-``list_lengths``     ``conditions``, ``age_groups`` and ``weeks`` all have ``n_events`` items.
+``list_lengths``     the lists of each modality are parallel: ``conditions``, ``age_groups``,
+                     ``weeks`` and ``condition_stays`` have ``n_events`` items; every other
+                     modality's lists as many as its first (``procedures``, ``medications``,
+                     ``labs``, ``admit_days``); a trial's per-visit lists as many as
+                     ``visit_days``. The message names the modality.
+``unlisted_modality`` a modality missing from ``dataset.json``'s ``modalities`` holds items; one
+                     violation per batch and modality, at its first such row, with the count
+                     of such rows in the batch.
 ``empty_sentence``   ``n_events == 0``: a patient without a word cannot be trained on.
 ``over_long``        ``n_events > schema.MAX_EVENTS``, the hard validity cap. Sentences longer
                      than ``schema.MAX_WORDS`` are valid: the training filter drops and counts
                      them (``ValidationReport`` reports how many).
 ``condition_range``  condition ids lie in ``[0, vocab.N_CONDITIONS)``.
 ``age_group_range``  age groups lie in ``[0, vocab.N_AGE_GROUPS)``.
-``week_range``       event weeks lie in ``[0, n_weeks)`` (``n_weeks`` from ``dataset.json``).
-``sorted_times``     weeks are non-decreasing within a patient.
+``vocab_range``      procedure, medication and lab ids (and a trial's treatment, medication
+                     and adverse-event ids) lie in ``[0, size)``, sizes from ``dataset.json``'s
+                     ``vocab`` (the platform's vocabularies when not listed).
+``week_range``       every modality's weeks lie in ``[0, n_weeks)`` (``n_weeks`` from
+                     ``dataset.json``), admission days in ``[0, 7 * n_weeks)``.
+``sorted_times``     weeks (``weeks``, ``procedure_weeks``, ``medication_start_weeks``,
+                     ``lab_weeks``) are non-decreasing within a patient; the message names the
+                     column.
+``medication_period`` a medication's end week is not before its start week.
 ``age_consistency``  the age group of each event equals ``vocab.age_group_at(week, birth_week)``
                      and no event precedes birth.
-``enrollment``       ``enroll_start <= enroll_end``, both within ``[0, n_weeks)``, and every
-                     event week inside ``[enroll_start, enroll_end]``.
+``enrollment``       ``enroll_start <= enroll_end``, both within ``[0, n_weeks)``; every event
+                     week (and medication start) inside ``[enroll_start, enroll_end]``, every
+                     medication end week ``<= enroll_end``, every admission and discharge day
+                     inside the window in days, ``[7 * enroll_start, 7 * enroll_end + 6]``.
+``admission_order``  a stay's discharge day is not before its admit day, and stays do not
+                     overlap: each admission is on or after the previous stay's discharge (so
+                     admissions are sorted).
+``length_of_stay``   ``length_of_stay`` is finite, ``>= 0`` and within a day of
+                     ``discharge_day - admit_day``.
+``stay_link``        each ``*_stays`` value is ``schema.NO_STAY`` or an index into the patient's
+                     admissions.
+``stay_window``      an event linked to a stay lies inside it: its week (a medication's start
+                     week) within ``[admit_day // 7, discharge_day // 7]`` of that stay.
+``lab_value_range``  lab values are finite and inside the lab's plausible ``[low, high]`` in
+                     its unit (``vocabularies.LABS``): a value in the wrong unit fails here.
+``trial_arm``        a trial participant's arm is 0 (control) or 1 (treatment).
+``trial_baseline``   every participant's ``baseline`` has one value per
+                     ``trial["baseline_features"]``.
+``trial_visits``     ``enroll_day <= end_day``, visit days strictly increase and lie inside
+                     ``[enroll_day, end_day]`` ("trial visits inside enrollment").
 
 One root cause gives one rule: the cross-column event rules (``age_consistency``,
-``enrollment``) skip events whose week or age group already failed its range rule, and a batch
-whose lists disagree in length (``list_lengths``) gets no per-event checks at all.
+``enrollment``, ``sorted_times``, ``medication_period``, ``admission_order``, ``stay_window``,
+the ``length_of_stay`` comparison, ``lab_value_range``) skip items whose week, day, id or link
+already failed its own rule, and a batch whose lists disagree in length (``list_lengths``) gets
+no per-item checks at all.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -69,13 +111,15 @@ import pyarrow.parquet as pq
 from mirror.data import schema as S
 from mirror.data.splits import SPLIT_CODES, split_codes
 from mirror.data.vocab import (
+    AGE_GROUP_YEARS,
     DIAG_AGE_VOCAB_SIZE,
     N_AGE_GROUPS,
     N_CONDITIONS,
     N_SPECIAL,
     WEEKS_PER_YEAR,
-    age_group_at,
 )
+from mirror.data.vocabularies import LABS as LAB_VOCABULARY
+from mirror.data.vocabularies import vocabulary_sizes
 
 METADATA = "metadata"
 CODES = "codes"
@@ -85,25 +129,56 @@ SUBJECT_ORDER = "subject_order"
 SPLIT = "split"
 SEX = "sex"
 LIST_LENGTHS = "list_lengths"
+UNLISTED_MODALITY = "unlisted_modality"
 EMPTY_SENTENCE = "empty_sentence"
 OVER_LONG = "over_long"
 CONDITION_RANGE = "condition_range"
 AGE_GROUP_RANGE = "age_group_range"
+VOCAB_RANGE = "vocab_range"
 WEEK_RANGE = "week_range"
 SORTED_TIMES = "sorted_times"
+MEDICATION_PERIOD = "medication_period"
 AGE_CONSISTENCY = "age_consistency"
 ENROLLMENT = "enrollment"
+ADMISSION_ORDER = "admission_order"
+LENGTH_OF_STAY = "length_of_stay"
+STAY_LINK = "stay_link"
+STAY_WINDOW = "stay_window"
+LAB_VALUE_RANGE = "lab_value_range"
+TRIAL_ARM = "trial_arm"
+TRIAL_BASELINE = "trial_baseline"
+TRIAL_VISITS = "trial_visits"
 ENCODING = "encoding"
 
 RULES = (
     METADATA, CODES, ENCODING, UNREADABLE, SCHEMA, SUBJECT_ORDER, SPLIT, SEX, LIST_LENGTHS,
-    EMPTY_SENTENCE, OVER_LONG, CONDITION_RANGE, AGE_GROUP_RANGE, WEEK_RANGE, SORTED_TIMES,
-    AGE_CONSISTENCY, ENROLLMENT,
+    UNLISTED_MODALITY, EMPTY_SENTENCE, OVER_LONG, CONDITION_RANGE, AGE_GROUP_RANGE, VOCAB_RANGE,
+    WEEK_RANGE, SORTED_TIMES, MEDICATION_PERIOD, AGE_CONSISTENCY, ENROLLMENT, ADMISSION_ORDER,
+    LENGTH_OF_STAY, STAY_LINK, STAY_WINDOW, LAB_VALUE_RANGE, TRIAL_ARM, TRIAL_BASELINE,
+    TRIAL_VISITS,
 )
 
 BATCH_ROWS = 65_536  # rows decoded at a time by validate_dataset: bounds memory per file
 _REQUIRED_METADATA = ("name", "origin_date", "n_weeks", "patients", "vocab", "provenance",
                       "length_histogram", "schema_version")
+# dataset.json's trial dict: keys the validator reads (the writer may add others).
+TRIAL_PARTICIPANTS, TRIAL_BASELINE_FEATURES = "participants", "baseline_features"
+
+# Per-patient scalar columns: every read that validates reads them (they are tiny).
+ROW_COLUMNS = tuple(f.name for f in S.ROW_SCHEMA if not pa.types.is_list(f.type))
+_ID_VOCABULARY = {S.PROCEDURES: S.PROCEDURE, S.MEDICATIONS: S.MEDICATION, S.LABS: S.LAB}
+_WEEK_COLUMNS = (S.WEEKS, S.PROCEDURE_WEEKS, S.MEDICATION_START_WEEKS, S.MEDICATION_END_WEEKS,
+                 S.LAB_WEEKS)
+_DAY_COLUMNS = (S.ADMIT_DAYS, S.DISCHARGE_DAYS)
+_SORTED_COLUMNS = (S.WEEKS, S.PROCEDURE_WEEKS, S.MEDICATION_START_WEEKS, S.LAB_WEEKS)
+# Each ``*_stays`` column and the week of the event it links to a stay.
+_STAY_WEEK = {S.CONDITION_STAYS: S.WEEKS, S.PROCEDURE_STAYS: S.PROCEDURE_WEEKS,
+              S.MEDICATION_STAYS: S.MEDICATION_START_WEEKS, S.LAB_STAYS: S.LAB_WEEKS}
+_MODALITY_OF = {c: m for m, cols in S.MODALITY_COLUMNS.items() for c in cols}
+_TRIAL_VOCABULARY = {S.VISIT_TREATMENTS: S.TRIAL_TREATMENT, S.VISIT_MEDICATIONS: S.TRIAL_MEDICATION,
+                     S.VISIT_ADVERSE_EVENTS: S.ADVERSE_EVENT}
+_LAB_LOW = np.array([lab.low for lab in LAB_VOCABULARY])
+_LAB_HIGH = np.array([lab.high for lab in LAB_VOCABULARY])
 
 
 @dataclass(frozen=True)
@@ -157,29 +232,45 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
     """Exact dtype match; list item field names and nullability are ignored (nulls are
     checked on the data itself)."""
     if pa.types.is_list(expected):
-        return pa.types.is_list(actual) and actual.value_type == expected.value_type
+        return pa.types.is_list(actual) and _same_type(actual.value_type, expected.value_type)
     return actual == expected
 
 
 def _type_name(t: pa.DataType) -> str:
-    return f"list<{t.value_type}>" if pa.types.is_list(t) else str(t)
+    return f"list<{_type_name(t.value_type)}>" if pa.types.is_list(t) else str(t)
 
 
-def schema_violations(schema: pa.Schema, file: str) -> list[Violation]:
-    """``schema`` rule, column level: missing, unknown or mistyped columns."""
+def schema_violations(schema: pa.Schema, file: str, expected: pa.Schema = S.ROW_SCHEMA,
+                      columns: Collection[str] | None = None) -> list[Violation]:
+    """``schema`` rule, column level: missing, unknown or mistyped columns against ``expected``
+    (``columns``: only these of its columns are expected, for a projected read)."""
     out = []
     names = set(schema.names)
-    for f in S.ROW_SCHEMA:
+    wanted = [f for f in expected if columns is None or f.name in columns]
+    for f in wanted:
         if f.name not in names:
             out.append(Violation(file, None, None, SCHEMA, f"missing column {f.name!r} ({_type_name(f.type)})"))
         elif not _same_type(schema.field(f.name).type, f.type):
             got, want = _type_name(schema.field(f.name).type), _type_name(f.type)
             out.append(Violation(file, None, None, SCHEMA, f"column {f.name!r} is {got}, expected {want}"))
-    unknown = sorted(names - set(S.ROW_SCHEMA.names))
+    unknown = sorted(names - {f.name for f in wanted})
     if unknown:
         out.append(Violation(file, None, None, SCHEMA,
-                             f"unknown columns {unknown}; valid columns are {S.ROW_SCHEMA.names}"))
+                             f"unknown columns {unknown}; valid columns are {[f.name for f in wanted]}"))
     return out
+
+
+def columns_to_read(columns: Iterable[str]) -> list[str]:
+    """What a validating reader reads to keep ``columns``: those, every per-patient scalar
+    column (``ROW_COLUMNS``), and the admission days when a ``*_stays`` column is kept (its
+    links are checked against them); in ``ROW_SCHEMA`` order. Pass the result to
+    :func:`check_table` as ``columns``."""
+    wanted = set(columns) | set(ROW_COLUMNS)
+    if unknown := sorted(wanted - set(S.ROW_SCHEMA.names)):
+        raise ValueError(f"columns: unknown {unknown}; valid columns are {S.ROW_SCHEMA.names}")
+    if wanted & set(_STAY_WEEK):
+        wanted |= set(_DAY_COLUMNS)
+    return [name for name in S.ROW_SCHEMA.names if name in wanted]
 
 
 def _column(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
@@ -206,6 +297,10 @@ class _Collector:
         self.file, self.first_row, self.ids, self.limit = file, first_row, subject_ids, limit
         self.found: list[Violation] = []
 
+    @property
+    def full(self) -> bool:
+        return len(self.found) >= self.limit
+
     def add(self, rule: str, rows: np.ndarray, describe: Callable[[int], str]) -> None:
         """``describe(i)`` is the message for the i-th bad row (only called for reported ones)."""
         for i in range(min(len(rows), self.limit - len(self.found))):
@@ -213,12 +308,76 @@ class _Collector:
             sid = int(self.ids[r])
             self.found.append(Violation(self.file, self.first_row + r, sid, rule, describe(i)))
 
+    def add_items(self, rule: str, bad_items: np.ndarray, offsets: np.ndarray,
+                  describe: Callable[[int], str]) -> None:
+        """One violation per row holding a True in ``bad_items`` (a mask over the flat items
+        of lists with ``offsets``), described by its first bad item's flat index."""
+        if not self.full and bad_items.any():
+            self.add_at(rule, np.flatnonzero(bad_items), offsets, describe)
+
+    def add_at(self, rule: str, bad_flat: np.ndarray, offsets: np.ndarray,
+               describe: Callable[[int], str]) -> None:
+        """As :meth:`add_items`, given the bad items' sorted flat indices."""
+        if not self.full and bad_flat.size:
+            rows, first = _first_per_row(bad_flat, offsets)
+            self.add(rule, rows, lambda i: describe(int(first[i])))
+
 
 def _first_per_row(bad_flat: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows holding the flat indices ``bad_flat`` (sorted), and the first bad index per row."""
     rows = np.searchsorted(offsets, bad_flat, side="right") - 1
     rows, first = np.unique(rows, return_index=True)
     return rows, bad_flat[first]
+
+
+def _null_violations(cols: Mapping[str, pa.Array], file: str, first_row: int) -> list[Violation]:
+    """``schema`` rule on the data: nulls in a column or inside its (nested) lists."""
+    out = []
+    for name, arr in cols.items():
+        if arr.null_count:
+            row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
+            out.append(Violation(file, first_row + row, None, SCHEMA,
+                                 f"null values in column {name!r} ({arr.null_count} rows)"))
+            continue
+        offsets, items = None, arr
+        while pa.types.is_list(items.type):  # rows of the outermost list, items of the inner
+            inner_offsets, items = _flat(items)
+            offsets = inner_offsets if offsets is None else inner_offsets[offsets]
+            if items.null_count:
+                k = int(np.flatnonzero(np.asarray(items.is_null()))[0])
+                row = int(np.searchsorted(offsets, k, side="right")) - 1
+                out.append(Violation(file, first_row + row, None, SCHEMA,
+                                     f"null values inside lists of column {name!r} "
+                                     f"({items.null_count} items)"))
+                break
+    return out
+
+
+def _check_ids(found: _Collector, ids: np.ndarray, previous_subject_id: int | None,
+               split: str | None) -> None:
+    """``subject_order`` (also across the batch boundary) and ``split`` on a batch's ids."""
+    prev = np.empty_like(ids)
+    prev[1:] = ids[:-1]
+    prev[0] = ids[0] - 1 if previous_subject_id is None else previous_subject_id
+    bad = np.flatnonzero(ids <= prev)
+    found.add(SUBJECT_ORDER, bad, lambda i: (
+        f"duplicate subject id {ids[bad[i]]}" if ids[bad[i]] == prev[bad[i]]
+        else f"subject id {ids[bad[i]]} follows {prev[bad[i]]}; ids must strictly increase"))
+    if split is not None:
+        negative = ids < 0
+        wrong = (split_codes(np.where(negative, 0, ids)) != SPLIT_CODES[split]) | negative
+        bad = np.flatnonzero(wrong)
+        names = {code: name for name, code in SPLIT_CODES.items()}
+        found.add(SPLIT, bad, lambda i: (
+            "negative subject id: split assignment needs ids >= 0" if ids[bad[i]] < 0
+            else f"in {split!r} but split_codes assigns it to "
+                 f"{names[int(split_codes(ids[bad[i]:bad[i] + 1])[0])]!r}"))
+
+
+def _label(column: str) -> str:
+    """How a message names a time: diagnoses' plain "week", others prefixed by their column."""
+    unit = "day" if column in _DAY_COLUMNS else "week"
+    return unit if column == S.WEEKS else f"{column}: {unit}"
 
 
 def check_table(
@@ -230,71 +389,74 @@ def check_table(
     split: str | None = None,
     max_violations: int = 20,
     previous_subject_id: int | None = None,
+    vocab: Mapping[str, int] | None = None,
+    modalities: Collection[str] | None = None,
+    columns: Collection[str] | None = None,
 ) -> list[Violation]:
     """All row-level rules on one batch of patients (``ROW_SCHEMA`` rows).
 
     ``first_row`` is the row of the batch's first patient within ``file`` (so violations name
     the file's row); ``split`` enables the ``split`` rule; ``previous_subject_id`` is the id
-    just before this batch in the same file, so ordering is checked across batches. Returns at
-    most ``max_violations`` violations, grouped by rule in docstring order.
+    just before this batch in the same file, so ordering is checked across batches. ``vocab``
+    is ``dataset.json``'s vocabulary sizes (missing ones: the platform's); ``modalities``
+    enables ``unlisted_modality``. ``columns`` says what a projected read read (it must include
+    ``ROW_COLUMNS``; :func:`columns_to_read`): the batch must hold exactly those, and rules on
+    other columns are skipped; None means the whole row. Returns at most ``max_violations``
+    violations, grouped by rule in docstring order.
     """
-    out = schema_violations(table.schema, file)
+    if columns is not None and (missing := [c for c in ROW_COLUMNS if c not in columns]):
+        raise ValueError(f"check_table: a projected read must include {missing} (ROW_COLUMNS)")
+    out = schema_violations(table.schema, file, columns=columns)
     if out:
         return out[:max_violations]
     n_rows = table.num_rows
-    cols = {name: _column(table, name) for name in S.ROW_SCHEMA.names}
-    for name, arr in cols.items():
-        if arr.null_count:
-            row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
-            out.append(Violation(file, first_row + row, None, SCHEMA,
-                                 f"null values in column {name!r} ({arr.null_count} rows)"))
-        elif pa.types.is_list(arr.type) and (items := _flat(arr)[1]).null_count:
-            offsets = _flat(arr)[0]
-            k = int(np.flatnonzero(np.asarray(items.is_null()))[0])
-            row = int(np.searchsorted(offsets, k, side="right")) - 1
-            out.append(Violation(file, first_row + row, None, SCHEMA,
-                                 f"null values inside lists of column {name!r} "
-                                 f"({items.null_count} items)"))
-    if out or n_rows == 0:
+    cols = {name: _column(table, name) for name in table.column_names}
+    if (out := _null_violations(cols, file, first_row)) or n_rows == 0:
         return out[:max_violations]
 
     ids = cols[S.SUBJECT_ID].to_numpy()
     found = _Collector(file, first_row, ids, max_violations)
-
-    # subject_order: strictly increasing, also across the batch boundary.
-    prev = np.empty_like(ids)
-    prev[1:] = ids[:-1]
-    prev[0] = ids[0] - 1 if previous_subject_id is None else previous_subject_id
-    bad = np.flatnonzero(ids <= prev)
-    found.add(SUBJECT_ORDER, bad, lambda i: (
-        f"duplicate subject id {ids[bad[i]]}" if ids[bad[i]] == prev[bad[i]]
-        else f"subject id {ids[bad[i]]} follows {prev[bad[i]]}; ids must strictly increase"))
-
-    # split: deterministic assignment by id.
-    if split is not None:
-        negative = ids < 0
-        wrong = (split_codes(np.where(negative, 0, ids)) != SPLIT_CODES[split]) | negative
-        bad = np.flatnonzero(wrong)
-        names = {code: name for name, code in SPLIT_CODES.items()}
-        found.add(SPLIT, bad, lambda i: (
-            "negative subject id: split assignment needs ids >= 0" if ids[bad[i]] < 0
-            else f"in {split!r} but split_codes assigns it to "
-                 f"{names[int(split_codes(ids[bad[i]:bad[i] + 1])[0])]!r}"))
-
+    _check_ids(found, ids, previous_subject_id, split)
     sex = cols[S.SEX].to_numpy()
     bad = np.flatnonzero((sex != -1) & (sex != 1))
     found.add(SEX, bad, lambda i: f"sex {sex[bad[i]]}, expected -1 (male) or 1 (female)")
 
-    # Sentence lengths.
+    # Lengths: every list column's offsets, compared within its modality.
     n_events = cols[S.N_EVENTS].to_numpy().astype(np.int64)
-    flat = {name: _flat(cols[name]) for name in S.EVENT_COLUMNS}
+    flat = {name: _flat(arr) for name, arr in cols.items() if pa.types.is_list(arr.type)}
     lens = {name: np.diff(off) for name, (off, _) in flat.items()}
     mismatch = np.zeros(n_rows, dtype=bool)
-    for name in S.EVENT_COLUMNS:
-        mismatch |= lens[name] != n_events
-    bad = np.flatnonzero(mismatch)
-    found.add(LIST_LENGTHS, bad, lambda i: f"n_events {n_events[bad[i]]} but " + ", ".join(
-        f"{lens[c][bad[i]]} {c}" for c in S.EVENT_COLUMNS))
+    lengths: dict[str, np.ndarray] = {}  # modality -> items per row (its first column's)
+    for modality, names in S.MODALITY_COLUMNS.items():
+        present = [c for c in names if c in lens]
+        if modality == "diagnoses":
+            reference = n_events
+        elif present:
+            reference = lens[present[0]]
+        else:
+            continue
+        lengths[modality] = reference
+        bad_rows = np.zeros(n_rows, dtype=bool)
+        for c in present:
+            bad_rows |= lens[c] != reference
+        mismatch |= bad_rows
+        bad = np.flatnonzero(bad_rows)
+        found.add(LIST_LENGTHS, bad, lambda i, m=modality, p=present, r=reference, b=bad: (
+            (f"{m}: n_events {r[b[i]]} but " if m == "diagnoses" else f"{m}: ")
+            + ", ".join(f"{lens[c][b[i]]} {c}" for c in p)))
+    if modalities is not None:
+        for modality in S.MODALITIES:
+            if modality in modalities or modality not in lengths:
+                continue
+            holding = lengths[modality] > 0
+            for c in S.MODALITY_COLUMNS[modality]:
+                if c in lens:
+                    holding |= lens[c] > 0
+            bad = np.flatnonzero(holding)[:1]
+            count = int(holding.sum())
+            found.add(UNLISTED_MODALITY, bad, lambda i, m=modality, n=count: (
+                f"{m} hold items in {n} row(s) of this batch, but dataset.json's modalities "
+                f"{list(modalities)} leave out {m!r}"))
     bad = np.flatnonzero(n_events == 0)
     found.add(EMPTY_SENTENCE, bad, lambda i: "patient has no events (n_events == 0)")
     bad = np.flatnonzero(n_events > S.MAX_EVENTS)
@@ -309,44 +471,291 @@ def check_table(
         f"enrollment weeks [{start[bad[i]]}, {end[bad[i]]}] "
         + ("start after end" if start[bad[i]] > end[bad[i]] else f"outside [0, {n_weeks})")))
 
-    if mismatch.any() or len(found.found) >= max_violations:
+    if mismatch.any() or found.full:
         return found.found  # lists disagree: per-event rules would compare unrelated events
+    _check_items(found, cols, flat, n_weeks=n_weeks, start=start, end=end, bad_window=bad_window,
+                 sizes=vocabulary_sizes() | dict(vocab or {}))
+    return found.found
 
-    offsets = flat[S.WEEKS][0]
-    cond = flat[S.CONDITIONS][1].to_numpy()
-    age = flat[S.AGE_GROUPS][1].to_numpy()
-    week = flat[S.WEEKS][1].to_numpy()
-    row_of_event = np.repeat(np.arange(n_rows), n_events)
 
-    def add_events(rule: str, bad_events: np.ndarray, describe: Callable[[int], str]) -> None:
-        rows, first = _first_per_row(np.flatnonzero(bad_events), offsets)
-        found.add(rule, rows, lambda i: describe(int(first[i])))
+def _in_range(v: np.ndarray, lo: float, hi: float) -> np.ndarray | None:
+    """Mask of ``lo <= v < hi``, or None when every value is (two passes in the common case)."""
+    if v.size == 0 or (v.min() >= lo and v.max() < hi):
+        return None
+    return (v >= lo) & (v < hi)
 
-    add_events(CONDITION_RANGE, (cond < 0) | (cond >= N_CONDITIONS),
-               lambda k: f"condition id {cond[k]} outside [0, {N_CONDITIONS})")
-    age_ok = (age >= 0) & (age < N_AGE_GROUPS)
-    add_events(AGE_GROUP_RANGE, ~age_ok, lambda k: f"age group {age[k]} outside [0, {N_AGE_GROUPS})")
-    week_ok = (week >= 0) & (week < n_weeks)
-    add_events(WEEK_RANGE, ~week_ok, lambda k: f"week {week[k]} outside [0, {n_weeks})")
 
-    # sorted_times: flat diffs, ignoring the ones that cross into the next patient.
-    backwards = np.zeros(week.size, dtype=bool)
-    if week.size > 1:
-        backwards[1:] = week[1:] < week[:-1]
-        backwards[offsets[:-1][n_events > 0]] = False  # first event of each patient
-    add_events(SORTED_TIMES, backwards, lambda k: f"week {week[k]} follows week {week[k - 1]}")
+def _masked(bad: np.ndarray, *oks: np.ndarray | None) -> np.ndarray:
+    """``bad`` restricted to items whose other checks passed (``None``: all passed)."""
+    if bad.any():
+        for ok in oks:
+            if ok is not None:
+                bad &= ok
+    return bad
 
-    birth = cols[S.BIRTH_WEEK].to_numpy()[row_of_event]
-    expected = age_group_at(week, birth)
-    add_events(AGE_CONSISTENCY, week_ok & age_ok & (expected != age), lambda k: (
-        f"event at week {week[k]} precedes birth at week {birth[k]}" if week[k] < birth[k]
-        else f"age group {age[k]} at week {week[k]}, but birth at week {birth[k]} gives "
-             f"{expected[k]} (age {(week[k] - birth[k]) / WEEKS_PER_YEAR:.2f} years)"))
 
-    ev_start, ev_end = start[row_of_event], end[row_of_event]
-    outside = week_ok & ~bad_window[row_of_event] & ((week < ev_start) | (week > ev_end))
-    add_events(ENROLLMENT, outside, lambda k: (
-        f"event at week {week[k]} outside enrollment [{ev_start[k]}, {ev_end[k]}]"))
+def _age_group(week: np.ndarray, birth: np.ndarray) -> np.ndarray:
+    """``vocab.age_group_at`` in exact integer arithmetic, five times faster: a year is
+    1461 / 4 days, so the group is ``floor(7 * 4 * weeks / (1461 * AGE_GROUP_YEARS))``; the
+    float version agrees wherever a group is in range (no week lands on a group boundary
+    before 140 years; tests/test_validate.py checks it)."""
+    weeks = week.astype(np.int64) - birth
+    return weeks * (S.DAYS_PER_WEEK * 4) // (1461 * AGE_GROUP_YEARS)
+
+
+def _check_items(found: _Collector, cols: Mapping[str, pa.Array],
+                 flat: Mapping[str, tuple[np.ndarray, pa.Array]], *, n_weeks: int,
+                 start: np.ndarray, end: np.ndarray, bad_window: np.ndarray,
+                 sizes: Mapping[str, int]) -> None:
+    """The per-item rules of :func:`check_table` on lists known to be parallel. Valid data
+    takes the fast paths (global min/max, a sorted list's first and last items, only the
+    items linked to a stay); the item-level masks are built only where something fails."""
+    values = {name: arr.to_numpy() for name, (_, arr) in flat.items()}
+    offsets = {name: off for name, (off, _) in flat.items()}
+    rows: dict[str, np.ndarray] = {}
+    row_ok = ~bad_window
+
+    def row_of(name: str) -> np.ndarray:
+        """The row of every item of column ``name`` (once per modality: its lists are parallel)."""
+        modality = _MODALITY_OF[name]
+        if modality not in rows:
+            rows[modality] = np.repeat(np.arange(len(offsets[name]) - 1), np.diff(offsets[name]))
+        return rows[modality]
+
+    def add(rule: str, name: str, bad: np.ndarray, describe: Callable[[int], str]) -> None:
+        found.add_items(rule, bad, offsets[name], describe)
+
+    if S.CONDITIONS in values:
+        cond = values[S.CONDITIONS]
+        if (ok := _in_range(cond, 0, N_CONDITIONS)) is not None:
+            add(CONDITION_RANGE, S.CONDITIONS, ~ok, lambda k: f"condition id {cond[k]} outside [0, {N_CONDITIONS})")
+    age_ok = None
+    if S.AGE_GROUPS in values:
+        age = values[S.AGE_GROUPS]
+        if (age_ok := _in_range(age, 0, N_AGE_GROUPS)) is not None:
+            add(AGE_GROUP_RANGE, S.AGE_GROUPS, ~age_ok,
+                lambda k: f"age group {age[k]} outside [0, {N_AGE_GROUPS})")
+    id_ok: dict[str, np.ndarray | None] = {}
+    for name, vocabulary in _ID_VOCABULARY.items():
+        if name in values:
+            v, size = values[name], sizes[vocabulary]
+            id_ok[name] = ok = _in_range(v, 0, size)
+            if ok is not None:
+                add(VOCAB_RANGE, name, ~ok, lambda k, v=v, size=size, c=vocabulary: (
+                    f"{c} id {v[k]} outside [0, {size})"))
+
+    # Times: range, order, enrollment.
+    time_ok: dict[str, np.ndarray | None] = {}
+    for name in _WEEK_COLUMNS + _DAY_COLUMNS:
+        if name in values:
+            v = values[name]
+            limit = n_weeks * (S.DAYS_PER_WEEK if name in _DAY_COLUMNS else 1)
+            time_ok[name] = ok = _in_range(v, 0, limit)
+            if ok is not None:
+                add(WEEK_RANGE, name, ~ok, lambda k, v=v, name=name, limit=limit: (
+                    f"{_label(name)} {v[k]} outside [0, {limit})"))
+    in_order: set[str] = set()  # sorted columns whose every item is in range and in order
+    for name in _SORTED_COLUMNS:
+        if name not in values:
+            continue
+        v, ok = values[name], time_ok[name]
+        backwards = np.zeros(v.size, dtype=bool)
+        if v.size > 1:
+            backwards[1:] = v[1:] < v[:-1]
+            first = offsets[name][:-1]
+            backwards[first[first < v.size]] = False  # a patient's first item follows nothing
+            if ok is not None and backwards.any():
+                backwards[1:] &= ok[1:] & ok[:-1]
+        if ok is None and not backwards.any():
+            in_order.add(name)
+        add(SORTED_TIMES, name, backwards, lambda k, v=v, name=name: (
+            f"{_label(name)} {v[k]} follows week {v[k - 1]}"))
+    med_start, med_end = S.MEDICATION_START_WEEKS, S.MEDICATION_END_WEEKS
+    if med_start in values and med_end in values:
+        s, e = values[med_start], values[med_end]
+        add(MEDICATION_PERIOD, med_start, _masked(e < s, time_ok[med_start], time_ok[med_end]),
+            lambda k: f"medication ends at week {e[k]}, before its start at week {s[k]}")
+    if S.WEEKS in values and S.AGE_GROUPS in values:
+        week, age = values[S.WEEKS], values[S.AGE_GROUPS]
+        birth = np.repeat(cols[S.BIRTH_WEEK].to_numpy().astype(np.int64), np.diff(offsets[S.WEEKS]))
+        expected = _age_group(week, birth)
+        add(AGE_CONSISTENCY, S.WEEKS, _masked(expected != age, time_ok[S.WEEKS], age_ok), lambda k: (
+            f"event at week {week[k]} precedes birth at week {birth[k]}" if week[k] < birth[k]
+            else f"age group {age[k]} at week {week[k]}, but birth at week {birth[k]} gives "
+                 f"{expected[k]} (age {(week[k] - birth[k]) / WEEKS_PER_YEAR:.2f} years)"))
+    for name in _WEEK_COLUMNS + _DAY_COLUMNS:
+        if name not in values:
+            continue
+        v, off = values[name], offsets[name]
+        scale = S.DAYS_PER_WEEK if name in _DAY_COLUMNS else 1
+        lo_row, hi_row = start * scale, end * scale + (scale - 1)
+        if name in in_order:  # sorted and in range: the first and last items bound the rest
+            nonempty = np.flatnonzero(off[1:] > off[:-1])
+            first, last = v[off[nonempty]], v[off[nonempty + 1] - 1]
+            if not ((first < lo_row[nonempty]) | (last > hi_row[nonempty])).any():
+                continue
+        row = row_of(name)
+        lo, hi = lo_row[row], hi_row[row]
+        # A medication's end only bounds from above: its start is checked, end >= start too.
+        outside = (v > hi) if name == med_end else (v < lo) | (v > hi)
+        add(ENROLLMENT, name, _masked(outside, time_ok[name], row_ok[row]),
+            lambda k, v=v, name=name, lo=lo, hi=hi, scale=scale: (
+                f"{'event at ' if name == S.WEEKS else ''}{_label(name)} {v[k]} outside enrollment "
+                + (f"[{lo[k]}, {hi[k]}]" if scale == 1
+                   else f"in days [{lo[k]}, {hi[k]}] (weeks [{lo[k] // scale}, {hi[k] // scale}])")))
+
+    # Admissions (a few per patient: plain masks).
+    stay_ok = None
+    if S.ADMIT_DAYS in values and S.DISCHARGE_DAYS in values:
+        adm_off = offsets[S.ADMIT_DAYS]
+        a, d = values[S.ADMIT_DAYS].astype(np.int64), values[S.DISCHARGE_DAYS].astype(np.int64)
+        both = np.ones(a.size, dtype=bool)
+        for ok in (time_ok[S.ADMIT_DAYS], time_ok[S.DISCHARGE_DAYS]):
+            if ok is not None:
+                both &= ok
+        stay_ok = both & (d >= a)
+        add(ADMISSION_ORDER, S.ADMIT_DAYS, both & (d < a),
+            lambda k: f"stay {k - adm_off[row_of(S.ADMIT_DAYS)[k]]}: discharge day "
+                      f"{d[k]} before admit day {a[k]}")
+        overlap = np.zeros(a.size, dtype=bool)
+        if a.size > 1:
+            overlap[1:] = (a[1:] < d[:-1]) & both[1:] & both[:-1]
+            first = adm_off[:-1]
+            overlap[first[first < a.size]] = False
+        add(ADMISSION_ORDER, S.ADMIT_DAYS, overlap,
+            lambda k: f"admission at day {a[k]} before the previous stay's discharge at day {d[k - 1]}")
+        if S.LENGTH_OF_STAY in values:
+            los = values[S.LENGTH_OF_STAY].astype(np.float64)
+            own = np.isfinite(los) & (los >= 0)
+            far = own & stay_ok & (np.abs(los - (d - a)) > 1)
+            add(LENGTH_OF_STAY, S.ADMIT_DAYS, ~own | far, lambda k: (
+                f"length_of_stay {los[k]} days, not a finite number >= 0" if not own[k]
+                else f"length_of_stay {los[k]:g} days, but discharge - admit is {d[k] - a[k]} days"))
+
+    # Stays: the link, then the linked event inside its stay; only linked items are visited.
+    if S.ADMIT_DAYS in values:
+        adm_off = offsets[S.ADMIT_DAYS]
+        n_adm = np.diff(adm_off)
+        for name, week_name in _STAY_WEEK.items():
+            if name not in values or values[name].size == 0:
+                continue
+            s, off = values[name], offsets[name]
+            linked = np.flatnonzero(s != S.NO_STAY)
+            # Few links: binary-search their rows; many: one pass over the modality is cheaper.
+            row = row_of(name)[linked] if 8 * linked.size > s.size else \
+                np.searchsorted(off, linked, side="right") - 1
+            link = s[linked].astype(np.int64)
+            bad = (link < 0) | (link >= n_adm[row])
+            found.add_at(STAY_LINK, linked[bad], off, lambda k, s=s, off=off, name=name: (
+                f"{name}: stay {s[k]}, but the patient has "
+                f"{n_adm[np.searchsorted(off, k, side='right') - 1]} admission(s) "
+                f"(valid: {S.NO_STAY} for none, or an index into the patient's admissions)"))
+            if stay_ok is None or week_name not in values:
+                continue
+            keep = ~bad
+            if (ok := time_ok[week_name]) is not None:
+                keep &= ok[linked]
+            linked, stay = linked[keep], (adm_off[row] + link)[keep]
+            keep = stay_ok[stay]
+            linked, stay = linked[keep], stay[keep]
+            w = values[week_name][linked]
+            outside = (w < a[stay] // S.DAYS_PER_WEEK) | (w > d[stay] // S.DAYS_PER_WEEK)
+            where = dict(zip(linked[outside].tolist(), stay[outside].tolist(), strict=True))
+            found.add_at(STAY_WINDOW, linked[outside], off, lambda k, s=s, name=name, week_name=week_name, where=where: (
+                f"{name} links the event at week {values[week_name][k]} ({week_name}) to stay "
+                f"{s[k]}, which spans days {a[where[k]]}..{d[where[k]]} (weeks "
+                f"[{a[where[k]] // S.DAYS_PER_WEEK}, {d[where[k]] // S.DAYS_PER_WEEK}])"))
+
+    # Labs: values plausible in the lab's unit.
+    if S.LABS in values and S.LAB_VALUES in values:
+        lab, value = values[S.LABS].astype(np.int64), values[S.LAB_VALUES]
+        known = _in_range(lab, 0, min(sizes[S.LAB], len(LAB_VOCABULARY)))
+        which = lab if known is None else np.where(known, lab, 0)
+        low, high = _LAB_LOW[which], _LAB_HIGH[which]
+        with np.errstate(invalid="ignore"):
+            implausible = _masked(~((value >= low) & (value <= high)), known)  # NaN fails both
+        add(LAB_VALUE_RANGE, S.LABS, implausible, lambda k: (
+            f"{LAB_VOCABULARY[lab[k]].short} (lab {lab[k]}) value {value[k]:g} outside its "
+            f"plausible [{low[k]:g}, {high[k]:g}] {LAB_VOCABULARY[lab[k]].unit}"))
+
+
+def check_trial_table(
+    table: pa.Table | pa.RecordBatch,
+    *,
+    file: str,
+    first_row: int = 0,
+    split: str | None = None,
+    baseline_width: int | None = None,
+    vocab: Mapping[str, int] | None = None,
+    max_violations: int = 20,
+    previous_subject_id: int | None = None,
+) -> list[Violation]:
+    """All row-level rules on one batch of trial participants (``TRIAL_SCHEMA`` rows).
+
+    ``baseline_width`` is ``len(trial["baseline_features"])`` (None: only a fixed width within
+    the batch is checked); ``vocab`` sizes the trial vocabularies (missing: the simulated
+    trial's). Arguments otherwise as for :func:`check_table`.
+    """
+    out = schema_violations(table.schema, file, S.TRIAL_SCHEMA)
+    if out:
+        return out[:max_violations]
+    n_rows = table.num_rows
+    cols = {name: _column(table, name) for name in S.TRIAL_SCHEMA.names}
+    if (out := _null_violations(cols, file, first_row)) or n_rows == 0:
+        return out[:max_violations]
+    ids = cols[S.SUBJECT_ID].to_numpy()
+    found = _Collector(file, first_row, ids, max_violations)
+    _check_ids(found, ids, previous_subject_id, split)
+
+    arm = cols[S.ARM].to_numpy()
+    bad = np.flatnonzero((arm != 0) & (arm != 1))
+    found.add(TRIAL_ARM, bad, lambda i: f"arm {arm[bad[i]]}, expected 0 (control) or 1 (treatment)")
+    width = np.diff(_flat(cols[S.BASELINE])[0])
+    expected_width = int(width[0]) if baseline_width is None else baseline_width
+    bad = np.flatnonzero(width != expected_width)
+    found.add(TRIAL_BASELINE, bad, lambda i: (
+        f"baseline has {width[bad[i]]} values, expected {expected_width}"
+        + (" (one per trial['baseline_features'])" if baseline_width is not None else
+           " (the first participant's width)")))
+
+    visit_offsets, visit_days = _flat(cols[S.VISIT_DAYS])
+    n_visits = np.diff(visit_offsets)
+    per_visit = {name: _flat(cols[name]) for name in _TRIAL_VOCABULARY}
+    mismatch = np.zeros(n_rows, dtype=bool)
+    for _name, (off, _) in per_visit.items():
+        mismatch |= np.diff(off) != n_visits
+    bad = np.flatnonzero(mismatch)
+    found.add(LIST_LENGTHS, bad, lambda i: f"visits: {n_visits[bad[i]]} visit_days, " + ", ".join(
+        f"{np.diff(off)[bad[i]]} {name}" for name, (off, _) in per_visit.items()))
+
+    enroll = cols[S.ENROLL_DAY].to_numpy().astype(np.int64)
+    last = cols[S.END_DAY].to_numpy().astype(np.int64)
+    bad = np.flatnonzero(enroll > last)
+    found.add(TRIAL_VISITS, bad, lambda i: f"enroll_day {enroll[bad[i]]} after end_day {last[bad[i]]}")
+    if mismatch.any() or found.full:
+        return found.found
+
+    day = visit_days.to_numpy().astype(np.int64)
+    row = np.repeat(np.arange(n_rows), n_visits)
+    repeated = np.zeros(day.size, dtype=bool)
+    if day.size > 1:
+        repeated[1:] = day[1:] <= day[:-1]
+        first = visit_offsets[:-1]
+        repeated[first[first < day.size]] = False
+    found.add_items(TRIAL_VISITS, repeated, visit_offsets,
+                    lambda k: f"visit day {day[k]} follows visit day {day[k - 1]}; days must strictly increase")
+    outside = ((day < enroll[row]) | (day > last[row])) & (enroll <= last)[row]
+    found.add_items(TRIAL_VISITS, outside, visit_offsets, lambda k: (
+        f"visit day {day[k]} outside the trial enrollment [{enroll[row[k]]}, {last[row[k]]}]"))
+
+    sizes = vocabulary_sizes() | dict(vocab or {})
+    for name, vocabulary in _TRIAL_VOCABULARY.items():
+        outer, visits = per_visit[name]
+        inner, items = _flat(visits)
+        v, size = items.to_numpy(), sizes[vocabulary]
+        found.add_items(VOCAB_RANGE, (v < 0) | (v >= size), inner[outer],
+                        lambda k, v=v, size=size, vocabulary=vocabulary, name=name: (
+                            f"{name}: {vocabulary} id {v[k]} outside [0, {size})"))
     return found.found
 
 
@@ -409,6 +818,20 @@ def check_metadata(root: str | Path) -> tuple[S.DatasetMetadata | None, list[Vio
         expected_vocab["week"] = N_SPECIAL + n_weeks
     if not isinstance(vocab, dict) or any(vocab.get(k) != v for k, v in expected_vocab.items()):
         out.append(_meta(f"vocab must include {expected_vocab}, got {vocab!r}"))
+        vocab = {}
+    record_sizes = vocabulary_sizes(trial=False)  # ids are the contract's: sizes are fixed
+    if wrong := {k: vocab[k] for k, v in record_sizes.items() if k in vocab and vocab[k] != v}:
+        out.append(_meta(f"vocab sizes {wrong} differ from the platform's vocabularies "
+                         f"{ {k: record_sizes[k] for k in wrong} }"))
+    trial_vocab = (S.TRIAL_TREATMENT, S.TRIAL_MEDICATION, S.ADVERSE_EVENT)
+    if wrong := {k: vocab[k] for k in trial_vocab if k in vocab and not (_is_count(vocab[k]) and vocab[k])}:
+        out.append(_meta(f"vocab sizes {wrong} must be integers >= 1"))
+    modalities = raw.get("modalities", ["diagnoses"])
+    if not isinstance(modalities, list) or not set(modalities) <= set(S.MODALITIES) \
+            or len(set(modalities)) != len(modalities):
+        out.append(_meta(f"modalities must list each modality at most once, from "
+                         f"{list(S.MODALITIES)}; got {modalities!r}"))
+    out += _trial_metadata_violations(root, raw.get("trial", {}), vocab)
     for key, kind in (("provenance", dict), ("extra", dict), ("created_at", str)):
         if key in raw and not isinstance(raw[key], kind):
             out.append(_meta(f"{key} must be a {kind.__name__}, got {raw[key]!r}"))
@@ -428,6 +851,39 @@ def check_metadata(root: str | Path) -> tuple[S.DatasetMetadata | None, list[Vio
     if out:
         return None, out
     return S.DatasetMetadata(**raw), []
+
+
+def has_trial_part(root: str | Path) -> bool:
+    """Whether ``root`` has a ``trial/`` directory (the optional trial part)."""
+    return (Path(root) / S.TRIAL_DIR).is_dir()
+
+
+def _trial_metadata_violations(root: str | Path, trial: object, vocab: dict) -> list[Violation]:
+    """``metadata`` rule on ``dataset.json``'s ``trial``: a dict; when there is a trial part
+    (or the dict says so), ``participants`` per split, ``baseline_features`` and the trial
+    vocabulary sizes."""
+    if not isinstance(trial, dict):
+        return [_meta(f"trial must be a dict, got {trial!r}")]
+    if not trial and not has_trial_part(root):
+        return []
+    out = []
+    if not trial:
+        return [_meta(f"{S.TRIAL_DIR}/ holds a trial part, but dataset.json's trial is empty; it "
+                      f"needs {TRIAL_PARTICIPANTS!r} per split and {TRIAL_BASELINE_FEATURES!r}")]
+    participants = trial.get(TRIAL_PARTICIPANTS)
+    if not isinstance(participants, dict) or set(participants) != set(S.SPLITS) or not all(
+        _is_count(v) for v in participants.values()
+    ):
+        out.append(_meta(f"trial[{TRIAL_PARTICIPANTS!r}] must map each of {list(S.SPLITS)} to a "
+                         f"count, got {participants!r}"))
+    features = trial.get(TRIAL_BASELINE_FEATURES)
+    if not isinstance(features, list) or not all(isinstance(f, str) and f for f in features) \
+            or len(set(features)) != len(features):
+        out.append(_meta(f"trial[{TRIAL_BASELINE_FEATURES!r}] must list unique, non-empty feature "
+                         f"names, got {features!r}"))
+    if missing := [k for k in (S.TRIAL_TREATMENT, S.TRIAL_MEDICATION, S.ADVERSE_EVENT) if k not in vocab]:
+        out.append(_meta(f"a trial part needs the trial vocabulary sizes in vocab: missing {missing}"))
+    return out
 
 
 def check_codes(root: str | Path, sizes: dict[str, int] | None = None) -> list[Violation]:
@@ -524,8 +980,11 @@ class FileResult:
 
 
 def check_file(root: str | Path, file: str, *, n_weeks: int, split: str | None,
-               max_violations: int = 100, batch_rows: int = BATCH_ROWS) -> FileResult:
-    """All row rules on one shard (``file`` relative to ``root``), one batch at a time."""
+               max_violations: int = 100, batch_rows: int = BATCH_ROWS,
+               vocab: Mapping[str, int] | None = None, modalities: Collection[str] | None = None,
+               trial: bool = False, baseline_width: int | None = None) -> FileResult:
+    """All row rules on one shard (``file`` relative to ``root``), one batch at a time.
+    ``trial``: a trial part shard (``TRIAL_SCHEMA``, :func:`check_trial_table`)."""
     result = FileResult(file)
     try:
         pf = pq.ParquetFile(Path(root) / file)
@@ -534,16 +993,21 @@ def check_file(root: str | Path, file: str, *, n_weeks: int, split: str | None,
         result.complete = False
         return result
     with pf:
-        if problems := schema_violations(pf.schema_arrow, file):
+        expected = S.TRIAL_SCHEMA if trial else S.ROW_SCHEMA
+        if problems := schema_violations(pf.schema_arrow, file, expected):
             result.violations += problems[:max_violations]
             result.complete = False
             return result
         counts: Counter[int] = Counter()
         try:
             for batch in pf.iter_batches(batch_size=batch_rows):
-                found = check_table(batch, n_weeks=n_weeks, file=file, first_row=result.rows,
-                                    split=split, max_violations=max_violations - len(result.violations),
-                                    previous_subject_id=result.last_subject)
+                common = dict(file=file, first_row=result.rows, split=split, vocab=vocab,
+                              max_violations=max_violations - len(result.violations),
+                              previous_subject_id=result.last_subject)
+                if trial:
+                    found = check_trial_table(batch, baseline_width=baseline_width, **common)
+                else:
+                    found = check_table(batch, n_weeks=n_weeks, modalities=modalities, **common)
                 result.violations += found
                 if any(v.rule == SCHEMA for v in found):  # nulls: nothing below is well defined
                     result.complete = False
@@ -553,10 +1017,11 @@ def check_file(root: str | Path, file: str, *, n_weeks: int, split: str | None,
                     if result.first_subject is None:
                         result.first_subject = ids[0].as_py()
                     result.last_subject = ids[-1].as_py()
-                    n_events = batch.column(S.N_EVENTS).to_numpy()
-                    values, n = np.unique(n_events, return_counts=True)
-                    counts.update(dict(zip(values.tolist(), n.tolist(), strict=True)))
-                    result.longer_than_max_words += int((n_events > S.MAX_WORDS).sum())
+                    if not trial:
+                        n_events = batch.column(S.N_EVENTS).to_numpy()
+                        values, n = np.unique(n_events, return_counts=True)
+                        counts.update(dict(zip(values.tolist(), n.tolist(), strict=True)))
+                        result.longer_than_max_words += int((n_events > S.MAX_WORDS).sum())
                 result.rows += batch.num_rows
                 if len(result.violations) >= max_violations:
                     result.complete = False
@@ -571,7 +1036,7 @@ def check_file(root: str | Path, file: str, *, n_weeks: int, split: str | None,
 
 @dataclass
 class SplitReport:
-    patients: int = 0  # dataset.json
+    patients: int = 0  # dataset.json (trial participants for a trial split)
     files: int = 0
     rows_checked: int = 0
     longer_than_max_words: int = 0  # valid, but the training filter drops them (> MAX_WORDS)
@@ -584,6 +1049,8 @@ class ValidationReport:
     splits: dict[str, SplitReport] = field(default_factory=lambda: {s: SplitReport() for s in S.SPLITS})
     violations: list[Violation] = field(default_factory=list)
     truncated: bool = False  # stopped at max_violations: there may be more
+    # The trial part's splits (participants), when the dataset has one.
+    trial_splits: dict[str, SplitReport] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -603,6 +1070,11 @@ class ValidationReport:
         for name, s in self.splits.items():
             lines.append(f"{name:<10}{s.files:>7}{s.patients:>11}{s.rows_checked:>14}"
                          f"{s.longer_than_max_words:>15}{s.violations:>12}")
+        if self.trial_splits:
+            lines.append(f"{'trial':<10}{'files':>7}{'participants':>13}{'rows checked':>14}"
+                         f"{'violations':>12}")
+            for name, s in self.trial_splits.items():
+                lines.append(f"{name:<10}{s.files:>7}{s.patients:>13}{s.rows_checked:>14}{s.violations:>12}")
         other = sum(v.file.startswith(S.METADATA_DIR) for v in self.violations)
         if other:
             lines.append(f"metadata and codes: {other} violation(s)")
@@ -624,46 +1096,64 @@ def validate_dataset(
     report.violations += problems + check_codes(root, meta.vocab if meta else None)
     if meta is None:
         return report  # no n_weeks and no split counts: nothing to check the rows against
-    unknown = sorted(p.name for p in (root / S.DATA_DIR).glob("*") if p.name not in S.SPLITS)
-    if unknown:
-        report.violations.append(_meta(f"unknown split directories {unknown} under "
-                                       f"{S.DATA_DIR}/; splits are {list(S.SPLITS)}"))
+    trial = bool(meta.trial) or has_trial_part(root)
+    for part in (S.DATA_DIR, S.TRIAL_DIR) if trial else (S.DATA_DIR,):
+        unknown = sorted(p.name for p in (root / part).glob("*") if p.name not in S.SPLITS)
+        if unknown:
+            report.violations.append(_meta(f"unknown split directories {unknown} under "
+                                           f"{part}/; splits are {list(S.SPLITS)}"))
 
-    jobs = [(s, p.relative_to(root).as_posix()) for s in S.SPLITS for p in S.split_files(root, s)]
+    # (is trial, split, file), data first.
+    jobs = [(False, s, p.relative_to(root).as_posix()) for s in S.SPLITS for p in S.split_files(root, s)]
+    if trial:
+        jobs += [(True, s, p.relative_to(root).as_posix()) for s in S.SPLITS
+                 for p in S.trial_split_files(root, s)]
+    options = dict(n_weeks=meta.n_weeks, vocab=meta.vocab, modalities=meta.modalities,
+                   baseline_width=len(meta.trial.get(TRIAL_BASELINE_FEATURES, [])) if trial else None)
     if parallel:
         import ray
 
         if not ray.is_initialized():
             ray.init()
         remote = ray.remote(check_file)
-        refs = [remote.remote(str(root.resolve()), f, n_weeks=meta.n_weeks, split=s,
-                              max_violations=max_violations) for s, f in jobs]
-        results = list(zip([s for s, _ in jobs], ray.get(refs), strict=True))
+        refs = [remote.remote(str(root.resolve()), f, split=s, trial=t, max_violations=max_violations,
+                              **options) for t, s, f in jobs]
+        results = list(zip([(t, s) for t, s, _ in jobs], ray.get(refs), strict=True))
     else:
         results = []
         budget = max_violations - len(report.violations)
-        for split, f in jobs:
+        for t, split, f in jobs:
             if budget <= 0:
                 break
-            result = check_file(root, f, n_weeks=meta.n_weeks, split=split, max_violations=budget)
+            result = check_file(root, f, split=split, trial=t, max_violations=budget, **options)
             budget -= len(result.violations)
-            results.append((split, result))
+            results.append(((t, split), result))
 
-    for split in S.SPLITS:
-        files = [r for s, r in results if s == split]
-        complete = len(files) == sum(s == split for s, _ in jobs) and all(r.complete for r in files)
-        _merge_split(report, meta, split, files, complete=complete)
+    for t in (False, True) if trial else (False,):
+        for split in S.SPLITS:
+            files = [r for key, r in results if key == (t, split)]
+            expected = sum((jt, js) == (t, split) for jt, js, _ in jobs)
+            complete = len(files) == expected and all(r.complete for r in files)
+            _merge_split(report, meta, split, files, complete=complete, trial=t)
     report.truncated = len(report.violations) >= max_violations
     report.violations = report.violations[:max_violations]
     return report
 
 
 def _merge_split(report: ValidationReport, meta: S.DatasetMetadata, split: str,
-                 files: list[FileResult], *, complete: bool) -> None:
+                 files: list[FileResult], *, complete: bool, trial: bool = False) -> None:
     """Add one split's file results to ``report``: order across files, counts vs metadata."""
-    summary = report.splits[split]
-    summary.patients = meta.patients[split]
-    summary.files = len(S.split_files(report.root, split))
+    if trial:
+        summary = report.trial_splits.setdefault(split, SplitReport())
+        declared_rows = meta.trial.get(TRIAL_PARTICIPANTS, {}).get(split, 0)
+        summary.files = len(S.trial_split_files(report.root, split))
+        part = S.TRIAL_DIR
+    else:
+        summary = report.splits[split]
+        declared_rows = meta.patients[split]
+        summary.files = len(S.split_files(report.root, split))
+        part = S.DATA_DIR
+    summary.patients = declared_rows
     counts: Counter[int] = Counter()
     previous: FileResult | None = None
     for r in files:
@@ -683,9 +1173,12 @@ def _merge_split(report: ValidationReport, meta: S.DatasetMetadata, split: str,
         report.violations += found
     if not complete:
         return  # not every row was seen: the counts cannot be compared
-    if summary.rows_checked != meta.patients[split]:
-        report.violations.append(_meta(f"patients[{split!r}] is {meta.patients[split]}, but "
-                                       f"data/{split}/ holds {summary.rows_checked} rows"))
+    if summary.rows_checked != declared_rows:
+        key = f"trial[{TRIAL_PARTICIPANTS!r}]" if trial else "patients"
+        report.violations.append(_meta(f"{key}[{split!r}] is {declared_rows}, but "
+                                       f"{part}/{split}/ holds {summary.rows_checked} rows"))
+    if trial:
+        return
     declared = {int(k): v for k, v in meta.length_histogram[split].items() if v}
     if declared != dict(counts):
         diff = sorted(k for k in declared.keys() | counts.keys() if declared.get(k) != counts.get(k))
