@@ -8,13 +8,18 @@ sends below 50,000 are ``held_out``, those in [50,000, 100,000) are ``tuning``. 
 * a patient keeps its split when the dataset is regenerated or grown (no dependence on N);
 * at N >= 1,000,000 there are exactly 50,000 + 50,000 evaluation patients;
 * below that, 5% + 5% of patients, spread evenly over the id range (proportional).
+
+Trial participants (ids from ``schema.TRIAL_ID_OFFSET``) are assigned by their index in the
+trial (id less the offset), so a trial gets its own 5% + 5% evaluation participants. Imported
+datasets keep the source's splits (``provenance["splits"] == "source"``); this rule is then
+not applied to them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mirror.data.schema import HELD_OUT, TRAIN, TUNING
+from mirror.data.schema import HELD_OUT, TRAIN, TRIAL_ID_OFFSET, TUNING
 
 RESERVOIR = 1_000_000
 EVAL_PATIENTS = 50_000  # per evaluation split, at full size
@@ -31,6 +36,7 @@ def split_codes(subject_ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(subject_ids, dtype=np.int64)
     if ids.size and ids.min() < 0:
         raise ValueError("subject ids must be non-negative")
+    ids = np.where(ids >= TRIAL_ID_OFFSET, ids - TRIAL_ID_OFFSET, ids)  # a trial's own index
     position = (ids % RESERVOIR * _MULTIPLIER + _OFFSET) % RESERVOIR
     in_reservoir = ids < RESERVOIR
     codes = np.zeros(ids.shape, dtype=np.int8)

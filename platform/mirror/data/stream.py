@@ -336,8 +336,8 @@ def read_split(
         if shuffle_seed is not None:
             seed = ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         dataset = dataset.randomize_block_order(seed=seed)
-    read = _ReadRowGroups(
-        split=split, n_weeks=metadata.n_weeks, vocab=metadata.vocab, modalities=metadata.modalities,
+    read = _ReadRowGroups(  # imported datasets keep their source splits: no id rule for them
+        split=split if metadata.provenance.get("splits") != "source" else None, n_weeks=metadata.n_weeks, vocab=metadata.vocab, modalities=metadata.modalities,
         read_columns=read_columns, columns=columns,
         min_words=min_words, max_words=max_words, validate=validate,
         batch_rows=READ_BATCH_ROWS,

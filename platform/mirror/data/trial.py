@@ -659,7 +659,7 @@ def simulate_trial_block(p: TrialParams, seed: int, first: int, n: int) -> tuple
 def trial_split_codes(subject_ids: np.ndarray) -> np.ndarray:
     """Split code per participant: ``splits.split_codes`` of the participant index (the id
     less ``TRIAL_ID_OFFSET``), so a trial gets tuning and held-out participants as patients do."""
-    return split_codes(np.asarray(subject_ids, np.int64) - schema.TRIAL_ID_OFFSET)
+    return split_codes(subject_ids)  # splits.split_codes indexes trial ids from the offset
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ Rules (the closed set ``RULES``; every :class:`Violation` names one):
 ``subject_order``    subject ids strictly increase within a file and across a split's files in
                      path order; with dense ids this gives global uniqueness in O(1) memory.
 ``split``            each subject sits in the split ``splits.split_codes`` assigns (which also
-                     needs ids >= 0); trial participants too.
+                     needs ids >= 0); trial participants too. Not applied to imported
+                     datasets that keep their source splits (``provenance["splits"] == "source"``).
 ``sex``              sex is -1 (male) or 1 (female).
 ``list_lengths``     the lists of each modality are parallel: ``conditions``, ``age_groups``,
                      ``weeks`` and ``condition_stays`` have ``n_events`` items; every other
@@ -1108,6 +1109,8 @@ def validate_dataset(
     if trial:
         jobs += [(True, s, p.relative_to(root).as_posix()) for s in S.SPLITS
                  for p in S.trial_split_files(root, s)]
+    # Imported datasets keep their source's splits: the id rule of splits.py does not apply.
+    assigned = meta.provenance.get("splits") != "source"
     options = dict(n_weeks=meta.n_weeks, vocab=meta.vocab, modalities=meta.modalities,
                    baseline_width=len(meta.trial.get(TRIAL_BASELINE_FEATURES, [])) if trial else None)
     if parallel:
@@ -1116,7 +1119,8 @@ def validate_dataset(
         if not ray.is_initialized():
             ray.init()
         remote = ray.remote(check_file)
-        refs = [remote.remote(str(root.resolve()), f, split=s, trial=t, max_violations=max_violations,
+        refs = [remote.remote(str(root.resolve()), f, split=s if assigned else None, trial=t,
+                              max_violations=max_violations,
                               **options) for t, s, f in jobs]
         results = list(zip([(t, s) for t, s, _ in jobs], ray.get(refs), strict=True))
     else:
@@ -1125,7 +1129,8 @@ def validate_dataset(
         for t, split, f in jobs:
             if budget <= 0:
                 break
-            result = check_file(root, f, split=split, trial=t, max_violations=budget, **options)
+            result = check_file(root, f, split=split if assigned else None, trial=t,
+                                max_violations=budget, **options)
             budget -= len(result.violations)
             results.append(((t, split), result))
 
