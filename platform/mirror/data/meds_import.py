@@ -339,7 +339,7 @@ def read_splits(root: Path) -> tuple[np.ndarray, np.ndarray]:
     ids, codes = ids[order], codes[order]
     if (dupe := np.flatnonzero(ids[1:] == ids[:-1])).size:
         k = int(dupe[0])
-        rows = sorted(int(order[k]), int(order[k + 1]))
+        rows = sorted([int(order[k]), int(order[k + 1])])
         raise MedsImportError(
             f"{meds.subject_splits_filepath} rows {rows[0]} and {rows[1]}: split: subject {ids[k]} is "
             f"listed twice ({S.SPLITS[codes[k]]!r} and {S.SPLITS[codes[k + 1]]!r}); a subject "
@@ -737,6 +737,9 @@ def _medications(c: _Chunk, keep: np.ndarray, origin: int, counts: Counter, plac
     end_t = np.where(match >= 0, t[np.maximum(match, 0)], t[starts])
     start_week = _week(t[starts], origin)
     end_week = np.minimum(_week(end_t, origin), enroll_end[seg[starts]])
+    before = end_week < start_week
+    counts["medication_ends.stop_before_start"] += int(before.sum())
+    end_week = np.maximum(end_week, start_week)
     group = _group_ids([(seg[starts], c.target[starts].astype(np.int64))])[0]
     canonical = np.empty_like(end_week)
     canonical[np.lexsort((start_week, group))] = end_week[np.lexsort((end_week, group))]
@@ -811,6 +814,10 @@ def time_bounds(root: str, file: str, birth_pattern: str) -> tuple[int, int, int
         birth = re.compile(birth_pattern)
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[meds.DataSchema.time_name,
                                                                       meds.DataSchema.code_name]):
+            if batch.column(1).null_count:
+                row = rows + int(np.flatnonzero(np.asarray(batch.column(1).is_null()))[0])
+                raise MedsImportError(f"{file} row {row}: null_code: code is null (meds.DataSchema: "
+                                      "not nullable)")
             code = pc.dictionary_encode(batch.column(1))
             is_birth = np.array([bool(birth.search(c or "")) for c in code.dictionary.to_pylist()], bool)
             t = batch.column(0)
