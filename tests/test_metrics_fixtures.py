@@ -34,7 +34,7 @@ TINY = [
 def table_of(patients, n_weeks: int = N_WEEKS, enroll: tuple[int, int] | None = None) -> pa.Table:
     """ROW_SCHEMA table from ``(subject, sex, birth, words)`` tuples."""
     start, end = enroll or (0, n_weeks - 1)
-    return pa.Table.from_pydict(
+    return S.fill_missing_modalities(pa.Table.from_pydict(
         {
             S.SUBJECT_ID: [p[0] for p in patients],
             S.SEX: [p[1] for p in patients],
@@ -46,8 +46,8 @@ def table_of(patients, n_weeks: int = N_WEEKS, enroll: tuple[int, int] | None = 
             S.AGE_GROUPS: [[w[1] for w in p[3]] for p in patients],
             S.WEEKS: [[w[2] for w in p[3]] for p in patients],
         },
-        schema=S.ROW_SCHEMA,
-    )
+        schema=S.DIAGNOSIS_SCHEMA,
+    ))
 
 
 def tiny_table() -> pa.Table:

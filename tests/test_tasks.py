@@ -83,7 +83,7 @@ PATIENTS = {
 def rows_table(patients: dict[int, tuple[int, list[tuple[int, int, int]]]]) -> pa.Table:
     ids = list(patients)
     events = [patients[i][1] for i in ids]
-    return pa.Table.from_pydict(
+    return schema.fill_missing_modalities(pa.Table.from_pydict(
         {
             schema.SUBJECT_ID: ids,
             schema.SEX: [patients[i][0] for i in ids],
@@ -95,8 +95,8 @@ def rows_table(patients: dict[int, tuple[int, list[tuple[int, int, int]]]]) -> p
             schema.AGE_GROUPS: [[a for _, a, _ in e] for e in events],
             schema.WEEKS: [[wk for _, _, wk in e] for e in events],
         },
-        schema=schema.ROW_SCHEMA,
-    )
+        schema=schema.DIAGNOSIS_SCHEMA,
+    ))
 
 
 def held_out_batch() -> SequenceBatch:

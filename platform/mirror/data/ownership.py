@@ -48,7 +48,9 @@ def owned_dataset_files(root: Path, simulator_name: str) -> list[Path]:
         )
     allowed_meta = {"dataset.json", "codes.parquet", GENERATED_MARKER}
     allowed_truth = {"params.json", "params.npz", "trial_params.json"}
-    sharded_truth = {"latent", "trial_counterfactual"}  # ground_truth/<name>/<split>/part-*.parquet
+    # ground_truth/<name>/<split>/part-*.parquet: the latent state, the record stage's truth
+    # (record.TRUTH_SCHEMAS) and the trial's counterfactual twins.
+    sharded_truth = {"latent", "treatments", "admissions", "onsets", "trial_counterfactual"}
     owned: list[Path] = []
     for top in _TOPS:
         for path in sorted((root / top).rglob("*")):
