@@ -862,9 +862,10 @@ def plan(root: Path) -> list[ShardJob]:
     return jobs
 
 
-def check_output(source: str | Path, out: str | Path, overwrite: bool) -> None:
-    """OUT must be new or empty, or (with ``overwrite``) an earlier import; never inside the
-    source. Raises ``guards.GuardError``."""
+def check_output(source: str | Path, out: str | Path, overwrite: bool, *, importer: str = IMPORTER,
+                 parts: tuple[str, ...] = (S.DATA_DIR, S.METADATA_DIR)) -> None:
+    """OUT must be new or empty, or (with ``overwrite``) an earlier import by ``importer``
+    holding nothing but ``parts``; never inside the source. Raises ``guards.GuardError``."""
     from mirror.guards import GuardError
 
     src, dst = Path(source).resolve(), Path(out).resolve()
@@ -878,13 +879,13 @@ def check_output(source: str | Path, out: str | Path, overwrite: bool) -> None:
         raise GuardError(f"OUT {out}: already exists and is not empty; pass --overwrite to replace "
                          "an earlier import, or choose a new directory")
     try:
-        importer = json.loads((dst / S.DATASET_JSON).read_text())["provenance"]["importer"]
+        written_by = json.loads((dst / S.DATASET_JSON).read_text())["provenance"]["importer"]
     except (OSError, ValueError, KeyError, TypeError):
-        importer = None
-    others = sorted(p.name for p in dst.iterdir() if p.name not in {S.DATA_DIR, S.METADATA_DIR})
-    if importer != IMPORTER or others:
-        why = f"holds {others}" if others else f"{S.DATASET_JSON} is not from {IMPORTER}"
-        raise GuardError(f"OUT {out}: --overwrite replaces only an earlier import of {IMPORTER}, "
+        written_by = None
+    others = sorted(p.name for p in dst.iterdir() if p.name not in set(parts))
+    if written_by != importer or others:
+        why = f"holds {others}" if others else f"{S.DATASET_JSON} is not from {importer}"
+        raise GuardError(f"OUT {out}: --overwrite replaces only an earlier import of {importer}, "
                          f"but it {why}; refusing to delete it")
 
 
@@ -992,6 +993,13 @@ def import_meds(source: str | Path, out: str | Path, *, config: ImportConfig | N
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    replace_directory(staging, dst)
+    return report
+
+
+def replace_directory(staging: Path, dst: Path) -> None:
+    """Move the finished ``staging`` directory to ``dst``, replacing what ``dst`` held (an
+    earlier import that ``check_output`` allowed) only once the new one is complete."""
     old = None
     if dst.exists():
         if any(dst.iterdir()):
@@ -1002,7 +1010,6 @@ def import_meds(source: str | Path, out: str | Path, *, config: ImportConfig | N
     staging.rename(dst)
     if old is not None:
         shutil.rmtree(old)
-    return report
 
 
 def _finish(root: Path, staging: Path, dst: Path, cfg: ImportConfig, source_meta: dict[str, Any],
@@ -1117,4 +1124,5 @@ __all__ = [
     "import_meds",
     "import_shard",
     "plan",
+    "replace_directory",
 ]
