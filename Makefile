@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint fixtures demo bench-data bench-train bench-metrics bench-gpu bench-scale reference-mirror clean
+.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-metrics bench-gpu bench-scale reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,14 @@ bench-data: install
 SCALE_ARGS ?=
 bench-scale: install
 	$(PY) bench/bench_scale.py $(SCALE_ARGS)
+
+# MEDS import throughput (events/s) on a MEDS export of 1M simulated patients (whole record and
+# trial), against a plain pyarrow scan of the same files in the same run, as a ratio. Inputs
+# under /tmp/mirror-bench (reused). Writes bench/results/import.json. IMPORT_ARGS passes options
+# (e.g. --patients 100000).
+IMPORT_ARGS ?=
+bench-import: install
+	$(PY) bench/bench_import.py $(IMPORT_ARGS)
 
 # Full synthetic-data scorecard, 50K synthetic vs 200K real, and how its time and peak memory
 # grow from a 50K to a 200K real reference. Writes bench/results/metrics.json.

@@ -200,7 +200,7 @@ def build_vocabulary(source_codes: pa.Table, meta: S.DatasetMetadata) -> ExportV
           parents=lambda r: [r["parent_code"]] if r["parent_code"] else [f"LOINC/{r['code']}"],
           describe=lambda r: f"{r['name']} [{r['unit']}]" if r["unit"] else r["name"])
 
-    arms = meta.trial.get("arms") or ["control", "treatment"]
+    arms = meta.trial.get("arm_names") or meta.trial.get("arms") or ["control", "treatment"]
     v.add_block("trial_arm", "trial_arms", [
         {"code": f"TRIAL//ARM//{i}", "description": f"Randomised to arm {i} ({name}); time: enrollment day",
          "modality": "trial", "source_id": i} for i, name in enumerate(arms[:2])

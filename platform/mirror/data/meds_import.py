@@ -562,18 +562,18 @@ def _convert_chunk(c: _Chunk, ctx: ImportContext, job: ShardJob, result: ShardRe
     d = np.flatnonzero(diag)
     d = d[np.lexsort((c.target[d], week[d], seg[d]))]
     order_cols["diagnoses"] = [(c.target[d], pa.int16()), (age[d], pa.int8()), (week[d], pa.int32()),
-                               (stays.of(d), pa.int16())]
+                               (stays.of(d, "diagnoses"), pa.int16())]
     diag_seg = seg[d]
 
     p = np.flatnonzero(place("procedures", (kind == PROCEDURE) & mapped))
     p = p[np.lexsort((c.target[p], week[p], seg[p]))]
-    order_cols["procedures"] = [(c.target[p], pa.int16()), (week[p], pa.int32()), (stays.of(p), pa.int16())]
+    order_cols["procedures"] = [(c.target[p], pa.int16()), (week[p], pa.int32()), (stays.of(p, "procedures"), pa.int16())]
 
     med_start, med_end = _medications(c, keep, origin, counts, place, enroll_end)
     perm = np.lexsort((med_end, c.target[med_start], week[med_start], seg[med_start]))
     m, m_end = med_start[perm], med_end[perm]
     order_cols["medications"] = [(c.target[m], pa.int16()), (week[m], pa.int32()), (m_end, pa.int32()),
-                                 (stays.of(m), pa.int16())]
+                                 (stays.of(m, "medication_starts"), pa.int16())]
 
     lab_rule = [(lab.low, lab.high) for lab in V.LABS]
     lab_id = np.where(kind == LAB, np.maximum(c.target, 0), 0)
@@ -584,7 +584,7 @@ def _convert_chunk(c: _Chunk, ctx: ImportContext, job: ShardJob, result: ShardRe
     L = np.flatnonzero(lab)
     L = L[np.lexsort((c.value[L], c.target[L], week[L], seg[L]))]
     order_cols["labs"] = [(c.target[L], pa.int8()), (week[L], pa.int32()),
-                          (c.value[L].astype(np.float32), pa.float32()), (stays.of(L), pa.int16())]
+                          (c.value[L].astype(np.float32), pa.float32()), (stays.of(L, "labs"), pa.int16())]
 
     segs = {"diagnoses": diag_seg, "procedures": seg[p], "medications": seg[m], "labs": seg[L],
             "admissions": stays.seg}
@@ -623,7 +623,7 @@ class _Stays:
     """Admissions of one chunk (admit/discharge pairs) and the stay index of any event."""
 
     def __init__(self, c: _Chunk, keep: np.ndarray, origin: int, cfg: ImportConfig, counts: Counter, place) -> None:
-        self.c = c
+        self.c, self.origin, self.counts = c, origin, counts
         kind, t, seg = c.kind, c.t, c.seg
         admit = place("admissions", kind == ADMIT)
         discharge = place("discharges", kind == DISCHARGE)
@@ -679,8 +679,11 @@ class _Stays:
         self.index = _within_group_rank(self.seg, self.admit_t)
         self.key = c.key[pa_] if c.key is not None else None
 
-    def of(self, events: np.ndarray) -> np.ndarray:
-        """Stay index (into the subject's admissions) of each event, or ``NO_STAY``."""
+    def of(self, events: np.ndarray, label: str) -> np.ndarray:
+        """Stay index (into the subject's admissions) of each event, or ``NO_STAY``. A keyed
+        event (``hadm_id``) timed outside its stay's weeks (real data: labs drawn in the
+        emergency department before admission, procedures charted after discharge) keeps its
+        time and loses the link, counted as ``<label>.stay_key_outside_stay``."""
         out = np.full(events.size, S.NO_STAY, np.int64)
         if not events.size or not self.seg.size:
             return out
@@ -691,7 +694,15 @@ class _Stays:
             ge, gs = _group_ids([(c.seg[ev], c.key[ev]), (self.seg, self.key)])
             lookup = np.full(max(ge.max(initial=-1), gs.max(initial=-1)) + 1, S.NO_STAY, np.int64)
             lookup[gs] = self.index
-            out[has] = lookup[ge]
+            stay = np.full(max(ge.max(initial=-1), gs.max(initial=-1)) + 1, -1, np.int64)
+            stay[gs] = np.arange(gs.size)
+            linked = stay[ge]
+            week = _week(c.t[ev], self.origin)
+            pos = np.maximum(linked, 0)
+            outside = (linked >= 0) & ((week < self.admit_day[pos] // S.DAYS_PER_WEEK)
+                                       | (week > self.discharge_day[pos] // S.DAYS_PER_WEEK))
+            self.counts[f"{label}.stay_key_outside_stay"] += int(outside.sum())
+            out[has] = np.where(outside, S.NO_STAY, lookup[ge])
             return out
         # Containment: the last admission of the subject at or before the event.
         times = np.unique(np.r_[c.t[events], self.admit_t])
@@ -862,9 +873,10 @@ def plan(root: Path) -> list[ShardJob]:
     return jobs
 
 
-def check_output(source: str | Path, out: str | Path, overwrite: bool) -> None:
-    """OUT must be new or empty, or (with ``overwrite``) an earlier import; never inside the
-    source. Raises ``guards.GuardError``."""
+def check_output(source: str | Path, out: str | Path, overwrite: bool, *, importer: str = IMPORTER,
+                 parts: tuple[str, ...] = (S.DATA_DIR, S.METADATA_DIR)) -> None:
+    """OUT must be new or empty, or (with ``overwrite``) an earlier import by ``importer``
+    holding nothing but ``parts``; never inside the source. Raises ``guards.GuardError``."""
     from mirror.guards import GuardError
 
     src, dst = Path(source).resolve(), Path(out).resolve()
@@ -878,13 +890,13 @@ def check_output(source: str | Path, out: str | Path, overwrite: bool) -> None:
         raise GuardError(f"OUT {out}: already exists and is not empty; pass --overwrite to replace "
                          "an earlier import, or choose a new directory")
     try:
-        importer = json.loads((dst / S.DATASET_JSON).read_text())["provenance"]["importer"]
+        written_by = json.loads((dst / S.DATASET_JSON).read_text())["provenance"]["importer"]
     except (OSError, ValueError, KeyError, TypeError):
-        importer = None
-    others = sorted(p.name for p in dst.iterdir() if p.name not in {S.DATA_DIR, S.METADATA_DIR})
-    if importer != IMPORTER or others:
-        why = f"holds {others}" if others else f"{S.DATASET_JSON} is not from {IMPORTER}"
-        raise GuardError(f"OUT {out}: --overwrite replaces only an earlier import of {IMPORTER}, "
+        written_by = None
+    others = sorted(p.name for p in dst.iterdir() if p.name not in set(parts))
+    if written_by != importer or others:
+        why = f"holds {others}" if others else f"{S.DATASET_JSON} is not from {importer}"
+        raise GuardError(f"OUT {out}: --overwrite replaces only an earlier import of {importer}, "
                          f"but it {why}; refusing to delete it")
 
 
@@ -992,6 +1004,13 @@ def import_meds(source: str | Path, out: str | Path, *, config: ImportConfig | N
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    replace_directory(staging, dst)
+    return report
+
+
+def replace_directory(staging: Path, dst: Path) -> None:
+    """Move the finished ``staging`` directory to ``dst``, replacing what ``dst`` held (an
+    earlier import that ``check_output`` allowed) only once the new one is complete."""
     old = None
     if dst.exists():
         if any(dst.iterdir()):
@@ -1002,7 +1021,6 @@ def import_meds(source: str | Path, out: str | Path, *, config: ImportConfig | N
     staging.rename(dst)
     if old is not None:
         shutil.rmtree(old)
-    return report
 
 
 def _finish(root: Path, staging: Path, dst: Path, cfg: ImportConfig, source_meta: dict[str, Any],
@@ -1117,4 +1135,5 @@ __all__ = [
     "import_meds",
     "import_shard",
     "plan",
+    "replace_directory",
 ]
