@@ -120,3 +120,56 @@ def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(datas
     assert batch.size == rep.kept
     assert batch.delta_target.abs().sum() > 0 and batch.delta_observed.any()
     assert batch.delta_in.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_two_stage_pretrain_then_fine_tune(dataset):
+    """Stage 1 learns Δ_{t+1}; stage 2 starts from its RNN and fine-tunes on the onsets and
+    labs (in process: the loop itself is covered by test_views)."""
+    import torch
+
+    from mirror.data.views.windows import WindowsView, WindowsViewConfig
+    from mirror.models import build_model
+
+    if not (dataset / "delta" / "psm").is_dir():
+        pytest.skip("needs the Δ of test_estimate_delta_end_to_end")
+    view = WindowsView(WindowsViewConfig(lookback=2, delta="psm"), str(dataset))
+    ds, _ = view.read(schema.TRAIN)
+    batch = next(iter(view.batches(ds, 100_000, training=True, device="cpu")))
+    torch.manual_seed(0)
+    stage1 = build_model("causal_rnn_delta", {"cell": "lstm", "hidden": 8}, view.info())
+    opt = stage1.make_optimizers()["model"]
+    first = float(stage1(batch)["loss"])
+    for _ in range(30):
+        opt.zero_grad()
+        (stage1(batch)["loss"] / batch.size).backward()
+        opt.step()
+    assert float(stage1(batch)["loss"]) < first
+    stage2 = build_model("causal_rnn", {"cell": "lstm", "hidden": 8, "mode": "pretrain"}, view.info(), upstream=stage1)
+    for a, b in zip(stage2.encoder.parameters(), stage1.encoder.parameters(), strict=True):
+        assert torch.equal(a, b) and a is not b
+    out = stage2.predict(batch)
+    assert set(out) == {"onset_dm", "onset_cad", "onset_ckd", "onset_stroke", "next_ldl", "next_sbp", "next_tg"}
+    assert ((out["onset_dm"].score > 0) & (out["onset_dm"].score < 1)).all()
+    with pytest.raises(ValueError, match="upstream-run"):
+        build_model("causal_rnn", {"mode": "pretrain"}, view.info())
+    with pytest.raises(ValueError, match="view.delta"):
+        build_model("causal_rnn", {"mode": "augment"}, WindowsView(WindowsViewConfig(), str(dataset)).info())
+
+
+def test_paired_t_test_matches_scipy():
+    from scipy.stats import ttest_rel
+
+    from mirror.causal.stats import paired_t_one_sided, stars
+
+    pretrain = np.array([0.8069, 0.8012, 0.8101, 0.7990, 0.8044])
+    none = np.array([0.7846, 0.7901, 0.7855, 0.7950, 0.7832])
+    t, p = paired_t_one_sided(pretrain, none)
+    ref = ttest_rel(pretrain, none, alternative="greater")
+    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    t2, p2 = paired_t_one_sided(np.array([750.0, 760, 745]), np.array([1006.0, 990, 1010]), greater=False)
+    ref2 = ttest_rel([750.0, 760, 745], [1006.0, 990, 1010], alternative="less")
+    assert t2 == pytest.approx(ref2.statistic) and p2 == pytest.approx(ref2.pvalue)
+    assert (stars(0.0005), stars(0.005), stars(0.05), stars(0.2)) == ("***", "**", "*", "")
+    with pytest.raises(ValueError, match="paired splits"):
+        paired_t_one_sided(np.array([1.0]), np.array([0.0]))
