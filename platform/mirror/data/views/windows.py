@@ -462,6 +462,10 @@ class WindowsView(DataView):
                 "write it with jobs/estimate_delta.py --data ROOT --name NAME"
             )
 
+    @classmethod
+    def probe_info(cls) -> WindowsInfo:
+        return WindowsInfo(has_delta=True)  # so every mode of every window model can be built
+
     def info(self) -> WindowsInfo:
         return WindowsInfo(lookback=self.config.lookback, has_delta=bool(self.config.delta))
 
