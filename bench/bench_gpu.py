@@ -76,6 +76,8 @@ class Plan:
 def make_plan(device: str, tiny: bool, budget_s: float) -> Plan:
     from mirror.models import MODELS
 
+    # Sentence models only (tokens/s and sentence batches); window models are sized elsewhere.
+    MODELS = {n: spec for n, spec in MODELS.items() if spec.view.name == "sequence"}  # noqa: N806
     if tiny:
         return Plan(device, TINY_SCALE, {n: TINY_LATENTS for n in MODELS}, 300, 16, 1, 2, 32, budget_s)
     latents = {n: REAL_LATENTS.get(n, (64, 1024)) for n in MODELS}

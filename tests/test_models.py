@@ -113,8 +113,8 @@ def train(model: TrainableModel, batch: SequenceBatch, steps: int) -> list[dict[
 
 
 def test_registry_lists_valid_names_for_unknown_model():
-    assert set(MODELS) == {"ae", "wae"}
-    with pytest.raises(ValueError, match=r"unknown model 'vae'; valid models: ae, wae"):
+    assert {"ae", "wae"} <= set(MODELS)
+    with pytest.raises(ValueError, match=r"unknown model 'vae'; valid models: ae, "):
         get_model_spec("vae")
     with pytest.raises(ValueError, match="valid models"):
         build_model("gan", {}, INFO)
@@ -455,7 +455,7 @@ def test_local_step_context_clips_and_reports_pre_clip_norm():
 # LR schedules.
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(n for n, spec in MODELS.items() if spec.view is SequenceView))
 def test_every_optimizer_schedule_advances_once_per_training_step(name: str):
     """An optimizer's LR schedule is sized in training steps: after N steps each optimizer's
     rate is base * lr_lambda(N), however many optimizer steps a training step takes (the WAE

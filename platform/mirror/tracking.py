@@ -217,3 +217,9 @@ def logged_model_names(run_id: str, uri: str | None = None) -> list[str]:
         experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
     )
     return [m.name for m in models]
+
+
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str, uri: str | None = None) -> None:
+    """A table (list of same-keyed dicts) as an MLflow table artifact (``artifact_file``: .json)."""
+    columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
+    client(uri).log_table(run_id, data=columns, artifact_file=artifact_file)

@@ -1,0 +1,363 @@
+"""Δ by propensity-score matching (seed 003), as Ray tasks with bounded memory.
+
+For every patient-window ``t`` (with windows ``t - 1`` and ``t + 1``) and ladder, a
+*transition row* says the level at ``t - 1`` (``from``) and at ``t`` (``to``), the covariates
+X_{t-1} (the windows view's features) and the outcome X_{t+1} (raw lab values). A row with
+``to > from`` is *treated* in stratum (ladder, from -> to); a row with ``to == from`` is a
+*control* for every stratum leaving ``from``. Then, per stratum:
+
+* propensity: logistic regression (scikit-learn) of treated vs control on X_{t-1}, fitted on
+  the training split only, on at most ``max_fit_rows`` treated and as many controls, drawn
+  uniformly (subsampling controls shifts every logit by one constant: matching and the SD
+  caliper are unchanged);
+* matching: each treated row (any split) takes the control of the training split with the
+  nearest propensity logit, by sorted search (``match_nearest``: O(n log n), never all pairs),
+  *with replacement* (a control may serve several treated rows: every treated row gets its
+  best control, and the estimate does not depend on the order of matching); a match farther
+  than ``caliper_sd`` x the pooled SD of the logit is dropped (counted). Test patients never
+  serve as controls;
+* Δ_{t+1} = X^A_{t+1} - X^B_{t+1} on every lab (observed where both were measured).
+
+Memory: patients are dealt into ``blocks`` by a hash of their id, transition rows are written
+partitioned by block, and every step runs as one Ray task per block (count, sample, match) or
+per data shard (write): a task holds one block's rows, never the population. Matching within a
+block (a random ~1/blocks of the controls) at 100M patients still has millions of controls per
+stratum. Counts: treated, matched, dropped by the caliper, no control at all.
+
+Balance: standardised mean differences of X_{t-1} per stratum before matching (all treated vs
+all controls) and after (matched treated vs their controls, with multiplicity), over the
+pooled SD before matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mirror.config import require
+from mirror.data import schema
+from mirror.data.views.windows import (
+    LAB_SHORTS,
+    N_LABS,
+    N_LADDERS,
+    N_WINDOW_FEATURES,
+    Windows,
+    patient_windows,
+)
+
+FEATURE_NAMES = (
+    [f"{s}" for s in LAB_SHORTS] + [f"{s}_measured" for s in LAB_SHORTS]
+    + ["level_diabetes", "level_lipids", "level_hypertension", "female", "age", "present",
+       "index_lab", "index_lab_measured"]
+)  # fmt: skip
+N_PROPENSITY_FEATURES = N_WINDOW_FEATURES + 2
+# Balance is judged on the covariates that vary ("present" is 1 in every transition row).
+BALANCE_FEATURES = np.array([i for i, n in enumerate(FEATURE_NAMES) if n != "present"])
+SPLIT_CODE = {s: i for i, s in enumerate(schema.SPLITS)}
+MAX_LEVEL = 8  # key packing: ladder * 64 + from * 8 + to
+
+
+def stratum_key(ladder: np.ndarray | int, from_level: np.ndarray | int, to_level: np.ndarray | int) -> Any:
+    return ladder * 64 + from_level * MAX_LEVEL + to_level
+
+
+def unpack_key(key: int) -> tuple[int, int, int]:
+    return key // 64, key % 64 // MAX_LEVEL, key % MAX_LEVEL
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """How Δ is estimated (``jobs/estimate_delta.py`` flags)."""
+
+    window_weeks: int = 52
+    caliper_sd: float = 0.2  # Austin 2011: 0.2 SD of the logit of the propensity
+    block_patients: int = 1_000_000  # patients per block (one task's rows); sets the block count
+    min_treated: int = 10  # strata with fewer training treated rows get no model (counted)
+    max_fit_rows: int = 100_000  # per stratum and class (treated, controls) for the propensity
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self, "caliper_sd", self.caliper_sd > 0, "a positive number of SDs")
+        require(self, "block_patients", self.block_patients >= 1, "an int >= 1")
+        require(self, "min_treated", self.min_treated >= 2, "an int >= 2")
+        require(self, "max_fit_rows", self.max_fit_rows >= 10, "an int >= 10")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Transition rows
+
+
+def block_of(subject_id: np.ndarray, blocks: int) -> np.ndarray:
+    """A patient's block: a multiplicative hash of its id (all its rows in one block)."""
+    return ((subject_id.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32) % np.uint64(blocks)).astype(np.int32)
+
+
+def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks: int) -> pa.Table:
+    """One row per (window t with a previous and a next window, ladder) below the ladder's top."""
+    from mirror.data.views.windows import LADDER_LEVELS
+
+    n_win = windows.n_windows[windows.owner]
+    t = np.flatnonzero((windows.index >= 1) & (windows.index <= n_win - 2))
+    x = windows.features(t - 1, carry_forward=True)
+    from mirror.data.views.windows import _LADDER_LAB_COLUMN, LAB_SCALE, LAB_TYPICAL
+    y = windows.lab_value[t + 1].astype(np.float32)
+    y_week = windows.lab_week[t + 1].astype(np.int32)
+    parts = []
+    for li in range(N_LADDERS):
+        from_level = windows.level[t - 1, li]
+        keep = from_level < LADDER_LEVELS[li]
+        rows = t[keep]
+        index = windows.index_value[rows, li]
+        lab = _LADDER_LAB_COLUMN[li]
+        index_x = np.c_[np.nan_to_num((index - LAB_TYPICAL[lab]) / LAB_SCALE[lab]), ~np.isnan(index)]
+        sid = subject_id[windows.owner[rows]].astype(np.int64)
+        parts.append({
+            "subject_id": sid, "window": windows.index[rows].astype(np.int16),
+            "window_start": windows.start_week[rows].astype(np.int32),
+            "ladder": np.full(len(rows), li, np.int8), "from_level": from_level[keep].astype(np.int8),
+            "to_level": windows.level[rows, li].astype(np.int8), "x": np.c_[x[keep], index_x].astype(np.float32), "y": y[keep],
+            "y_week": y_week[keep],
+        })  # fmt: skip
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    n = len(cols["subject_id"])
+    table = {k: v for k, v in cols.items() if v.ndim == 1}
+    table["split"] = np.full(n, SPLIT_CODE[split], np.int8)
+    table["block"] = block_of(cols["subject_id"], blocks)
+    for k in ("x", "y", "y_week"):
+        table[k] = pa.FixedSizeListArray.from_arrays(pa.array(cols[k].reshape(-1)), cols[k].shape[1])
+    return pa.table(table)
+
+
+class _TransitionsFn:
+    """Ray Data UDF: patient rows -> transition rows."""
+
+    def __init__(self, split: str, window_weeks: int, blocks: int) -> None:
+        self.split, self.window_weeks, self.blocks = split, window_weeks, blocks
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        windows = patient_windows(table, self.window_weeks)
+        return transition_rows(windows, table.column(schema.SUBJECT_ID).to_numpy(), self.split, self.blocks)
+
+
+def fixed(table: pa.Table, name: str, width: int) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
+
+
+# --------------------------------------------------------------------------------------------
+# Matching and balance (pure numpy; the 6-patient test checks these by hand)
+
+
+def match_nearest(treated_logit: np.ndarray, control_logit: np.ndarray, caliper: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest control on the logit for every treated row, with replacement, by sorted search.
+
+    Returns the index of each treated row's control (into ``control_logit``; -1 with no
+    control at all) and whether it lies within ``caliper``. Ties go to the lower logit."""
+    if not len(control_logit):
+        return np.full(len(treated_logit), -1), np.zeros(len(treated_logit), bool)
+    order = np.argsort(control_logit, kind="stable")
+    sorted_logit = control_logit[order]
+    pos = np.searchsorted(sorted_logit, treated_logit)
+    left = np.clip(pos - 1, 0, len(order) - 1)
+    right = np.clip(pos, 0, len(order) - 1)
+    d_left = np.abs(treated_logit - sorted_logit[left])
+    d_right = np.abs(sorted_logit[right] - treated_logit)
+    pick = np.where(d_right < d_left, right, left)
+    return order[pick], np.minimum(d_left, d_right) <= caliper
+
+
+@dataclass
+class Moments:
+    """Additive sums of rows of covariates: count, sum, sum of squares (per column)."""
+
+    n: float = 0.0
+    s: np.ndarray | float = 0.0
+    ss: np.ndarray | float = 0.0
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Moments:
+        x = np.asarray(x, np.float64)
+        return cls(float(len(x)), x.sum(axis=0), (x * x).sum(axis=0))
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.n + other.n, self.s + other.s, self.ss + other.ss)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.s) / max(self.n, 1.0)
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(np.asarray(self.ss) / max(self.n, 1.0) - self.mean**2, 0.0)
+
+
+def smd(treated: Moments, control: Moments, pooled_sd: np.ndarray) -> np.ndarray:
+    """Standardised mean difference per covariate (0 where the covariate does not vary)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pooled_sd > 1e-9, (treated.mean - control.mean) / pooled_sd, 0.0)
+
+
+def pooled_sd(treated: Moments, control: Moments) -> np.ndarray:
+    return np.sqrt((treated.var + control.var) / 2.0)
+
+
+@dataclass
+class StratumSums:
+    """What the block tasks add up for one stratum."""
+
+    treated: int = 0  # treated rows (all splits)
+    matched: int = 0
+    caliper_drops: int = 0
+    no_controls: int = 0  # treated rows whose block had no control at all
+    controls: int = 0  # control rows in the pool (training split)
+    x_treated: Moments | None = None  # all treated
+    x_treated_matched: Moments | None = None
+    x_controls: Moments | None = None  # all controls of the stratum's pool
+    x_matched_controls: Moments | None = None  # with multiplicity
+    y_treated: Moments | None = None  # naive: outcome sums where observed (per lab)
+    y_treated_n: np.ndarray | None = None
+    y_controls: Moments | None = None
+    y_controls_n: np.ndarray | None = None
+    delta_sum: np.ndarray | None = None  # Δ over matched pairs, where both observed
+    delta_n: np.ndarray | None = None
+
+    def __add__(self, o: StratumSums) -> StratumSums:
+        def add(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else a + b
+
+        return StratumSums(**{k: add(getattr(self, k), getattr(o, k)) for k in self.__dataclass_fields__})
+
+
+def outcome_sums(y: np.ndarray) -> tuple[Moments, np.ndarray]:
+    """Sums of an outcome (R, N_LABS) with NaN missing, and counts per lab."""
+    observed = ~np.isnan(y)
+    z = np.where(observed, y, 0.0)
+    return Moments(float(len(y)), z.sum(axis=0), (z * z).sum(axis=0)), observed.sum(axis=0).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Propensity:
+    """A stratum's fitted logistic model and its caliper (in logit units)."""
+
+    key: int
+    coef: np.ndarray
+    intercept: float
+    caliper: float
+    fit_treated: int
+    fit_controls: int
+
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float64) @ self.coef + self.intercept
+
+
+def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int = 0) -> Propensity:
+    """Logistic regression treated vs control; caliper = ``caliper_sd`` x pooled SD of the logit
+    (the average of the two groups' variances, so subsampling either group does not move it)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([x_treated, x_controls]).astype(np.float64)
+    label = np.r_[np.ones(len(x_treated)), np.zeros(len(x_controls))]
+    model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(x, label)
+    coef, intercept = model.coef_[0], float(model.intercept_[0])
+    lt, lc = x_treated @ coef + intercept, x_controls @ coef + intercept
+    sd = float(np.sqrt((lt.var() + lc.var()) / 2.0))
+    return Propensity(key, coef, intercept, caliper_sd * max(sd, 1e-9), len(x_treated), len(x_controls))
+
+
+def match_stratum(model: Propensity, treated: dict[str, np.ndarray], controls: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], StratumSums]:
+    """Match one stratum's treated rows to its controls (both of one block); returns one row per
+    treated row (matched or not, with its control and Δ) and the stratum's sums."""
+    lt, lc = model.logit(treated["x"]), model.logit(controls["x"])
+    pick, within = match_nearest(lt, lc, model.caliper)
+    has_control = pick >= 0
+    matched = within & has_control
+    j = np.where(has_control, pick, 0)
+    y_control = controls["y"][j] if len(controls["y"]) else np.full_like(treated["y"], np.nan)
+    delta = treated["y"] - y_control
+    delta[~matched] = np.nan
+    sums = StratumSums(
+        treated=len(lt), matched=int(matched.sum()), caliper_drops=int((has_control & ~within).sum()),
+        no_controls=int((~has_control).sum()), controls=len(lc),
+        x_treated=Moments.of(treated["x"]), x_treated_matched=Moments.of(treated["x"][matched]),
+        x_controls=Moments.of(controls["x"]), x_matched_controls=Moments.of(controls["x"][j[matched]]),
+    )  # fmt: skip
+    sums.y_treated, sums.y_treated_n = outcome_sums(treated["y"])
+    sums.y_controls, sums.y_controls_n = outcome_sums(controls["y"])
+    d_obs = ~np.isnan(delta)
+    sums.delta_sum, sums.delta_n = np.where(d_obs, delta, 0.0).sum(axis=0), d_obs.sum(axis=0).astype(np.float64)
+    rows = {
+        "subject_id": treated["subject_id"], "split": treated["split"], "window": treated["window"],
+        "window_start": treated["window_start"], "ladder": treated["ladder"], "from_level": treated["from_level"],
+        "to_level": treated["to_level"], "matched": matched,
+        "control_subject_id": np.where(matched, controls["subject_id"][j] if len(lc) else -1, -1),
+        "logit": lt, "y": treated["y"], "y_week": treated["y_week"], "delta": delta.astype(np.float32),
+    }  # fmt: skip
+    return rows, sums
+
+
+def match_block(transitions: pa.Table, models: dict[int, Propensity]) -> tuple[pa.Table, dict[int, StratumSums]]:
+    """Every stratum of one block: treated rows of any split, controls of the training split."""
+    cols = {name: transitions.column(name).to_numpy() for name in
+            ("subject_id", "split", "window", "window_start", "ladder", "from_level", "to_level")}
+    cols["x"] = fixed(transitions, "x", N_PROPENSITY_FEATURES)
+    cols["y"] = fixed(transitions, "y", N_LABS).astype(np.float64)
+    cols["y_week"] = fixed(transitions, "y_week", N_LABS)
+    ladder = cols["ladder"].astype(np.int64)
+    f, t = cols["from_level"].astype(np.int64), cols["to_level"].astype(np.int64)
+    key = stratum_key(ladder, f, t)
+    control_key = np.where((f == t) & (cols["split"] == SPLIT_CODE[schema.TRAIN]), stratum_key(ladder, f, 0), -1)
+    out_rows, out_sums = [], {}
+    for k, model in models.items():  # a few dozen strata, each vectorised
+        li, fl, _ = unpack_key(k)
+        ti = np.flatnonzero(key == k)
+        ci = np.flatnonzero(control_key == stratum_key(li, fl, 0))
+        if not len(ti):
+            continue
+        rows, sums = match_stratum(model, {n: v[ti] for n, v in cols.items()}, {n: v[ci] for n, v in cols.items()})
+        out_rows.append(rows)
+        out_sums[k] = sums
+    if not out_rows:
+        return MATCH_SCHEMA.empty_table(), out_sums
+    merged = {n: np.concatenate([r[n] for r in out_rows]) for n in out_rows[0]}
+    order = np.argsort(merged["subject_id"], kind="stable")
+    arrays = []
+    for field in MATCH_SCHEMA:
+        v = merged[field.name][order]
+        if pa.types.is_fixed_size_list(field.type):
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), field.type.value_type), N_LABS))
+        else:
+            arrays.append(pa.array(v, field.type))
+    return pa.Table.from_arrays(arrays, schema=MATCH_SCHEMA), out_sums
+
+
+MATCH_SCHEMA = pa.schema([
+    ("subject_id", pa.int64()), ("split", pa.int8()), ("window", pa.int16()), ("window_start", pa.int32()),
+    ("ladder", pa.int8()), ("from_level", pa.int8()), ("to_level", pa.int8()), ("matched", pa.bool_()),
+    ("control_subject_id", pa.int64()), ("logit", pa.float64()),
+    ("y", pa.list_(pa.float32(), N_LABS)), ("y_week", pa.list_(pa.int32(), N_LABS)),
+    ("delta", pa.list_(pa.float32(), N_LABS)),
+])  # fmt: skip
+
+
+def balance_rows(sums: dict[int, StratumSums]) -> list[dict[str, Any]]:
+    """Per stratum and covariate: SMD before and after matching (the MLflow balance table)."""
+    from mirror.data.views.windows import LADDER_NAMES
+
+    rows = []
+    for k, s in sorted(sums.items()):
+        if s.x_treated is None or s.x_controls is None or not s.controls:
+            continue
+        li, f, t = unpack_key(k)
+        sd = pooled_sd(s.x_treated, s.x_controls)
+        before = smd(s.x_treated, s.x_controls, sd)
+        after = smd(s.x_treated_matched, s.x_matched_controls, sd) if s.matched else np.full_like(before, np.nan)
+        for i in BALANCE_FEATURES:
+            rows.append({"ladder": LADDER_NAMES[li], "transition": f"{f}->{t}", "covariate": FEATURE_NAMES[i],
+                         "smd_before": float(before[i]), "smd_after": float(after[i])})
+    return rows

@@ -1,0 +1,175 @@
+"""Δ by propensity matching: the windows view, matching by hand, and the estimator end to end
+against the simulator's true effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mirror.causal.delta import N_PROPENSITY_FEATURES, Propensity, match_nearest, match_stratum
+from mirror.data import schema
+from mirror.data.views.windows import (
+    DELTA_SCHEMA,
+    LADDER_NAMES,
+    N_DELTA,
+    N_LABS,
+    READ_COLUMNS,
+    count_examples,
+    patient_windows,
+    window_examples,
+)
+
+
+def test_six_patients_match_by_hand():
+    """Treated A1..A3, controls B1..B3 on a logit that is the first covariate: A1 (0.10) takes
+    B1 (0.12), A2 (0.50) takes B2 (0.45, nearer than B1), A3 (3.0) is 1.5 from B3 (1.5) and
+    beyond the caliper (1.0): dropped. Δ = y_A - y_B where both are measured."""
+    model = Propensity(key=0, coef=np.r_[1.0, np.zeros(N_PROPENSITY_FEATURES - 1)], intercept=0.0, caliper=1.0,
+                       fit_treated=3, fit_controls=3)
+
+    def rows(ids, logits, y):
+        x = np.zeros((len(ids), N_PROPENSITY_FEATURES), np.float32)
+        x[:, 0] = logits
+        yy = np.full((len(ids), N_LABS), np.nan)
+        yy[:, 0] = y
+        n = len(ids)
+        return {"subject_id": np.array(ids), "split": np.zeros(n, np.int8), "window": np.ones(n, np.int16),
+                "window_start": np.zeros(n, np.int32), "ladder": np.zeros(n, np.int8),
+                "from_level": np.zeros(n, np.int8), "to_level": np.ones(n, np.int8), "x": x, "y": yy,
+                "y_week": np.zeros((n, N_LABS), np.int32)}
+
+    treated = rows([1, 2, 3], [0.10, 0.50, 3.0], [100.0, 90.0, 80.0])
+    controls = rows([11, 12, 13], [0.12, 0.45, 1.5], [130.0, np.nan, 120.0])
+    out, sums = match_stratum(model, treated, controls)
+    assert out["matched"].tolist() == [True, True, False]
+    assert out["control_subject_id"].tolist() == [11, 12, -1]
+    assert out["delta"][0, 0] == pytest.approx(-30.0)
+    assert np.isnan(out["delta"][1, 0])  # B2's outcome is missing: Δ unobserved, not 0
+    assert np.isnan(out["delta"][2, 0])
+    assert (sums.treated, sums.matched, sums.caliper_drops, sums.no_controls) == (3, 2, 1, 0)
+    assert sums.delta_n[0] == 1 and sums.delta_sum[0] == pytest.approx(-30.0)
+    # no controls at all: every treated row is counted as such
+    pick, ok = match_nearest(np.array([0.1]), np.array([]), 1.0)
+    assert pick.tolist() == [-1] and not ok.any()
+    # with replacement: two treated rows may share the nearest control
+    pick, ok = match_nearest(np.array([0.0, 0.01]), np.array([5.0, 0.005]), 0.1)
+    assert pick.tolist() == [1, 1] and ok.all()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_cluster):
+    from mirror.data.simulator import generate_dataset
+
+    root = tmp_path_factory.mktemp("delta") / "data"
+    generate_dataset(root, 3000, seed=5, workers=1)
+    return root
+
+
+@pytest.mark.slow
+def test_windows_levels_equal_the_true_ladder_levels(dataset):
+    file = schema.split_files(dataset, schema.TRAIN)[0]
+    rows = pq.read_table(file, columns=READ_COLUMNS)
+    truth = pq.read_table(dataset / schema.GROUND_TRUTH_DIR / "treatments" / schema.TRAIN / file.name)
+    w = patient_windows(rows, 52)
+    # truth: additions per (patient, ladder) started by each window's end
+    add_w = truth.column("addition_weeks").combine_chunks()
+    owner = np.repeat(np.arange(truth.num_rows), np.diff(add_w.offsets.to_numpy()))
+    weeks = add_w.flatten().to_numpy()
+    ladders = truth.column("addition_ladders").combine_chunks().flatten().to_numpy()
+    end_week = w.start_week + 51
+    expected = np.zeros_like(w.level)
+    for li in range(len(LADDER_NAMES)):
+        for p, wk in zip(owner[ladders == li], weeks[ladders == li], strict=True):
+            sel = w.owner == p
+            expected[sel, li] += wk <= end_week[sel]
+    assert (w.level == expected).all() and w.level.max() >= 1
+    lab_ok = ~np.isnan(w.lab_value)
+    assert lab_ok.any() and (w.lab_week[lab_ok] >= w.start_week[:, None].repeat(N_LABS, 1)[lab_ok]).all()
+    ex = window_examples(w, rows.column(schema.SUBJECT_ID).to_numpy(), 3)
+    report = count_examples(dataset, schema.TRAIN, 52)
+    assert len(ex["window"]) <= report.kept and ex["x"].shape[1:] == (3, 24)
+    assert (ex["x"][ex["window"] == 0, 0] == 0).all()  # padded look-back: absent, flagged by 'present' = 0
+    assert (ex["onset"][~ex["at_risk"]] >= 0).all() and ex["delta_target"].shape[1] == N_DELTA
+
+
+@pytest.mark.slow
+def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(dataset):
+    from mirror.causal.delta import DeltaConfig
+    from mirror.causal.estimate import estimate_delta
+    from mirror.data.views.windows import WindowsView, WindowsViewConfig
+
+    report = estimate_delta(dataset, "psm", DeltaConfig(block_patients=1000, min_treated=5))
+    assert report.blocks == 3
+    fitted = [r for r in report.strata if r.get("fitted")]
+    assert fitted and all(r["matched"] + r["caliper_drops"] + r["no_controls"] == r["treated"] for r in fitted)
+    assert all("true_psm" in r and "naive_bias" in r for r in fitted)
+    assert report.totals["written_patients"] == 3000 and report.totals["written_delta_entries"] == report.totals["matched"]
+    for split in schema.SPLITS:
+        for file in schema.split_files(dataset, split):
+            d = pq.read_table(dataset / "delta" / "psm" / split / file.name)
+            assert d.schema.equals(DELTA_SCHEMA)
+            data_ids = pq.read_table(file, columns=[schema.SUBJECT_ID]).column(0)
+            assert d.column(schema.SUBJECT_ID).equals(data_ids)
+    assert (dataset / "delta" / "psm" / "balance.png").stat().st_size > 0
+    assert not (dataset / "delta" / "psm" / "_work").exists()
+    # the windows view reads Δ in: Δ inputs and targets are non-zero somewhere
+    view = WindowsView(WindowsViewConfig(lookback=2, delta="psm"), str(dataset))
+    ds, rep = view.read(schema.TRAIN)
+    batch = next(iter(view.batches(ds, 100_000, training=False, device="cpu")))
+    assert batch.size == rep.kept
+    assert batch.delta_target.abs().sum() > 0 and batch.delta_observed.any()
+    assert batch.delta_in.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_two_stage_pretrain_then_fine_tune(dataset):
+    """Stage 1 learns Δ_{t+1}; stage 2 starts from its RNN and fine-tunes on the onsets and
+    labs (in process: the loop itself is covered by test_views)."""
+    import torch
+
+    from mirror.data.views.windows import WindowsView, WindowsViewConfig
+    from mirror.models import build_model
+
+    if not (dataset / "delta" / "psm").is_dir():
+        pytest.skip("needs the Δ of test_estimate_delta_end_to_end")
+    view = WindowsView(WindowsViewConfig(lookback=2, delta="psm"), str(dataset))
+    ds, _ = view.read(schema.TRAIN)
+    batch = next(iter(view.batches(ds, 100_000, training=True, device="cpu")))
+    torch.manual_seed(0)
+    stage1 = build_model("causal_rnn_delta", {"cell": "lstm", "hidden": 8}, view.info())
+    opt = stage1.make_optimizers()["model"]
+    first = float(stage1(batch)["loss"])
+    for _ in range(30):
+        opt.zero_grad()
+        (stage1(batch)["loss"] / batch.size).backward()
+        opt.step()
+    assert float(stage1(batch)["loss"]) < first
+    stage2 = build_model("causal_rnn", {"cell": "lstm", "hidden": 8, "mode": "pretrain"}, view.info(), upstream=stage1)
+    for a, b in zip(stage2.encoder.parameters(), stage1.encoder.parameters(), strict=True):
+        assert torch.equal(a, b) and a is not b
+    out = stage2.predict(batch)
+    assert set(out) == {"onset_dm", "onset_cad", "onset_ckd", "onset_stroke", "next_ldl", "next_sbp", "next_tg"}
+    assert ((out["onset_dm"].score > 0) & (out["onset_dm"].score < 1)).all()
+    with pytest.raises(ValueError, match="upstream-run"):
+        build_model("causal_rnn", {"mode": "pretrain"}, view.info())
+    with pytest.raises(ValueError, match="view.delta"):
+        build_model("causal_rnn", {"mode": "augment"}, WindowsView(WindowsViewConfig(), str(dataset)).info())
+
+
+def test_paired_t_test_matches_scipy():
+    from scipy.stats import ttest_rel
+
+    from mirror.causal.stats import paired_t_one_sided, stars
+
+    pretrain = np.array([0.8069, 0.8012, 0.8101, 0.7990, 0.8044])
+    none = np.array([0.7846, 0.7901, 0.7855, 0.7950, 0.7832])
+    t, p = paired_t_one_sided(pretrain, none)
+    ref = ttest_rel(pretrain, none, alternative="greater")
+    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    t2, p2 = paired_t_one_sided(np.array([750.0, 760, 745]), np.array([1006.0, 990, 1010]), greater=False)
+    ref2 = ttest_rel([750.0, 760, 745], [1006.0, 990, 1010], alternative="less")
+    assert t2 == pytest.approx(ref2.statistic) and p2 == pytest.approx(ref2.pvalue)
+    assert (stars(0.0005), stars(0.005), stars(0.05), stars(0.2)) == ("***", "**", "*", "")
+    with pytest.raises(ValueError, match="paired splits"):
+        paired_t_one_sided(np.array([1.0]), np.array([0.0]))
