@@ -645,7 +645,7 @@ def lab_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator) -> L
             prob[v_onset_present[:, [cond_col.get(c, 0) for c in conds if c in cond_col]].any(axis=1)] = raised
         measured[:, list(labs)] = (u[:, j] < prob)[:, None]
     # Noise only where a lab is measured (other cells of the (V, 9) matrix are never read).
-    meas_v, meas_lab = np.nonzero(measured)
+    meas_v, meas_lab = np.divmod(np.flatnonzero(measured), N_LABS)  # np.nonzero, faster
     untreated = _lab_mean(st, level, slope, onset, vp, vw)
     untreated[meas_v, meas_lab] += rng.standard_normal(len(meas_v)) * _NOISE[meas_lab]
 

@@ -600,6 +600,11 @@ def _pick(flat_cum: np.ndarray, width: int, rows: np.ndarray, target: np.ndarray
     return np.clip(idx - rows * width, 0, width - 1)
 
 
+def _cells(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D mask (same arrays, same order), ~8x faster through the flat index."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
 def _chunk_width(width: int, most: int = 16) -> int:
     """Largest divisor of ``width`` up to ``most``: the columns one :class:`_RowPicker` chunk holds."""
     return max(d for d in range(1, most + 1) if width % d == 0)
@@ -629,7 +634,11 @@ class _RowPicker:
         """Column at which row ``rows[i]``'s running sum passes ``target[i]`` (in [0, row total))."""
         first = rows * self.n_chunks
         position = np.where(rows > 0, self.flat_cum[np.maximum(first - 1, 0)], 0.0) + target
-        block = np.clip(np.searchsorted(self.flat_cum, position, side="right"), first, first + self.n_chunks - 1)
+        block = np.maximum(np.searchsorted(self.flat_cum, position, side="right"), first)
+        past = np.flatnonzero(block >= first + self.n_chunks)  # rounding put the target past
+        if len(past):  # the row: take its last chunk with weight
+            row_end = self.flat_cum[first[past] + self.n_chunks - 1]
+            block[past] = np.maximum(np.searchsorted(self.flat_cum, row_end, side="left"), first[past])
         left = position - np.where(block > 0, self.flat_cum[np.maximum(block - 1, 0)], 0.0)
         weights = self.blocks[block]  # (Q, chunk)
         running = np.zeros(len(rows))
@@ -707,8 +716,8 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
     draw = rng.standard_exponential((n, nc), dtype=np.float32)
     prevalent = draw < h_before
     draw -= h_before
-    prev_p, prev_c = np.nonzero(prevalent)
-    inc_p, inc_c = np.nonzero(~prevalent & (draw < h_chronic))
+    prev_p, prev_c = _cells(prevalent)
+    inc_p, inc_c = _cells(~prevalent & (draw < h_chronic))
     inc_t = segments(inc_p, inc_c).time_at(draw[inc_p, inc_c].astype(np.float64))
 
     # Acute episodes: a Poisson process on each patient's summed acute hazard; each episode's
