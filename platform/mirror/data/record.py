@@ -89,7 +89,7 @@ provenance), against published US figures:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -404,6 +404,7 @@ class Ragged:
 
     offsets: np.ndarray
     columns: dict[str, np.ndarray]
+    _arrow_offsets: pa.Array | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, n: int, patient: np.ndarray, columns: dict[str, np.ndarray]) -> Ragged:
@@ -424,8 +425,9 @@ class Ragged:
                       {k: np.concatenate([p.columns[k] for p in parts]) for k in parts[0].columns})
 
     def list_array(self, name: str, value_type: pa.DataType) -> pa.Array:
-        return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)),
-                                        pa.array(self.columns[name], value_type))
+        if self._arrow_offsets is None:  # cast once for all the group's columns
+            self._arrow_offsets = pa.array(self.offsets.astype(np.int32))
+        return pa.ListArray.from_arrays(self._arrow_offsets, pa.array(self.columns[name], value_type))
 
 
 # Ground-truth schemas (``ground_truth/<kind>/<split>/part-NNNNN.parquet``, one row per patient).
@@ -592,21 +594,34 @@ def _lab_mean(st: BlockState, level: np.ndarray, slope: np.ndarray, onset: np.nd
     shift = _CONDITION_SHIFT
     if cols is not None:
         level, slope, shift = level[:, cols], slope[:, cols], shift[:, cols]
-    mean = level[p] + slope[p] * (week - st.start[p])[:, None]
+    mean = slope[p]
+    mean *= (week - st.start[p])[:, None]
+    mean += level[p]
     present = (onset[p] <= week[:, None]).astype(np.float64)  # (Q, C)
-    return mean + present @ shift
+    mean += present @ shift
+    return mean
 
 
 def _active_effects(query_key: np.ndarray, add_p: np.ndarray, add_start: np.ndarray,
                     add_end: np.ndarray, effect: np.ndarray, n_weeks: int) -> np.ndarray:
     """Summed effects of the additions active at each query (patient x n_weeks + week keys,
-    sorted): an addition acts on weeks (start, end]. Difference array + cumsum, no loop."""
-    out = np.zeros((len(query_key) + 1, effect.shape[1]))
+    sorted): an addition acts on weeks (start, end]. Difference array + cumsum, no loop; the
+    cumsum runs over the rows where an addition starts or ends only (the zero rows between
+    change no bit of it)."""
+    n_query = len(query_key)
+    out = np.zeros((n_query + 1, effect.shape[1]))
     lo = np.searchsorted(query_key, add_p * n_weeks + add_start + 1)
     hi = np.searchsorted(query_key, add_p * n_weeks + add_end + 1)
     np.add.at(out, lo, effect)
     np.add.at(out, hi, -effect)
-    return np.cumsum(out[:-1], axis=0)
+    touched = np.zeros(n_query + 1, bool)
+    touched[lo] = touched[hi] = True
+    rows = np.flatnonzero(touched[:-1])
+    running = np.zeros((len(rows) + 1, effect.shape[1]))
+    np.cumsum(out[rows], axis=0, out=running[1:])
+    latest = np.zeros(n_query, np.int64)  # 1 + position in rows of the last touched row <= query
+    latest[rows] = np.arange(1, len(rows) + 1)
+    return running[np.maximum.accumulate(latest)]
 
 
 def lab_stage(p: SimulatorParams, st: BlockState, rng: np.random.Generator) -> LabStage:
