@@ -72,6 +72,13 @@ Mechanisms, in order (stage A runs before the diagnosis words are final, stage B
          chest X-ray, endoscopy, physical therapy, ...), plus vaccinations (0.35/year) and
          mammography (women 40+, 0.5/year).
 
+Speed (one core, OMP_NUM_THREADS=1, shared box under load): this stage roughly doubles the
+cost of a block: ``simulate_block`` ~62,800 patients per CPU-second with it, ~115,000 without
+(ratio ~1.83; ``bench/bench_data.py`` ``bench_simulate_block``). It adds ~460 B/patient in
+Arrow and ~155 B/patient in zstd Parquet (696 and 234 in all) to the diagnosis rows. Hot
+spots are spread thin (lab means and treatment effects over the (visits x 9) matrix, the
+ladder grids, per-word draws); every step is vectorised over the block.
+
 Claims-likeness (measured at the defaults in tests/test_record.py and the dataset's
 provenance), against published US figures:
 

@@ -36,15 +36,21 @@ Each block of ``BLOCK`` ids has its own RNG stream ``SeedSequence(seed, spawn_ke
 so patient i depends only on (seed, i): growing N appends patients (splits depend on the id
 alone), and neither the worker count nor the chunk size changes any row.
 
-Speed (numpy on one core, OMP_NUM_THREADS=1, this shared 2-core box; CPU seconds, as wall
-time was inflated by other jobs): ``simulate_block`` ~95,000-105,000 patients per CPU-second
-(Arrow tables included); ``write_chunk`` (simulate + split + zstd Parquet) ~72,000.
-100M patients: ~1,400 CPU-seconds.
+Speed (numpy on one core, OMP_NUM_THREADS=1, this shared 2-core box under heavy load from
+other jobs; CPU seconds; ``bench/bench_data.py`` ``bench_simulate_block``, both paths timed
+alternately, median of 7 runs): ``simulate_block`` of the whole record ~62,800 patients per
+CPU-second (best 64,600), diagnoses only (``simulate_record=False``) ~115,000 (Arrow tables
+included; before the float64 (patients x acute conditions) cumulative sum gave way to
+``_RowPicker``: 47,000 and 79,000 on the same box). 100M patients, whole record: ~1,600
+CPU-seconds. ``write_chunk`` (simulate + split + zstd Parquet) was ~72,000/s diagnoses only
+(not re-measured).
 
 Storage, measured at the defaults (28 words per patient on average):
-    Arrow in memory 235 B/patient; Parquet zstd without dictionary 78 B/patient; ground
-    truth (8 float32) 31 B/patient. One-thread decode: zstd 1.5M patients/CPU-s, snappy +
-    dictionary 2.1M/CPU-s at 87 B/patient (+11%), uncompressed 3.0M/CPU-s at 357 B/patient.
+    Whole record: Arrow in memory 696 B/patient, Parquet zstd without dictionary 234
+    B/patient. Diagnoses only: Arrow 347 B/patient (the empty record lists included), Parquet
+    zstd 79 B/patient; ground truth (8 float32) 31 B/patient. Diagnoses-only decode (one
+    thread): zstd 1.5M patients/CPU-s, snappy + dictionary 2.1M/CPU-s at 87 B/patient (+11%),
+    uncompressed 3.0M/CPU-s at 357 B/patient.
     Either codec decodes far faster than a model consumes patients, so zstd wins on I/O.
     Row group: 262,144 patients (64 blocks) ~ 93 MB uncompressed, ~20 MB on disk: inside the
     usual 64-256 MB band, and the unit a reader decodes at once.
