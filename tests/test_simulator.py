@@ -190,6 +190,38 @@ def test_progression_raises_the_later_hazard_of_targets(params):
     assert after_source_pairs(params) > 1.2 * after_source_pairs(without)
 
 
+def test_row_picker_draws_like_inverting_each_rows_cumulative_sum():
+    """The two-level picker of acute conditions returns the column a full float64 cumulative
+    sum of the row gives, and never a zero-weight column (sex-specific conditions)."""
+    from mirror.data.simulator import _pick, _RowPicker
+
+    rng = np.random.default_rng(0)
+    n, width = 300, 444
+    weights = (rng.random((n, width)) ** 4 * (rng.random((n, width)) < 0.6)).astype(np.float32)
+    weights[:, -30:] = 0.0  # an all-zero tail, as for the other sex
+    weights[3] = 0.0  # a row without weight (no query targets it)
+    flat_cum = np.cumsum(weights, dtype=np.float64)
+    picker = _RowPicker(weights)
+    np.testing.assert_allclose(picker.total, weights.sum(axis=1, dtype=np.float64), rtol=1e-12)
+    rows = np.repeat(np.flatnonzero(picker.total > 0), 200)
+    target = rng.random(len(rows)) * picker.total[rows]
+    picked = picker.pick(rows, target)
+    assert np.array_equal(picked, _pick(flat_cum, width, rows, target))
+    assert (weights[rows, picked] > 0).all()
+    # a target rounded up onto the row total still lands on a column with weight
+    edge = np.flatnonzero(picker.total > 0)
+    assert (weights[edge, picker.pick(edge, np.nextafter(picker.total[edge], 0))] > 0).all()
+
+
+def test_age_group_arithmetic_is_the_exact_floor():
+    """``vocab.age_group_of`` (a division and a correction) equals np.floor_divide, the exact
+    floor, on every whole-week age and on ages a rounding step below a group boundary."""
+    weeks = np.arange(-80_000, 80_000)
+    ages = np.concatenate([weeks / vocab.WEEKS_PER_YEAR,
+                           np.nextafter(np.arange(-50, 150) * 5.0, -np.inf), np.arange(-50, 150) * 5.0])
+    assert np.array_equal(vocab.age_group_of(ages), np.floor_divide(ages, vocab.AGE_GROUP_YEARS))
+
+
 # ---- written datasets (real Ray) ---------------------------------------------------------------
 
 

@@ -36,15 +36,21 @@ Each block of ``BLOCK`` ids has its own RNG stream ``SeedSequence(seed, spawn_ke
 so patient i depends only on (seed, i): growing N appends patients (splits depend on the id
 alone), and neither the worker count nor the chunk size changes any row.
 
-Speed (numpy on one core, OMP_NUM_THREADS=1, this shared 2-core box; CPU seconds, as wall
-time was inflated by other jobs): ``simulate_block`` ~95,000-105,000 patients per CPU-second
-(Arrow tables included); ``write_chunk`` (simulate + split + zstd Parquet) ~72,000.
-100M patients: ~1,400 CPU-seconds.
+Speed (numpy on one core, OMP_NUM_THREADS=1, this shared 2-core box under heavy load from
+other jobs; CPU seconds; ``bench/bench_data.py`` ``bench_simulate_block``, both paths timed
+alternately, median of 7 runs): ``simulate_block`` of the whole record ~62,800 patients per
+CPU-second (best 64,600), diagnoses only (``simulate_record=False``) ~115,000 (Arrow tables
+included; before the float64 (patients x acute conditions) cumulative sum gave way to
+``_RowPicker``: 47,000 and 79,000 on the same box). 100M patients, whole record: ~1,600
+CPU-seconds. ``write_chunk`` (simulate + split + zstd Parquet) was ~72,000/s diagnoses only
+(not re-measured).
 
 Storage, measured at the defaults (28 words per patient on average):
-    Arrow in memory 235 B/patient; Parquet zstd without dictionary 78 B/patient; ground
-    truth (8 float32) 31 B/patient. One-thread decode: zstd 1.5M patients/CPU-s, snappy +
-    dictionary 2.1M/CPU-s at 87 B/patient (+11%), uncompressed 3.0M/CPU-s at 357 B/patient.
+    Whole record: Arrow in memory 696 B/patient, Parquet zstd without dictionary 234
+    B/patient. Diagnoses only: Arrow 347 B/patient (the empty record lists included), Parquet
+    zstd 79 B/patient; ground truth (8 float32) 31 B/patient. Diagnoses-only decode (one
+    thread): zstd 1.5M patients/CPU-s, snappy + dictionary 2.1M/CPU-s at 87 B/patient (+11%),
+    uncompressed 3.0M/CPU-s at 357 B/patient.
     Either codec decodes far faster than a model consumes patients, so zstd wins on I/O.
     Row group: 262,144 patients (64 blocks) ~ 93 MB uncompressed, ~20 MB on disk: inside the
     usual 64-256 MB band, and the unit a reader decodes at once.
@@ -501,40 +507,45 @@ LATENT_SCHEMA = pa.schema(
 
 class _Segments:
     """Piecewise-constant hazard of (patient, condition) pairs over the age groups that the
-    enrollment window crosses: maps cumulative hazard to time exactly."""
+    enrollment window crosses: maps cumulative hazard to time exactly.
+
+    Arrays are (S, m): one row per segment, so every step is a vectorised pass over the m
+    pairs (S is 3 at the default 522 weeks) rather than a reduction along a short axis."""
 
     def __init__(self, start: np.ndarray, stop: np.ndarray, birth: np.ndarray, rate_by_group):
         # start/stop: (m,) window in weeks (stop exclusive); rate_by_group(g) -> (m,) /week.
         first = np.floor((start - birth) / GROUP_WEEKS).astype(np.int64)
         n_seg = int(math.ceil((stop - start).max(initial=1) / GROUP_WEEKS)) + 1
-        group = first[:, None] + np.arange(n_seg)[None, :]  # (m, S)
-        lo = np.maximum(start[:, None], birth[:, None] + group * GROUP_WEEKS)
-        hi = np.minimum(stop[:, None], birth[:, None] + (group + 1) * GROUP_WEEKS)
+        group = first[None, :] + np.arange(n_seg)[:, None]  # (S, m)
+        lo = np.maximum(start, birth + group * GROUP_WEEKS)
+        hi = np.minimum(stop, birth + (group + 1) * GROUP_WEEKS)
         self.start = lo
         self.length = np.maximum(hi - lo, 0.0)
-        rate = np.stack([rate_by_group(np.minimum(group[:, s], N_AGE_GROUPS - 1)) for s in range(n_seg)], 1)
-        self.rate = np.where(group < N_AGE_GROUPS, rate, 0.0)
-        self.cum = np.cumsum(self.length * self.rate, axis=1)  # (m, S)
+        self.rate = np.where(group < N_AGE_GROUPS, rate_by_group(np.minimum(group, N_AGE_GROUPS - 1)), 0.0)
+        self.cum = np.cumsum(self.length * self.rate, axis=0)  # (S, m)
+
+    def _at(self, values: np.ndarray, seg: np.ndarray) -> np.ndarray:
+        """``values[seg[i], i]`` for every pair i."""
+        return values.ravel()[seg * values.shape[1] + np.arange(values.shape[1])]
 
     def time_at(self, target: np.ndarray) -> np.ndarray:
         """Time at which the cumulative hazard from the window start reaches ``target``."""
-        seg = np.minimum((self.cum <= target[:, None]).sum(axis=1), self.cum.shape[1] - 1)
-        row = np.arange(len(target))
-        rate = self.rate[row, seg]
-        before = self.cum[row, seg] - self.length[row, seg] * rate
+        seg = np.minimum((self.cum <= target).sum(axis=0), len(self.cum) - 1)
+        rate, length = self._at(self.rate, seg), self._at(self.length, seg)
+        before = self._at(self.cum, seg) - length * rate
         step = np.divide(target - before, rate, out=np.zeros_like(rate), where=rate > 0)
-        return self.start[row, seg] + np.clip(step, 0.0, self.length[row, seg])
+        return self._at(self.start, seg) + np.clip(step, 0.0, length)
 
     def take(self, index: np.ndarray) -> _Segments:
-        """The rows ``index`` (boolean mask or positions) of these segments."""
+        """The pairs ``index`` (boolean mask or positions) of these segments."""
         out = object.__new__(_Segments)
-        out.start, out.length = self.start[index], self.length[index]
-        out.rate, out.cum = self.rate[index], self.cum[index]
+        out.start, out.length = self.start[:, index], self.length[:, index]
+        out.rate, out.cum = self.rate[:, index], self.cum[:, index]
         return out
 
     def hazard_until(self, t: np.ndarray) -> np.ndarray:
         """Cumulative hazard from the window start to time ``t``."""
-        return (np.clip(t[:, None] - self.start, 0.0, self.length) * self.rate).sum(axis=1)
+        return (np.clip(t - self.start, 0.0, self.length) * self.rate).sum(axis=0)
 
 
 @dataclass(frozen=True)
@@ -595,6 +606,59 @@ def _pick(flat_cum: np.ndarray, width: int, rows: np.ndarray, target: np.ndarray
     return np.clip(idx - rows * width, 0, width - 1)
 
 
+def _cells(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D mask (same arrays, same order), ~8x faster through the flat index."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
+def _chunk_width(width: int, most: int = 16) -> int:
+    """Largest divisor of ``width`` up to ``most``: the columns one :class:`_RowPicker` chunk holds."""
+    return max(d for d in range(1, most + 1) if width % d == 0)
+
+
+class _RowPicker:
+    """Draws columns of a non-negative (n, width) float32 weight matrix in proportion to the
+    weights of a row, for many (row, target) queries at once: what :func:`_pick` does, without
+    its float64 cumulative sum over all n x width cells (the costliest step of a block).
+
+    Two levels: float64 sums of chunks of ``chunk`` adjacent columns, one flat cumulative sum
+    over those (n x width / chunk values) whose global searchsorted finds every query's chunk,
+    then a running sum over that chunk's few columns. Same distribution as inverting each
+    row's cumulative sum; picks differ from :func:`_pick` only where a target lies within
+    float64 rounding (~1e-12 of the row total) of a column boundary."""
+
+    def __init__(self, weights: np.ndarray):
+        self.chunk = _chunk_width(weights.shape[1])
+        self.n_chunks = weights.shape[1] // self.chunk
+        self.blocks = weights.reshape(-1, self.chunk)  # row r * n_chunks + j: chunk j of row r
+        sums = self.blocks.astype(np.float64) @ np.ones(self.chunk)
+        self.flat_cum = np.cumsum(sums)  # over the C-ordered (n, n_chunks) chunk sums
+        ends = self.flat_cum[self.n_chunks - 1 :: self.n_chunks]
+        self.total = np.maximum(np.diff(ends, prepend=0.0), 0.0)  # (n,) row sums
+
+    def pick(self, rows: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Column at which row ``rows[i]``'s running sum passes ``target[i]`` (in [0, row total))."""
+        first = rows * self.n_chunks
+        position = np.where(rows > 0, self.flat_cum[np.maximum(first - 1, 0)], 0.0) + target
+        block = np.maximum(np.searchsorted(self.flat_cum, position, side="right"), first)
+        past = np.flatnonzero(block >= first + self.n_chunks)  # rounding put the target past
+        if len(past):  # the row: take its last chunk with weight
+            row_end = self.flat_cum[first[past] + self.n_chunks - 1]
+            block[past] = np.maximum(np.searchsorted(self.flat_cum, row_end, side="left"), first[past])
+        left = position - np.where(block > 0, self.flat_cum[np.maximum(block - 1, 0)], 0.0)
+        weights = self.blocks[block]  # (Q, chunk)
+        running = np.zeros(len(rows))
+        column = np.zeros(len(rows), np.int64)
+        for k in range(self.chunk):
+            running += weights[:, k]
+            column += running <= left
+        over = np.flatnonzero(column == self.chunk)  # rounding put the target past the chunk:
+        if len(over):  # take its last column with weight (the last column if none has any)
+            positive = weights[over, ::-1] > 0
+            column[over] = self.chunk - 1 - np.where(positive.any(axis=1), positive.argmax(axis=1), 0)
+        return (block - first) * self.chunk + column
+
+
 def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: int) -> _Patients:
     """Patients ``block * BLOCK`` .. ``block * BLOCK + BLOCK - 1`` from one RNG stream.
 
@@ -642,10 +706,14 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
         return np.where(chronic, h_chronic[pp, np.minimum(cc, nc - 1)], h_acute[pp, np.maximum(cc - nc, 0)])
 
     sex_idx = female.astype(np.intp)
+    n_cond = multiplier.shape[1]
 
     def segments(pp: np.ndarray, cc: np.ndarray) -> _Segments:
-        def rate(g: np.ndarray) -> np.ndarray:
-            return layout.hazard[sex_idx[pp], g, cc] * multiplier[pp, cc]
+        sex_base = sex_idx[pp] * (N_AGE_GROUPS * n_cond) + cc  # flat index of age group 0
+        scale = multiplier.ravel()[pp * n_cond + cc]
+
+        def rate(g: np.ndarray) -> np.ndarray:  # (S, m) age groups -> (S, m) /week
+            return layout.hazard.ravel()[sex_base + g * n_cond] * scale
 
         return _Segments(start[pp].astype(np.float64), stop[pp], birth[pp].astype(np.float64), rate)
 
@@ -654,17 +722,16 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
     draw = rng.standard_exponential((n, nc), dtype=np.float32)
     prevalent = draw < h_before
     draw -= h_before
-    prev_p, prev_c = np.nonzero(prevalent)
-    inc_p, inc_c = np.nonzero(~prevalent & (draw < h_chronic))
+    prev_p, prev_c = _cells(prevalent)
+    inc_p, inc_c = _cells(~prevalent & (draw < h_chronic))
     inc_t = segments(inc_p, inc_c).time_at(draw[inc_p, inc_c].astype(np.float64))
 
     # Acute episodes: a Poisson process on each patient's summed acute hazard; each episode's
     # condition is drawn by its share of that hazard, its time from the age-varying hazard.
-    na = h_acute.shape[1]
-    acute_cum = np.cumsum(h_acute, dtype=np.float64)  # flat over the C-ordered (n, na) matrix
-    acute_total = np.maximum(np.diff(acute_cum[na - 1 :: na], prepend=0.0), 0.0)
+    acute = _RowPicker(h_acute)
+    acute_total = acute.total
     ep_p = np.repeat(np.arange(n), rng.poisson(acute_total))
-    ep_c = _pick(acute_cum, na, ep_p, rng.random(len(ep_p)) * acute_total[ep_p]) + nc
+    ep_c = acute.pick(ep_p, rng.random(len(ep_p)) * acute_total[ep_p]) + nc
     ep_t = segments(ep_p, ep_c).time_at(rng.random(len(ep_p)) * h_acute[ep_p, ep_c - nc])
 
     # Progression: every started source (prevalent, incident, or an acute episode) multiplies
@@ -737,7 +804,7 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
     fc = np.where(
         in_chronic,
         _pick(chronic_cum, nc, np.arange(len(fp)), np.minimum(u, chronic_total)),
-        _pick(acute_cum, na, fp, np.maximum(u - chronic_total, 0.0)) + nc,
+        acute.pick(fp, np.maximum(u - chronic_total, 0.0)) + nc,
     )
     ft = segments(fp, fc).time_at(rng.random(len(fp)) * window_hazard(fp, fc))
     ev_p = np.concatenate([ev_p, fp])
@@ -757,7 +824,7 @@ def _simulate_full_block(p: SimulatorParams, layout: _Layout, seed: int, block: 
         record_rng = record.block_rng(seed, block)
         labs = record.lab_stage(p, state, record_rng)
         word = np.concatenate([word, (labs.extra_p * p.n_weeks + labs.extra_w) * N_CONDITIONS + labs.extra_c])
-    word = np.sort(word)
+    word = np.sort(word, kind="stable")  # runs by patient: timsort is ~3x faster here
     word = word[np.concatenate([[True], word[1:] != word[:-1]])]
     condition, patient_week = word % N_CONDITIONS, word // N_CONDITIONS
     patient, week = patient_week // p.n_weeks, patient_week % p.n_weeks
