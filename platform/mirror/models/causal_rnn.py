@@ -164,11 +164,11 @@ class CausalRNN(_Base):
 
 PRETRAIN = ModelSpec(
     name="causal_rnn_delta", config_cls=CausalRNNConfig, build=DeltaPretrainer, view=WindowsView,
-    metric_names=("loss", "delta_entries"), default_sweep="search_spaces/causal_rnn.yaml",
+    metric_names=("train/loss", "val/loss"), default_sweep="search_spaces/causal_rnn.yaml",
     description="Stage 1 of Δ-pretraining: a GRU/LSTM over windows predicts the next window's Δ (seed 003).",
 )  # fmt: skip
 MODEL = ModelSpec(
     name="causal_rnn", config_cls=CausalRNNConfig, build=CausalRNN, view=WindowsView, capabilities=("predictor",),
-    upstream=(PRETRAIN,), metric_names=("loss", "onset_bce", "lab_mse"), default_sweep="search_spaces/causal_rnn.yaml",
+    upstream=(PRETRAIN,), metric_names=("train/loss", "val/loss", "val/onset_bce", "val/lab_mse"), default_sweep="search_spaces/causal_rnn.yaml",
     description="GRU/LSTM/GLM risk predictor on windows, without Δ, with Δ_t as input, or Δ-pretrained (seed 003).",
 )  # fmt: skip
