@@ -92,7 +92,7 @@ from mirror.progress import progress
 logger = logging.getLogger(__name__)
 
 SIMULATOR_NAME = "mirror.data.simulator"
-SIMULATOR_VERSION = "1.0.0"
+SIMULATOR_VERSION = "2.0.0"  # schema 2: the whole record
 BLOCK = 4096  # patients per RNG stream; chunk and row-group sizes are multiples of it
 ROW_GROUP_PATIENTS = 64 * BLOCK  # 262,144 patients per row group (see module docstring)
 MAX_CHUNK_PATIENTS = 512 * BLOCK  # 2,097,152 patients per file at scale
