@@ -81,6 +81,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mirror.data import schema as S
+from mirror.data.ownership import check_output_dir, replace_directory
 from mirror.data.validate import _column, _flat, check_codes
 
 ETL_NAME = "mirror.export_meds"
@@ -577,29 +578,8 @@ def plan(root: Path) -> list[ShardJob]:
 def check_output(source: str | Path, out: str | Path, overwrite: bool) -> None:
     """OUT must be new or empty, or (with ``overwrite``) an earlier export of this ETL holding
     nothing else; never the source or inside it. Raises ``guards.GuardError``."""
-    from mirror.guards import GuardError
-
-    src, dst = Path(source).resolve(), Path(out).resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise GuardError(f"OUT {out}: overlaps the source dataset {source}; choose a separate directory")
-    if dst.exists() and not dst.is_dir():
-        raise GuardError(f"OUT {out}: is a file, expected a directory")
-    if not dst.is_dir() or not any(dst.iterdir()):
-        return
-    if not overwrite:
-        raise GuardError(f"OUT {out}: already exists and is not empty; pass --overwrite to replace "
-                         "an earlier export, or choose a new directory")
-    meta = dst / meds.dataset_metadata_filepath
-    try:
-        etl = json.loads(meta.read_text()).get("etl_name")
-    except (OSError, ValueError, AttributeError):
-        etl = None
-    allowed = {meds.data_subdirectory, "metadata"}
-    others = sorted(p.name for p in dst.iterdir() if p.name not in allowed)
-    if etl != ETL_NAME or others:
-        why = f"holds {others}" if others else f"{meds.dataset_metadata_filepath} is not from {ETL_NAME}"
-        raise GuardError(f"OUT {out}: --overwrite replaces only an earlier MEDS export of "
-                         f"{ETL_NAME}, but it {why}; refusing to delete it")
+    check_output_dir(source, out, overwrite, owner=ETL_NAME, parts=(meds.data_subdirectory, "metadata"),
+                     written_by=lambda d: json.loads((d / meds.dataset_metadata_filepath).read_text())["etl_name"])
 
 
 def export_meds(source: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -629,16 +609,7 @@ def export_meds(source: str | Path, out: str | Path, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = None
-    if dst.exists():
-        if any(dst.iterdir()):  # an earlier export (check_output allowed it)
-            old = dst.with_name(f".{dst.name}.replaced-{staging.name.rsplit('-', 1)[-1]}")
-            dst.rename(old)
-        else:
-            dst.rmdir()
-    staging.rename(dst)
-    if old is not None:
-        shutil.rmtree(old)
+    replace_directory(staging, dst)  # an earlier export, if any, only once this one is complete
     return report
 
 

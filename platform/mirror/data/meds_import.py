@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 from mirror.data import schema as S
 from mirror.data import vocabularies as V
 from mirror.data.conditions import BY_CODE
+from mirror.data.ownership import check_output_dir, replace_directory
 from mirror.data.vocab import DIAG_AGE_VOCAB_SIZE, N_AGE_GROUPS, WeekVocab, age_group_at
 
 IMPORTER = "mirror.import_meds"
@@ -877,27 +878,8 @@ def check_output(source: str | Path, out: str | Path, overwrite: bool, *, import
                  parts: tuple[str, ...] = (S.DATA_DIR, S.METADATA_DIR)) -> None:
     """OUT must be new or empty, or (with ``overwrite``) an earlier import by ``importer``
     holding nothing but ``parts``; never inside the source. Raises ``guards.GuardError``."""
-    from mirror.guards import GuardError
-
-    src, dst = Path(source).resolve(), Path(out).resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise GuardError(f"OUT {out}: overlaps the MEDS source {source}; choose a separate directory")
-    if dst.exists() and not dst.is_dir():
-        raise GuardError(f"OUT {out}: is a file, expected a directory")
-    if not dst.is_dir() or not any(dst.iterdir()):
-        return
-    if not overwrite:
-        raise GuardError(f"OUT {out}: already exists and is not empty; pass --overwrite to replace "
-                         "an earlier import, or choose a new directory")
-    try:
-        written_by = json.loads((dst / S.DATASET_JSON).read_text())["provenance"]["importer"]
-    except (OSError, ValueError, KeyError, TypeError):
-        written_by = None
-    others = sorted(p.name for p in dst.iterdir() if p.name not in set(parts))
-    if written_by != importer or others:
-        why = f"holds {others}" if others else f"{S.DATASET_JSON} is not from {importer}"
-        raise GuardError(f"OUT {out}: --overwrite replaces only an earlier import of {importer}, "
-                         f"but it {why}; refusing to delete it")
+    check_output_dir(source, out, overwrite, owner=importer, parts=parts,
+                     written_by=lambda d: json.loads((d / S.DATASET_JSON).read_text())["provenance"]["importer"])
 
 
 def _source_metadata(root: Path) -> dict[str, Any]:
@@ -1006,21 +988,6 @@ def import_meds(source: str | Path, out: str | Path, *, config: ImportConfig | N
         raise
     replace_directory(staging, dst)
     return report
-
-
-def replace_directory(staging: Path, dst: Path) -> None:
-    """Move the finished ``staging`` directory to ``dst``, replacing what ``dst`` held (an
-    earlier import that ``check_output`` allowed) only once the new one is complete."""
-    old = None
-    if dst.exists():
-        if any(dst.iterdir()):
-            old = dst.with_name(f".{dst.name}.replaced-{staging.name.rsplit('-', 1)[-1]}")
-            dst.rename(old)
-        else:
-            dst.rmdir()
-    staging.rename(dst)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _finish(root: Path, staging: Path, dst: Path, cfg: ImportConfig, source_meta: dict[str, Any],

@@ -1,13 +1,17 @@
-"""Which files a dataset directory holds that ``jobs/generate.py`` provably wrote.
+"""Which files a dataset directory holds that a job of ours provably wrote.
 
 ``generate --overwrite`` deletes exactly those and refuses the whole overwrite when anything
-else is there (a user's ``data/my_study_results.csv``): lose nothing a user put there.
+else is there (a user's ``data/my_study_results.csv``): lose nothing a user put there. The
+import and export jobs write into a staging directory and swap it in whole
+(``check_output_dir``, ``replace_directory``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from mirror.data import schema
@@ -88,3 +92,46 @@ def remove_owned_dataset(root: Path, files: list[Path]) -> None:
                 directory.rmdir()
         if not any(base.iterdir()):
             base.rmdir()
+
+
+def check_output_dir(source: str | Path, out: str | Path, overwrite: bool, *, owner: str,
+                     written_by: Callable[[Path], str | None], parts: tuple[str, ...]) -> None:
+    """OUT of a job that writes a whole directory (import, export): new or empty, or, with
+    ``overwrite``, an earlier output of ``owner`` (``written_by(out)`` says whose it is)
+    holding nothing but ``parts``; never the source or inside it. Raises ``GuardError``."""
+    from mirror.guards import GuardError
+
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise GuardError(f"OUT {out}: overlaps the source {source}; choose a separate directory")
+    if dst.exists() and not dst.is_dir():
+        raise GuardError(f"OUT {out}: is a file, expected a directory")
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    if not overwrite:
+        raise GuardError(f"OUT {out}: already exists and is not empty; pass --overwrite to replace "
+                         f"an earlier output of {owner}, or choose a new directory")
+    try:
+        author = written_by(dst)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        author = None
+    others = sorted(p.name for p in dst.iterdir() if p.name not in set(parts))
+    if author != owner or others:
+        why = f"holds {others}" if others else f"its metadata does not name {owner}"
+        raise GuardError(f"OUT {out}: --overwrite replaces only an earlier output of {owner}, "
+                         f"but it {why}; refusing to delete it")
+
+
+def replace_directory(staging: Path, dst: Path) -> None:
+    """Move the finished ``staging`` directory to ``dst``, replacing what ``dst`` held (an
+    earlier output that ``check_output_dir`` allowed) only once the new one is complete."""
+    old = None
+    if dst.exists():
+        if any(dst.iterdir()):
+            old = dst.with_name(f".{dst.name}.replaced-{staging.name.rsplit('-', 1)[-1]}")
+            dst.rename(old)
+        else:
+            dst.rmdir()
+    staging.rename(dst)
+    if old is not None:
+        shutil.rmtree(old)

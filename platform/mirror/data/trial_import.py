@@ -70,7 +70,8 @@ import pyarrow.parquet as pq
 
 from mirror.data import schema as S
 from mirror.data import vocabularies as V
-from mirror.data.meds_import import check_output, replace_directory
+from mirror.data.meds_import import check_output
+from mirror.data.ownership import replace_directory
 from mirror.data.splits import SPLIT_CODES, split_codes
 from mirror.data.vocab import DIAG_AGE_VOCAB_SIZE, WeekVocab
 
