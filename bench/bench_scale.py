@@ -106,14 +106,15 @@ def child(root: Path, n_patients: int, status: Path, views: list[str] | None) ->
         report(f"stream:{name}")
         began = time.perf_counter()
         dataset, filtered = view.read(schema.TRAIN, purpose="train")
-        patients = units = batches = 0
+        rows = units = batches = 0  # a batch row is the view's example: a patient, a window ...
         for batch in view.batches(dataset, BATCH_SIZE, training=True, device="cpu"):
-            patients += batch.size
+            rows += batch.size
             units += view.units(batch)
             batches += 1
         report(f"streamed:{name}", **{f"stream:{name}": {
             "wall_s": round(time.perf_counter() - began, 1),
-            "patients": patients,
+            "patients": filtered.as_dict().get("patients", rows),  # patients read
+            "batch_rows": rows,
             view.unit: units,
             "batches": batches,
             "filter": filtered.as_dict(),
