@@ -205,6 +205,7 @@ def test_naive_treatment_contrast_is_confounded_and_adjustment_recovers_it(causa
         naive = next_v[added].mean() - next_v[~added].mean()
         design = np.column_stack([np.ones(len(prev_v)), added, prev_v])
         adjusted = np.linalg.lstsq(design, next_v, rcond=None)[0][1]
+        print(f"{ladder.name}: true {true_effect:.2f}, naive {naive:.2f}, adjusted {adjusted:.2f}")
         assert added.sum() > 200 and (~added).sum() > 200, (ladder.name, added.sum())
         assert true_effect < 0
         assert prev_v[added].mean() > prev_v[~added].mean(), f"{ladder.name}: no confounding by indication"
