@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from mirror.data.views.base import Batch, DataView, SplitReport
 from mirror.data.views.sequence import SequenceView
+from mirror.data.views.visits import VisitsView
 from mirror.data.views.windows import WindowsView
 
-VIEWS: dict[str, type[DataView]] = {view.name: view for view in (SequenceView, WindowsView)}
+VIEWS: dict[str, type[DataView]] = {view.name: view for view in (SequenceView, WindowsView, VisitsView)}
 
-__all__ = ["VIEWS", "Batch", "DataView", "SplitReport", "SequenceView", "WindowsView"]
+__all__ = ["VIEWS", "Batch", "DataView", "SplitReport", "SequenceView", "VisitsView", "WindowsView"]

@@ -1,0 +1,134 @@
+"""TWIN (issue 17) figures on one trial dataset, in one process (reduced scale, 2-core box).
+
+    python bench/bench_twin.py DATA [--epochs 20] [--retrieval global] [--ablation]
+        [--retrieval-scale 1000000]
+
+Trains TWIN on ``trial/train`` with the model's own loss (a plain single-process loop over
+``VisitsView.inference_batch`` blocks, shuffled; the Ray Train path is covered by
+tests/test_twin.py), generates a twin of every training participant and prints: DP r
+(medications, AEs; per dataset and per participant), NNAA and presence disclosure, the
+severe-outcome LSTM AUROC trained on real vs synthetic and scored on real tuning + held-out
+participants (TSTR / TRTR). With ground truth (a simulated trial) it also scores the
+counterfactual twins against the simulator's true counterfactuals, beside the paper's
+surrogate (the nearest other-arm participant's real record). ``--ablation`` repeats it
+with ``view.retrieval=none`` (TWIN-RAE). ``--retrieval-scale N`` times the index build and
+one batch query over N random visits instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mirror.data import schema
+from mirror.data.views.visits import RetrievalIndex, VisitsView, VisitsViewConfig, top_k_global
+from mirror.metrics import trial_twins as M
+from mirror.models import build_model
+from mirror.models.twin import counterfactual_twins, generate_twins
+
+
+def read(root: str, split: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in schema.trial_split_files(root, split)])
+
+
+def train(view: VisitsView, table: pa.Table, epochs: int, seed: int, batch: int = 64):
+    torch.manual_seed(seed)
+    model = build_model("twin", {}, view.info())
+    opt = model.make_optimizers()["twin"]
+    rng = np.random.default_rng(seed)
+    participants_per_block = max(2, batch // 9)  # ~9 visits per participant: ~batch visits
+    for _ in range(epochs):
+        model.train()
+        order = rng.permutation(table.num_rows)
+        for lo in range(0, len(order) - participants_per_block + 1, participants_per_block):
+            b, _ = view.inference_batch(table.take(pa.array(order[lo : lo + participants_per_block])))
+            if b.size < 2:
+                continue
+            sums = model.twin(b)
+            opt.zero_grad()
+            (sums["loss"] / b.size).backward()
+            opt.step()
+    return model
+
+
+def scores(root: str, retrieval: str, epochs: int, seed: int) -> dict[str, float]:
+    view = VisitsView(VisitsViewConfig(retrieval=retrieval), root)
+    view.index_ref = None
+    if retrieval == "global":
+        from mirror.data.views.visits import build_index
+
+        view.index_ref = build_index(root, view.info().widths)  # in-process: no object store needed
+    info = view.info()
+    real, tuning, held = read(root, "train"), read(root, "tuning"), read(root, "held_out")
+    test = pa.concat_tables([tuning, held])
+    t0 = time.perf_counter()
+    model = train(view, real, epochs, seed)
+    out: dict[str, float] = {"train_seconds": time.perf_counter() - t0}
+    syn = generate_twins(model, view, real, seed=seed)
+    l1, l2, l3 = info.widths
+    out["dp_r/medication"] = M.dp_r(real, syn, schema.VISIT_MEDICATIONS, l2)
+    out["dp_r/adverse_event"] = M.dp_r(real, syn, schema.VISIT_ADVERSE_EVENTS, l3)
+    out["dp_r_patient/medication"], _ = M.per_patient_dp_r(real, syn, schema.VISIT_MEDICATIONS, l2)
+    out["dp_r_patient/adverse_event"], _ = M.per_patient_dp_r(real, syn, schema.VISIT_ADVERSE_EVENTS, l3)
+    out.update(M.nnaa(real, test, syn, info.widths, seed=seed))
+    pres = M.presence(real, test, syn, info.widths, seed=seed)
+    out.update({k: pres[k] for k in ("presence/sensitivity", "presence/holdout_sensitivity", "presence/visit_sensitivity")})
+    trtr = M.severe_outcome_auroc(real, test, info.widths, seed=seed)
+    tstr = M.severe_outcome_auroc(syn, test, info.widths, seed=seed)
+    out.update({"utility/trtr_auroc": trtr, "utility/tstr_auroc": tstr, "utility/ratio": tstr / trtr})
+    truth_files = sorted((schema.Path(root) / schema.GROUND_TRUTH_DIR / "trial_counterfactual" / "train").glob("*.parquet"))
+    if truth_files:
+        truth = pa.concat_tables([pq.read_table(f).select(schema.TRIAL_SCHEMA.names) for f in truth_files])
+        cf, surrogate = counterfactual_twins(model, view, real, seed=seed)
+        proxy = real.take(pa.array(surrogate))
+        for name, table in (("twin", cf), ("surrogate", proxy)):
+            out[f"counterfactual/{name}/dp_r_adverse_event"] = M.dp_r(truth, table, schema.VISIT_ADVERSE_EVENTS, l3)
+            out[f"counterfactual/{name}/dp_r_medication"] = M.dp_r(truth, table, schema.VISIT_MEDICATIONS, l2)
+            out[f"counterfactual/{name}/ae_rate_error"] = M.ae_rate_error(truth, table, l3)
+    return out
+
+
+def retrieval_scale(n_visits: int, width: int = 381, events: int = 12, batch: int = 64) -> dict[str, float]:
+    """Build and query cost of the exact global index over ``n_visits`` random visits."""
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    indices = np.sort(rng.integers(0, width, size=(n_visits, events)), axis=1).astype(np.int32).ravel()
+    index = RetrievalIndex(np.arange(0, n_visits * events + 1, events, dtype=np.int64), indices,
+                           np.repeat(np.arange(n_visits // 9 + 1), 9)[:n_visits], width)
+    _ = index.matrix
+    build = time.perf_counter() - t0
+    queries = np.zeros((batch, width), np.float32)
+    queries[np.repeat(np.arange(batch), events), rng.integers(0, width, batch * events)] = 1
+    t0 = time.perf_counter()
+    top_k_global(index, queries, np.arange(batch), 3)
+    return {"visits": n_visits, "build_seconds": build, "query_seconds_per_batch": time.perf_counter() - t0,
+            "index_mb": (index.indices.nbytes + index.indptr.nbytes + index.owner.nbytes) / 2**20, "batch": batch}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrieval", default="global")
+    p.add_argument("--ablation", action="store_true")
+    p.add_argument("--retrieval-scale", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.retrieval_scale:
+        print(json.dumps(retrieval_scale(args.retrieval_scale), indent=1))
+        return
+    result = {args.retrieval: scores(args.data, args.retrieval, args.epochs, args.seed)}
+    if args.ablation:
+        result["none"] = scores(args.data, "none", args.epochs, args.seed)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

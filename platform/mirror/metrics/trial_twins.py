@@ -1,0 +1,164 @@
+"""Trial digital-twin metrics (TWIN §4, issue 17), on ``TRIAL_SCHEMA`` tables.
+
+* ``dp_r``: Pearson r between the dimension-wise probabilities (share of visits holding each
+  medication / AE) of a real and a synthetic set; ``per_patient_dp_r``: the same per
+  participant against its twin (row-aligned), averaged over participants where both vectors
+  vary (the others are counted, not scored).
+* ``ae_rate_error``: mean over participants of |AEs per visit (a) - AEs per visit (b)|.
+* ``nnaa``: TWIN Eqs. 13-15 on visits (Hamming nearest neighbours, ``privacy``'s
+  ``block_adversarial_accuracy``): AA(held-out, synthetic) - AA(train, synthetic).
+* ``presence``: ``privacy.presence_metrics`` on visit and record (visit-set) hashes.
+* ``severe_outcome_auroc``: the utility LSTM (severe outcome from the visit sequence) trained
+  on one set, scored on real held-out participants (TSTR vs TRTR).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from mirror.data import schema
+from mirror.data.views.visits import multi_hot
+from mirror.metrics.errors import MetricError
+from mirror.metrics.privacy import block_adversarial_accuracy, presence_metrics
+
+
+def _visits(table: pa.Table, column: str, width: int) -> np.ndarray:
+    return multi_hot(table.column(column).combine_chunks().flatten(), width)
+
+
+def _n_visits(table: pa.Table) -> np.ndarray:
+    return np.diff(table.column(schema.VISIT_DAYS).combine_chunks().offsets.to_numpy())
+
+
+def dimension_probabilities(table: pa.Table, column: str, width: int) -> np.ndarray:
+    return _visits(table, column, width).mean(0)
+
+
+def dp_r(real: pa.Table, syn: pa.Table, column: str, width: int) -> float:
+    a, b = dimension_probabilities(real, column, width), dimension_probabilities(syn, column, width)
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def per_patient_dp_r(real: pa.Table, syn: pa.Table, column: str, width: int) -> tuple[float, int]:
+    """Mean per-participant r (row-aligned tables) and how many participants were unscored."""
+    def per_patient(table: pa.Table) -> np.ndarray:
+        hot, n = _visits(table, column, width), _n_visits(table)
+        sums = np.zeros((table.num_rows, width))
+        np.add.at(sums, np.repeat(np.arange(table.num_rows), n), hot)
+        return sums / np.maximum(n, 1)[:, None]
+
+    a, b = per_patient(real), per_patient(syn)
+    a_c, b_c = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    denom = np.sqrt((a_c**2).sum(1) * (b_c**2).sum(1))
+    ok = denom > 0
+    if not ok.any():
+        raise MetricError("trial/per_patient_dp_r", "no participant with varying probabilities on both sides")
+    return float(((a_c * b_c).sum(1)[ok] / denom[ok]).mean()), int((~ok).sum())
+
+
+def ae_rate_error(a: pa.Table, b: pa.Table, width: int) -> float:
+    rate = [_visits(t, schema.VISIT_ADVERSE_EVENTS, width).sum(1) for t in (a, b)]
+    per = [np.add.reduceat(r, np.concatenate([[0], np.cumsum(_n_visits(t))[:-1]])) / _n_visits(t) for r, t in zip(rate, (a, b), strict=True)]
+    return float(np.abs(per[0] - per[1]).mean())
+
+
+def _rows(table: pa.Table, widths: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Visits as (indptr, keys) of their medication and AE columns (Hamming on what is generated)."""
+    l1, l2, l3 = widths
+    hot = np.concatenate([_visits(table, schema.VISIT_MEDICATIONS, l2), _visits(table, schema.VISIT_ADVERSE_EVENTS, l3)], 1)
+    rows, cols = np.nonzero(hot)
+    return np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(hot)))]).astype(np.int64), cols.astype(np.int64)
+
+
+def _take(rows: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    indptr, keys = rows
+    lengths = indptr[ids + 1] - indptr[ids]
+    take = np.repeat(indptr[ids], lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), keys[take]
+
+
+def nnaa(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *, n: int = 750, seed: int = 0) -> dict[str, float]:
+    """TWIN's NNAA on ``n`` visits per set (the paper: 751)."""
+    sets = [_rows(t, widths) for t in (train, holdout, syn)]
+    n = min(n, *(len(s[0]) - 1 for s in sets))
+    if n < 2:
+        raise MetricError("trial/nnaa", f"needs >= 2 visits per set, got {n}")
+    rng = np.random.default_rng(seed)
+    t, e, s = (_take(rows, rng.permutation(len(rows[0]) - 1)[:n]) for rows in sets)
+    aa_t, _, _ = block_adversarial_accuracy(t, s)
+    aa_e, _, _ = block_adversarial_accuracy(e, s)
+    return {"nnaa/aa_train": aa_t, "nnaa/aa_holdout": aa_e, "nnaa/privacy_loss": aa_e - aa_t, "nnaa/visits": float(n)}
+
+
+def _hashes(table: pa.Table, widths: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Visit hashes (treatment + medication + AE), each visit's participant row, and record
+    hashes (the set of a participant's visits: a sum of visit hashes, order-free)."""
+    cols = (schema.VISIT_TREATMENTS, schema.VISIT_MEDICATIONS, schema.VISIT_ADVERSE_EVENTS)
+    hot = np.concatenate([_visits(table, c, w) for c, w in zip(cols, widths, strict=True)], 1).astype(bool)
+    weights = np.random.default_rng(12345).integers(1, 2**62, size=hot.shape[1], dtype=np.uint64)
+    visit = (hot.astype(np.uint64) * weights).sum(1, dtype=np.uint64)
+    owner = np.repeat(np.arange(table.num_rows), _n_visits(table))
+    record = np.zeros(table.num_rows, np.uint64)
+    np.add.at(record, owner, visit * np.uint64(0x9E3779B97F4A7C15))
+    return visit.view(np.int64), owner, record.view(np.int64)
+
+
+def presence(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *, known_share: float = 0.2, seed: int = 0) -> dict[str, float]:
+    """Presence disclosure with the attacker knowing ``known_share`` of the training records
+    (the paper's largest m), with an equal-size held-out control."""
+    rng = np.random.default_rng(seed)
+    n = max(1, min(round(known_share * train.num_rows), holdout.num_rows))
+    known_t = train.take(pa.array(rng.permutation(train.num_rows)[:n]))
+    known_h = holdout.take(pa.array(rng.permutation(holdout.num_rows)[:n]))
+    vt, ot, rt = _hashes(known_t, widths)
+    vh, oh, rh = _hashes(known_h, widths)
+    vs, _, rs = _hashes(syn, widths)
+    return presence_metrics((vt, ot), rt, (vh, oh), rh, vs, rs)
+
+
+class _SevereLSTM(nn.Module):
+    def __init__(self, width: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(width, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.head(h[-1]).squeeze(-1)
+
+
+def _sequences(table: pa.Table, widths: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cols = (schema.VISIT_TREATMENTS, schema.VISIT_MEDICATIONS, schema.VISIT_ADVERSE_EVENTS)
+    hot = np.concatenate([_visits(table, c, w) for c, w in zip(cols, widths, strict=True)], 1)
+    n = _n_visits(table)
+    x = np.zeros((table.num_rows, int(n.max()), hot.shape[1]), np.float32)
+    owner = np.repeat(np.arange(table.num_rows), n)
+    x[owner, np.arange(len(owner)) - np.concatenate([[0], np.cumsum(n)[:-1]])[owner]] = hot
+    y = table.column(schema.SEVERE_OUTCOME).to_numpy(zero_copy_only=False).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(n.astype(np.int64)), torch.from_numpy(y)
+
+
+def severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int = 30, seed: int = 0) -> float:
+    """The utility LSTM trained on ``train`` (real or synthetic), AUROC on real ``test``."""
+    torch.manual_seed(seed)
+    x, n, y = _sequences(train, widths)
+    xt, nt, yt = _sequences(test, widths)
+    if yt.min() == yt.max():
+        raise MetricError("trial/utility", "the test set has a single outcome class")
+    model = _SevereLSTM(x.shape[2])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pos_weight = torch.tensor(float((1 - y).sum() / y.sum().clamp(min=1)))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x[idx], n[idx]), y[idx], pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float(roc_auc_score(yt.numpy(), model(xt, nt).numpy()))
