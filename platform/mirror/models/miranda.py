@@ -209,7 +209,7 @@ class Miranda(nn.Module):
                    "p_rl": 0.0, "p_rl_clamped": 0.0}
         if c.phase == "supervised" or not self._enters(h_b, n):
             ctx.step(bce, "model")
-            return metrics
+            return self._with_disagreement(metrics, ctx.device)
         metrics["gate"] = 1.0
         ctx.step(c.decay * bce, "model")
         previous = h_b
@@ -234,6 +234,21 @@ class Miranda(nn.Module):
         if metrics["inner_steps"]:
             metrics["p_rl"] = p_sum / metrics["inner_steps"]
         metrics["p_rl_clamped"] = clamped
+        return self._with_disagreement(metrics, ctx.device)
+
+    @staticmethod
+    def _with_disagreement(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+        """``rank_disagreement``: the spread across DDP ranks of this step's gate decision and
+        inner-step count (0 when the ranks stayed in step; a spread would hang the next
+        collective, so it is measured before any can)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            metrics["rank_disagreement"] = 0.0
+            return metrics
+        high = torch.tensor([metrics["gate"], metrics["inner_steps"]], dtype=torch.float64, device=device)
+        low = high.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        metrics["rank_disagreement"] = float((high - low).abs().max())
         return metrics
 
     @torch.no_grad()
@@ -269,7 +284,7 @@ class Miranda(nn.Module):
 MODEL = ModelSpec(
     name="miranda", config_cls=MirandaConfig, build=Miranda, view=AdmissionsView, capabilities=("recommender",),
     default_sweep="search_spaces/miranda_ablation.yaml",
-    metric_names=("train/loss", "train/h_b", "train/elos", "train/gate", "train/inner_steps", "train/p_rl",
+    metric_names=("train/loss", "train/h_b", "train/elos", "train/gate", "train/inner_steps", "train/p_rl", "train/rank_disagreement",
                   "val/loss", "val/jaccard", "val/f1", "val/elos_sum", "val/elos_coverage", "val/excess_sum"),
     description="MiranDa: ATC-3 recommendation per admission, BCE then an ELOS-gated optimisation phase (seed 004).",
 )  # fmt: skip
