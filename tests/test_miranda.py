@@ -144,3 +144,11 @@ def test_ddp_ranks_take_the_same_gate_decisions_and_inner_steps(dataset, tmp_pat
     assert m["train/rank_disagreement"] == 0.0
     assert m["train/steps_per_rank"] == 3
     assert m["train/gate"] > 0  # the gate opened on some steps, on both ranks alike
+
+
+@pytest.mark.parametrize("name", ["miranda_ablation", "miranda_pbt"])
+def test_sweep_files_load_and_declare_their_metric(name):
+    from mirror.tune.space import load_sweep
+
+    spec = load_sweep(f"search_spaces/{name}.yaml")
+    assert spec.metric == "val/jaccard"
