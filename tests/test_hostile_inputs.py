@@ -218,7 +218,7 @@ BEFORE_RAY = [
     Case("--config model: not a mapping", "train", T + " --config {root}/cfg_list.yaml", 2,
          r"section 'model' must be a mapping.*received list"),
     Case("--config a scalar", "train", T + " --config {root}/cfg_scalar.yaml", 2, r"expected a mapping .*received str"),
-    Case("unknown model", "train", "--model gpt --data {data}", 2, r"unknown model 'gpt'; valid models: ae, wae"),
+    Case("unknown model", "train", "--model gpt --data {data}", 2, r"unknown model 'gpt'; valid models: ae, scoehr_ae, scoehr_score, wae"),
     Case("unknown --set key", "train", T + " --set train.epoch=2", 2, r"unknown key 'epoch'"),
     Case("train.batch_size=0", "train", T + " --set train.batch_size=0", 2, r"train.batch_size: expected >= 1, received 0"),
     Case("--epochs 0", "train", T + " --epochs 0", 2, r"train.epochs: expected >= 1, received 0",

@@ -70,8 +70,11 @@ def sample_patients(
     batch_size: int = 1024,
     max_draw_factor: int = 4,
     provenance: dict | None = None,
+    record_type: str = "sentence",
 ) -> SampleReport:
-    """Draw until ``n_patients`` valid patients are written (or ``max_draw_factor`` x drawn)."""
+    """Draw until ``n_patients`` valid patients are written (or ``max_draw_factor`` x drawn).
+    ``record_type`` (the generator's view's) goes into ``dataset.json``'s provenance: the
+    scorecard compares the sample as that kind of record (``metrics.scorecard``)."""
     out_dir = Path(out_dir)
     real_meta = DatasetMetadata.read(real_root)
     generator = torch.Generator().manual_seed(seed)
@@ -115,7 +118,7 @@ def sample_patients(
         n_weeks=real_meta.n_weeks,
         patients={TRAIN: written, schema.TUNING: 0, schema.HELD_OUT: 0},
         vocab=dict(real_meta.vocab),
-        provenance={**(provenance or {}), "drawn": drawn, "rejected": rejected, "validity_rate": report.validity_rate, "seed": seed},
+        provenance={**(provenance or {}), "record_type": record_type, "drawn": drawn, "rejected": rejected, "validity_rate": report.validity_rate, "seed": seed},
         length_histogram={TRAIN: {str(k): v for k, v in sorted(lengths_hist.items())}, schema.TUNING: {}, schema.HELD_OUT: {}},
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     ).write(out_dir)
@@ -150,6 +153,7 @@ def sample_and_score(
     report = sample_patients(
         loaded.model, loaded.spec.data, n_patients=n_patients, out_dir=staging,
         female_share=female_fraction(loaded.spec.data), seed=seed, provenance={"generator": loaded.spec.model, "mlflow_run_id": run_id},
+        record_type=loaded.model_spec.view.record_type,
     )
     plots = Path(tempfile.mkdtemp(prefix=f".{staging.name}-plots-", dir=staging.parent))  # ours alone
     try:

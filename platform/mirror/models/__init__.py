@@ -11,10 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from mirror.config import ConfigError, build_config
-from mirror.models import ae, wae
+from mirror.models import ae, scoehr, wae
 from mirror.models.base import CAPABILITIES, ModelSpec, TrainableModel
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (ae.MODEL, wae.MODEL)}
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec for spec in (ae.MODEL, wae.MODEL, scoehr.AE_MODEL, scoehr.MODEL)
+}
 
 # What each job needs, for refusals that say which models can do it instead.
 JOB_CAPABILITY = {"embed": "encoder", "sample": "generator"}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from mirror.data.views.base import Batch, DataView, SplitReport
+from mirror.data.views.code_vector import CodeVectorView
 from mirror.data.views.sequence import SequenceView
 
-VIEWS: dict[str, type[DataView]] = {view.name: view for view in (SequenceView,)}
+VIEWS: dict[str, type[DataView]] = {view.name: view for view in (SequenceView, CodeVectorView)}
 
-__all__ = ["VIEWS", "Batch", "DataView", "SplitReport", "SequenceView"]
+__all__ = ["VIEWS", "Batch", "CodeVectorView", "DataView", "SplitReport", "SequenceView"]
