@@ -37,13 +37,14 @@ from pathlib import Path
 import numpy as np
 
 from mirror.data import schema as S
+from mirror.metrics import code_vector as CV
 from mirror.metrics import features as F
 from mirror.metrics import fidelity, plots, privacy, utility
 from mirror.metrics.errors import MetricError, attempt
 from mirror.metrics.marginal_sampler import write_independent_marginal_sample
 from mirror.metrics.neighbours import DEFAULT_CHUNK_PAIRS, NeighbourSearch
-from mirror.metrics.records import read_block
-from mirror.metrics.views import DatasetView, scan_view, view_from_block
+from mirror.metrics.records import PatientBlock, read_block
+from mirror.metrics.views import DatasetView, reduce_to, scan_view, view_from_block
 from mirror.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,36 @@ def _choice(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(n, size=min(k, n), replace=False)
 
 
+def code_vector_metrics(
+    train: DatasetView, holdout: DatasetView, syn: DatasetView, cfg: ScorecardConfig
+) -> dict[str, float]:
+    """ScoEHR's DDM, PCD, log-cluster U and SRA on the patients' condition vectors (every
+    generator: a sentence is reduced to the set of conditions it holds). Equal-size random
+    samples of ``record_sample`` per side; SRA's real arm trains on training records and every
+    arm is scored on the held-out set."""
+    rng = np.random.default_rng(cfg.seed + 29)
+    n = min(cfg.record_sample, train.n, syn.n)
+    real = train.conditions[np.sort(_choice(train.n, n, rng))]
+    synthetic = syn.conditions[np.sort(_choice(syn.n, n, rng))]
+    out: dict[str, float | MetricError] = {}
+    out["fidelity/code_vector/ddm"] = attempt(lambda: CV.ddm(real, synthetic))
+    out["fidelity/code_vector/pcd"] = attempt(lambda: CV.pcd(real, synthetic))
+    try:
+        value, at_limit = CV.log_cluster(real, synthetic, cfg.log_clusters, cfg.seed)
+        out["fidelity/code_vector/log_cluster"] = value
+        out["fidelity/code_vector/log_cluster/at_limit"] = float(at_limit)
+    except MetricError as err:
+        out["fidelity/code_vector/log_cluster"] = err
+    try:
+        m = min(cfg.utility_train_size, n)
+        sra = CV.sra(real[:m], synthetic[:m], holdout.conditions, min_positives=cfg.min_task_positives, seed=cfg.seed)
+        out.update({f"utility/code_vector/{k}": v for k, v in sra.items()})
+    except MetricError as err:
+        out["utility/code_vector/sra"] = err
+    out["fidelity/code_vector/n_sample"] = float(n)
+    return out
+
+
 def score_row(
     prefix: str,
     train: DatasetView,
@@ -198,13 +229,12 @@ def score_row(
         },
         "fidelity/",
     )
-    row.group(
-        "log_cluster",
-        lambda: {
-            "log_cluster": fidelity.log_cluster(x_real, x_syn, cfg.log_clusters, seed=cfg.seed)
-        },
-        "fidelity/",
-    )
+    def log_cluster() -> dict[str, float]:
+        value = fidelity.log_cluster(x_real, x_syn, cfg.log_clusters, seed=cfg.seed)
+        return {"log_cluster": value, "log_cluster/at_limit": float(value == CV.LOG_CLUSTER_LIMIT)}
+
+    row.group("log_cluster", log_cluster, "fidelity/")
+    row.group("code_vector", lambda: code_vector_metrics(train, holdout, syn, cfg))
 
     # Utility (no panel: the reason is already reported once as utility/panel).
     if panel is not None:
@@ -322,12 +352,20 @@ def compute_scorecard(
     artifacts_dir: str | Path | None = None,
     config: ScorecardConfig | None = None,
     profile: dict[str, float] | None = None,
+    record_type: str | None = None,
 ) -> dict[str, float]:
     """The scorecard of ``synthetic_root`` against ``real_root`` (module docstring). Writes
-    PNG plots to ``artifacts_dir`` if given; fills ``profile`` with seconds per stage."""
+    PNG plots to ``artifacts_dir`` if given; fills ``profile`` with seconds per stage.
+
+    ``record_type`` (default: the synthetic set's ``provenance.record_type``, else
+    ``sentence``): ``code_set`` reduces every set (real, synthetic, references) to each
+    patient's set of conditions before anything is computed (``views.as_code_sets``), so a
+    generator without ages or weeks is compared, and gated, on what it generates."""
     cfg = replace(config or ScorecardConfig(), max_queries=max_queries, seed=seed)
     real_meta = S.DatasetMetadata.read(real_root)
-    S.DatasetMetadata.read(synthetic_root)  # a clear error if it is not a dataset directory
+    syn_meta = S.DatasetMetadata.read(synthetic_root)  # a clear error if it is not a dataset directory
+    record_type = record_type or syn_meta.provenance.get("record_type", "sentence")
+    reduce_to(PatientBlock.empty(), record_type)  # an unknown record type fails before any work
     n_weeks = real_meta.n_weeks
     timings: dict[str, float] = {} if profile is None else profile
     clock = time.perf_counter()
@@ -341,9 +379,9 @@ def compute_scorecard(
 
     # Full records kept per set: record-based fidelity, utility training, known sets.
     sample = max(cfg.record_sample, cfg.utility_train_size, cfg.max_queries)
-    train = scan_view("train", real_root, [S.TRAIN], n_weeks, sample, seed)
-    holdout_block = read_block(
-        real_root, [S.HELD_OUT], n_weeks
+    train = scan_view("train", real_root, [S.TRAIN], n_weeks, sample, seed, record_type=record_type)
+    holdout_block = reduce_to(
+        read_block(real_root, [S.HELD_OUT], n_weeks), record_type
     )  # <= 50K patients by the split contract
     if len(holdout_block) < 4:
         raise ValueError(
@@ -352,7 +390,8 @@ def compute_scorecard(
     holdout = view_from_block("held_out", holdout_block, len(holdout_block), seed + 1)
     lap("scan_real")
     syn = scan_view(
-        "synthetic", synthetic_root, S.SPLITS, n_weeks, sample, seed + 2, collect_visits=True
+        "synthetic", synthetic_root, S.SPLITS, n_weeks, sample, seed + 2, collect_visits=True,
+        record_type=record_type,
     )
     lap("scan_synthetic")
 
@@ -377,7 +416,8 @@ def compute_scorecard(
                 real_root, tmp, syn.n, seed + 6, summary=train.summary
             )
             floor = scan_view(
-                "floor", tmp, S.SPLITS, n_weeks, sample, seed + 7, collect_visits=True
+                "floor", tmp, S.SPLITS, n_weeks, sample, seed + 7, collect_visits=True,
+                record_type=record_type,
             )
             rows += [(CEILING, ceiling_holdout, ceiling_syn), (FLOOR, holdout, floor)]
             lap("reference_sets")
@@ -419,6 +459,7 @@ def compute_scorecard(
                 lap(f"row{'/' + prefix.rstrip('/') if prefix else '/main'}")
         for prefix in [p for p, _, _ in rows]:
             metrics.update({f"{prefix}meta/{k}": float(v) for k, v in asdict(cfg).items()})
+            metrics[f"{prefix}meta/record_type_code_set"] = float(record_type == "code_set")
 
         if artifacts_dir is not None:
             out = Path(artifacts_dir)
