@@ -86,3 +86,23 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     assert report.written == 30
     meta = schema.DatasetMetadata.read(out)
     assert meta.provenance["record_type"] == "code_set" and meta.patients[schema.TRAIN] == 30
+
+    # The sampler bench on the same run, at toy sizes: the reference, every row, the plot.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench_file = Path(__file__).parents[1] / "bench" / "bench_sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", bench_file)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = workdir / "sampler.json"
+    rc = bench.main([
+        "--run", second.run_id, "--patients", "40", "--reference-steps", "20", "--steps", "2,5",
+        "--batch", "16", "--device", "cpu", "--out", str(out), "--log",
+    ])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert rc in (0, 1) and result["reference"]["steps"] == 20 and result["patients"] == 40
+    assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("dpm2m", 2), ("dpm2m", 5), ("heun", 2), ("heun", 5)]
+    assert all(r["seconds"] > 0 and r["ddm"] >= 0 for r in result["rows"]) and out.with_suffix(".png").exists()
+    assert "sampler/dpm2m_5/pcd" in tracking.get_run(second.run_id).data.metrics

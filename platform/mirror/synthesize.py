@@ -138,10 +138,11 @@ class ReleaseResult:
 
 def sample_and_score(
     run_id: str, *, n_patients: int, staging: Path, thresholds=None, seed: int = 0,
-    max_queries: int = 20_000, uri: str | None = None,
+    max_queries: int = 20_000, uri: str | None = None, device: str = "cpu",
 ):
-    """Sample ``n_patients`` into ``staging``, score them against the run's real data, log the
-    scorecard and the gate's verdict (``privacy/gate_passed``) to the run."""
+    """Sample ``n_patients`` into ``staging`` (drawn on ``device``, e.g. ``cuda``), score them
+    against the run's real data, log the scorecard and the gate's verdict
+    (``privacy/gate_passed``) to the run."""
     from mirror import tracking
     from mirror.checkpoint import load_run
     from mirror.metrics.privacy import privacy_gate
@@ -151,7 +152,7 @@ def sample_and_score(
     loaded = load_run(run_id, uri=uri)
     require_capability(loaded.model_spec, "generator", "sample")
     report = sample_patients(
-        loaded.model, loaded.spec.data, n_patients=n_patients, out_dir=staging,
+        loaded.model.to(device), loaded.spec.data, n_patients=n_patients, out_dir=staging,
         female_share=female_fraction(loaded.spec.data), seed=seed, provenance={"generator": loaded.spec.model, "mlflow_run_id": run_id},
         record_type=loaded.model_spec.view.record_type,
     )
@@ -175,6 +176,7 @@ def release_synthetic(
     seed: int = 0,
     max_queries: int = 20_000,
     uri: str | None = None,
+    device: str = "cpu",
 ) -> ReleaseResult:
     """Sample into a staging directory, score it, and export only if the privacy gate passes
     (or ``allow_unsafe``, which tags the run). Nothing unscored ever reaches ``out_dir``."""
@@ -190,7 +192,7 @@ def release_synthetic(
     try:
         report, scorecard, gate = sample_and_score(
             run_id, n_patients=n_patients, staging=staging, thresholds=thresholds, seed=seed,
-            max_queries=max_queries, uri=uri,
+            max_queries=max_queries, uri=uri, device=device,
         )
         if gate.passed or allow_unsafe:
             if not gate.passed:
