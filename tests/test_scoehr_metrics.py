@@ -35,6 +35,7 @@ def test_ddm_and_pcd_are_zero_for_identical_sets_and_see_lost_correlations():
     assert CV.ddm(real, real) == 0.0 and CV.pcd(real, real) == 0.0
     assert CV.ddm(real, twin) < 0.02 and CV.ddm(real, broken) < 0.02  # marginals agree
     assert CV.pcd(real, broken) > 5 * CV.pcd(real, twin)  # correlations do not
+    assert CV.pcd(real, broken, max_features=6) == pytest.approx(CV.pcd(real, broken), rel=0.2)  # top-6 hold it
     constant = sp.csr_matrix(np.zeros((10, 12), np.float32))
     assert np.all(CV.correlation(constant) == 0)  # NaN -> 0, as the paper
 

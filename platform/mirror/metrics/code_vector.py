@@ -7,7 +7,8 @@ reducing each patient to the set of conditions it ever has (``DatasetView.condit
 * PCD, pairwise correlation difference: ``‖Corr(real) - Corr(syn)‖_F`` over the features
   (Pearson = phi on binary columns, from one sparse Gram matrix; a column constant in either
   set has correlation 0, as the paper's "NaN -> 0"; lower is better). Grows with F: compare
-  rows of the same scorecard only.
+  rows of the same scorecard only. Spaces wider than 1,024 use the 1,024 most prevalent
+  real codes.
 * log-cluster U: ``log(mean_g (n_g^R / n_g - c)^2)``, ``c = n^R / (n^R + n^S)``, k-means with
   G clusters (default 20, stated: the paper does not) on the stacked code vectors of equal-size
   samples (lower is better). Identical sets (a copy of the training data) make every share
@@ -69,9 +70,17 @@ def correlation(x: sp.csr_matrix) -> np.ndarray:
     return corr
 
 
-def pcd(real: sp.csr_matrix, syn: sp.csr_matrix) -> float:
-    """Frobenius norm of the difference of the two correlation matrices."""
+PCD_MAX_FEATURES = 1024  # wider spaces (condition x age: 14,520) use their top-K real codes
+
+
+def pcd(real: sp.csr_matrix, syn: sp.csr_matrix, max_features: int = PCD_MAX_FEATURES) -> float:
+    """Frobenius norm of the difference of the two correlation matrices, over every feature,
+    or over the ``max_features`` most prevalent real ones when there are more (metrics.md
+    §2.3: K x K dense memory)."""
     _check(real, syn, "fidelity/code_vector/pcd")
+    if real.shape[1] > max_features:
+        top = np.sort(np.argsort(-_dense_prevalence(real), kind="stable")[:max_features])
+        real, syn = real[:, top], syn[:, top]
     return float(np.linalg.norm(correlation(real) - correlation(syn)))
 
 
