@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler-steps", default="5,10,25,50")
     parser.add_argument("--throughput-steps", type=int, default=15)
     parser.add_argument("--set", nargs="*", default=[], help="score-network overrides, model.key=value")
+    parser.add_argument("--ae-run", help="reuse this trained scoehr_ae run (skip stage 1)")
+    parser.add_argument("--score-run", help="reuse this trained scoehr_score run (skip stage 2)")
     parser.add_argument("--out", default=str(HERE / "results" / "scoehr.json"))
     args = parser.parse_args(argv)
 
@@ -43,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
 
     from mirror import tracking
+    from mirror.checkpoint import load_run
     from mirror.cluster import ensure_ray
     from mirror.data.simulator import generate_dataset
-    from mirror.synthesize import sample_and_score
+    from mirror.metrics.privacy import privacy_gate
+    from mirror.metrics.scorecard import ScorecardError, compute_scorecard
+    from mirror.synthesize import female_fraction, sample_patients
     from mirror.train.driver import run_training
     from mirror.train.spec import build_run_spec, parse_set
 
@@ -69,15 +76,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: run {outcome.run_id} in {time.perf_counter() - began:.0f}s; {json.dumps({k: v for k, v in outcome.metrics.items() if k.startswith(('val/', 'train/loss', 'train/patients_per_s'))})}", flush=True)
         return outcome
 
-    ae = train("scoehr_ae", "scoehr-ae", {"model.latent_dim": 144}, epochs=args.ae_epochs)
-    score = train("scoehr_score", "scoehr-score", score_overrides, upstream=ae.run_id, epochs=args.score_epochs)
+    def finished(run_id: str) -> SimpleNamespace:
+        return SimpleNamespace(run_id=run_id, metrics=dict(tracking.get_run(run_id).data.metrics))
+
+    if args.ae_run:
+        ae = finished(args.ae_run)
+    else:
+        ae = train("scoehr_ae", "scoehr-ae", {"model.latent_dim": 144}, epochs=args.ae_epochs)
+    if args.score_run:
+        score = finished(args.score_run)
+    else:
+        score = train("scoehr_score", "scoehr-score", score_overrides, upstream=ae.run_id, epochs=args.score_epochs)
     result["runs"] = {"ae": ae.run_id, "score": score.run_id}
     result["ae"] = {k: v for k, v in ae.metrics.items() if k.startswith(("val/", "train/"))}
     result["score"] = {k: v for k, v in score.metrics.items() if k.startswith(("val/", "train/"))}
 
+    # The sample job's path (sample, score, gate), keeping the partial scorecard if some
+    # fidelity metric is undefined for this sample (reported under "scorecard_errors").
     began = time.perf_counter()
-    report, card, gate = sample_and_score(score.run_id, n_patients=args.sample, staging=work / "sample", seed=0)
+    loaded = load_run(score.run_id)
+    staging = work / "sample"
+    shutil.rmtree(staging, ignore_errors=True)
+    report = sample_patients(
+        loaded.model, loaded.spec.data, n_patients=args.sample, out_dir=staging,
+        female_share=female_fraction(loaded.spec.data), record_type=loaded.model_spec.view.record_type,
+    )  # fmt: skip
     result["sample"] = {"written": report.written, "drawn": report.drawn, "rejected": report.rejected, "seconds": time.perf_counter() - began}
+    try:
+        card = compute_scorecard(loaded.spec.data, staging, max_queries=20_000, seed=0)
+    except ScorecardError as err:
+        card, result["scorecard_errors"] = err.partial, err.errors
+    gate = privacy_gate(card)
     keep = ("fidelity/code_vector/", "utility/code_vector/", "privacy/mia/", "privacy/exact_match/", "privacy/dcr/closer", "fidelity/prevalence/")
     result["scorecard"] = {k: v for k, v in card.items() if any(k.removeprefix("reference/ceiling/").removeprefix("reference/floor/").startswith(p) for p in keep)}
     result["gate"] = {"passed": gate.passed, "failures": gate.failures}

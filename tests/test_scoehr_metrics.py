@@ -108,3 +108,14 @@ def test_score_job_on_a_copy_of_train_reports_the_limit_and_the_gate_refuses(ray
         assert card[prefix + "fidelity/code_vector/log_cluster/at_limit"] == 0.0
         assert card[prefix + "utility/code_vector/sra/n_targets"] >= 1
     assert "privacy gate: REFUSED" in capsys.readouterr().out
+    # The same copy compared as code sets (a code-vector generator's record type): time and
+    # visit metrics are not computed, the copy is still found and refused.
+    from mirror.metrics import privacy
+    from mirror.metrics.scorecard import compute_scorecard
+
+    as_sets = compute_scorecard(real, copy, max_queries=500, seed=0, record_type="code_set")
+    assert as_sets["meta/record_type_code_set"] == 1.0
+    assert not any(k.startswith(("fidelity/visits", "fidelity/gap_weeks", "utility/auroc")) for k in as_sets)
+    assert as_sets["privacy/exact_match/synthetic_in_train"] == 1.0
+    assert as_sets["fidelity/code_vector/ddm"] == 0.0 and as_sets["utility/code_vector/sra"] == 1.0
+    assert not privacy.privacy_gate(as_sets).passed

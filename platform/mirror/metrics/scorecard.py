@@ -100,16 +100,28 @@ class ScorecardError(RuntimeError):
         super().__init__(f"{len(errors)} metric(s) could not be computed:\n  {lines}")
 
 
+# Groups about time, visits and ages: undefined for a code set (every code at one week, no
+# age), so not computed when the scorecard compares code sets. The history-split utility
+# panel needs two visits per patient: code sets are compared on SRA instead.
+SENTENCE_ONLY_GROUPS = frozenset(
+    {"visits", "gap_weeks", "week_of_event", "age_at_event_years", "sequential_bigram", "validity", "age_prevalence", "utility"}
+)
+
+
 @dataclass
 class _Row:
-    """Collects one row's metrics and errors; ``group`` runs one metric group."""
+    """Collects one row's metrics and errors; ``group`` runs one metric group (unless the
+    record type leaves it undefined: ``skip``)."""
 
     prefix: str
     metrics: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    skip: frozenset[str] = frozenset()
 
     def group(self, name: str, fn: Callable[[], dict[str, float]], namespace: str = "") -> None:
+        if name in self.skip:
+            return
         began = time.perf_counter()
         try:
             values = fn()
@@ -183,9 +195,10 @@ def score_row(
     holdout_labels: utility.LabelledSplit,
     cfg: ScorecardConfig,
     n_weeks: int,
+    record_type: str = "sentence",
 ) -> tuple[_Row, dict[str, np.ndarray]]:
     """All metrics of one row; returns the row and its DCR distances (for plots)."""
-    row = _Row(prefix)
+    row = _Row(prefix, skip=SENTENCE_ONLY_GROUPS if record_type == "code_set" else frozenset())
     rng = np.random.default_rng(cfg.seed + 17)
     if syn.n == 0:
         row.errors[prefix + "synthetic"] = "the synthetic set has no patients"
@@ -427,13 +440,14 @@ def compute_scorecard(
         metrics: dict[str, float] = {}
         errors: dict[str, str] = {}
         distances: dict[str, np.ndarray] = {}
+        panel = None
         try:
-            panel = utility.select_panel(
-                train_labels, list(test_labels.values()), cfg.min_task_positives
-            )
+            if record_type != "code_set":  # code sets have no history to split (SRA instead)
+                panel = utility.select_panel(
+                    train_labels, list(test_labels.values()), cfg.min_task_positives
+                )
         except MetricError as err:
             errors[err.name] = err.reason
-            panel = None
         with _search(train.nn_indptr, train.nn_keys, cfg, seed) as train_search:
             lap("train_index")
             bar = progress(len(rows), "scoring synthetic data", unit="row")
@@ -450,6 +464,7 @@ def compute_scorecard(
                     test_labels[id(h)],
                     cfg,
                     n_weeks,
+                    record_type,
                 )
                 metrics.update(row.metrics)
                 errors.update(row.errors)
