@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler-steps", default="5,10,25,50")
     parser.add_argument("--throughput-steps", type=int, default=15)
     parser.add_argument("--set", nargs="*", default=[], help="score-network overrides, model.key=value")
+    parser.add_argument("--ae-lr", type=float, default=1e-3)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-sampler", action="store_true")
     parser.add_argument("--ae-run", help="reuse this trained scoehr_ae run (skip stage 1)")
     parser.add_argument("--score-run", help="reuse this trained scoehr_score run (skip stage 2)")
     parser.add_argument("--out", default=str(HERE / "results" / "scoehr.json"))
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ae_run:
         ae = finished(args.ae_run)
     else:
-        ae = train("scoehr_ae", "scoehr-ae", {"model.latent_dim": 144}, epochs=args.ae_epochs)
+        ae = train("scoehr_ae", "scoehr-ae", {"model.latent_dim": 144, "model.lr": args.ae_lr}, epochs=args.ae_epochs)
     if args.score_run:
         score = finished(args.score_run)
     else:
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gate passed: {gate.passed} {gate.failures}", flush=True)
 
     throughput = {}
-    for model, overrides, upstream in (("scoehr_ae", {"model.latent_dim": 144}, None), ("scoehr_score", score_overrides, ae.run_id)):
+    for model, overrides, upstream in () if args.skip_throughput else (("scoehr_ae", {"model.latent_dim": 144}, None), ("scoehr_score", score_overrides, ae.run_id)):
         for workers in (1, 2):
             outcome = train(
                 model, f"{model}-throughput-{workers}", overrides, upstream=upstream, epochs=2,
@@ -123,15 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             throughput[f"{model}/workers_{workers}"] = history[-1][1]  # the second epoch
     result["throughput_patients_per_s"] = throughput
 
-    from bench_sampler import main as sampler_main
+    if not args.skip_sampler:
+        from bench_sampler import main as sampler_main
 
-    sampler_out = HERE / "results" / "sampler.json"
-    rc = sampler_main([
-        "--run", score.run_id, "--patients", str(args.sampler_patients), "--steps", args.sampler_steps,
-        "--out", str(sampler_out), "--log",
-    ])  # fmt: skip
-    result["sampler"] = json.loads(sampler_out.read_text())
-    result["sampler_meets_20x"] = rc == 0
+        sampler_out = HERE / "results" / "sampler.json"
+        rc = sampler_main([
+            "--run", score.run_id, "--patients", str(args.sampler_patients), "--steps", args.sampler_steps,
+            "--out", str(sampler_out), "--log",
+        ])  # fmt: skip
+        result["sampler"] = json.loads(sampler_out.read_text())
+        result["sampler_meets_20x"] = rc == 0
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
