@@ -67,6 +67,9 @@ class ScorecardConfig:
     min_cell_patients: int = 100  # age x condition cells: real patients per age group
     detection_folds: int = 5
     log_clusters: int = 20
+    # Patients per side for the code-vector metrics (PCD and U depend on n): 0 = record_sample,
+    # capped by the smallest synthetic set of any row, so every row is computed at one size.
+    code_vector_sample: int = 0
     reference_rows: bool = True
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 
@@ -161,10 +164,10 @@ def code_vector_metrics(
     generator: a sentence is reduced to the set of conditions it holds). Equal-size random
     samples of ``record_sample`` per side; SRA's real arm trains on training records and every
     arm is scored on the held-out set."""
-    rng = np.random.default_rng(cfg.seed + 29)
-    n = min(cfg.record_sample, train.n, syn.n)
-    real = train.conditions[np.sort(_choice(train.n, n, rng))]
-    synthetic = syn.conditions[np.sort(_choice(syn.n, n, rng))]
+    n = min(cfg.code_vector_sample or cfg.record_sample, train.n, syn.n)
+    # One seed per side: sets of equal size give the same rows (a copy is compared exactly).
+    real = train.conditions[np.sort(_choice(train.n, n, np.random.default_rng(cfg.seed + 29)))]
+    synthetic = syn.conditions[np.sort(_choice(syn.n, n, np.random.default_rng(cfg.seed + 29)))]
     out: dict[str, float | MetricError] = {}
     out["fidelity/code_vector/ddm"] = attempt(lambda: CV.ddm(real, synthetic))
     out["fidelity/code_vector/pcd"] = attempt(lambda: CV.pcd(real, synthetic))
@@ -435,6 +438,8 @@ def compute_scorecard(
             rows += [(CEILING, ceiling_holdout, ceiling_syn), (FLOOR, holdout, floor)]
             lap("reference_sets")
 
+        if not cfg.code_vector_sample:  # one size for every row's code-vector metrics
+            cfg = replace(cfg, code_vector_sample=min(cfg.record_sample, *(s.n for _, _, s in rows)))
         train_labels = utility.split_history(train.sample)
         test_labels = {id(h): utility.split_history(h.sample) for _, h, _ in rows}
         metrics: dict[str, float] = {}
