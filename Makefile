@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-metrics bench-gpu bench-scale reference-mirror clean
+.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-metrics bench-gpu bench-scale bench-scoehr bench-sampler reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,16 @@ demo: install
 
 bench-train: install
 	$(PY) bench/bench_train.py
+
+# ScoEHR acceptance (issue 14): both stages, the gated scorecard, per-stage throughput at 1 and 2
+# workers, then the sampler bench. SCOEHR_ARGS passes options (e.g. --patients 10000 --sample 2000).
+SCOEHR_ARGS ?=
+bench-scoehr: install
+	$(PY) bench/bench_scoehr.py $(SCOEHR_ARGS)
+
+# Fast sampler vs 1,000-step Euler-Maruyama on a trained scoehr_score run (RUN=<mlflow run id>).
+bench-sampler: install
+	$(PY) bench/bench_sampler.py --run $(RUN) --log
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info

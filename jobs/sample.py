@@ -1,7 +1,7 @@
 """Write synthetic patients from a trained generative run, behind a privacy gate.
 
     python jobs/sample.py --run RUN_ID --patients N --out DIR [--allow-unsafe]
-        [--max-mia-auc 0.6] [--max-presence 0.333] [--exact-match-z 3]
+        [--max-mia-auc 0.6] [--max-presence 0.333] [--exact-match-z 3] [--device cuda]
 
 The sample is scored against the run's real data first; unless every privacy check passes,
 nothing is exported and the exit code is 3. --allow-unsafe exports anyway and tags the run.
@@ -24,12 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exact-match-z", type=float, default=3.0,
                         help="train exact-match rate may exceed held-out's by this many standard errors")
     parser.add_argument("--allow-unsafe", action="store_true", help="export even if the gate fails (tags the run)")
+    parser.add_argument("--device", default="cpu", help="where the model draws patients: cpu, cuda, cuda:1")
     args = parser.parse_args(argv)
 
     from mirror import guards, tracking
 
     try:  # before Ray starts; the output is staged beside --out, never in a user's directory
         guards.check_positive("--patients", args.patients)
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise guards.GuardError(f"--device {args.device}: no CUDA device is visible to this process")
         guards.check_empty_output(args.out)
         uri = tracking.tracking_uri()
         guards.check_trained_run(args.run, uri, needs="generator", job="sample")
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = release_synthetic(
             args.run, n_patients=args.patients, out_dir=args.out, thresholds=thresholds,
-            allow_unsafe=args.allow_unsafe, seed=args.seed,
+            allow_unsafe=args.allow_unsafe, seed=args.seed, device=args.device,
         )
     except (TooFewValidSentences, ScorecardError) as err:  # nothing exported, nothing of the user's deleted
         print(f"error: {err}", file=sys.stderr)

@@ -113,7 +113,7 @@ def train(model: TrainableModel, batch: SequenceBatch, steps: int) -> list[dict[
 
 
 def test_registry_lists_valid_names_for_unknown_model():
-    assert {"ae", "wae"} <= set(MODELS)
+    assert {"ae", "wae", "scoehr_ae", "scoehr_score"} <= set(MODELS)
     with pytest.raises(ValueError, match=r"unknown model 'vae'; valid models: ae, "):
         get_model_spec("vae")
     with pytest.raises(ValueError, match="valid models"):
@@ -133,7 +133,10 @@ def test_registry_builds_each_model_with_its_config():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_implements_the_capabilities_it_declares(name):
     spec = get_model_spec(name)
-    model = build_model(name, {}, spec.view.probe_info())
+    upstream = None
+    if spec.upstream:  # a second stage is built on a first stage's model
+        upstream = build_model(spec.upstream[0], {}, spec.upstream[0].view.probe_info())
+    model = build_model(name, {}, spec.view.probe_info(), upstream=upstream)
     assert isinstance(model, TrainableModel)
     for capability in spec.capabilities:
         assert isinstance(model, CAPABILITIES[capability]), f"{name} declares {capability} but lacks its methods"

@@ -219,7 +219,7 @@ def test_evaluation_follows_the_declared_capability(first_stage):
 
 
 def test_a_job_needing_a_missing_capability_fails_in_one_line():
-    with pytest.raises(MissingCapability, match=r"embed: model 'throwaway_sex' is not a encoder .*models that can: ae, wae"):
+    with pytest.raises(MissingCapability, match=r"embed: model 'throwaway_sex' is not a encoder .*models that can: ae, scoehr_ae, wae"):
         require_capability(STAGE_1, "encoder", "embed")
 
 

@@ -70,8 +70,11 @@ def sample_patients(
     batch_size: int = 1024,
     max_draw_factor: int = 4,
     provenance: dict | None = None,
+    record_type: str = "sentence",
 ) -> SampleReport:
-    """Draw until ``n_patients`` valid patients are written (or ``max_draw_factor`` x drawn)."""
+    """Draw until ``n_patients`` valid patients are written (or ``max_draw_factor`` x drawn).
+    ``record_type`` (the generator's view's) goes into ``dataset.json``'s provenance: the
+    scorecard compares the sample as that kind of record (``metrics.scorecard``)."""
     out_dir = Path(out_dir)
     real_meta = DatasetMetadata.read(real_root)
     generator = torch.Generator().manual_seed(seed)
@@ -115,7 +118,7 @@ def sample_patients(
         n_weeks=real_meta.n_weeks,
         patients={TRAIN: written, schema.TUNING: 0, schema.HELD_OUT: 0},
         vocab=dict(real_meta.vocab),
-        provenance={**(provenance or {}), "drawn": drawn, "rejected": rejected, "validity_rate": report.validity_rate, "seed": seed},
+        provenance={**(provenance or {}), "record_type": record_type, "drawn": drawn, "rejected": rejected, "validity_rate": report.validity_rate, "seed": seed},
         length_histogram={TRAIN: {str(k): v for k, v in sorted(lengths_hist.items())}, schema.TUNING: {}, schema.HELD_OUT: {}},
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     ).write(out_dir)
@@ -135,10 +138,11 @@ class ReleaseResult:
 
 def sample_and_score(
     run_id: str, *, n_patients: int, staging: Path, thresholds=None, seed: int = 0,
-    max_queries: int = 20_000, uri: str | None = None,
+    max_queries: int = 20_000, uri: str | None = None, device: str = "cpu",
 ):
-    """Sample ``n_patients`` into ``staging``, score them against the run's real data, log the
-    scorecard and the gate's verdict (``privacy/gate_passed``) to the run."""
+    """Sample ``n_patients`` into ``staging`` (drawn on ``device``, e.g. ``cuda``), score them
+    against the run's real data, log the scorecard and the gate's verdict
+    (``privacy/gate_passed``) to the run."""
     from mirror import tracking
     from mirror.checkpoint import load_run
     from mirror.metrics.privacy import privacy_gate
@@ -148,8 +152,9 @@ def sample_and_score(
     loaded = load_run(run_id, uri=uri)
     require_capability(loaded.model_spec, "generator", "sample")
     report = sample_patients(
-        loaded.model, loaded.spec.data, n_patients=n_patients, out_dir=staging,
+        loaded.model.to(device), loaded.spec.data, n_patients=n_patients, out_dir=staging,
         female_share=female_fraction(loaded.spec.data), seed=seed, provenance={"generator": loaded.spec.model, "mlflow_run_id": run_id},
+        record_type=loaded.model_spec.view.record_type,
     )
     plots = Path(tempfile.mkdtemp(prefix=f".{staging.name}-plots-", dir=staging.parent))  # ours alone
     try:
@@ -171,6 +176,7 @@ def release_synthetic(
     seed: int = 0,
     max_queries: int = 20_000,
     uri: str | None = None,
+    device: str = "cpu",
 ) -> ReleaseResult:
     """Sample into a staging directory, score it, and export only if the privacy gate passes
     (or ``allow_unsafe``, which tags the run). Nothing unscored ever reaches ``out_dir``."""
@@ -186,7 +192,7 @@ def release_synthetic(
     try:
         report, scorecard, gate = sample_and_score(
             run_id, n_patients=n_patients, staging=staging, thresholds=thresholds, seed=seed,
-            max_queries=max_queries, uri=uri,
+            max_queries=max_queries, uri=uri, device=device,
         )
         if gate.passed or allow_unsafe:
             if not gate.passed:

@@ -37,13 +37,14 @@ from pathlib import Path
 import numpy as np
 
 from mirror.data import schema as S
+from mirror.metrics import code_vector as CV
 from mirror.metrics import features as F
 from mirror.metrics import fidelity, plots, privacy, utility
 from mirror.metrics.errors import MetricError, attempt
 from mirror.metrics.marginal_sampler import write_independent_marginal_sample
 from mirror.metrics.neighbours import DEFAULT_CHUNK_PAIRS, NeighbourSearch
-from mirror.metrics.records import read_block
-from mirror.metrics.views import DatasetView, scan_view, view_from_block
+from mirror.metrics.records import PatientBlock, read_block
+from mirror.metrics.views import DatasetView, reduce_to, scan_view, view_from_block
 from mirror.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class ScorecardConfig:
     min_cell_patients: int = 100  # age x condition cells: real patients per age group
     detection_folds: int = 5
     log_clusters: int = 20
+    # Patients per side for the code-vector metrics (PCD and U depend on n): 0 = record_sample,
+    # capped by the smallest synthetic set of any row, so every row is computed at one size.
+    code_vector_sample: int = 0
     reference_rows: bool = True
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 
@@ -99,16 +103,28 @@ class ScorecardError(RuntimeError):
         super().__init__(f"{len(errors)} metric(s) could not be computed:\n  {lines}")
 
 
+# Groups about time, visits and ages: undefined for a code set (every code at one week, no
+# age), so not computed when the scorecard compares code sets. The history-split utility
+# panel needs two visits per patient: code sets are compared on SRA instead.
+SENTENCE_ONLY_GROUPS = frozenset(
+    {"visits", "gap_weeks", "week_of_event", "age_at_event_years", "sequential_bigram", "validity", "age_prevalence", "utility"}
+)
+
+
 @dataclass
 class _Row:
-    """Collects one row's metrics and errors; ``group`` runs one metric group."""
+    """Collects one row's metrics and errors; ``group`` runs one metric group (unless the
+    record type leaves it undefined: ``skip``)."""
 
     prefix: str
     metrics: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    skip: frozenset[str] = frozenset()
 
     def group(self, name: str, fn: Callable[[], dict[str, float]], namespace: str = "") -> None:
+        if name in self.skip:
+            return
         began = time.perf_counter()
         try:
             values = fn()
@@ -141,6 +157,36 @@ def _choice(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(n, size=min(k, n), replace=False)
 
 
+def code_vector_metrics(
+    train: DatasetView, holdout: DatasetView, syn: DatasetView, cfg: ScorecardConfig
+) -> dict[str, float]:
+    """ScoEHR's DDM, PCD, log-cluster U and SRA on the patients' condition vectors (every
+    generator: a sentence is reduced to the set of conditions it holds). Equal-size random
+    samples of ``record_sample`` per side; SRA's real arm trains on training records and every
+    arm is scored on the held-out set."""
+    n = min(cfg.code_vector_sample or cfg.record_sample, train.n, syn.n)
+    # One seed per side: sets of equal size give the same rows (a copy is compared exactly).
+    real = train.conditions[np.sort(_choice(train.n, n, np.random.default_rng(cfg.seed + 29)))]
+    synthetic = syn.conditions[np.sort(_choice(syn.n, n, np.random.default_rng(cfg.seed + 29)))]
+    out: dict[str, float | MetricError] = {}
+    out["fidelity/code_vector/ddm"] = attempt(lambda: CV.ddm(real, synthetic))
+    out["fidelity/code_vector/pcd"] = attempt(lambda: CV.pcd(real, synthetic))
+    try:
+        value, at_limit = CV.log_cluster(real, synthetic, cfg.log_clusters, cfg.seed)
+        out["fidelity/code_vector/log_cluster"] = value
+        out["fidelity/code_vector/log_cluster/at_limit"] = float(at_limit)
+    except MetricError as err:
+        out["fidelity/code_vector/log_cluster"] = err
+    try:
+        m = min(cfg.utility_train_size, n)
+        sra = CV.sra(real[:m], synthetic[:m], holdout.conditions, min_positives=cfg.min_task_positives, seed=cfg.seed)
+        out.update({f"utility/code_vector/{k}": v for k, v in sra.items()})
+    except MetricError as err:
+        out["utility/code_vector/sra"] = err
+    out["fidelity/code_vector/n_sample"] = float(n)
+    return out
+
+
 def score_row(
     prefix: str,
     train: DatasetView,
@@ -152,9 +198,10 @@ def score_row(
     holdout_labels: utility.LabelledSplit,
     cfg: ScorecardConfig,
     n_weeks: int,
+    record_type: str = "sentence",
 ) -> tuple[_Row, dict[str, np.ndarray]]:
     """All metrics of one row; returns the row and its DCR distances (for plots)."""
-    row = _Row(prefix)
+    row = _Row(prefix, skip=SENTENCE_ONLY_GROUPS if record_type == "code_set" else frozenset())
     rng = np.random.default_rng(cfg.seed + 17)
     if syn.n == 0:
         row.errors[prefix + "synthetic"] = "the synthetic set has no patients"
@@ -198,13 +245,12 @@ def score_row(
         },
         "fidelity/",
     )
-    row.group(
-        "log_cluster",
-        lambda: {
-            "log_cluster": fidelity.log_cluster(x_real, x_syn, cfg.log_clusters, seed=cfg.seed)
-        },
-        "fidelity/",
-    )
+    def log_cluster() -> dict[str, float]:
+        value = fidelity.log_cluster(x_real, x_syn, cfg.log_clusters, seed=cfg.seed)
+        return {"log_cluster": value, "log_cluster/at_limit": float(value == CV.LOG_CLUSTER_LIMIT)}
+
+    row.group("log_cluster", log_cluster, "fidelity/")
+    row.group("code_vector", lambda: code_vector_metrics(train, holdout, syn, cfg))
 
     # Utility (no panel: the reason is already reported once as utility/panel).
     if panel is not None:
@@ -322,12 +368,20 @@ def compute_scorecard(
     artifacts_dir: str | Path | None = None,
     config: ScorecardConfig | None = None,
     profile: dict[str, float] | None = None,
+    record_type: str | None = None,
 ) -> dict[str, float]:
     """The scorecard of ``synthetic_root`` against ``real_root`` (module docstring). Writes
-    PNG plots to ``artifacts_dir`` if given; fills ``profile`` with seconds per stage."""
+    PNG plots to ``artifacts_dir`` if given; fills ``profile`` with seconds per stage.
+
+    ``record_type`` (default: the synthetic set's ``provenance.record_type``, else
+    ``sentence``): ``code_set`` reduces every set (real, synthetic, references) to each
+    patient's set of conditions before anything is computed (``views.as_code_sets``), so a
+    generator without ages or weeks is compared, and gated, on what it generates."""
     cfg = replace(config or ScorecardConfig(), max_queries=max_queries, seed=seed)
     real_meta = S.DatasetMetadata.read(real_root)
-    S.DatasetMetadata.read(synthetic_root)  # a clear error if it is not a dataset directory
+    syn_meta = S.DatasetMetadata.read(synthetic_root)  # a clear error if it is not a dataset directory
+    record_type = record_type or syn_meta.provenance.get("record_type", "sentence")
+    reduce_to(PatientBlock.empty(), record_type)  # an unknown record type fails before any work
     n_weeks = real_meta.n_weeks
     timings: dict[str, float] = {} if profile is None else profile
     clock = time.perf_counter()
@@ -341,9 +395,9 @@ def compute_scorecard(
 
     # Full records kept per set: record-based fidelity, utility training, known sets.
     sample = max(cfg.record_sample, cfg.utility_train_size, cfg.max_queries)
-    train = scan_view("train", real_root, [S.TRAIN], n_weeks, sample, seed)
-    holdout_block = read_block(
-        real_root, [S.HELD_OUT], n_weeks
+    train = scan_view("train", real_root, [S.TRAIN], n_weeks, sample, seed, record_type=record_type)
+    holdout_block = reduce_to(
+        read_block(real_root, [S.HELD_OUT], n_weeks), record_type
     )  # <= 50K patients by the split contract
     if len(holdout_block) < 4:
         raise ValueError(
@@ -352,7 +406,8 @@ def compute_scorecard(
     holdout = view_from_block("held_out", holdout_block, len(holdout_block), seed + 1)
     lap("scan_real")
     syn = scan_view(
-        "synthetic", synthetic_root, S.SPLITS, n_weeks, sample, seed + 2, collect_visits=True
+        "synthetic", synthetic_root, S.SPLITS, n_weeks, sample, seed + 2, collect_visits=True,
+        record_type=record_type,
     )
     lap("scan_synthetic")
 
@@ -377,23 +432,27 @@ def compute_scorecard(
                 real_root, tmp, syn.n, seed + 6, summary=train.summary
             )
             floor = scan_view(
-                "floor", tmp, S.SPLITS, n_weeks, sample, seed + 7, collect_visits=True
+                "floor", tmp, S.SPLITS, n_weeks, sample, seed + 7, collect_visits=True,
+                record_type=record_type,
             )
             rows += [(CEILING, ceiling_holdout, ceiling_syn), (FLOOR, holdout, floor)]
             lap("reference_sets")
 
+        if not cfg.code_vector_sample:  # one size for every row's code-vector metrics
+            cfg = replace(cfg, code_vector_sample=min(cfg.record_sample, *(s.n for _, _, s in rows)))
         train_labels = utility.split_history(train.sample)
         test_labels = {id(h): utility.split_history(h.sample) for _, h, _ in rows}
         metrics: dict[str, float] = {}
         errors: dict[str, str] = {}
         distances: dict[str, np.ndarray] = {}
+        panel = None
         try:
-            panel = utility.select_panel(
-                train_labels, list(test_labels.values()), cfg.min_task_positives
-            )
+            if record_type != "code_set":  # code sets have no history to split (SRA instead)
+                panel = utility.select_panel(
+                    train_labels, list(test_labels.values()), cfg.min_task_positives
+                )
         except MetricError as err:
             errors[err.name] = err.reason
-            panel = None
         with _search(train.nn_indptr, train.nn_keys, cfg, seed) as train_search:
             lap("train_index")
             bar = progress(len(rows), "scoring synthetic data", unit="row")
@@ -410,6 +469,7 @@ def compute_scorecard(
                     test_labels[id(h)],
                     cfg,
                     n_weeks,
+                    record_type,
                 )
                 metrics.update(row.metrics)
                 errors.update(row.errors)
@@ -419,6 +479,7 @@ def compute_scorecard(
                 lap(f"row{'/' + prefix.rstrip('/') if prefix else '/main'}")
         for prefix in [p for p, _, _ in rows]:
             metrics.update({f"{prefix}meta/{k}": float(v) for k, v in asdict(cfg).items()})
+            metrics[f"{prefix}meta/record_type_code_set"] = float(record_type == "code_set")
 
         if artifacts_dir is not None:
             out = Path(artifacts_dir)

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import scipy.sparse as sp
 
+from mirror.data.vocab import N_CONDITIONS
 from mirror.metrics import arrays
 from mirror.metrics import features as F
 from mirror.metrics.fidelity import FidelitySummary
@@ -130,14 +131,41 @@ def _to_view(name: str, piece: _Piece) -> DatasetView:
     )
 
 
+RECORD_TYPES = ("sentence", "code_set")
+
+
+def as_code_sets(block: PatientBlock) -> PatientBlock:
+    """Each patient as the set of conditions it holds: distinct conditions, no ages, weeks,
+    sex or enrollment (all 0 or 1), no validity failures (a time rule has nothing to check).
+    How the scorecard compares a code-vector generator's samples with real patients: every
+    set is reduced alike, so neighbours, hashes and fidelity see only codes."""
+    n = len(block)
+    indptr, codes = F.row_unique(block.row_of_word(), block.conditions, n, N_CONDITIONS)
+    zeros = np.zeros(n, np.int32)
+    return PatientBlock(
+        subject_id=block.subject_id, sex=np.ones(n, np.int8), birth_week=zeros, enroll_start=zeros.copy(),
+        enroll_end=zeros.copy(), rule_failures=np.zeros(n, block.rule_failures.dtype), offsets=indptr,
+        conditions=codes.astype(np.int16), age_groups=np.zeros(len(codes), np.int8), weeks=np.zeros(len(codes), np.int32),
+    )
+
+
+def reduce_to(block: PatientBlock, record_type: str) -> PatientBlock:
+    if record_type not in RECORD_TYPES:
+        raise ValueError(f"record type {record_type!r}: expected one of {RECORD_TYPES}")
+    return as_code_sets(block) if record_type == "code_set" else block
+
+
 def _sample_plan(n: int, sample_size: int, seed: int) -> np.ndarray:
     """Rows of the sample, in sample order (a uniformly random subset in random order)."""
     return np.random.default_rng(seed).permutation(n)[: min(sample_size, n)]
 
 
-def _scan_shard(shard: ShardFile, n_weeks: int, plan: np.ndarray, collect_visits: bool) -> _Piece:
+def _scan_shard(
+    shard: ShardFile, n_weeks: int, plan: np.ndarray, collect_visits: bool, record_type: str = "sentence"
+) -> _Piece:
     pieces = []
     for first_row, block in iter_shard_blocks(shard, n_weeks):
+        block = reduce_to(block, record_type)
         rank = np.flatnonzero((plan >= first_row) & (plan < first_row + len(block)))
         pieces.append(_piece(block, first_row, plan[rank] - first_row, rank, collect_visits))
     if not pieces:  # a shard with zero rows
@@ -159,8 +187,10 @@ def scan_view(
     sample_size: int,
     seed: int,
     collect_visits: bool = False,
+    record_type: str = "sentence",
 ) -> DatasetView:
-    """Scan the shards of ``splits`` under ``root``, one Ray task per shard."""
+    """Scan the shards of ``splits`` under ``root``, one Ray task per shard, each patient
+    reduced to ``record_type`` (``as_code_sets``) as it is read."""
     shards = dataset_files(root, splits)
     if not shards:
         raise FileNotFoundError(f"{root}: no Parquet shards under data/{{{','.join(splits)}}}/")
@@ -170,7 +200,7 @@ def scan_view(
     plan = _sample_plan(n, sample_size, seed)
     plan_ref = ray.put(plan)
     pieces = ray.get(
-        [_scan_shard_task.remote(s, n_weeks, plan_ref, collect_visits) for s in shards]
+        [_scan_shard_task.remote(s, n_weeks, plan_ref, collect_visits, record_type) for s in shards]
     )
     return _to_view(name, _join(pieces))
 

@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from mirror.config import ConfigError, build_config
-from mirror.models import ae, causal_rnn, miranda, twin, wae
+from mirror.models import ae, causal_rnn, miranda, scoehr, twin, wae
 from mirror.models.base import CAPABILITIES, ModelSpec, TrainableModel
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
-    for spec in (ae.MODEL, wae.MODEL, causal_rnn.PRETRAIN, causal_rnn.MODEL, twin.MODEL, miranda.MODEL)
+    for spec in (ae.MODEL, wae.MODEL, scoehr.AE_MODEL, scoehr.MODEL, causal_rnn.PRETRAIN, causal_rnn.MODEL,
+                 twin.MODEL, miranda.MODEL)
 }
 
 # What each job needs, for refusals that say which models can do it instead.

@@ -13,7 +13,7 @@ a batch class. A view is built on the driver (``view_cls(config, root)``), reads
 footers and ``dataset.json`` there, and is pickled to the train workers, so it holds only
 small, plain state.
 
-Views to come (their issues): ``code_vector`` (per-patient multi-hot or counts), ``visits``
+Views to come (their issues): ``visits``
 (per-visit groups of multi-hots), ``windows`` (per-window labs and treatment levels) and
 ``admissions`` (per-admission history, multi-label target, length of stay).
 """
@@ -62,6 +62,10 @@ class DataView(ABC):
     # view.* keys population-based training may change mid-run: ones that neither change a
     # parameter's shape nor which rows an epoch holds (so steps per epoch stay put).
     perturbable: ClassVar[tuple[str, ...]] = ()
+    # What one generated patient is, for the scorecard and the privacy gate: "sentence" (codes
+    # with ages and weeks) or "code_set" (each patient's set of codes: every set is reduced to
+    # that before scoring, since such a generator has no ages or weeks to compare).
+    record_type: ClassVar[str] = "sentence"
 
     def __init__(self, config: Any, root: str) -> None:
         self.config, self.root = config, root

@@ -1,0 +1,395 @@
+"""ScoEHR (seed 002; models.md §4): latent score-based diffusion for synthetic code vectors, in
+two stages linked by ``--upstream-run``.
+
+    stage 1  scoehr_ae     x (B, F) -> z = tanh(Linear(x)) (B, d) -> x̂ = sigmoid(Linear(z))
+                           L_AE = Σ_j BCE(x̂_j, x_j) / B                    (Adam, weight decay)
+    stage 2  scoehr_score  z_0 = Enc(x) of the frozen stage 1, computed in the worker as
+                           batches stream; z_t = m(t) z_0 + σ(t) ε; a UNet s_θ(z_t, t) over z
+                           reshaped to (1, √d, √d); L_DSM = mean_b ‖σ s_θ + ε‖²
+    sampling               z_T ~ N(0, I) -> reverse SDE / flow ODE (``vpsde``) -> Dec -> x > ½
+
+Choices where the seed and upstream leave room or go wrong (models.md §4 pitfalls):
+
+* Sampler and step count are config (``sampler``, ``sample_steps``), sampled with an explicit
+  step size; only the final state is kept. Default: DPM-Solver++(2M), 25 steps, chosen from the
+  measured fidelity-vs-steps curve (bench/bench_sampler.py); ``em`` at 1,000 is upstream.
+* The UNet follows upstream ``sdeflow_unet`` (GroupNorm–Swish–conv ResBlocks with a projected
+  time embedding, stride-2 conv down, nearest×2 + conv up, one middle self-attention since
+  upstream's ``attn_resolutions=(16,)`` never matches 12/6/3, zero-initialised output convs).
+  Widths default small for CPU (``ch`` 32, 8 groups); upstream is ``ch`` 128, 32 groups.
+* ``output = "score"`` (upstream): the net outputs s_θ. ``"noise"``: it outputs ε̂ and
+  s_θ = -ε̂ / σ(t), the same σ²-weighted loss, better conditioned at small t.
+* ``time_scale`` multiplies t before the sinusoidal embedding (upstream 1: every frequency
+  ≤ 1 rad, nearby times barely separated; 1000 is the documented option).
+* ``clamp_latent`` clips the final latent to the tanh range [-1, 1] before decoding (off:
+  upstream does not).
+* No-autoencoder ablation (``autoencoder = false``): diffusion directly on the code vector
+  scaled to [-1, 1] and zero-padded to the next square whose side the UNet can halve; the
+  frozen first stage is still named by ``--upstream-run`` (the run spec wants one) but unused.
+* The LR schedule is the loop's (warm-up + cosine, per optimizer), not upstream's LambdaLR,
+  whose ``n_epochs = 10`` divides by zero. Gradient clipping is the loop's ``train.grad_clip``
+  (upstream 1.0, the default).
+* Noise and times are drawn from a generator seeded by (rank, global step): ranks draw
+  different noise, and a resumed run draws what it would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mirror.config import require
+from mirror.data.views.code_vector import CodeVectorBatch, CodeVectorInfo, CodeVectorView, code_rows
+from mirror.models.base import GenerationContext, ModelSpec, StepContext
+from mirror.models.sentences import device_generator
+from mirror.models.vpsde import SAMPLERS, VPSDE, dsm_loss, sample
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the autoencoder.
+
+
+@dataclass(frozen=True)
+class ScoEHRAEConfig:
+    """Upstream ``scoehr/models/autoencoder.py`` and its training settings."""
+
+    latent_dim: int = 144  # d; the score net needs √d divisible by 2^(levels - 1): 64, 144, 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # Adam's (L2) weight decay, as upstream
+    bias_init: float = 0.01  # upstream: Xavier-uniform weights, biases 0.01
+
+    def __post_init__(self) -> None:
+        require(self, "latent_dim", self.latent_dim >= 1, "an int >= 1")
+        require(self, "lr", self.lr > 0, "a float > 0")
+        require(self, "weight_decay", self.weight_decay >= 0, "a float >= 0")
+
+
+class CodeAutoencoder(nn.Module):
+    """Enc = Linear + tanh, Dec = Linear (+ sigmoid in the loss: BCE with logits)."""
+
+    def __init__(self, n_features: int, cfg: ScoEHRAEConfig) -> None:
+        super().__init__()
+        self.enc = nn.Linear(n_features, cfg.latent_dim)
+        self.dec = nn.Linear(cfg.latent_dim, n_features)
+        for layer in (self.enc, self.dec):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.constant_(layer.bias, cfg.bias_init)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.enc(x))
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction loss summed over features and the batch (callers divide)."""
+        logits = self.decode_logits(self.encode(x))
+        return F.binary_cross_entropy_with_logits(logits, x.clamp(max=1.0), reduction="sum")
+
+
+class ScoEHRAutoencoder(nn.Module):
+    """Stage 1 (``scoehr_ae``): one part, one Adam. Count vectors are read as present/absent
+    (BCE needs targets in [0, 1]); the decoded vector is binary."""
+
+    def __init__(self, config: ScoEHRAEConfig, info: CodeVectorInfo) -> None:
+        super().__init__()
+        self.config, self.info = config, info
+        self.autoencoder = CodeAutoencoder(info.n_features, config)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"autoencoder": self.autoencoder}
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        cfg = self.config
+        return {"autoencoder": torch.optim.Adam(self.autoencoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)}
+
+    def train_step(self, batch: CodeVectorBatch, ctx: StepContext) -> dict[str, float]:
+        with ctx.autocast():
+            loss = ctx.parts["autoencoder"](batch.x) / batch.size
+        ctx.step(loss, "autoencoder")
+        return {"loss": float(loss)}
+
+    def eval_sums(self, batch: CodeVectorBatch) -> dict[str, torch.Tensor]:
+        """Summed BCE and wrongly decoded bits (the loop divides by patients)."""
+        z = self.autoencoder.encode(batch.x)
+        logits = self.autoencoder.decode_logits(z)
+        target = batch.x.clamp(max=1.0)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        wrong = ((logits > 0).float() != target).float().sum()
+        return {"loss": bce.detach().float(), "bit_errors": wrong}
+
+    def encode(self, batch: CodeVectorBatch) -> torch.Tensor:
+        return self.autoencoder.encode(batch.x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, F) as 0/1: sigmoid(Dec(z)) > ½."""
+        return (self.autoencoder.decode_logits(z) > 0).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the score network (upstream ``sdeflow_unet``, compact).
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), frequencies 1 .. 1/10000."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / max(1, half - 1))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, temb: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(temb, c_out)
+        self.norm2, self.dropout = nn.GroupNorm(groups, c_out), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: int, groups: int) -> None:
+        super().__init__()
+        self.norm, self.qkv, self.proj = nn.GroupNorm(groups, c), nn.Conv2d(c, 3 * c, 1), _zero(nn.Conv2d(c, c, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)  # each (B, C, HW)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class ScoreUNet(nn.Module):
+    """s_θ(z, t) for z (B, side²) seen as a one-channel side x side image."""
+
+    def __init__(self, side: int, ch: int, levels: int, res_blocks: int, groups: int, dropout: float, time_scale: float) -> None:
+        super().__init__()
+        self.side, self.ch, self.time_scale = side, ch, time_scale
+        mults = [1] + [2] * (levels - 1)  # upstream ch_mult (1, 2, 2)
+        temb = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.conv_in = nn.Conv2d(1, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, c = [ch], ch
+        for level, mult in enumerate(mults):
+            for _ in range(res_blocks):
+                self.down.append(ResBlock(c, ch * mult, temb, groups, dropout))
+                c = ch * mult
+                skips.append(c)
+            if level < levels - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        self.mid = nn.ModuleList([ResBlock(c, c, temb, groups, dropout), SelfAttention(c, groups), ResBlock(c, c, temb, groups, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for _ in range(res_blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), ch * mult, temb, groups, dropout))
+                c = ch * mult
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+        self.norm_out = nn.GroupNorm(groups, c)
+        self.conv_out = _zero(nn.Conv2d(c, 1, 3, padding=1))
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t * self.time_scale, self.ch))
+        h = self.conv_in(z.view(-1, 1, self.side, self.side))
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, hs.pop()], dim=1), temb)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h))).flatten(1)
+
+
+@dataclass(frozen=True)
+class ScoEHRScoreConfig:
+    """Stage 2: SDE, score net, optimiser and sampler (upstream values unless stated)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+    t_eps: float = 1e-3
+    ch: int = 32  # base channels (upstream 128)
+    levels: int = 3  # resolutions, channel multipliers (1, 2, 2, ...) (upstream 3)
+    res_blocks: int = 2
+    groups: int = 8  # GroupNorm groups (upstream 32); must divide ch
+    dropout: float = 0.0
+    time_scale: float = 1.0  # t is multiplied by this before the embedding (upstream 1)
+    output: str = "score"  # "score" (upstream) or "noise" (s = -ε̂ / σ)
+    lr: float = 1e-3
+    autoencoder: bool = True  # False: the no-autoencoder ablation (diffusion on code vectors)
+    sampler: str = "dpm2m"  # em | heun | dpm2m
+    sample_steps: int = 25
+    clamp_latent: bool = False  # clip the final latent to [-1, 1] before decoding
+
+    def __post_init__(self) -> None:
+        require(self, "beta_min", self.beta_min > 0, "a float > 0")
+        require(self, "beta_max", self.beta_max >= self.beta_min, f"a float >= beta_min ({self.beta_min})")
+        require(self, "T", self.T > 0, "a float > 0")
+        require(self, "t_eps", 0 < self.t_eps < self.T, f"a float in (0, T = {self.T})")
+        for name in ("ch", "levels", "res_blocks", "groups", "sample_steps"):
+            require(self, name, getattr(self, name) >= 1, "an int >= 1")
+        require(self, "groups", self.ch % self.groups == 0, f"a divisor of ch ({self.ch})")
+        require(self, "dropout", 0 <= self.dropout < 1, "a float in [0, 1)")
+        require(self, "time_scale", self.time_scale > 0, "a float > 0")
+        require(self, "output", self.output in ("score", "noise"), "'score' or 'noise'")
+        require(self, "lr", self.lr > 0, "a float > 0")
+        require(self, "sampler", self.sampler in SAMPLERS, f"one of {SAMPLERS}")
+
+    @property
+    def sde(self) -> VPSDE:
+        return VPSDE(self.beta_min, self.beta_max, self.T, self.t_eps)
+
+
+def grid_side(d: int, levels: int, pad: bool) -> int:
+    """Side of the square the UNet sees: √d, which it halves levels - 1 times. With ``pad`` (the
+    code-vector ablation) the smallest such side with side² >= d; else d must fit exactly."""
+    unit = 2 ** (levels - 1)
+    if pad:
+        return max(unit, math.ceil(math.sqrt(d) / unit) * unit)
+    side = math.isqrt(d)
+    if side * side != d or side % unit:
+        raise ValueError(
+            f"scoehr_score: latent width {d} needs to be a square whose side is divisible by "
+            f"2^(levels - 1) = {unit} (e.g. 64, 144, 256 for 3 levels); train the first stage "
+            f"with such model.latent_dim or change model.levels"
+        )
+    return side
+
+
+class ScoEHRScoreModel(nn.Module):
+    """Stage 2 (``scoehr_score``): the score net on the frozen stage 1's latents, and the
+    ``Generator`` capability (sample, decode through stage 1, threshold)."""
+
+    def __init__(self, config: ScoEHRScoreConfig, info: CodeVectorInfo, upstream: ScoEHRAutoencoder) -> None:
+        super().__init__()
+        self.config, self.info, self.upstream = config, info, upstream
+        self.sde = config.sde
+        self.dim = upstream.latent_dim if config.autoencoder else info.n_features
+        side = grid_side(self.dim, config.levels, pad=not config.autoencoder)
+        self.width = side * side  # the diffused vector: the latent, or the padded code vector
+        self.score_net = ScoreUNet(side, config.ch, config.levels, config.res_blocks, config.groups, config.dropout, config.time_scale)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"score": self.score_net}
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"score": torch.optim.Adam(self.score_net.parameters(), lr=self.config.lr)}
+
+    @torch.no_grad()
+    def to_diffusion_space(self, x: torch.Tensor) -> torch.Tensor:
+        """z_0: the frozen encoder's latent, or (ablation) the code vector in [-1, 1], padded."""
+        if self.config.autoencoder:
+            return self.upstream.autoencoder.encode(x)
+        return F.pad(2 * x.clamp(max=1.0) - 1, (0, self.width - self.dim))
+
+    @torch.no_grad()
+    def from_diffusion_space(self, z: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, F) as 0/1 from final states."""
+        if self.config.clamp_latent:
+            z = z.clamp(-1, 1)
+        if self.config.autoencoder:
+            return self.upstream.decode(z)
+        return (z[:, : self.dim] > 0).float()
+
+    def score_fn(self, net: nn.Module):
+        """s(z, t) through ``net`` (the DDP-wrapped part in training), per ``output``."""
+
+        def score(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = net(z, t)
+            if self.config.output == "noise":
+                return -out / self.sde.std(t)[:, None]
+            return out
+
+        return score
+
+    def train_step(self, batch: CodeVectorBatch, ctx: StepContext) -> dict[str, float]:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        generator = torch.Generator(device=ctx.device).manual_seed(1_000_003 * rank + ctx.global_step)
+        z0 = self.to_diffusion_space(batch.x)
+        with ctx.autocast():
+            loss = dsm_loss(self.score_fn(ctx.parts["score"]), z0, self.sde, generator)
+        ctx.step(loss, "score")
+        return {"loss": float(loss)}
+
+    @torch.no_grad()
+    def eval_sums(self, batch: CodeVectorBatch) -> dict[str, torch.Tensor]:
+        """DSM loss summed over patients at stratified times from a fixed seed (comparable
+        across epochs and runs)."""
+        generator = torch.Generator(device=batch.x.device).manual_seed(0)
+        loss = dsm_loss(self.score_fn(self.score_net), self.to_diffusion_space(batch.x), self.sde, generator)
+        return {"loss": loss * batch.size}
+
+    @torch.no_grad()
+    def sample_vectors(
+        self, n: int, *, generator: torch.Generator, sampler: str | None = None, steps: int | None = None,
+    ) -> torch.Tensor:
+        """n code vectors (n, F) as 0/1, on the model's device: z_T ~ N(0, I), integrated by
+        ``sampler`` in ``steps`` (default: the config's), decoded."""
+        device = next(self.score_net.parameters()).device
+        z_T = torch.randn(n, self.width, generator=generator, device=device)
+        z = sample(sampler or self.config.sampler, self.score_fn(self.score_net), self.sde, z_T, steps or self.config.sample_steps, generator)
+        return self.from_diffusion_space(z)
+
+    def sample_rows(
+        self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext
+    ) -> tuple[pa.Table, dict[str, int]]:
+        """The ``Generator`` capability: n draws; a draw with no code at all is invalid (the
+        training filter keeps patients with >= 1 diagnosis) and is counted, not returned."""
+        device = next(self.score_net.parameters()).device
+        x = self.sample_vectors(n, generator=device_generator(rng, device)).cpu().numpy()
+        empty = x.sum(1) == 0
+        x = x[~empty]
+        sex = np.where(torch.rand(len(x), generator=rng).numpy() < context.female_share, 1, -1)
+        return code_rows(x, self.info, first_id, sex), {"no_codes": int(empty.sum())}
+
+
+AE_MODEL = ModelSpec(
+    name="scoehr_ae",
+    config_cls=ScoEHRAEConfig,
+    build=ScoEHRAutoencoder,
+    view=CodeVectorView,
+    capabilities=("encoder",),
+    default_sweep="search_spaces/scoehr_ae.yaml",
+    metric_names=("train/loss", "train/grad_norm/autoencoder", "val/loss", "val/bit_errors"),
+    description="seed 002 ScoEHR stage 1: code-vector autoencoder (Linear+tanh / Linear+sigmoid, BCE)",
+)
+MODEL = ModelSpec(
+    name="scoehr_score",
+    config_cls=ScoEHRScoreConfig,
+    build=ScoEHRScoreModel,
+    view=CodeVectorView,
+    capabilities=("generator",),
+    default_sweep="search_spaces/scoehr_score.yaml",
+    upstream=(AE_MODEL,),
+    metric_names=("train/loss", "train/grad_norm/score", "val/loss"),
+    description="seed 002 ScoEHR stage 2: VP-SDE score network on the frozen autoencoder's latents",
+)

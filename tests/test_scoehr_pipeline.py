@@ -1,0 +1,108 @@
+"""ScoEHR end to end, tiny: the code-vector view streamed through Ray, the autoencoder trained on
+2 DDP workers, the score network trained on its frozen latents through ``upstream_run``, and
+the finished run sampled as dataset rows through the ``Generator`` capability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mirror import tracking
+from mirror.checkpoint import load_run, load_state
+from mirror.data import schema
+from mirror.data.simulator import generate_dataset
+from mirror.data.views.code_vector import CodeVectorView, CodeVectorViewConfig, code_vectors
+from mirror.models import get_model_spec
+from mirror.models.base import GenerationContext
+from mirror.synthesize import sample_patients
+from mirror.train.driver import run_training
+from mirror.train.spec import build_run_spec
+
+pytestmark = pytest.mark.slow
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("scoehr")
+    generate_dataset(root / "data", 800, seed=5, workers=1)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    yield root
+    mp.undo()
+
+
+def train(root, model: str, overrides: dict, upstream_run: str | None = None):
+    base = {
+        "train.workers": 2, "train.epochs": 1, "train.batch_size": 32, "train.max_steps_per_epoch": STEPS,
+        "train.storage_path": str(root / "ray_results"), "train.log_every_steps": 0, "train.val_max_batches": 2,
+    }  # fmt: skip
+    spec = build_run_spec(model, str(root / "data"), f"{model}-tiny", base | overrides, upstream_run=upstream_run)
+    return run_training(spec)
+
+
+def test_the_view_streams_exact_code_vectors(workdir):
+    view = CodeVectorView(CodeVectorViewConfig(values="counts"), str(workdir / "data"))
+    dataset, report = view.read(schema.TRAIN)
+    batch = next(iter(view.batches(dataset, 16, training=True, device="cpu")))
+    assert batch.x.shape == (16, 605) and batch.x.sum() > 0
+    first = pq.read_table(schema.split_files(workdir / "data", schema.TRAIN)[0])
+    kept = first.filter(first.column(schema.N_EVENTS).to_numpy() >= 1)
+    by_id = dict(zip(kept.column(schema.SUBJECT_ID).to_pylist(), code_vectors(kept, "conditions", "counts"), strict=True))
+    for sid, row in zip(batch.subject_id.tolist(), batch.x.numpy(), strict=True):
+        if sid in by_id:
+            assert np.array_equal(row, by_id[sid])
+    assert report.kept + report.dropped_too_short == report.patients
+
+
+def test_two_stages_train_and_the_second_generates_patients(workdir):
+    first = train(workdir, "scoehr_ae", {"model.latent_dim": 16})
+    assert np.isfinite(first.metrics["val/loss"]) and first.metrics["train/steps_per_rank"] == STEPS
+    assert first.metrics["ddp/param_divergence"] == 0.0
+    second = train(
+        workdir, "scoehr_score",
+        {"model.ch": 8, "model.groups": 4, "model.levels": 2, "model.res_blocks": 1, "model.sample_steps": 4},
+        upstream_run=first.run_id,
+    )  # fmt: skip
+    assert np.isfinite(second.metrics["val/loss"]) and second.metrics["ddp/param_divergence"] == 0.0
+    assert tracking.get_run(second.run_id).data.tags["mirror.upstream_run"] == first.run_id
+    before, after = load_state(first.checkpoint_path)["model"], load_state(second.checkpoint_path)["model"]
+    for name, tensor in before.items():  # stage 1 did not train
+        assert torch.equal(after[f"upstream.{name}"], tensor), name
+
+    loaded = load_run(second.run_id)
+    context = GenerationContext(female_share=0.5, week_vocab_size=10)
+    rows, rejected = loaded.model.sample_rows(40, rng=torch.Generator().manual_seed(0), first_id=schema.SYNTHETIC_ID_OFFSET, context=context)
+    assert rows.schema == schema.ROW_SCHEMA and rows.num_rows + rejected["no_codes"] == 40
+    assert (rows.column(schema.N_EVENTS).to_numpy() >= 1).all()
+
+    out = workdir / "synthetic"
+    report = sample_patients(
+        loaded.model, workdir / "data", n_patients=30, out_dir=out, female_share=0.5,
+        record_type=get_model_spec("scoehr_score").view.record_type, max_draw_factor=50,
+    )  # fmt: skip
+    assert report.written == 30
+    meta = schema.DatasetMetadata.read(out)
+    assert meta.provenance["record_type"] == "code_set" and meta.patients[schema.TRAIN] == 30
+
+    # The sampler bench on the same run, at toy sizes: the reference, every row, the plot.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench_file = Path(__file__).parents[1] / "bench" / "bench_sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", bench_file)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = workdir / "sampler.json"
+    rc = bench.main([
+        "--run", second.run_id, "--patients", "40", "--reference-steps", "20", "--steps", "2,5",
+        "--batch", "16", "--device", "cpu", "--out", str(out), "--log",
+    ])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert rc in (0, 1) and result["reference"]["steps"] == 20 and result["patients"] == 40
+    assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("dpm2m", 2), ("dpm2m", 5), ("heun", 2), ("heun", 5)]
+    assert all(r["seconds"] > 0 and r["ddm"] >= 0 for r in result["rows"]) and out.with_suffix(".png").exists()
+    assert "sampler/dpm2m_5/pcd" in tracking.get_run(second.run_id).data.metrics

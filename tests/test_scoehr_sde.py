@@ -1,0 +1,197 @@
+"""ScoEHR's VP-SDE against closed forms, on Gaussians where every score is known: the forward
+marginals, the DSM loss at the true score, and each sampler driven by the analytic score
+recovering the Gaussian it started from. Also the code-vector view's collate and its rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torchsde
+
+from mirror.config import ConfigError, build_config
+from mirror.data import schema
+from mirror.data.views.code_vector import (
+    CodeVectorInfo,
+    CodeVectorViewConfig,
+    code_rows,
+    code_vectors,
+    n_features,
+)
+from mirror.models.scoehr import (
+    ScoEHRAEConfig,
+    ScoEHRAutoencoder,
+    ScoEHRScoreConfig,
+    ScoEHRScoreModel,
+    grid_side,
+)
+from mirror.models.vpsde import SAMPLERS, VPSDE, dsm_loss, sample, stratified_times
+
+SDE = VPSDE()
+MU, S0 = 0.5, 0.3  # z_0 ~ N(MU, S0² I)
+
+
+def gaussian_score(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """True score of z_t when z_0 ~ N(MU, S0² I): -(z - m MU) / (m² S0² + σ²)."""
+    m, sigma = SDE.mean_coeff(t)[:, None], SDE.std(t)[:, None]
+    return -(z - m * MU) / (m**2 * S0**2 + sigma**2)
+
+
+def analytic(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return gaussian_score(t, z)
+
+
+class ForwardSDE(torch.nn.Module):
+    noise_type, sde_type = "diagonal", "ito"
+
+    def f(self, t, z):
+        return -0.5 * SDE.beta(t) * z
+
+    def g(self, t, z):
+        return torch.sqrt(SDE.beta(t)).expand_as(z)
+
+
+def test_forward_sde_marginals_match_the_closed_form():
+    torch.manual_seed(0)
+    z0 = torch.full((20_000, 1), 1.5)
+    ts = torch.tensor([0.0, 0.1, 0.5, 1.0])
+    path = torchsde.sdeint(ForwardSDE(), z0, ts, method="euler", dt=1e-3)  # (4, N, 1)
+    for k, t in enumerate(ts[1:], 1):
+        mean, var = path[k].mean().item(), path[k].var().item()
+        m, sigma = SDE.mean_coeff(t).item(), SDE.std(t).item()
+        assert mean == pytest.approx(1.5 * m, abs=4 * sigma / np.sqrt(20_000) + 2e-3), float(t)
+        assert var == pytest.approx(sigma**2, rel=0.04), float(t)
+    assert SDE.mean_coeff(torch.tensor(1.0)).item() == pytest.approx(0.0066, abs=2e-4)  # models.md
+
+
+def test_dsm_loss_at_the_true_score_is_its_closed_form_minimum():
+    """E‖σ s* + ε‖² per dimension is m²S0² / (m²S0² + σ²) at the true score s*."""
+    d, b = 4, 50_000
+    g = torch.Generator().manual_seed(1)
+    z0 = MU + S0 * torch.randn(b, d, generator=g)
+    loss = dsm_loss(analytic, z0, SDE, torch.Generator().manual_seed(2)).item()
+    t = stratified_times(b, SDE, torch.Generator().manual_seed(2))
+    m2, var = SDE.mean_coeff(t) ** 2, SDE.std(t) ** 2
+    expected = d * (m2 * S0**2 / (m2 * S0**2 + var)).mean().item()
+    assert loss == pytest.approx(expected, rel=0.03)
+    for scale in (0.8, 1.2):  # any other score does worse
+        worse = dsm_loss(lambda z, t, k=scale: k * analytic(z, t), z0, SDE, torch.Generator().manual_seed(2)).item()
+        assert worse > loss * 1.005
+
+
+def test_stratified_times_cover_the_interval_once_per_stratum():
+    t = stratified_times(256, SDE, torch.Generator().manual_seed(0))
+    assert t.min() >= SDE.t_eps and t.max() <= SDE.T
+    counts = np.histogram(t.numpy(), bins=8, range=(0, 1))[0]
+    assert counts.min() >= 28 and counts.max() <= 36  # 32 per eighth, give or take the jitter
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("em", 300), ("heun", 40), ("dpm2m", 25)])
+def test_sampling_with_the_analytic_score_recovers_the_gaussian(sampler, steps):
+    g = torch.Generator().manual_seed(3)
+    z_T = torch.randn(4000, 4, generator=g)
+    z = sample(sampler, analytic, SDE, z_T, steps, g)
+    assert z.mean().item() == pytest.approx(MU, abs=0.02)
+    assert z.std().item() == pytest.approx(S0, rel=0.06)
+
+
+def test_samplers_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="unknown 'rk4'"):
+        sample("rk4", analytic, SDE, torch.zeros(2, 2), 5)
+    with pytest.raises(ValueError, match="steps: expected >= 1"):
+        sample("dpm2m", analytic, SDE, torch.zeros(2, 2), 0)
+    assert set(SAMPLERS) == {"em", "heun", "dpm2m"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The view and the models, without Ray.
+
+
+def _table() -> pa.Table:
+    rows = {
+        schema.SUBJECT_ID: [1, 2, 3],
+        schema.SEX: [1, -1, 1],
+        schema.CONDITIONS: [[4, 4, 600], [], [0]],
+        schema.AGE_GROUPS: [[2, 3, 23], [], [0]],
+        schema.PROCEDURES: [[1], [0, 0], []],
+        schema.MEDICATIONS: [[], [2], []],
+    }
+    return pa.table(rows)
+
+
+def test_code_vectors_count_or_flag_each_feature_space():
+    table = _table()
+    binary = code_vectors(table, "conditions", "binary")
+    assert binary.shape == (3, 605) and binary.sum() == 3 and binary[0, 4] == 1 and binary[0, 600] == 1
+    counts = code_vectors(table, "conditions", "counts")
+    assert counts[0, 4] == 2 and counts[1].sum() == 0
+    ages = code_vectors(table, "condition_age", "binary")
+    assert ages.shape == (3, 605 * 24) and ages[0, 4 * 24 + 2] == 1 and ages[0, 4 * 24 + 3] == 1
+    record = code_vectors(table, "record_codes", "counts")
+    assert record.shape == (3, n_features("record_codes"))
+    assert record[1, 605 + 0] == 2 and record[0, 605 + 1] == 1
+    assert record[1].sum() == 3  # two procedures and one drug class
+
+
+@pytest.mark.parametrize("features", ["conditions", "condition_age", "record_codes"])
+def test_code_rows_round_trip_to_the_same_vectors(features):
+    rng = np.random.default_rng(0)
+    x = (rng.random((20, n_features(features))) < 0.01).astype(np.float32)
+    info = CodeVectorInfo(n_features=x.shape[1], features=features)
+    rows = code_rows(x, info, first_id=schema.SYNTHETIC_ID_OFFSET, sex=np.ones(20))
+    assert rows.schema == schema.ROW_SCHEMA
+    assert np.array_equal(code_vectors(rows, features, "binary"), x)
+    assert rows.column(schema.N_EVENTS).to_pylist() == [len(c) for c in rows.column(schema.CONDITIONS).to_pylist()]
+
+
+def test_view_and_model_configs_refuse_bad_values_by_name():
+    with pytest.raises(ConfigError, match="CodeVectorViewConfig.features: expected one of"):
+        build_config(CodeVectorViewConfig, {"features": "icd"})
+    with pytest.raises(ConfigError, match="ScoEHRScoreConfig.groups: expected a divisor of ch"):
+        build_config(ScoEHRScoreConfig, {"ch": 12, "groups": 8})
+    with pytest.raises(ValueError, match="latent width 100 needs to be a square whose side is divisible by"):
+        grid_side(100, 3, pad=False)
+    assert grid_side(144, 3, pad=False) == 12 and grid_side(605, 3, pad=True) == 28
+
+
+def test_the_score_model_trains_on_frozen_latents_and_decodes_code_vectors():
+    torch.manual_seed(0)
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    cfg = ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1, sample_steps=3)
+    model = ScoEHRScoreModel(cfg, info, ae)
+    x = (torch.rand(8, 605) < 0.02).float()
+    z0 = model.to_diffusion_space(x)
+    assert z0.shape == (8, 16) and z0.abs().max() <= 1
+    loss = dsm_loss(model.score_fn(model.score_net), z0, model.sde, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is None for p in ae.parameters())  # stage 1 stays frozen
+    for sampler in SAMPLERS:
+        out = model.sample_vectors(5, generator=torch.Generator().manual_seed(1), sampler=sampler)
+        assert out.shape == (5, 605) and set(out.unique().tolist()) <= {0.0, 1.0}
+    ablation = ScoEHRScoreModel(ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1, autoencoder=False), info, ae)
+    assert ablation.width == 26 * 26 and ablation.to_diffusion_space(x).shape == (8, 676)
+
+
+def test_both_stages_take_loop_steps_with_one_schedule_step_each():
+    from mirror.data.views.code_vector import CodeVectorBatch
+    from mirror.models.local_step import LocalStepContext
+    from mirror.train.loop import lr_lambda, make_schedulers
+
+    torch.manual_seed(0)
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
+    score = ScoEHRScoreModel(ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1), info, ae)
+    batch = CodeVectorBatch(torch.arange(16), (torch.rand(16, 605) < 0.05).float())
+    for model in (ae, score):
+        optimizers = model.make_optimizers()
+        schedulers = make_schedulers(optimizers, 10, 0.2, 0.1)
+        ctx = LocalStepContext(model, optimizers, grad_clip=1.0, schedulers=schedulers)
+        losses = [ctx.train_step(batch)["loss"] for _ in range(4)]
+        assert all(np.isfinite(losses)) and ctx.global_step == 4
+        (name, opt), = optimizers.items()
+        assert opt.param_groups[0]["lr"] == pytest.approx(model.config.lr * lr_lambda(10, 0.2, 0.1)(4))
+    assert losses[-1] < losses[0] * 1.5  # the score net's loss is finite and not blowing up
