@@ -225,10 +225,15 @@ CODES_SCHEMA = pa.schema(
 )
 
 
-def split_dir(root: str | Path, split: str) -> Path:
+def _part_split_dir(root: str | Path, part: str, split: str) -> Path:
+    """``<root>/<part>/<split>``: ``part`` is DATA_DIR (patients) or TRIAL_DIR (participants)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return Path(root) / DATA_DIR / split
+    return Path(root) / part / split
+
+
+def split_dir(root: str | Path, split: str) -> Path:
+    return _part_split_dir(root, DATA_DIR, split)
 
 
 def shard_path(root: str | Path, split: str, shard_index: int) -> Path:
@@ -241,9 +246,7 @@ def split_files(root: str | Path, split: str) -> list[Path]:
 
 
 def trial_split_dir(root: str | Path, split: str) -> Path:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return Path(root) / TRIAL_DIR / split
+    return _part_split_dir(root, TRIAL_DIR, split)
 
 
 def trial_shard_path(root: str | Path, split: str, shard_index: int) -> Path:
