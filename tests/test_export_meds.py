@@ -20,7 +20,7 @@ import pytest
 
 from mirror.data import schema as S
 from mirror.data import vocabularies as V
-from mirror.data.meds_export import MedsExportError, export_meds
+from mirror.data.meds_export import MedsExportError, build_vocabulary, export_meds
 from mirror.data.simulator import generate_dataset
 from mirror.data.splits import SPLIT_CODES, split_codes
 from mirror.data.vocab import DIAG_AGE_VOCAB_SIZE, N_CONDITIONS, N_SPECIAL, age_group_at
@@ -289,6 +289,21 @@ def test_trial_participants_merge_into_their_patient_shard(full_record: Path, tm
     assert by_code["ATC//C10A//START"]["parent_codes"] == ["ATC/C10"]
     assert by_code["LOINC//13457-7"]["parent_codes"] == ["LOINC/13457-7"]
     assert by_code["LOINC//13457-7"]["unit"] == "mg/dL"
+    assert by_code["TRIAL//MEDICATION//N02B"]["parent_codes"] == ["ATC/N02B"]
+
+
+def test_only_atc_trial_medications_get_an_atc_parent() -> None:
+    """An imported trial's own medication tokens (PyTrial's) are not ATC classes."""
+    codes = V.codes_table().to_pylist()
+    for row in codes:
+        if row["modality"] == S.TRIAL_MEDICATION and row["id"] == 0:
+            row["code"] = "MED:ondansetron"
+    vocabulary = build_vocabulary(pa.Table.from_pylist(codes, schema=S.CODES_SCHEMA),
+                                  S.DatasetMetadata(name="trial", origin_date="2020-01-01", n_weeks=1,
+                                                    patients={}, vocab={}, provenance={}))
+    parents = {r["code"]: r["parent_codes"] for r in vocabulary.rows}
+    assert parents["TRIAL//MEDICATION//MED:ondansetron"] is None
+    assert parents["TRIAL//MEDICATION//H02A"] == ["ATC/H02A"]
 
 
 def test_trial_only_dataset(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ are indices into the export vocabulary, so ``codes.parquet`` lists every code th
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -156,6 +157,11 @@ CODES_SCHEMA = pa.schema(
 )
 
 
+# An ATC level-3 class (e.g. "N02B"): only such trial medication codes get an ATC parent; an
+# imported trial's own medication tokens (PyTrial's) are not ATC codes.
+_ATC3 = re.compile(r"[A-Z][0-9]{2}[A-Z]")
+
+
 def _strip(code: str, prefix: str) -> str:
     return code[len(prefix):] if code.startswith(prefix) else code
 
@@ -215,7 +221,8 @@ def build_vocabulary(source_codes: pa.Table, meta: S.DatasetMetadata) -> ExportV
     vocab(S.TRIAL_TREATMENT, "trial_treatments", S.TRIAL_TREATMENT,
           lambda r: f"TRIAL//TREATMENT//{_strip(r['code'], 'TX:')}")
     vocab(S.TRIAL_MEDICATION, "trial_medications", S.TRIAL_MEDICATION,
-          lambda r: f"TRIAL//MEDICATION//{r['code']}", parents=lambda r: [f"ATC/{r['code']}"])
+          lambda r: f"TRIAL//MEDICATION//{r['code']}",
+          parents=lambda r: [f"ATC/{r['code']}"] if _ATC3.fullmatch(r["code"]) else None)
     vocab(S.ADVERSE_EVENT, "trial_adverse_events", S.ADVERSE_EVENT,
           lambda r: f"TRIAL//AE//{_strip(r['code'], 'AE:')}")
     fixed("trial_ends", "TRIAL//END", "Last day of trial follow-up", "trial")
