@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from mirror import guards
 from mirror.data.meds_export import MedsExportError, check_output, export_meds
@@ -29,13 +28,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-ray", action="store_true", help="export shards in a plain loop")
     args = parser.parse_args(argv)
 
-    try:  # before Ray starts
+    with guards.exit_on_refusal(MedsExportError):  # before Ray starts
         guards.check_dataset_dir(args.dir, flag="DIR")
         check_output(args.dir, args.out, args.overwrite)
         report = export_meds(args.dir, args.out, overwrite=args.overwrite, parallel=not args.no_ray)
-    except (guards.GuardError, MedsExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     summary = report.summary()
     print(json.dumps(summary, indent=2))
     return summary

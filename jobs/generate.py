@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from mirror import guards
@@ -53,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    try:  # before Ray starts; --overwrite deletes only what this generator wrote
+    # before Ray starts; --overwrite deletes only what this generator wrote
+    with guards.exit_on_refusal(NotWrittenByGenerator, FileExistsError):
         guards.check_positive("--patients", args.patients)
         guards.check_positive("--workers", args.workers)
         n_trial = trial_participants(args.trial_participants, args.patients)
@@ -67,9 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
             args.out, args.patients, seed=args.seed, workers=args.workers,
             chunk_size=args.chunk_size, name=args.name, overwrite=args.overwrite, trial_participants=n_trial,
         )  # fmt: skip
-    except (guards.GuardError, NotWrittenByGenerator, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     summary = {
         "out": args.out,
         "name": meta.name,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from mirror import guards
 from mirror.data.meds_import import ImportConfig, MedsImportError, check_output, import_meds
@@ -28,14 +27,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", help="dataset name (default: the MEDS dataset_name)")
     parser.add_argument("--no-ray", action="store_true", help="convert shards in a plain loop")
     args = parser.parse_args(argv)
-    try:  # before Ray starts
+    with guards.exit_on_refusal(MedsImportError):  # before Ray starts
         config = ImportConfig.from_yaml(args.config) if args.config else ImportConfig()
         check_output(args.meds_dir, args.out, args.overwrite)
         report = import_meds(args.meds_dir, args.out, config=config, overwrite=args.overwrite,
                              parallel=not args.no_ray, name=args.name)
-    except (guards.GuardError, MedsImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     summary = report.summary()
     summary["provenance"].pop("config")
     print(json.dumps(summary, indent=2))

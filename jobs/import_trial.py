@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from mirror import guards
 from mirror.data.trial_import import TrialImportConfig, TrialImportError, import_trial
@@ -29,12 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="treatment tokens whose presence in the first regimen makes arm 1 (default: derived)")
     parser.add_argument("--name", help="dataset name (default: SRC_DIR's name)")
     args = parser.parse_args(argv)
-    try:
+    with guards.exit_on_refusal(TrialImportError):
         report = import_trial(args.src_dir, args.out, config=TrialImportConfig(arm_marker=args.arm_marker),
                               overwrite=args.overwrite, name=args.name)
-    except (guards.GuardError, TrialImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     summary = report.summary()
     print(json.dumps(summary, indent=2))
     return summary

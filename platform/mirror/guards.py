@@ -52,6 +52,17 @@ class GuardError(ValueError):
 # Names and numbers
 
 
+@contextmanager
+def exit_on_refusal(*refusals: type[Exception]) -> Iterator[None]:
+    """A job's refusal (a :class:`GuardError`, or the domain errors it names) ends the job
+    with one line on stderr and exit status 2; any other exception keeps its traceback."""
+    try:
+        yield
+    except (GuardError, *refusals) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_run_name(name: str, flag: str = "--run-name") -> None:
     """A run name is a directory under the storage path and a value in MLflow filter strings,
     so it must be a plain file name: no separators, no ``..``, no quotes or spaces."""
