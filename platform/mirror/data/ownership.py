@@ -14,7 +14,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from mirror.data import schema
+from mirror.data import record, schema
+from mirror.data.trial import COUNTERFACTUAL_DIR
 
 
 class NotWrittenByGenerator(ValueError):
@@ -53,8 +54,8 @@ def owned_dataset_files(root: Path, simulator_name: str) -> list[Path]:
     allowed_meta = {"dataset.json", "codes.parquet", GENERATED_MARKER}
     allowed_truth = {"params.json", "params.npz", "trial_params.json"}
     # ground_truth/<name>/<split>/part-*.parquet: the latent state, the record stage's truth
-    # (record.TRUTH_SCHEMAS) and the trial's counterfactual twins.
-    sharded_truth = {"latent", "treatments", "admissions", "onsets", "trial_counterfactual"}
+    # and the trial's counterfactual twins.
+    sharded_truth = {"latent", *record.TRUTH_SCHEMAS, COUNTERFACTUAL_DIR}
     owned: list[Path] = []
     for top in _TOPS:
         for path in sorted((root / top).rglob("*")):
