@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-metrics bench-gpu bench-scale bench-scoehr bench-sampler reference-mirror clean
+.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-decoder bench-metrics bench-gpu bench-scale bench-scoehr bench-sampler reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ demo: install
 
 bench-train: install
 	$(PY) bench/bench_train.py
+
+# The sequence AE's decoder options (full vs factorised softmax, z at every step, word dropout).
+bench-decoder: install
+	$(PY) bench/bench_decoder.py
 
 # ScoEHR acceptance (issue 14): both stages, the gated scorecard, per-stage throughput at 1 and 2
 # workers, then the sampler bench. SCOEHR_ARGS passes options (e.g. --patients 10000 --sample 2000).

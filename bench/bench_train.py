@@ -43,14 +43,17 @@ BATCH = 128
 RESULTS = Path(__file__).parent / "results" / "train.json"
 
 
-def plain_batches(root: Path, config: CollateConfig):
-    """Forever: pyarrow record batches of the train split, length-filtered, collated."""
+def plain_batches(root: Path, config: CollateConfig, split: str = schema.TRAIN, *, batch_size: int = BATCH,
+                  forever: bool = True):
+    """Pyarrow record batches of a split, length-filtered, collated (forever: in a loop)."""
     while True:
-        for path in schema.split_files(root, schema.TRAIN):
-            for rb in pq.ParquetFile(path).iter_batches(batch_size=BATCH, columns=schema.MODEL_COLUMNS):
+        for path in schema.split_files(root, split):
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=schema.MODEL_COLUMNS):
                 n = rb.column(schema.N_EVENTS)
                 keep = pc.and_(pc.greater_equal(n, schema.MIN_WORDS), pc.less_equal(n, schema.MAX_WORDS))
                 yield collate(rb.filter(keep), config)
+        if not forever:
+            return
 
 
 def plain_tokens_per_s(root: Path, n_weeks: int, device: str = "cpu") -> tuple[float, float]:

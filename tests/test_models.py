@@ -228,9 +228,17 @@ def test_config_module_doctests_pass():
 # Shapes and the sequence contract.
 
 
-@pytest.mark.parametrize("name", ["ae", "wae"])
-def test_encode_logits_generate_nll_shapes(name: str):
-    model = tiny_model(name)
+# The decoder options of AEConfig (bench/bench_decoder.py measures them): each one keeps
+# every contract of the sequence models.
+DECODER_OPTIONS = [{"dx_output": "factorised"}, {"z_every_step": True}, {"word_dropout": 0.3}]
+MODEL_VARIANTS = [("ae", {}), ("wae", {})] + [("ae", options) for options in DECODER_OPTIONS]
+VARIANT_IDS = ["ae", "wae"] + ["ae-" + "-".join(map(str, o.values())) for o in DECODER_OPTIONS]
+
+
+@pytest.mark.parametrize(("name", "options"), MODEL_VARIANTS, ids=VARIANT_IDS)
+def test_encode_logits_generate_nll_shapes(name: str, options: dict):
+    model = tiny_model(name, **options)
+    model.eval()
     batch = make_batch(SENTENCES, SEXES)
     b, t = batch.enc_dx.shape
     with torch.no_grad():
@@ -377,11 +385,11 @@ def test_sampling_follows_temperature_and_top_p():
     assert float((hot == 2).double().mean()) > 0.25
 
 
-@pytest.mark.parametrize("name", ["ae", "wae"])
-def test_overfitting_a_tiny_batch_lowers_loss_and_generate_reconstructs(name: str):
-    model = tiny_model(name)
+@pytest.mark.parametrize(("name", "options"), MODEL_VARIANTS, ids=VARIANT_IDS)
+def test_overfitting_a_tiny_batch_lowers_loss_and_generate_reconstructs(name: str, options: dict):
+    model = tiny_model(name, **options)
     batch = make_batch(SENTENCES, SEXES)
-    history = train(model, batch, steps=60)
+    history = train(model, batch, steps=60 if options.get("word_dropout", 0) == 0 else 120)
     key = "recon_loss" if name == "wae" else "loss"  # the WAE total adds -λ E[h(z)]
     first, last = history[0][key], history[-1][key]
     assert last < 0.2 * first, (first, last)
@@ -394,6 +402,46 @@ def test_overfitting_a_tiny_batch_lowers_loss_and_generate_reconstructs(name: st
         assert dx[row, :length].tolist() == [d for d, _ in sentence]
         assert wk[row, :length].tolist() == [w for _, w in sentence]
         assert bool((dx[row, length:] == PAD).all()) and bool((wk[row, length:] == PAD).all())
+
+
+def test_factorised_word_head_is_a_normalised_joint_distribution():
+    """log P(word) = log P(condition) + log P(age group | condition) sums to one over the
+    vocabulary, never predicts <PAD>/<SOS>, and its NLL is the joint table's entry."""
+    from mirror.models.ae import FactorisedWordHead
+
+    torch.manual_seed(0)
+    head = FactorisedWordHead(8, INFO.diag_age_vocab_size)
+    torch.nn.init.normal_(head.age_profile.weight)  # condition-specific age profiles
+    features = torch.randn(5, 8)
+    logp = head.logits(features)
+    assert logp.shape == (5, INFO.diag_age_vocab_size)
+    torch.testing.assert_close(torch.logsumexp(logp, -1), torch.zeros(5))
+    assert bool((logp[:, [PAD, SOS]] < -1e8).all())
+    target = torch.tensor([EOS, 3, 3 + 24 * 604 + 23, 3 + 24 * 10 + 5, PAD])
+    nll = head.nll(features, target)
+    expected = -logp.gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(nll[:4], expected[:4])
+    assert nll[4].item() == 0.0
+
+
+def test_word_dropout_acts_in_training_only_and_z_every_step_reads_z():
+    batch = make_batch(SENTENCES, SEXES)
+    model = tiny_model("ae", word_dropout=0.9)
+    z = torch.randn(batch.size, 16)
+    with torch.no_grad():
+        trained = model.autoencoder.token_nll(batch, z)[0]
+        model.eval()
+        evaluated = [model.autoencoder.token_nll(batch, z)[0] for _ in range(2)]
+    torch.testing.assert_close(evaluated[0], evaluated[1])  # no dropout outside training
+    assert (trained - evaluated[0]).abs().max() > 1e-4
+    # With z beside every input, z moves the features even where h_0 ignores it.
+    model = tiny_model("ae", z_every_step=True).eval()
+    with torch.no_grad():
+        model.autoencoder.decoder.init_state.weight.zero_()
+        model.autoencoder.decoder.init_state.bias.zero_()
+        a, _ = model.teacher_forced_logits(batch, z)
+        b, _ = model.teacher_forced_logits(batch, -z)
+    assert (a - b).abs().max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from mirror.config import require
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.views.sequence import SequenceView
-from mirror.data.vocab import EOS, N_AGE_GROUPS, N_SPECIAL, PAD, SOS
+from mirror.data.vocab import EOS, N_AGE_GROUPS, N_CONDITIONS, N_SPECIAL, PAD, SOS
 from mirror.metrics.tasks import AGE_GROUP_WEEKS
 from mirror.models.base import GenerationContext, ModelSpec, StepContext
 from mirror.models.sentences import sample_sentence_rows
@@ -74,6 +74,10 @@ class AEConfig:
     latent_dim: int = 32  # width of z (real scale: 1024 = H·d_h)
     out_hidden: int = 128  # decoder aggregation layer before the two softmax heads (real: 512)
     week_on_dx: bool = True  # week head also reads E_dx(word): P(week | state, word)
+    # Decoder options (bench/bench_decoder.py measures them against each other).
+    dx_output: str = "full"  # "full": one 14,523-way softmax; "factorised": condition x age group
+    z_every_step: bool = False  # feed z beside every decoder input, not only into h_0
+    word_dropout: float = 0.0  # training: each decoder input word -> <PAD> with this probability
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
     # Generation (z ~ N(0, I) decoded by ancestral sampling; reconstruction stays greedy).
@@ -96,6 +100,8 @@ class AEConfig:
         ):
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
         require(self, "w_time", self.w_time >= 0, "a float >= 0")
+        require(self, "dx_output", self.dx_output in WORD_HEADS, f"one of {sorted(WORD_HEADS)}")
+        require(self, "word_dropout", 0 <= self.word_dropout < 1, "a float in [0, 1)")
         require(self, "gen_temperature", self.gen_temperature > 0, "a float > 0")
         require(self, "gen_top_p", 0 < self.gen_top_p <= 1, "a float in (0, 1]")
         require(self, "lr", self.lr > 0, "a float > 0")
@@ -163,6 +169,59 @@ class LinearLatentHead(nn.Module):
         return self.proj(head_states.flatten(1))  # (B, H, d_h) -> (B, H·d_h) -> (B, latent_dim)
 
 
+class FullWordHead(nn.Linear):
+    """P(word | features) as one softmax over the whole diagnosis-age vocabulary (seed 000).
+    A plain Linear, so checkpoints from before the decoder options load unchanged."""
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self(features)  # (..., V_dx)
+
+    def nll(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(features), target, ignore_index=PAD, reduction="none")
+
+
+class FactorisedWordHead(nn.Module):
+    """P(word | h) = P(condition | h) · P(age group | h, condition), for the 14,523-way softmax
+    that dominates the decoder's compute: 606 + 24 outputs per step instead of 14,523.
+
+    The condition softmax has ``<EOS>`` as class 0. The age group is scored additively, the
+    state's age logits plus the condition's own learned age profile (early- vs late-onset),
+    so the joint table of every (condition, age group) is one broadcast add when decoding
+    needs it. ``<PAD>`` and ``<SOS>`` are never predicted (log-probability -1e9)."""
+
+    def __init__(self, width: int, vocab_size: int):
+        super().__init__()
+        if vocab_size != N_SPECIAL + N_CONDITIONS * N_AGE_GROUPS:
+            raise ValueError(f"FactorisedWordHead: the diagnosis-age vocabulary must be "
+                             f"{N_SPECIAL} + {N_CONDITIONS} x {N_AGE_GROUPS}, received {vocab_size}")
+        self.condition = nn.Linear(width, 1 + N_CONDITIONS)
+        self.age = nn.Linear(width, N_AGE_GROUPS)
+        self.age_profile = nn.Embedding(N_CONDITIONS, N_AGE_GROUPS)
+        nn.init.zeros_(self.age_profile.weight)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Joint log-probabilities (..., V_dx) in the vocabulary's token order."""
+        features = features.float()
+        condition = torch.log_softmax(self.condition(features), dim=-1)  # (..., 1 + C)
+        age = torch.log_softmax(self.age(features)[..., None, :] + self.age_profile.weight, dim=-1)
+        words = (condition[..., 1:, None] + age).flatten(-2)  # (..., C·G), token 3 + c·G + g
+        never = torch.full_like(condition[..., :2], -1e9)  # <PAD>, <SOS>
+        return torch.cat([never, condition[..., :1], words], dim=-1)
+
+    def nll(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        is_word = target >= N_SPECIAL
+        offset = (target - N_SPECIAL).clamp(min=0)
+        condition = torch.where(is_word, offset // N_AGE_GROUPS + 1, 0)  # <EOS> (and <PAD>) -> 0
+        nll = F.cross_entropy(self.condition(features), condition, reduction="none")
+        age_logits = self.age(features) + self.age_profile((condition - 1).clamp(min=0)).to(features.dtype)
+        nll_age = F.cross_entropy(age_logits, offset % N_AGE_GROUPS, reduction="none")
+        nll = nll + torch.where(is_word, nll_age, torch.zeros_like(nll_age))
+        return torch.where(target == PAD, torch.zeros_like(nll), nll)
+
+
+WORD_HEADS = {"full": FullWordHead, "factorised": FactorisedWordHead}
+
+
 class MultiHeadGRUDecoder(nn.Module):
     """H GRUs initialised head-to-head from z, their outputs aggregated into the features from
     which the next diagnosis-age token and its week are predicted."""
@@ -170,6 +229,9 @@ class MultiHeadGRUDecoder(nn.Module):
     def __init__(self, cfg: AEConfig, data_info: SequenceInfo, input_dim: int):
         super().__init__()
         self.n_heads, self.hidden = cfg.n_heads, cfg.head_hidden
+        self.vocab_size = data_info.diag_age_vocab_size
+        if cfg.z_every_step:  # [u_t ⊕ z] at every step, so z need not survive in h alone
+            input_dim += cfg.latent_dim
         # z has no head structure after the encoder's aggregation layer, so "head-to-head" is:
         # one projection of z, split into H chunks, chunk k initialising head k.
         self.init_state = nn.Linear(cfg.latent_dim, cfg.n_heads * cfg.head_hidden)
@@ -177,7 +239,7 @@ class MultiHeadGRUDecoder(nn.Module):
             nn.GRU(input_dim, cfg.head_hidden, batch_first=True) for _ in range(cfg.n_heads)
         )
         self.aggregate = nn.Linear(cfg.n_heads * cfg.head_hidden, cfg.out_hidden)
-        self.dx_out = nn.Linear(cfg.out_hidden, data_info.diag_age_vocab_size)
+        self.dx_out = WORD_HEADS[cfg.dx_output](cfg.out_hidden, data_info.diag_age_vocab_size)
         # P(week | state, word): a hidden layer over [features ⊕ E_dx(word)], so that the week
         # window can depend jointly on the state (birth week, last week) and the word's age.
         self.wk_mix = (
@@ -230,6 +292,7 @@ class SentenceAutoencoder(nn.Module):
         self.encoder = MultiHeadGRUEncoder(self.embed.dim, cfg.n_heads, cfg.head_hidden)
         self.latent_head = latent_head
         self.decoder = MultiHeadGRUDecoder(cfg, data_info, self.embed.dim)
+        self.z_every_step, self.word_dropout = cfg.z_every_step, cfg.word_dropout
 
     def forward(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Summed NLL terms over the batch's predicted tokens and the latent z (B, latent_dim).
@@ -254,8 +317,15 @@ class SentenceAutoencoder(nn.Module):
         columns = [batch.dec_dx, batch.dec_wk, batch.tgt_dx, batch.tgt_wk, rows]
         packed = pack_steps(columns, batch.lengths)
         dx, wk, tgt_dx, tgt_wk, row = packed.data.unbind(-1)
-        steps = with_data(packed, self.embed(dx, wk, batch.sex[row]))
-        features = self.decoder(steps, self.decoder.initial_state(z))
+        if self.training and self.word_dropout > 0:
+            # Word dropout (Bowman et al.): hide some previous words behind the mask token, so
+            # that the decoder has to lean on z rather than on its own history.
+            hidden = (torch.rand(dx.shape, device=dx.device) < self.word_dropout) & (dx != SOS)
+            dx, wk = dx.masked_fill(hidden, PAD), wk.masked_fill(hidden, PAD)
+        inputs = self.embed(dx, wk, batch.sex[row])
+        if self.z_every_step:
+            inputs = torch.cat([inputs, z[row].to(inputs.dtype)], dim=-1)
+        features = self.decoder(with_data(packed, inputs), self.decoder.initial_state(z))
         return features, with_data(packed, torch.stack([tgt_dx, tgt_wk, row], dim=-1))
 
     def token_nll(
@@ -265,9 +335,7 @@ class SentenceAutoencoder(nn.Module):
         non-<PAD> targets as a float 0-dim tensor (PAD targets contribute 0 and are not counted)."""
         features, targets = self.decode_features(batch, z)
         tgt_dx, tgt_wk, row = targets.data.unbind(-1)
-        nll_dx = F.cross_entropy(
-            self.decoder.dx_out(features), tgt_dx, ignore_index=PAD, reduction="none"
-        )
+        nll_dx = self.decoder.dx_out.nll(features, tgt_dx)
         nll_wk = F.cross_entropy(
             self.week_logits(features, tgt_dx), tgt_wk, ignore_index=PAD, reduction="none"
         )
@@ -291,7 +359,7 @@ class SentenceAutoencoder(nn.Module):
                 with_data(packed, logits), batch_first=True, total_length=total
             )[0]
 
-        return unpack(self.decoder.dx_out(features)), unpack(self.week_logits(features, tgt_dx))
+        return unpack(self.decoder.dx_out.logits(features)), unpack(self.week_logits(features, tgt_dx))
 
     def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
         """-log P(y | z, x) per patient (B,): dx plus week NLL summed over the patient's tokens."""
@@ -318,7 +386,7 @@ class SentenceAutoencoder(nn.Module):
         alive = torch.ones(b, dtype=torch.bool, device=device)
         dx = torch.full((b,), SOS, dtype=torch.long, device=device)
         wk = torch.full_like(dx, SOS)
-        rules = DecodeConstraints(b, self.decoder.dx_out.out_features, self.decoder.wk_out.out_features, device)
+        rules = DecodeConstraints(b, self.decoder.vocab_size, self.decoder.wk_out.out_features, device)
         state = self.decoder.initial_state(z)
 
         def pick(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -328,8 +396,11 @@ class SentenceAutoencoder(nn.Module):
             return sample_logits(logits, temperature, top_p, generator)
 
         for t in range(max_words):
-            features, state = self.decoder.step(self.embed(dx, wk, sex), state)
-            dx = pick(self.decoder.dx_out(features), rules.allowed_words(first=t == 0))
+            inputs = self.embed(dx, wk, sex)
+            if self.z_every_step:
+                inputs = torch.cat([inputs, z.to(inputs.dtype)], dim=-1)
+            features, state = self.decoder.step(inputs, state)
+            dx = pick(self.decoder.dx_out.logits(features), rules.allowed_words(first=t == 0))
             wk = pick(self.week_logits(features, dx), rules.allowed_weeks(dx))
             alive &= dx != EOS
             rules.update(dx, wk, alive)
