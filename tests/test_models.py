@@ -230,9 +230,10 @@ def test_config_module_doctests_pass():
 
 # The decoder options of AEConfig (bench/bench_decoder.py measures them): each one keeps
 # every contract of the sequence models.
-DECODER_OPTIONS = [{"dx_output": "factorised"}, {"z_every_step": True}, {"word_dropout": 0.3}]
+DECODER_OPTIONS = [{"dx_output": "full", "z_every_step": False}, {"z_every_step": False},
+                   {"word_dropout": 0.3}]
 MODEL_VARIANTS = [("ae", {}), ("wae", {})] + [("ae", options) for options in DECODER_OPTIONS]
-VARIANT_IDS = ["ae", "wae"] + ["ae-" + "-".join(map(str, o.values())) for o in DECODER_OPTIONS]
+VARIANT_IDS = ["ae", "wae"] + ["ae-" + ",".join(f"{k}={v}" for k, v in o.items()) for o in DECODER_OPTIONS]
 
 
 @pytest.mark.parametrize(("name", "options"), MODEL_VARIANTS, ids=VARIANT_IDS)
@@ -307,7 +308,7 @@ def test_sex_conditions_encoder_and_decoder():
 
 
 def test_generate_restricts_vocab_and_pads_after_eos():
-    model = tiny_model("ae")
+    model = tiny_model("ae", dx_output="full")  # the test steers the softmax through its biases
     out = model.autoencoder.decoder.dx_out
     z, sex = torch.randn(5, 16), torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
     with torch.no_grad():
@@ -331,7 +332,7 @@ def test_decoding_never_breaks_a_validity_rule_even_from_an_untrained_model(gree
     pass every rule of generation_rule_failures, except running past max_words."""
     from mirror.metrics.tasks import generation_rule_failures
 
-    model = tiny_model("wae")
+    model = tiny_model("wae", dx_output="full")  # steered through the softmax's biases
     out = model.autoencoder.decoder
     n = 64
     z, sex = torch.randn(n, 16), torch.where(torch.rand(n) < 0.5, 1.0, -1.0)
@@ -620,3 +621,19 @@ def test_the_loop_asks_each_model_for_its_epoch_warnings():
     negative = {"train/w1_estimate": -0.5, "val/w1_estimate": -0.1}
     assert epoch_warnings(tiny_model("ae"), negative) == []  # no hook: no warnings
     assert len(epoch_warnings(tiny_model("wae"), negative)) == 2
+
+
+def test_runs_saved_before_the_decoder_options_load_with_the_seed_decoder(tmp_path):
+    """A saved spec without the decoder option keys reads as the decoder it was trained
+    with (the seed's full softmax, z in h_0 only), not as today's defaults."""
+    from mirror.train.spec import RunSpec, build_run_spec
+
+    spec = build_run_spec("ae", str(tmp_path), "old-run", {"model.latent_dim": 16})
+    assert spec.model_config["dx_output"] == "factorised" and spec.model_config["z_every_step"] is True
+    saved = spec.to_dict()
+    for key in ("dx_output", "z_every_step", "word_dropout"):
+        del saved["model_config"][key]
+    old = RunSpec.from_dict(saved)
+    assert old.model_config["dx_output"] == "full" and old.model_config["z_every_step"] is False
+    assert old.model_config["latent_dim"] == 16
+    assert RunSpec.from_dict(spec.to_dict()).model_config == spec.model_config

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pyarrow as pa
 import torch
@@ -66,6 +67,9 @@ class AEConfig:
     Defaults are sized for fast CPU smoke runs; each width's comment gives the real-scale value.
     """
 
+    # Runs saved before the decoder options existed decode as they were trained.
+    SAVED_BEFORE: ClassVar[dict[str, object]] = {"dx_output": "full", "z_every_step": False, "word_dropout": 0.0}
+
     # Widths.
     dx_emb_dim: int = 64  # diagnosis-age embedding width (real scale: 256)
     wk_emb_dim: int = 16  # week embedding width (real scale: 64)
@@ -75,8 +79,8 @@ class AEConfig:
     out_hidden: int = 128  # decoder aggregation layer before the two softmax heads (real: 512)
     week_on_dx: bool = True  # week head also reads E_dx(word): P(week | state, word)
     # Decoder options (bench/bench_decoder.py measures them against each other).
-    dx_output: str = "full"  # "full": one 14,523-way softmax; "factorised": condition x age group
-    z_every_step: bool = False  # feed z beside every decoder input, not only into h_0
+    dx_output: str = "factorised"  # condition x age group; "full": one 14,523-way softmax (seed)
+    z_every_step: bool = True  # feed z beside every decoder input, not only into h_0
     word_dropout: float = 0.0  # training: each decoder input word -> <PAD> with this probability
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one

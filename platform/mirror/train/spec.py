@@ -125,11 +125,15 @@ class RunSpec:
         if "view_config" not in raw:
             view.update({k: train.pop(k) for k in MOVED_TO_VIEW if k in train})
         train.pop("crash_once_at_step", None)  # fault injection moved out of the loop
+        model_spec = model_spec or get_model_spec(raw["model"])
+        # A saved config holds every field of its day; a field added since gets the value that
+        # reproduces the old behaviour (the config class's ``SAVED_BEFORE``), not today's default.
+        model = getattr(model_spec.config_cls, "SAVED_BEFORE", {}) | raw.get("model_config", {})
         return build_run_spec(
-            model_spec or raw["model"],
+            model_spec,
             raw["data"],
             raw["run_name"],
-            {**_prefixed("model", raw.get("model_config", {})), **_prefixed("view", view), **_prefixed("train", train)},
+            {**_prefixed("model", model), **_prefixed("view", view), **_prefixed("train", train)},
             upstream_run=raw.get("upstream_run"),
         )
 
