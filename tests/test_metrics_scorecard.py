@@ -260,3 +260,38 @@ def test_score_job_writes_json_and_logs_to_mlflow(
         card[CEILING + "fidelity/detection/auc"]
     )
     assert (tmp_path / "card_plots" / "dcr_distributions.png").exists()
+
+
+def test_undefined_fidelity_metrics_are_reported_not_fatal(real_root, tmp_path):
+    """A generator that never emits the rarest conditions (ScoEHR's decoder) leaves the
+    rare-band prevalence r undefined: the scorecard reports it (NaN, a flag, a count, a reason),
+    the JSON job output is strict JSON with null there, and the job exits 0."""
+    from mirror.metrics.fidelity import prevalence_bands
+    from mirror.metrics.records import PatientBlock
+    from mirror.metrics.scorecard import json_safe
+
+    n_weeks = S.DatasetMetadata.read(real_root).n_weeks
+    rarest = prevalence_bands(FidelitySummary.from_block(read_block(real_root, [S.TRAIN], n_weeks)))[0]
+    block, _ = simulated_block(3_000, seed=SEED, first_id=5_000_000)
+    keep = ~np.isin(block.conditions, rarest)
+    lengths = np.add.reduceat(keep, block.offsets[:-1]) if block.n_words else np.zeros(len(block), int)
+    rows = np.flatnonzero(lengths > 0)
+    kept = PatientBlock(
+        **{f: getattr(block, f)[rows] for f in PatientBlock._ROW_FIELDS},
+        offsets=np.concatenate([[0], np.cumsum(lengths[rows])]).astype(np.int64),
+        **{f: getattr(block, f)[keep] for f in PatientBlock._WORD_FIELDS},
+    )
+    assert len(kept) > 2_900 and not np.isin(kept.conditions, rarest).any()
+    root = write_synthetic(tmp_path / "no_rare", [kept], real_root, "no_rare")
+
+    undefined: dict[str, str] = {}
+    card = compute_scorecard(
+        real_root, root, max_queries=2_000, seed=0, config=WITHOUT_REFERENCE_ROWS, undefined=undefined
+    )
+    name = "fidelity/prevalence/band1/pearson_r"
+    assert "constant" in undefined[name]
+    assert np.isnan(card[name]) and card[name + "/undefined"] == 1.0
+    assert card["meta/undefined_metrics"] == len(undefined) >= 1
+    assert np.isfinite(card["fidelity/prevalence/band2/pearson_r"])  # the others are computed
+    assert json.loads(json.dumps(json_safe(card), allow_nan=False))[name] is None
+    assert privacy.privacy_gate(card).passed  # undefined fidelity does not touch the gate
