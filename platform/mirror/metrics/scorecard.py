@@ -20,13 +20,14 @@ samples and the same utility task panel.
 A metric that cannot be computed raises :class:`MetricError` inside its group; the scorecard
 still computes every other group. Then:
 
-* an undefined fidelity or utility metric (e.g. the rare-band prevalence r of a generator that
+* an undefined metric (e.g. the rare-band prevalence r of a generator that
   never emits the rarest conditions) is *reported*, not fatal: its value is NaN (MLflow shows
   it; :func:`json_safe` writes it as JSON ``null``), ``<name>/undefined`` is 1, the count is
   ``meta/undefined_metrics`` and the reasons fill the caller's ``undefined`` dict;
-* a privacy metric that cannot be computed (or an empty synthetic set) is a real failure:
-  :class:`ScorecardError` carries the partial results and every reason, since the privacy
-  gate must never pass on absent evidence.
+* a metric the privacy gate reads (``GATE_METRICS``) that cannot be computed, or an empty
+  synthetic set, is a real failure: :class:`ScorecardError` carries the partial results and
+  every reason, since the gate must never pass on absent evidence. Other privacy metrics
+  (e.g. DCR's median ratio, 0/0 on short code sets) are reported as undefined.
 
 Nothing is dropped or replaced by a number that could be read as a result.
 """
@@ -531,12 +532,25 @@ def compute_scorecard(
     return metrics
 
 
+# What the privacy gate reads (``privacy.privacy_gate``): the release decision's evidence.
+GATE_METRICS = (
+    "privacy/exact_match/train_reproduced",
+    "privacy/exact_match/holdout_reproduced",
+    "privacy/exact_match/reproduced_excess_se",
+    "privacy/mia/distance_auc",
+    "privacy/presence/sensitivity",
+)
+
+
 def fails_scorecard(metric: str) -> bool:
-    """Whether a metric that cannot be computed fails the scorecard (and the job): privacy
-    metrics (on any row) and a synthetic set that cannot be scored at all. Fidelity and utility
-    metrics may be undefined for a generator's output and are reported as such."""
-    name = metric.removeprefix(CEILING).removeprefix(FLOOR)
-    return name.startswith("privacy/") or name == "synthetic"
+    """Whether a metric (or metric group) that cannot be computed fails the scorecard and the
+    job: the synthetic row's gate evidence (``GATE_METRICS``), or a synthetic set that cannot
+    be scored at all. Any other metric may be undefined for a generator's output (a rare-band
+    r with no rare code; DCR's median ratio 0/0 when most code sets, one condition long, also
+    occur in held-out) and is reported as undefined; the gate refuses a NaN input anyway."""
+    if metric.startswith((CEILING, FLOOR)):
+        return False
+    return metric == "synthetic" or any(g == metric or g.startswith(metric + "/") for g in GATE_METRICS)
 
 
 def json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
