@@ -58,17 +58,19 @@ def real_vectors(root: str, n: int, features: str, values: str) -> sp.csr_matrix
     return sp.csr_matrix(np.minimum(code_vectors(table, features, values), 1))
 
 
-def draw(model, sampler: str, steps: int, n: int, batch: int, device: str, seed: int) -> tuple[sp.csr_matrix, float]:
-    """n code vectors from one configuration, and the seconds they took."""
+def draw(model, sampler: str, steps: int, n: int, batch: int, device: str, seed: int) -> tuple[sp.csr_matrix, float, float]:
+    """n code vectors from one configuration, the seconds they took, and the share of draws
+    that thresholded to no code (decoded per the run's ``empty_decode``)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     began = time.perf_counter()
-    parts = [model.sample_vectors(min(batch, n - i), generator=generator, sampler=sampler, steps=steps).cpu() for i in range(0, n, batch)]
+    parts = [model.sample_vectors(min(batch, n - i), generator=generator, sampler=sampler, steps=steps) for i in range(0, n, batch)]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - began
-    return sp.csr_matrix(torch.cat(parts).numpy()), seconds
+    x, empty = torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+    return sp.csr_matrix(x.numpy()), seconds, float(empty.float().mean())
 
 
 def fidelity(real: sp.csr_matrix, syn: sp.csr_matrix) -> dict[str, float]:
@@ -127,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     n = real.shape[0]
     print(f"run {args.run}: {loaded.spec.model}, {n} patients, device {args.device}", flush=True)
 
-    syn, seconds = draw(model, "em", args.reference_steps, n, args.batch, args.device, args.seed)
-    reference = {"sampler": "em", "steps": args.reference_steps, "score_calls": args.reference_steps, "seconds": seconds, **fidelity(real, syn)}
+    syn, seconds, empty = draw(model, "em", args.reference_steps, n, args.batch, args.device, args.seed)
+    reference = {"sampler": "em", "steps": args.reference_steps, "score_calls": args.reference_steps, "seconds": seconds, "empty_decodes": empty, **fidelity(real, syn)}
     print(json.dumps(reference), flush=True)
     rows = []
     for sampler in args.samplers.split(","):
         for steps in [int(s) for s in args.steps.split(",")]:
-            syn, seconds = draw(model, sampler, steps, n, args.batch, args.device, args.seed)
-            row = {"sampler": sampler, "steps": steps, "score_calls": score_calls(sampler, steps), "seconds": seconds, **fidelity(real, syn)}
+            syn, seconds, empty = draw(model, sampler, steps, n, args.batch, args.device, args.seed)
+            row = {"sampler": sampler, "steps": steps, "score_calls": score_calls(sampler, steps), "seconds": seconds, "empty_decodes": empty, **fidelity(real, syn)}
             row["speedup"] = reference["seconds"] / seconds
             row["equal_fidelity"] = equal_fidelity(row, reference, args.tolerance)
             rows.append(row)

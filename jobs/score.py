@@ -4,9 +4,11 @@
         [--max-queries N] [--seed S] [--artifacts DIR]
 
 Writes the scorecard as a flat JSON object {metric: number}, plots (PNG) beside it, logs both
-to the MLflow run with --run, and prints the privacy gate's verdict. If some metric cannot be
-computed, everything else is still written, the reasons go to FILE.errors.json and the job
-exits 1.
+to the MLflow run with --run, and prints the privacy gate's verdict. A fidelity or utility
+metric that is undefined for this synthetic set is written as null with a
+``<name>/undefined`` flag, its reason goes to FILE.undefined.json, and the job still exits 0.
+If a privacy metric cannot be computed, everything else is still written, the reasons go to
+FILE.errors.json and the job exits 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from mirror.cluster import ensure_ray
 from mirror.metrics.privacy import privacy_gate
-from mirror.metrics.scorecard import ScorecardError, compute_scorecard
+from mirror.metrics.scorecard import ScorecardError, compute_scorecard, json_safe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = Path(args.artifacts or out.with_name(out.stem + "_plots"))
     ensure_ray()
     errors: dict[str, str] = {}
+    undefined: dict[str, str] = {}
     try:
         metrics = compute_scorecard(
             args.real,
@@ -65,17 +68,22 @@ def main(argv: list[str] | None = None) -> int:
             max_queries=args.max_queries,
             seed=args.seed,
             artifacts_dir=plots,
+            undefined=undefined,
         )
     except ScorecardError as err:
         metrics, errors = err.partial, err.errors
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    out.write_text(json.dumps(json_safe(metrics), indent=1, sort_keys=True, allow_nan=False) + "\n")
     print(f"scorecard: {len(metrics)} metrics -> {out}; plots -> {plots}")
     if args.run:
         from mirror.tracking import log_scorecard
 
         log_scorecard(args.run, metrics, plots)
         print(f"logged to MLflow run {args.run}")
+    if undefined:
+        undefined_path = out.with_suffix(".undefined.json")
+        undefined_path.write_text(json.dumps(undefined, indent=1, sort_keys=True) + "\n")
+        print(f"{len(undefined)} metric(s) undefined for this synthetic set (null; reasons in {undefined_path})")
     if errors:
         error_path = out.with_suffix(".errors.json")
         error_path.write_text(json.dumps(errors, indent=1, sort_keys=True) + "\n")

@@ -24,7 +24,6 @@ from mirror.metrics.scorecard import (
     CEILING,
     FLOOR,
     ScorecardConfig,
-    ScorecardError,
     compute_scorecard,
 )
 
@@ -178,7 +177,7 @@ def test_floor_sampler_writes_the_real_marginals_in_the_platform_layout(real_roo
     assert np.abs(pad(length(floor)) - pad(length(real))).max() < 0.05
 
 
-def test_uncomputable_metrics_raise_with_reasons_and_partial_results(real_root, tmp_path):
+def test_uncomputable_metrics_are_reported_with_reasons_and_the_rest_computed(real_root, tmp_path):
     one_word = [(i, 1, -2000, [(5, 9, 10)]) for i in range(50)]
     from test_metrics_fixtures import table_of
 
@@ -191,21 +190,23 @@ def test_uncomputable_metrics_raise_with_reasons_and_partial_results(real_root, 
         real_root,
         "tiny",
     )
-    with pytest.raises(ScorecardError) as err:
-        compute_scorecard(
-            real_root,
-            root,
-            max_queries=500,
-            seed=0,
-            config=WITHOUT_REFERENCE_ROWS,
-        )
-    errors, partial = err.value.errors, err.value.partial
-    assert "privacy/exact_match/synthetic_in_train_min5words" in errors  # no record has 5 words
-    assert "constant" in errors["fidelity/cooccurrence/pearson_r"]  # no synthetic pair co-occurs
+    undefined: dict[str, str] = {}
+    card = compute_scorecard(
+        real_root,
+        root,
+        max_queries=500,
+        seed=0,
+        config=WITHOUT_REFERENCE_ROWS,
+        undefined=undefined,
+    )
+    assert "privacy/exact_match/synthetic_in_train_min5words" in undefined  # no record has 5 words
+    assert "constant" in undefined["fidelity/cooccurrence/pearson_r"]  # no synthetic pair co-occurs
     assert (
-        "constant" in errors["fidelity/prevalence/band1/pearson_r"]
+        "constant" in undefined["fidelity/prevalence/band1/pearson_r"]
     )  # none of the rarest conditions
-    assert "empty" in errors["fidelity/gap_weeks"]  # nobody has two visits
+    assert "empty" in undefined["fidelity/gap_weeks"]  # nobody has two visits
+    assert all(np.isnan(card[k]) and card[k + "/undefined"] == 1.0 for k in undefined)
+    assert card["meta/undefined_metrics"] == len(undefined)
     for name in (
         "fidelity/prevalence/r2",
         "fidelity/sentence_length/ks",
@@ -213,7 +214,21 @@ def test_uncomputable_metrics_raise_with_reasons_and_partial_results(real_root, 
         "privacy/exact_match/train_reproduced",
         "privacy/mia/distance_auc",
     ):
-        assert name in partial, name
+        assert np.isfinite(card[name]), name
+
+
+def test_only_missing_gate_evidence_fails_the_scorecard():
+    from mirror.metrics.scorecard import GATE_METRICS, fails_scorecard
+
+    for name in GATE_METRICS:
+        assert fails_scorecard(name) and not fails_scorecard(CEILING + name), name
+    assert fails_scorecard("privacy/mia") and fails_scorecard("synthetic")  # a whole group / set
+    for name in ("privacy/dcr/median_ratio", "fidelity/prevalence/band1/pearson_r", "utility/panel"):
+        assert not fails_scorecard(name), name
+    # The gate never passes on a NaN input, so "reported as undefined" cannot open it.
+    card = {name: 0.0 for name in GATE_METRICS} | {"privacy/exact_match/reproduced_excess_se": 0.01}
+    assert privacy.privacy_gate(card).passed
+    assert not privacy.privacy_gate(card | {"privacy/mia/distance_auc": float("nan")}).passed
 
 
 def test_score_job_writes_json_and_logs_to_mlflow(
@@ -260,3 +275,38 @@ def test_score_job_writes_json_and_logs_to_mlflow(
         card[CEILING + "fidelity/detection/auc"]
     )
     assert (tmp_path / "card_plots" / "dcr_distributions.png").exists()
+
+
+def test_undefined_fidelity_metrics_are_reported_not_fatal(real_root, tmp_path):
+    """A generator that never emits the rarest conditions (ScoEHR's decoder) leaves the
+    rare-band prevalence r undefined: the scorecard reports it (NaN, a flag, a count, a reason),
+    the JSON job output is strict JSON with null there, and the job exits 0."""
+    from mirror.metrics.fidelity import prevalence_bands
+    from mirror.metrics.records import PatientBlock
+    from mirror.metrics.scorecard import json_safe
+
+    n_weeks = S.DatasetMetadata.read(real_root).n_weeks
+    rarest = prevalence_bands(FidelitySummary.from_block(read_block(real_root, [S.TRAIN], n_weeks)))[0]
+    block, _ = simulated_block(3_000, seed=SEED, first_id=5_000_000)
+    keep = ~np.isin(block.conditions, rarest)
+    lengths = np.add.reduceat(keep, block.offsets[:-1]) if block.n_words else np.zeros(len(block), int)
+    rows = np.flatnonzero(lengths > 0)
+    kept = PatientBlock(
+        **{f: getattr(block, f)[rows] for f in PatientBlock._ROW_FIELDS},
+        offsets=np.concatenate([[0], np.cumsum(lengths[rows])]).astype(np.int64),
+        **{f: getattr(block, f)[keep] for f in PatientBlock._WORD_FIELDS},
+    )
+    assert len(kept) > 2_900 and not np.isin(kept.conditions, rarest).any()
+    root = write_synthetic(tmp_path / "no_rare", [kept], real_root, "no_rare")
+
+    undefined: dict[str, str] = {}
+    card = compute_scorecard(
+        real_root, root, max_queries=2_000, seed=0, config=WITHOUT_REFERENCE_ROWS, undefined=undefined
+    )
+    name = "fidelity/prevalence/band1/pearson_r"
+    assert "constant" in undefined[name]
+    assert np.isnan(card[name]) and card[name + "/undefined"] == 1.0
+    assert card["meta/undefined_metrics"] == len(undefined) >= 1
+    assert np.isfinite(card["fidelity/prevalence/band2/pearson_r"])  # the others are computed
+    assert json.loads(json.dumps(json_safe(card), allow_nan=False))[name] is None
+    assert privacy.privacy_gate(card).passed  # undefined fidelity does not touch the gate

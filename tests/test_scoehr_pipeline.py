@@ -75,7 +75,8 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     loaded = load_run(second.run_id)
     context = GenerationContext(female_share=0.5, week_vocab_size=10)
     rows, rejected = loaded.model.sample_rows(40, rng=torch.Generator().manual_seed(0), first_id=schema.SYNTHETIC_ID_OFFSET, context=context)
-    assert rows.schema == schema.ROW_SCHEMA and rows.num_rows + rejected["no_codes"] == 40
+    # empty_decode = "top1" (default): every draw is a patient, the empty decodes are counted.
+    assert rows.schema == schema.ROW_SCHEMA and rows.num_rows == 40 and 0 <= rejected["no_codes_top1"] <= 40
     assert (rows.column(schema.N_EVENTS).to_numpy() >= 1).all()
 
     out = workdir / "synthetic"
@@ -104,5 +105,6 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     result = json.loads(out.read_text())
     assert rc in (0, 1) and result["reference"]["steps"] == 20 and result["patients"] == 40
     assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("dpm2m", 2), ("dpm2m", 5), ("heun", 2), ("heun", 5)]
-    assert all(r["seconds"] > 0 and r["ddm"] >= 0 for r in result["rows"]) and out.with_suffix(".png").exists()
+    assert all(r["seconds"] > 0 and r["ddm"] >= 0 and 0 <= r["empty_decodes"] <= 1 for r in result["rows"])
+    assert out.with_suffix(".png").exists()
     assert "sampler/dpm2m_5/pcd" in tracking.get_run(second.run_id).data.metrics

@@ -170,8 +170,9 @@ def test_the_score_model_trains_on_frozen_latents_and_decodes_code_vectors():
     loss.backward()
     assert all(p.grad is None for p in ae.parameters())  # stage 1 stays frozen
     for sampler in SAMPLERS:
-        out = model.sample_vectors(5, generator=torch.Generator().manual_seed(1), sampler=sampler)
+        out, empty = model.sample_vectors(5, generator=torch.Generator().manual_seed(1), sampler=sampler)
         assert out.shape == (5, 605) and set(out.unique().tolist()) <= {0.0, 1.0}
+        assert empty.shape == (5,) and (out.sum(1) >= 1).all()  # "top1": never an empty record
     ablation = ScoEHRScoreModel(ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1, autoencoder=False), info, ae)
     assert ablation.width == 26 * 26 and ablation.to_diffusion_space(x).shape == (8, 676)
 
@@ -195,3 +196,27 @@ def test_both_stages_take_loop_steps_with_one_schedule_step_each():
         (name, opt), = optimizers.items()
         assert opt.param_groups[0]["lr"] == pytest.approx(model.config.lr * lr_lambda(10, 0.2, 0.1)(4))
     assert losses[-1] < losses[0] * 1.5  # the score net's loss is finite and not blowing up
+
+
+def test_empty_decodes_get_their_likeliest_code_or_are_rejected_and_are_counted():
+    """A latent whose every decoded probability is below 1/2: "top1" gives its single most
+    probable code (the MAP non-empty vector of independent Bernoullis), "reject" leaves it
+    empty; both report it in the mask that sample_rows counts."""
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
+    with torch.no_grad():
+        ae.autoencoder.dec.weight.zero_()
+        ae.autoencoder.dec.bias.fill_(-3.0)
+        ae.autoencoder.dec.bias[7] = -1.0  # the likeliest code, still below 1/2
+        ae.autoencoder.dec.weight[9, 0] = 10.0  # code 9 fires when z_0 > 0.3
+    z = torch.zeros(3, 16)
+    z[2, 0] = 1.0
+    small = dict(ch=8, groups=4, levels=2, res_blocks=1)
+    top1 = ScoEHRScoreModel(ScoEHRScoreConfig(**small), info, ae)
+    x, empty = top1.from_diffusion_space(z)
+    assert empty.tolist() == [True, True, False]
+    assert x[:2].sum(1).tolist() == [1.0, 1.0] and x[:2, 7].tolist() == [1.0, 1.0]
+    assert x[2].nonzero().flatten().tolist() == [9]  # a non-empty decode is untouched
+    reject = ScoEHRScoreModel(ScoEHRScoreConfig(**small, empty_decode="reject"), info, ae)
+    x, empty = reject.from_diffusion_space(z)
+    assert empty.tolist() == [True, True, False] and x.sum(1).tolist() == [0.0, 0.0, 1.0]

@@ -158,8 +158,14 @@ def sample_and_score(
     )
     plots = Path(tempfile.mkdtemp(prefix=f".{staging.name}-plots-", dir=staging.parent))  # ours alone
     try:
-        scorecard = compute_scorecard(loaded.spec.data, staging, max_queries=max_queries, seed=seed, artifacts_dir=plots)
+        undefined: dict[str, str] = {}
+        scorecard = compute_scorecard(
+            loaded.spec.data, staging, max_queries=max_queries, seed=seed, artifacts_dir=plots, undefined=undefined
+        )
         gate = privacy_gate(scorecard, thresholds)
+        if undefined:  # reported (NaN + flag), not fatal: the reasons go on the run
+            reasons = "; ".join(f"{k}: {v}" for k, v in sorted(undefined.items()))
+            tracking.set_tags(run_id, {"mirror.scorecard_undefined": reasons[:4900]}, uri=uri)
         tracking.log_scorecard(run_id, {**scorecard, "privacy/gate_passed": float(gate.passed)}, plots, uri=uri)
     finally:
         shutil.rmtree(plots, ignore_errors=True)
@@ -211,10 +217,12 @@ def score_run(run_id: str, n_patients: int, work_dir: str | Path, seed: int = 0,
 
     A model that cannot yet generate valid patients has no scorecard: that is recorded on the
     run (tag ``mirror.scorecard_skipped`` with the reason, ``privacy/gate_passed`` = 0) and
-    returned as an empty dict, so a short training run still finishes. Metrics that cannot be
-    computed on the run's data (a small real dataset: 100 MIMIC-IV demo patients) leave an
-    incomplete scorecard: what was computed is logged and returned, the reasons go to the tag
-    ``mirror.scorecard_incomplete``, and the gate counts as failed.
+    returned as an empty dict, so a short training run still finishes. Fidelity or utility
+    metrics undefined on the run's data (a small real dataset: 100 MIMIC-IV demo patients) are
+    logged as NaN with a flag and their reasons in the tag ``mirror.scorecard_undefined``.
+    Privacy metrics that cannot be computed leave an incomplete scorecard: what was computed is
+    logged and returned, the reasons go to the tag ``mirror.scorecard_incomplete``, and the
+    gate counts as failed.
     """
     from mirror import tracking
     from mirror.metrics.scorecard import ScorecardError

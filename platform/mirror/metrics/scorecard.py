@@ -18,8 +18,18 @@ derive from ``seed``, so two models scored against the same real dataset see the
 samples and the same utility task panel.
 
 A metric that cannot be computed raises :class:`MetricError` inside its group; the scorecard
-still computes every other group, then raises :class:`ScorecardError` carrying the partial
-results and every reason (nothing is dropped or replaced by a placeholder value).
+still computes every other group. Then:
+
+* an undefined metric (e.g. the rare-band prevalence r of a generator that
+  never emits the rarest conditions) is *reported*, not fatal: its value is NaN (MLflow shows
+  it; :func:`json_safe` writes it as JSON ``null``), ``<name>/undefined`` is 1, the count is
+  ``meta/undefined_metrics`` and the reasons fill the caller's ``undefined`` dict;
+* a metric the privacy gate reads (``GATE_METRICS``) that cannot be computed, or an empty
+  synthetic set, is a real failure: :class:`ScorecardError` carries the partial results and
+  every reason, since the gate must never pass on absent evidence. Other privacy metrics
+  (e.g. DCR's median ratio, 0/0 on short code sets) are reported as undefined.
+
+Nothing is dropped or replaced by a number that could be read as a result.
 """
 
 from __future__ import annotations
@@ -369,9 +379,11 @@ def compute_scorecard(
     config: ScorecardConfig | None = None,
     profile: dict[str, float] | None = None,
     record_type: str | None = None,
+    undefined: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """The scorecard of ``synthetic_root`` against ``real_root`` (module docstring). Writes
-    PNG plots to ``artifacts_dir`` if given; fills ``profile`` with seconds per stage.
+    PNG plots to ``artifacts_dir`` if given; fills ``profile`` with seconds per stage and
+    ``undefined`` with the reason for each undefined (NaN-valued) metric.
 
     ``record_type`` (default: the synthetic set's ``provenance.record_type``, else
     ``sentence``): ``code_set`` reduces every set (real, synthetic, references) to each
@@ -503,6 +515,45 @@ def compute_scorecard(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    if errors:
-        raise ScorecardError(errors, metrics)
+    failures = {k: v for k, v in errors.items() if fails_scorecard(k)}
+    undefined_now = {k: v for k, v in errors.items() if k not in failures}
+    for name in undefined_now:
+        metrics[name] = math.nan
+        metrics[name + "/undefined"] = 1.0
+    for prefix in [p for p, _, _ in rows]:  # every row has its count, under the same name
+        count = sum(not k.startswith((CEILING, FLOOR)) for k in undefined_now) if prefix == "" else sum(
+            k.startswith(prefix) for k in undefined_now
+        )
+        metrics[f"{prefix}meta/undefined_metrics"] = float(count)
+    if undefined is not None:
+        undefined.update(undefined_now)
+    if failures:
+        raise ScorecardError({**failures, **undefined_now}, metrics)
     return metrics
+
+
+# What the privacy gate reads (``privacy.privacy_gate``): the release decision's evidence.
+GATE_METRICS = (
+    "privacy/exact_match/train_reproduced",
+    "privacy/exact_match/holdout_reproduced",
+    "privacy/exact_match/reproduced_excess_se",
+    "privacy/mia/distance_auc",
+    "privacy/presence/sensitivity",
+)
+
+
+def fails_scorecard(metric: str) -> bool:
+    """Whether a metric (or metric group) that cannot be computed fails the scorecard and the
+    job: the synthetic row's gate evidence (``GATE_METRICS``), or a synthetic set that cannot
+    be scored at all. Any other metric may be undefined for a generator's output (a rare-band
+    r with no rare code; DCR's median ratio 0/0 when most code sets, one condition long, also
+    occur in held-out) and is reported as undefined; the gate refuses a NaN input anyway."""
+    if metric.startswith((CEILING, FLOOR)):
+        return False
+    return metric == "synthetic" or any(g == metric or g.startswith(metric + "/") for g in GATE_METRICS)
+
+
+def json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
+    """The scorecard for a JSON file: an undefined (NaN, or infinite) metric is ``null``, as
+    strict JSON has neither; its ``<name>/undefined`` flag says why the value is missing."""
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
