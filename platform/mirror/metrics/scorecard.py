@@ -50,6 +50,7 @@ from mirror.progress import progress
 logger = logging.getLogger(__name__)
 
 CEILING, FLOOR = "reference/ceiling/", "reference/floor/"
+COUNTERFACTUAL_PREFIX = S.COUNTERFACTUAL_SAMPLE_DIR + "/"  # a trial sample's counterfactual twins
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,14 @@ def compute_scorecard(
     real_meta = S.DatasetMetadata.read(real_root)
     syn_meta = S.DatasetMetadata.read(synthetic_root)  # a clear error if it is not a dataset directory
     record_type = record_type or syn_meta.provenance.get("record_type", "sentence")
+    if record_type == "trial":  # trial twins: the trial section (metrics.trial_twins)
+        from mirror.metrics.trial_twins import trial_scorecard
+
+        metrics, errors = trial_scorecard(real_root, synthetic_root, max_queries=cfg.max_queries, seed=cfg.seed,
+                                          counterfactual_dir=S.COUNTERFACTUAL_SAMPLE_DIR)
+        if errors:
+            raise ScorecardError(errors, metrics)
+        return metrics
     reduce_to(PatientBlock.empty(), record_type)  # an unknown record type fails before any work
     n_weeks = real_meta.n_weeks
     timings: dict[str, float] = {} if profile is None else profile

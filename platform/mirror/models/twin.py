@@ -44,7 +44,7 @@ from mirror.config import require
 from mirror.data import schema
 from mirror.data.views.visits import VisitBatch, VisitsInfo, VisitsView, multi_hot
 from mirror.models.ae import scalars_to_floats
-from mirror.models.base import ModelSpec, StepContext
+from mirror.models.base import GenerationContext, ModelSpec, StepContext
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,42 @@ class Twin(nn.Module):
         t = self.config.threshold
         return torch.sigmoid(out["med"][0]) >= t, torch.sigmoid(out["ae"][0]) >= t
 
+    # The generator capabilities: twins of the caller's real participants (one block per call).
+    def sample_rows(self, n: int, *, rng: torch.Generator, first_id: int,
+                    context: GenerationContext) -> tuple[pa.Table, dict[str, int]]:
+        """The twins of ``context.real_rows`` (``n`` participants) with ids from ``first_id``.
+        A twin keeps its participant's schedule, so every draw is valid: nothing is rejected."""
+        real, view = _twinned(n, context)
+        return _renumber(generate_twins(self, view, real, seed=_seed(rng)), first_id), {}
+
+    def counterfactual_rows(self, n: int, *, rng: torch.Generator, first_id: int,
+                            context: GenerationContext) -> tuple[pa.Table, dict[str, int]]:
+        """The same participants under the other arm (:func:`counterfactual_twins`, surrogates
+        searched within the block), ids matching ``sample_rows``'s."""
+        real, view = _twinned(n, context)
+        cf, _ = counterfactual_twins(self, view, real, seed=_seed(rng))
+        return _renumber(cf, first_id), {}
+
+
+def _twinned(n: int, context: GenerationContext) -> tuple[pa.Table, VisitsView]:
+    """The real participants a twin call is for, checked."""
+    if context.real_rows is None or context.view is None:
+        raise ValueError("twin generation needs the real participants it twins (GenerationContext.real_rows "
+                         "and .view): sample it with jobs/sample.py, which streams them from the training split")
+    if context.real_rows.num_rows != n:
+        raise ValueError(f"twin generation: asked for {n} twins of {context.real_rows.num_rows} real participants")
+    return context.real_rows, context.view
+
+
+def _seed(rng: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=rng))
+
+
+def _renumber(table: pa.Table, first_id: int) -> pa.Table:
+    """Synthetic ids (``first_id`` upwards): a twin never carries its participant's id."""
+    ids = pa.array(np.arange(first_id, first_id + table.num_rows, dtype=np.int64))
+    return table.set_column(table.schema.get_field_index(schema.SUBJECT_ID), schema.TRIAL_SCHEMA.field(schema.SUBJECT_ID), ids)
+
 
 # ---------------------------------------------------------------------------------------------
 # Generation in the trial layout
@@ -295,6 +331,7 @@ MODEL = ModelSpec(
     config_cls=TwinConfig,
     build=Twin,
     view=VisitsView,
+    capabilities=("generator", "counterfactual_generator"),
     default_sweep="search_spaces/twin_ablation.yaml",
     metric_names=TWIN_METRICS,
     description="seed 001 TWIN: retrieval-augmented VAE + causality-preserving module for trial digital twins",

@@ -403,6 +403,7 @@ class VisitsView(DataView):
     info_cls = VisitsInfo
     normaliser = "visits"
     unit = "visits"
+    record_type = "trial"  # generated records are trial participants (TRIAL_SCHEMA, trial/<split>/)
 
     config: VisitsViewConfig
 
