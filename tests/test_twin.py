@@ -133,7 +133,7 @@ def test_sampling_twins_writes_valid_trial_datasets_that_the_trial_scorecard_gat
     twins of the streamed training split, in the trial layout, validated, scored and gated."""
     from mirror.data.validate import validate_dataset
     from mirror.metrics.privacy import privacy_gate
-    from mirror.metrics.scorecard import COUNTERFACTUAL_PREFIX, compute_scorecard
+    from mirror.metrics.scorecard import COUNTERFACTUAL_PREFIX, ScorecardConfig, compute_scorecard
     from mirror.synthesize import COUNTERFACTUAL_SAMPLE, SYNTHETIC_ID_OFFSET, sample_patients
 
     view = VisitsView(VisitsViewConfig(), str(trial_root))  # global retrieval: the index via Ray
@@ -156,7 +156,7 @@ def test_sampling_twins_writes_valid_trial_datasets_that_the_trial_scorecard_gat
     meta = schema.DatasetMetadata.read(out)
     assert meta.trial["participants"]["train"] == n and meta.provenance["real_rows_passes"] == 2
 
-    card = compute_scorecard(trial_root, out, max_queries=200, seed=0)
+    card = compute_scorecard(trial_root, out, max_queries=200, seed=0, config=ScorecardConfig(trial_utility_epochs=2))
     for prefix in ("", COUNTERFACTUAL_PREFIX, "reference/ceiling/", "reference/floor/"):
         for key in ("fidelity/trial/dp_r/medications", "utility/trial/severe_auroc_tstr",
                     "privacy/mia/distance_auc", "privacy/presence/sensitivity", "privacy/attribute/sensitivity",

@@ -11,6 +11,11 @@ splits and every split of the synthetic dataset, and returns a flat ``{name: val
   independent-marginal sampler (``marginal_sampler``): no joint structure, perfectly private;
 * ``meta/...`` (and per reference row): the sizes every number was computed at.
 
+A sample of trial twins (``record_type`` ``trial``) is scored by the trial section instead
+(``trial_twins.trial_scorecard``): DP r, TSTR/TRTR, exact match, MIA, presence, NNAA and
+attribute disclosure on visit records, the same reference rows, and its counterfactual twins
+under ``counterfactual/``.
+
 Sampling: the reference side of every nearest-neighbour search is complete. Queries (DCR
 queries, MIA members and non-members, known sets) are random subsets of at most
 ``max_queries``; record-based fidelity uses ``record_sample`` patients per side. All draws
@@ -72,6 +77,7 @@ class ScorecardConfig:
     # capped by the smallest synthetic set of any row, so every row is computed at one size.
     code_vector_sample: int = 0
     reference_rows: bool = True
+    trial_utility_epochs: int = 30  # trial twins: epochs of the severe-outcome LSTM (TSTR, TRTR)
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 
     def __post_init__(self) -> None:
@@ -84,6 +90,7 @@ class ScorecardConfig:
             "detection_folds",
             "log_clusters",
             "chunk_pairs",
+            "trial_utility_epochs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScorecardConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -386,7 +393,8 @@ def compute_scorecard(
         from mirror.metrics.trial_twins import trial_scorecard
 
         metrics, errors = trial_scorecard(real_root, synthetic_root, max_queries=cfg.max_queries, seed=cfg.seed,
-                                          counterfactual_dir=S.COUNTERFACTUAL_SAMPLE_DIR)
+                                          counterfactual_dir=S.COUNTERFACTUAL_SAMPLE_DIR,
+                                          utility_epochs=cfg.trial_utility_epochs)
         if errors:
             raise ScorecardError(errors, metrics)
         return metrics

@@ -147,7 +147,17 @@ def _sequences(table: pa.Table, widths: tuple[int, int, int]) -> tuple[torch.Ten
 
 
 def severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int = 30, seed: int = 0) -> float:
-    """The utility LSTM trained on ``train`` (real or synthetic), AUROC on real ``test``."""
+    """The utility LSTM trained on ``train`` (real or synthetic), AUROC on real ``test``. One
+    intra-op thread: the model is tiny, and more threads only contend (4x slower on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _severe_outcome_auroc(train, test, widths, epochs=epochs, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int, seed: int) -> float:
     torch.manual_seed(seed)
     x, n, y = _sequences(train, widths)
     xt, nt, yt = _sequences(test, widths)
@@ -212,10 +222,10 @@ def marginal_twins(real: pa.Table, train: pa.Table, widths: tuple[int, int, int]
 
 
 def trial_row_metrics(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *,
-                      seed: int, utility_epochs: int = 30) -> tuple[dict[str, float], dict[str, str]]:
+                      seed: int, utility_epochs: int = 30, trtr: float | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Fidelity, utility and privacy of one synthetic trial set (``syn``) against real
     ``train`` (what was twinned) and ``holdout``; returns metrics and the reasons of those
-    that could not be computed."""
+    that could not be computed. ``trtr``: the real-data AUROC if already known for this pair."""
     import scipy.sparse as sp
 
     from mirror.metrics import privacy
@@ -237,7 +247,8 @@ def trial_row_metrics(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths:
                    "fidelity/trial/real_ae_per_visit": float(_visits(train, schema.VISIT_ADVERSE_EVENTS, l3).sum(1).mean())})
 
     def utility() -> dict[str, float]:
-        trtr = severe_outcome_auroc(train, holdout, widths, epochs=utility_epochs, seed=seed)
+        nonlocal trtr
+        trtr = trtr if trtr is not None else severe_outcome_auroc(train, holdout, widths, epochs=utility_epochs, seed=seed)
         tstr = severe_outcome_auroc(syn, holdout, widths, epochs=utility_epochs, seed=seed)
         return {"utility/trial/severe_auroc_trtr": trtr, "utility/trial/severe_auroc_tstr": tstr,
                 "utility/trial/severe_auroc_ratio": tstr / trtr}
@@ -284,7 +295,7 @@ def trial_row_metrics(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths:
 
 
 def trial_scorecard(real_root: str | Path, synthetic_root: str | Path, *, max_queries: int, seed: int,
-                    counterfactual_dir: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
+                    counterfactual_dir: str | None = None, utility_epochs: int = 30) -> tuple[dict[str, float], dict[str, str]]:
     """The trial section: the twins' row, ``reference/ceiling/`` (half of the real held-out
     participants as the "twins", the other half as held-out), ``reference/floor/`` (the real
     schedules with independent marginal events: ``marginal_twins``), and, when the sample has
@@ -309,8 +320,11 @@ def trial_scorecard(real_root: str | Path, synthetic_root: str | Path, *, max_qu
         rows.append((f"{counterfactual_dir}/", train, holdout, read_trial(Path(synthetic_root) / counterfactual_dir, schema.TRAIN, max_queries, seed + 2)))
     metrics: dict[str, float] = {}
     errors: dict[str, str] = {}
+    trtr: dict[int, float] = {}  # the real-data AUROC once per held-out set
     for prefix, t, h, s in rows:
-        m, e = trial_row_metrics(t, h, s, widths, seed=seed)
+        m, e = trial_row_metrics(t, h, s, widths, seed=seed, utility_epochs=utility_epochs, trtr=trtr.get(id(h)))
+        if "utility/trial/severe_auroc_trtr" in m:
+            trtr[id(h)] = m["utility/trial/severe_auroc_trtr"]
         metrics.update({prefix + k: val for k, val in m.items()})
         errors.update({prefix + k: val for k, val in e.items()})
     return metrics, errors
