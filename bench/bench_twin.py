@@ -12,7 +12,8 @@ participants (TSTR / TRTR). With ground truth (a simulated trial) it also scores
 counterfactual twins against the simulator's true counterfactuals, beside the paper's
 surrogate (the nearest other-arm participant's real record). ``--ablation`` repeats it
 with ``view.retrieval=none`` (TWIN-RAE). ``--retrieval-scale N`` times the index build and
-one batch query over N random visits instead.
+one 64-query batch over N visits instead, the pattern search against the previous CSR search
+(random visits, and DATA's trial visits tiled to N when DATA is given).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mirror.data import schema
-from mirror.data.views.visits import RetrievalIndex, VisitsView, VisitsViewConfig, top_k_global
+from mirror.data.views.visits import RetrievalIndex, VisitsView, VisitsViewConfig, top_k_global, top_k_global_csr
 from mirror.metrics import trial_twins as M
 from mirror.models import build_model
 from mirror.models.twin import counterfactual_twins, generate_twins
@@ -94,21 +95,60 @@ def scores(root: str, retrieval: str, epochs: int, seed: int) -> dict[str, float
     return out
 
 
-def retrieval_scale(n_visits: int, width: int = 381, events: int = 12, batch: int = 64) -> dict[str, float]:
-    """Build and query cost of the exact global index over ``n_visits`` random visits."""
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def retrieval_scale(n_visits: int, data: str | None = None, width: int = 381, events: int = 12, batch: int = 64,
+                    k: int = 3, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Build and query cost of the exact global index over ``n_visits`` visits, the pattern
+    search (``top_k_global``) against the previous CSR search (``top_k_global_csr``), same
+    process, same queries, results checked equal. Two kinds of visits: ``random`` (``events``
+    random columns of ``width``: every visit distinct, the worst case for de-duplication) and,
+    with ``data``, ``trial`` (that trial's training visits tiled to ``n_visits``, each copy
+    another participant: a trial's visits repeat a few patterns)."""
     rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    indices = np.sort(rng.integers(0, width, size=(n_visits, events)), axis=1).astype(np.int32).ravel()
-    index = RetrievalIndex(np.arange(0, n_visits * events + 1, events, dtype=np.int64), indices,
-                           np.repeat(np.arange(n_visits // 9 + 1), 9)[:n_visits], width)
-    _ = index.matrix
-    build = time.perf_counter() - t0
-    queries = np.zeros((batch, width), np.float32)
-    queries[np.repeat(np.arange(batch), events), rng.integers(0, width, batch * events)] = 1
-    t0 = time.perf_counter()
-    top_k_global(index, queries, np.arange(batch), 3)
-    return {"visits": n_visits, "build_seconds": build, "query_seconds_per_batch": time.perf_counter() - t0,
-            "index_mb": (index.indices.nbytes + index.indptr.nbytes + index.owner.nbytes) / 2**20, "batch": batch}
+    sets = {}
+    # distinct sorted columns: sorted draws from [0, width - events] plus 0..events-1
+    indices = (np.sort(rng.integers(0, width - events + 1, size=(n_visits, events)), axis=1)
+               + np.arange(events)).astype(np.int32).ravel()
+    sets["random"] = (np.arange(0, n_visits * events + 1, events, dtype=np.int64), indices,
+                      np.repeat(np.arange(n_visits // 9 + 1), 9)[:n_visits], width)
+    if data:
+        from mirror.data.views.visits import build_index
+
+        view = VisitsView(VisitsViewConfig(), data)
+        base = build_index(data, view.info().widths)
+        copies = -(-n_visits // base.size)
+        lengths = np.tile(np.diff(base.indptr), copies)[:n_visits]
+        _, owner = np.unique(base.owner, return_inverse=True)
+        owners = (np.arange(copies)[:, None] * (owner.max() + 1) + owner[None, :]).ravel()[:n_visits]
+        sets["trial"] = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                         np.tile(base.indices, copies)[: lengths.sum()], owners, base.width)
+    out = {}
+    for name, (indptr, idx, owner, w) in sets.items():
+        index = RetrievalIndex(indptr, idx, owner, w)
+        _, csr_build = _timed(lambda index=index: index.matrix)
+        _, dedupe = _timed(index.dedupe)
+        _ = index.patterns.dense
+        pick = rng.choice(index.size, batch, replace=False)
+        queries, subjects = index.rows(pick), index.owner[pick]
+        old, old_s = _timed(lambda index=index, q=queries, s=subjects: top_k_global_csr(index, q, s, k))
+        new_s = []
+        for _ in range(repeats):
+            new, seconds = _timed(lambda index=index, q=queries, s=subjects: top_k_global(index, q, s, k))
+            new_s.append(seconds)
+        assert (old[0] == new[0]).all() and (old[1] == new[1]).all(), "pattern search differs from the CSR search"
+        out[name] = {"visits": n_visits, "patterns": index.patterns.size, "max_own_visits": index.patterns.max_own,
+                     "batch": batch, "k": k, "csr_build_seconds": csr_build, "dedupe_build_seconds": dedupe,
+                     "csr_query_seconds": old_s, "pattern_query_seconds": min(new_s),
+                     "speedup": old_s / min(new_s),
+                     "index_mb": (index.indices.nbytes + index.indptr.nbytes + index.owner.nbytes) / 2**20,
+                     "patterns_mb": (index.patterns.members.nbytes + index.patterns.indices.nbytes
+                                     + (index.patterns.dense.nbytes if index.patterns.dense is not None else 0)) / 2**20}
+    return out
 
 
 def main() -> None:
@@ -122,7 +162,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.retrieval_scale:
-        print(json.dumps(retrieval_scale(args.retrieval_scale), indent=1))
+        print(json.dumps(retrieval_scale(args.retrieval_scale, args.data), indent=1))
         return
     result = {args.retrieval: scores(args.data, args.retrieval, args.epochs, args.seed)}
     if args.ablation:

@@ -18,6 +18,7 @@ from mirror.data.views.visits import (
     VisitsViewConfig,
     build_index,
     top_k_global,
+    top_k_global_csr,
     top_k_in_batch,
     visit_matrix,
     visit_rows,
@@ -53,7 +54,9 @@ def test_retrieval_never_returns_the_participants_own_visits(trial_root):
     index = build_index(trial_root, widths)
     visits = visit_rows(_train_rows(trial_root))
     x, subjects = visit_matrix(visits, widths), visits.column(schema.SUBJECT_ID).to_numpy()
-    ids, valid = top_k_global(index, x, subjects, k=5, chunk=1000)  # several chunks
+    ids, valid = top_k_global(index, x, subjects, k=5, chunk=1000)  # several chunks of patterns
+    assert index.patterns is not None and index.patterns.size < index.size  # visits repeat
+    np.testing.assert_array_equal(ids, top_k_global_csr(index, x, subjects, k=5, chunk=1000)[0])
     assert valid.all() and not (index.owner[ids] == subjects[:, None]).any()
     # The participant's own visits are the best matches when allowed: exclusion is doing work.
     own_best = (x @ index.matrix.T.toarray()).max(1)

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     import torch
 
 RETRIEVAL_SCOPES = ("global", "in_batch", "none")
-RETRIEVAL_CHUNK = 65_536  # index rows scored at a time: chunk x batch float32 scores
+RETRIEVAL_CHUNK = 65_536  # index rows (patterns) scored at a time: chunk x batch float32 scores
+DENSE_PATTERN_BYTES = 1 << 29  # distinct visit patterns kept dense (float32) for GEMM up to this
 TRIAL_READ_ROWS = 16_384  # participants decoded and validated at a time inside a read task
 _ROW_BITS = 40  # index rows < 2^40 (a trillion visits); the score sits above them in the key
 _ROW_MASK = (1 << _ROW_BITS) - 1
@@ -122,14 +123,49 @@ def visit_matrix(table: pa.Table, widths: tuple[int, int, int], columns: tuple[s
 
 
 @dataclass
+class VisitPatterns:
+    """The index's distinct visits (trial visits repeat: few patterns for many visits), each
+    with its member rows in ascending order; the unit a query is scored against. Patterns are
+    numbered in the order of their first (lowest) member row."""
+
+    indptr: np.ndarray  # (P + 1,) int64: CSR of the distinct multi-hots
+    indices: np.ndarray  # (nnz_P,) int32
+    member_offsets: np.ndarray  # (P + 1,) int64 into members
+    members: np.ndarray  # (N,) int64 index rows, grouped by pattern, ascending within one
+    max_own: int  # the most index rows one participant owns (the exclusion's reach)
+    width: int
+
+    @property
+    def size(self) -> int:
+        return len(self.member_offsets) - 1
+
+    @cached_property
+    def dense(self) -> np.ndarray | None:
+        """(P, width) float32 for GEMM, when it fits ``DENSE_PATTERN_BYTES``; else None."""
+        if self.size * self.width * 4 > DENSE_PATTERN_BYTES:
+            return None
+        out = np.zeros((self.size, self.width), np.float32)
+        out[np.repeat(np.arange(self.size), np.diff(self.indptr)), self.indices] = 1.0
+        return out
+
+    @cached_property
+    def matrix(self) -> Any:
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((np.ones(len(self.indices), np.float32), self.indices, self.indptr), shape=(self.size, self.width))
+
+
+@dataclass
 class RetrievalIndex:
     """The training split's visits: binary CSR rows (``indptr``, ``indices``) over the
-    concatenated columns, and the participant each visit belongs to."""
+    concatenated columns, the participant each visit belongs to, and the distinct patterns
+    (``patterns``, made once per run by :meth:`dedupe`, shipped with the index)."""
 
     indptr: np.ndarray  # (N + 1,) int64
     indices: np.ndarray  # (nnz,) int32
     owner: np.ndarray  # (N,) int64 subject id
     width: int
+    patterns: VisitPatterns | None = None
 
     @property
     def size(self) -> int:
@@ -153,9 +189,29 @@ class RetrievalIndex:
         out[np.repeat(np.arange(len(flat)), lengths), self.indices[take]] = 1.0
         return out.reshape(*ids.shape, self.width)
 
+    def dedupe(self, chunk: int = RETRIEVAL_CHUNK) -> RetrievalIndex:
+        """Group the rows by distinct multi-hot (bit-packed rows, ``np.unique``); sets
+        ``patterns`` and returns self."""
+        packed = np.concatenate([np.packbits(self.rows(np.arange(lo, min(self.size, lo + chunk))).astype(bool), axis=1)
+                                 for lo in range(0, self.size, chunk)]) if self.size else np.zeros((0, 1), np.uint8)
+        keys = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+        _, first, pattern_of = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # number patterns by their first member
+        first, pattern_of = first[order], np.argsort(order)[pattern_of.ravel()]
+        members = np.argsort(pattern_of, kind="stable").astype(np.int64)  # ascending rows within a pattern
+        counts = np.bincount(pattern_of, minlength=len(first))
+        lengths = self.indptr[first + 1] - self.indptr[first]
+        take = np.repeat(self.indptr[first], lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        _, own_counts = np.unique(self.owner, return_counts=True)
+        self.patterns = VisitPatterns(
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), self.indices[take],
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), members,
+            int(own_counts.max()) if len(own_counts) else 0, self.width)
+        return self
+
 
 def build_index(root: str | Path, widths: tuple[int, int, int], split: str = "train") -> RetrievalIndex:
-    """The retrieval index of one split's visits, read row group by row group."""
+    """The retrieval index of one split's visits, read row group by row group, deduplicated."""
     indptr_parts, index_parts, owners = [np.zeros(1, np.int64)], [], []
     nnz = 0
     columns = [schema.SUBJECT_ID, schema.VISIT_DAYS, schema.VISIT_TREATMENTS, schema.VISIT_MEDICATIONS,
@@ -172,7 +228,14 @@ def build_index(root: str | Path, widths: tuple[int, int, int], split: str = "tr
             nnz += len(cols)
     if not owners:
         raise FileNotFoundError(f"{schema.trial_split_dir(root, split)}: no trial shards to build the retrieval index from")
-    return RetrievalIndex(np.concatenate(indptr_parts), np.concatenate(index_parts), np.concatenate(owners), sum(widths))
+    return RetrievalIndex(np.concatenate(indptr_parts), np.concatenate(index_parts), np.concatenate(owners), sum(widths)).dedupe()
+
+
+def _top_keys(keys: np.ndarray, m: int) -> np.ndarray:
+    """The ``m`` largest keys of each row (unordered), all of them if fewer."""
+    if keys.shape[1] <= m:
+        return keys
+    return np.take_along_axis(keys, np.argpartition(-keys, m - 1, axis=1)[:, :m], 1)
 
 
 def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarray, k: int,
@@ -180,8 +243,52 @@ def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarra
     """Exact top-``k`` index rows by dot product for each query row, never a row owned by the
     query's subject. Returns ids (B, k) and a validity mask (B, k) (False: fewer candidates).
 
-    Scores of binary rows are integers, so (score, -row) is packed into one int64 key and
-    ``argpartition`` on it is exact and deterministic (ties: the earlier row)."""
+    Scores of binary rows are integers, so (score, -row) is packed into one int64 key: exact
+    and deterministic (ties: the earlier row). Queries are scored against the distinct
+    patterns (dense GEMM in chunks of ``chunk`` patterns; a sparse product past
+    ``DENSE_PATTERN_BYTES``). With m = k + the most rows one
+    participant owns, the top-m rows overall hold the top-k rows not the query's own, and lie
+    among the m patterns whose first (lowest) member ranks best, within their first m members:
+    so only m x m candidates per query are ranked, and the owner is excluded there."""
+    if index.patterns is None:
+        index.dedupe()
+    pat = index.patterns
+    b = len(queries)
+    m = k + pat.max_own
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    dense = pat.dense
+    best = []  # per chunk: the m best (score, -first member) pattern keys per query
+    for lo in range(0, pat.size, chunk):
+        hi = min(pat.size, lo + chunk)
+        # (B, chunk) exact small integers: dense GEMM, or a sparse product when P is large
+        product = q @ dense[lo:hi].T if dense is not None else np.asarray(pat.matrix[lo:hi] @ q.T).T
+        scores = np.rint(product).astype(np.int64)
+        # Patterns are numbered in order of their first member: -pattern ranks like -first row.
+        best.append(_top_keys((scores << _ROW_BITS) + (_ROW_MASK - np.arange(lo, hi)), m))
+    keys = _top_keys(np.concatenate(best, axis=1), m) if best else np.zeros((b, 0), np.int64)
+    # Expand each chosen pattern to its first m members, rank (score, -row), drop own rows.
+    pattern = _ROW_MASK - (keys & _ROW_MASK)
+    score = keys >> _ROW_BITS
+    offset = np.arange(m)
+    start, count = pat.member_offsets[pattern], np.diff(pat.member_offsets)[pattern]
+    member_at = np.minimum(start[..., None] + offset, len(pat.members) - 1)
+    rows = pat.members[member_at]  # (B, m_patterns, m)
+    cand = (score[..., None] << _ROW_BITS) + (_ROW_MASK - rows)
+    excluded = (offset >= count[..., None]) | (index.owner[rows] == subjects[:, None, None])
+    cand = np.where(excluded, _EXCLUDED, cand).reshape(b, -1)
+    best_rows = -np.sort(-_top_keys(cand, k), axis=1)
+    valid = best_rows != _EXCLUDED
+    ids = _ROW_MASK - (best_rows & _ROW_MASK)
+    pad = k - best_rows.shape[1]
+    if pad > 0:
+        ids, valid = np.pad(ids, ((0, 0), (0, pad))), np.pad(valid, ((0, 0), (0, pad)))
+    return np.where(valid, ids, 0), valid
+
+
+def top_k_global_csr(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarray, k: int,
+                     chunk: int = RETRIEVAL_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The previous exact search (scipy CSR over every index row, owner masked per chunk):
+    the benchmark's reference for :func:`top_k_global`, same results."""
     b = len(queries)
     best = np.full((b, 0), _EXCLUDED, np.int64)
     matrix = index.matrix
@@ -191,10 +298,7 @@ def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarra
         scores = np.rint(np.asarray(matrix[lo:hi] @ q).T).astype(np.int64)  # (B, chunk)
         keys = (scores << _ROW_BITS) + (_ROW_MASK - np.arange(lo, hi))
         keys[index.owner[lo:hi][None, :] == subjects[:, None]] = _EXCLUDED
-        keys = np.concatenate([best, keys], axis=1)
-        if keys.shape[1] > k:
-            keys = np.take_along_axis(keys, np.argpartition(-keys, k - 1, axis=1)[:, :k], 1)
-        best = keys
+        best = _top_keys(np.concatenate([best, keys], axis=1), k)
     best = -np.sort(-best, axis=1)
     valid = best != _EXCLUDED
     ids = _ROW_MASK - (best & _ROW_MASK)
