@@ -28,7 +28,13 @@ import pyarrow.parquet as pq
 import torch
 
 from mirror.data import schema
-from mirror.data.views.visits import RetrievalIndex, VisitsView, VisitsViewConfig, top_k_global, top_k_global_csr
+from mirror.data.views.visits import (
+    RetrievalIndex,
+    VisitsView,
+    VisitsViewConfig,
+    top_k_global,
+    top_k_global_csr,
+)
 from mirror.metrics import trial_twins as M
 from mirror.models import build_model
 from mirror.models.twin import counterfactual_twins, generate_twins
