@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -169,3 +170,25 @@ def test_sampling_twins_writes_valid_trial_datasets_that_the_trial_scorecard_gat
     for prefix in ("", COUNTERFACTUAL_PREFIX):
         gate = privacy_gate(card, prefix=prefix)
         assert not any("missing" in f for f in gate.failures), gate.failures
+
+
+def test_keep_top_codes_folds_the_rest_into_one_rare_code_and_counts_it(trial_root, tmp_path):
+    from mirror.data.trial_top_codes import RARE_CODE, keep_top_codes
+    from mirror.data.validate import validate_dataset
+
+    report = keep_top_codes(trial_root, tmp_path / "top", {schema.ADVERSE_EVENT: 5})
+    assert validate_dataset(tmp_path / "top").ok
+    meta = schema.DatasetMetadata.read(tmp_path / "top")
+    assert meta.vocab[schema.ADVERSE_EVENT] == 6 and meta.provenance["top_codes"]["report"] == report
+    codes = pq.read_table(tmp_path / "top" / schema.CODES_PARQUET).to_pandas()
+    ae = codes[codes.modality == schema.ADVERSE_EVENT].sort_values("id")
+    assert list(ae.id) == list(range(6)) and ae.code.iloc[-1] == RARE_CODE
+
+    def events(root):
+        t = pa.concat_tables([pq.read_table(f) for s in schema.SPLITS for f in schema.trial_split_files(root, s)])
+        return t.column(schema.VISIT_ADVERSE_EVENTS).combine_chunks().flatten().flatten().to_numpy()
+
+    before, after = events(trial_root), events(tmp_path / "top")
+    r = report[schema.ADVERSE_EVENT]
+    assert len(after) == len(before) - r["merged_in_visit"]  # nothing dropped, only merged
+    assert (after == 5).sum() == r["folded_events"] - r["merged_in_visit"] > 0

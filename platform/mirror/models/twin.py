@@ -22,7 +22,8 @@ the DDP ranks (:class:`AllReduceBatchNorm`: SyncBatchNorm needs CUDA, this works
 too), and the view drops a last short training batch.
 
 Generation (:func:`generate_twins`): each participant's visits and neighbours are encoded,
-z is sampled, decoded and thresholded at ``threshold`` (PyTrial rounds at 0.5); the
+z is sampled, decoded and thresholded at ``threshold`` (PyTrial rounds at 0.5) or, with
+``generation="sample"``, each event drawn from its probability; the
 treatment schedule, visit days, arm, baseline and outcome are the participant's own.
 Counterfactual twins (:func:`counterfactual_twins`, the paper's method): for participant n,
 the most similar participant k of the other arm (dot product of their mean visit multi-hots,
@@ -47,6 +48,9 @@ from mirror.models.ae import scalars_to_floats
 from mirror.models.base import GenerationContext, ModelSpec, StepContext
 
 
+GENERATION_MODES = ("threshold", "sample")
+
+
 @dataclass(frozen=True)
 class TwinConfig:
     """TWIN hyperparameters (upstream PyTrial sizes; beta, gamma, tau: models.md §3)."""
@@ -57,7 +61,10 @@ class TwinConfig:
     beta: float = 1.0  # weight of reconstruction + KL
     gamma: float = 1.0  # weight of the causality-preserving next-visit prediction
     temperature: float = 1.0  # attention softmax temperature (1: the paper's unscaled dot products)
-    threshold: float = 0.5  # generation: an event is present where its probability >= this
+    threshold: float = 0.5  # generation "threshold": an event is present where its probability >= this
+    # How generated events are drawn from the decoder's probabilities: "threshold" (PyTrial
+    # rounds at 0.5: a rare event, never above 0.5, is never emitted) or "sample" (Bernoulli).
+    generation: str = "threshold"
     lr: float = 1e-3  # Adam (upstream)
 
     def __post_init__(self) -> None:
@@ -68,6 +75,7 @@ class TwinConfig:
         require(self, "temperature", self.temperature > 0, "a float > 0")
         require(self, "threshold", 0 < self.threshold < 1, "a float in (0, 1)")
         require(self, "lr", self.lr > 0, "a float > 0")
+        require(self, "generation", self.generation in GENERATION_MODES, f"one of {GENERATION_MODES}")
 
 
 class AllReduceBatchNorm(nn.BatchNorm1d):
@@ -208,10 +216,12 @@ class Twin(nn.Module):
     @torch.no_grad()
     def reconstruct(self, batch: VisitBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Synthetic medication and AE multi-hots (bool) of each visit: z sampled, decoded,
-        thresholded."""
+        thresholded or sampled (``config.generation``)."""
         out = self.twin.outputs(batch, generator)
-        t = self.config.threshold
-        return torch.sigmoid(out["med"][0]) >= t, torch.sigmoid(out["ae"][0]) >= t
+        probabilities = (torch.sigmoid(out["med"][0]), torch.sigmoid(out["ae"][0]))
+        if self.config.generation == "sample":
+            return tuple(torch.bernoulli(p, generator=generator).bool() for p in probabilities)
+        return tuple(p >= self.config.threshold for p in probabilities)
 
     # The generator capabilities: twins of the caller's real participants (one block per call).
     def sample_rows(self, n: int, *, rng: torch.Generator, first_id: int,
