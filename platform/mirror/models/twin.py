@@ -47,7 +47,6 @@ from mirror.data.views.visits import VisitBatch, VisitsInfo, VisitsView, multi_h
 from mirror.models.ae import scalars_to_floats
 from mirror.models.base import GenerationContext, ModelSpec, StepContext
 
-
 GENERATION_MODES = ("threshold", "sample")
 
 
