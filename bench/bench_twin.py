@@ -1,7 +1,7 @@
 """TWIN (issue 17) figures on one trial dataset, in one process (reduced scale, 2-core box).
 
     python bench/bench_twin.py DATA [--epochs 20] [--retrieval global] [--ablation]
-        [--retrieval-scale 1000000]
+        [--seeds 0 1 2] [--set generation=sample] [--retrieval-scale 1000000]
 
 Trains TWIN on ``trial/train`` with the model's own loss (a plain single-process loop over
 ``VisitsView.inference_batch`` blocks, shuffled; the Ray Train path is covered by
@@ -37,16 +37,16 @@ from mirror.data.views.visits import (
 )
 from mirror.metrics import trial_twins as M
 from mirror.models import build_model
-from mirror.models.twin import counterfactual_twins, generate_twins
+from mirror.models.twin import counterfactual_twins, counterfactual_twins_cpm, generate_twins
 
 
 def read(root: str, split: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in schema.trial_split_files(root, split)])
 
 
-def train(view: VisitsView, table: pa.Table, epochs: int, seed: int, batch: int = 64):
+def train(view: VisitsView, table: pa.Table, epochs: int, seed: int, batch: int = 64, overrides: dict | None = None):
     torch.manual_seed(seed)
-    model = build_model("twin", {}, view.info())
+    model = build_model("twin", overrides or {}, view.info())
     opt = model.make_optimizers()["twin"]
     rng = np.random.default_rng(seed)
     participants_per_block = max(2, batch // 9)  # ~9 visits per participant: ~batch visits
@@ -64,7 +64,7 @@ def train(view: VisitsView, table: pa.Table, epochs: int, seed: int, batch: int 
     return model
 
 
-def scores(root: str, retrieval: str, epochs: int, seed: int) -> dict[str, float]:
+def scores(root: str, retrieval: str, epochs: int, seed: int, overrides: dict | None = None) -> dict[str, float]:
     view = VisitsView(VisitsViewConfig(retrieval=retrieval), root)
     view.index_ref = None
     if retrieval == "global":
@@ -75,7 +75,7 @@ def scores(root: str, retrieval: str, epochs: int, seed: int) -> dict[str, float
     real, tuning, held = read(root, "train"), read(root, "tuning"), read(root, "held_out")
     test = pa.concat_tables([tuning, held])
     t0 = time.perf_counter()
-    model = train(view, real, epochs, seed)
+    model = train(view, real, epochs, seed, overrides=overrides)
     out: dict[str, float] = {"train_seconds": time.perf_counter() - t0}
     syn = generate_twins(model, view, real, seed=seed)
     l1, l2, l3 = info.widths
@@ -93,11 +93,16 @@ def scores(root: str, retrieval: str, epochs: int, seed: int) -> dict[str, float
     if truth_files:
         truth = pa.concat_tables([pq.read_table(f).select(schema.TRIAL_SCHEMA.names) for f in truth_files])
         cf, surrogate = counterfactual_twins(model, view, real, seed=seed)
+        cf_own, _ = counterfactual_twins_cpm(model, view, real, seed=seed)
         proxy = real.take(pa.array(surrogate))
-        for name, table in (("twin", cf), ("surrogate", proxy)):
+        for name, table in (("twin", cf), ("twin_cpm_own_visits", cf_own), ("surrogate", proxy)):
             out[f"counterfactual/{name}/dp_r_adverse_event"] = M.dp_r(truth, table, schema.VISIT_ADVERSE_EVENTS, l3)
             out[f"counterfactual/{name}/dp_r_medication"] = M.dp_r(truth, table, schema.VISIT_MEDICATIONS, l2)
+            out[f"counterfactual/{name}/per_patient_dp_r_adverse_event"], _ = M.per_patient_dp_r(truth, table, schema.VISIT_ADVERSE_EVENTS, l3)
             out[f"counterfactual/{name}/ae_rate_error"] = M.ae_rate_error(truth, table, l3)
+        # What the truth differs from: the participant's own factual record (the effect size).
+        out["counterfactual/factual_itself/dp_r_adverse_event"] = M.dp_r(truth, real, schema.VISIT_ADVERSE_EVENTS, l3)
+        out["counterfactual/factual_itself/ae_rate_error"] = M.ae_rate_error(truth, real, l3)
     return out
 
 
@@ -161,7 +166,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--set", action="append", default=[], help="model config override key=value, e.g. generation=sample")
     p.add_argument("--retrieval", default="global")
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--retrieval-scale", type=int, default=0)
@@ -170,10 +176,17 @@ def main() -> None:
     if args.retrieval_scale:
         print(json.dumps(retrieval_scale(args.retrieval_scale, args.data), indent=1))
         return
-    result = {args.retrieval: scores(args.data, args.retrieval, args.epochs, args.seed)}
-    if args.ablation:
-        result["none"] = scores(args.data, "none", args.epochs, args.seed)
-    print(json.dumps(result, indent=1))
+    overrides = dict(item.split("=", 1) for item in args.set)
+    result: dict[str, dict] = {}
+    for retrieval in [args.retrieval] + (["none"] if args.ablation else []):
+        runs = []
+        for seed in args.seeds:
+            runs.append(scores(args.data, retrieval, args.epochs, seed, overrides))
+            print(json.dumps({"retrieval": retrieval, "seed": seed, **runs[-1]}), flush=True)
+        result[retrieval] = {"seeds": args.seeds, "mean": {k: float(np.mean([r[k] for r in runs])) for k in runs[0]},
+                             "sd": {k: float(np.std([r[k] for r in runs])) for k in runs[0]}, "runs": runs}
+        print(json.dumps({retrieval: result[retrieval]["mean"]}), flush=True)
+    print(json.dumps({"data": args.data, "epochs": args.epochs, "set": overrides, **result}, indent=1))
 
 
 if __name__ == "__main__":

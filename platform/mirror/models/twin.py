@@ -334,6 +334,51 @@ def counterfactual_twins(model: Twin, view: VisitsView, table: pa.Table, *, seed
     return pa.table(columns, schema=schema.TRIAL_SCHEMA), surrogate
 
 
+@torch.no_grad()
+def counterfactual_twins_cpm(model: Twin, view: VisitsView, table: pa.Table, *, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
+    """Each participant under the other arm, from its *own* visits (an alternative to the
+    paper's method, which regenerates the surrogate's visits and so can at best copy the
+    surrogate): the schedule (visit count, days, treatments, arm) is the surrogate's, as in
+    :func:`counterfactual_twins`; the events of visit j >= 1 are the causality-preserving
+    module's prediction from z of the participant's own visit min(j - 1, T - 1) and the
+    surrogate's treatment at visit j - 1 (the treatment enters where the model learned its
+    effect); visit 0 (before any treatment) is the decoder's reconstruction of the
+    participant's own first visit. Returns the table and the surrogate rows."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    info = view.info()
+    frame, surrogate = counterfactual_twins(model, view, table, seed=seed)  # schedule and ids
+    batch, _ = view.inference_batch(table)
+    net = model.twin
+    w = attention_weights(batch.visit_vector, batch.neighbours, batch.neighbour_mask, net.cfg.temperature)
+    med_n, ae_n = (batch.neighbours[..., sl] for sl in net.slices)
+    z = {}
+    for name, vae, x, nb in (("med", net.medication, batch.medication, med_n), ("ae", net.adverse_event, batch.adverse_event, ae_n)):
+        mu, log_var = vae.encode(x, nb, w)
+        z[name] = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=g)
+    own_n = np.diff(table.column(schema.VISIT_DAYS).combine_chunks().offsets.to_numpy())
+    own_start = np.concatenate([[0], np.cumsum(own_n)[:-1]])
+    cf_n = np.diff(frame.column(schema.VISIT_DAYS).combine_chunks().offsets.to_numpy())
+    owner = np.repeat(np.arange(table.num_rows), cf_n)
+    j = np.arange(cf_n.sum()) - np.repeat(np.concatenate([[0], np.cumsum(cf_n)[:-1]]), cf_n)
+    src = torch.from_numpy(own_start[owner] + np.minimum(np.maximum(j - 1, 0), own_n[owner] - 1))
+    tx = torch.from_numpy(multi_hot(frame.column(schema.VISIT_TREATMENTS).combine_chunks().flatten(), info.n_treatments))
+    prev_tx = torch.cat([tx[:1], tx[:-1]])  # visit j - 1's treatment (j = 0 rows are replaced below)
+    first = torch.from_numpy(j == 0)[:, None]
+    med_p = torch.where(first, torch.sigmoid(net.medication.decoder(z["med"][src])),
+                        torch.sigmoid(net.adverse_event.cpm(torch.cat([z["ae"][src], prev_tx], 1))))
+    ae_p = torch.where(first, torch.sigmoid(net.adverse_event.decoder(z["ae"][src])),
+                       torch.sigmoid(net.medication.cpm(torch.cat([z["med"][src], prev_tx], 1))))
+    if model.config.generation == "sample":
+        med, ae = (torch.bernoulli(p, generator=g).bool() for p in (med_p, ae_p))
+    else:
+        med, ae = med_p >= model.config.threshold, ae_p >= model.config.threshold
+    offsets = np.concatenate([[0], np.cumsum(cf_n)])
+    frame = frame.set_column(frame.schema.get_field_index(schema.VISIT_MEDICATIONS), schema.TRIAL_SCHEMA.field(schema.VISIT_MEDICATIONS), _lists(med.numpy(), offsets))
+    frame = frame.set_column(frame.schema.get_field_index(schema.VISIT_ADVERSE_EVENTS), schema.TRIAL_SCHEMA.field(schema.VISIT_ADVERSE_EVENTS), _lists(ae.numpy(), offsets))
+    return frame, surrogate
+
+
 TWIN_METRICS = tuple(f"{side}/{name}" for side in ("train", "val") for name in ("loss", "rec_med", "rec_ae", "kl", "next_ae", "next_med")) + ("train/grad_norm/twin",)
 MODEL = ModelSpec(
     name="twin",
