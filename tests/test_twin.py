@@ -30,6 +30,7 @@ from mirror.models.twin import (
     TwinConfig,
     attention_weights,
     counterfactual_twins,
+    counterfactual_twins_cpm,
     generate_twins,
 )
 
@@ -114,6 +115,11 @@ def test_twins_and_counterfactual_twins_pass_trial_validation(trial_root):
     arm = table.column(schema.ARM).to_numpy()
     assert (cf.column(schema.ARM).to_numpy() != arm).all() and (arm[surrogate] != arm).all()
     assert validate.check_trial_table(cf, file="cf", baseline_width=view.info().n_baseline, vocab=vocab) == []
+    own, own_surrogate = counterfactual_twins_cpm(model, view, table, seed=2)
+    np.testing.assert_array_equal(own_surrogate, surrogate)
+    for column in (schema.SUBJECT_ID, schema.ARM, schema.VISIT_DAYS, schema.VISIT_TREATMENTS):
+        assert own.column(column).equals(cf.column(column))  # the surrogate's schedule, the participant's id
+    assert validate.check_trial_table(own, file="own", baseline_width=view.info().n_baseline, vocab=vocab) == []
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ from mirror.models.ae import scalars_to_floats
 from mirror.models.base import GenerationContext, ModelSpec, StepContext
 
 GENERATION_MODES = ("threshold", "sample")
+COUNTERFACTUAL_MODES = ("surrogate", "own")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class TwinConfig:
     # How generated events are drawn from the decoder's probabilities: "threshold" (PyTrial
     # rounds at 0.5: a rare event, never above 0.5, is never emitted) or "sample" (Bernoulli).
     generation: str = "threshold"
+    # Counterfactual twins: "surrogate" (the paper: regenerate the nearest other-arm
+    # participant's visits) or "own" (the participant's own visits through the CPM under the
+    # surrogate's treatments: ``counterfactual_twins_cpm``).
+    counterfactual: str = "surrogate"
     lr: float = 1e-3  # Adam (upstream)
 
     def __post_init__(self) -> None:
@@ -75,6 +80,7 @@ class TwinConfig:
         require(self, "threshold", 0 < self.threshold < 1, "a float in (0, 1)")
         require(self, "lr", self.lr > 0, "a float > 0")
         require(self, "generation", self.generation in GENERATION_MODES, f"one of {GENERATION_MODES}")
+        require(self, "counterfactual", self.counterfactual in COUNTERFACTUAL_MODES, f"one of {COUNTERFACTUAL_MODES}")
 
 
 class AllReduceBatchNorm(nn.BatchNorm1d):
@@ -232,10 +238,12 @@ class Twin(nn.Module):
 
     def counterfactual_rows(self, n: int, *, rng: torch.Generator, first_id: int,
                             context: GenerationContext) -> tuple[pa.Table, dict[str, int]]:
-        """The same participants under the other arm (:func:`counterfactual_twins`, surrogates
-        searched within the block), ids matching ``sample_rows``'s."""
+        """The same participants under the other arm (``config.counterfactual``: the paper's
+        :func:`counterfactual_twins` or :func:`counterfactual_twins_cpm`; surrogates searched
+        within the block), ids matching ``sample_rows``'s."""
         real, view = _twinned(n, context)
-        cf, _ = counterfactual_twins(self, view, real, seed=_seed(rng))
+        make = counterfactual_twins_cpm if self.config.counterfactual == "own" else counterfactual_twins
+        cf, _ = make(self, view, real, seed=_seed(rng))
         return _renumber(cf, first_id), {}
 
 
