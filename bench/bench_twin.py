@@ -84,6 +84,7 @@ def scores(root: str, retrieval: str, epochs: int, seed: int, overrides: dict | 
     out["dp_r_patient/medication"], _ = M.per_patient_dp_r(real, syn, schema.VISIT_MEDICATIONS, l2)
     out["dp_r_patient/adverse_event"], _ = M.per_patient_dp_r(real, syn, schema.VISIT_ADVERSE_EVENTS, l3)
     out.update(M.nnaa(real, test, syn, info.widths, seed=seed))
+    out.update({f"paired_{k}": v for k, v in M.nnaa(real, test, syn, info.widths, seed=seed, paired=True).items()})
     pres = M.presence(real, test, syn, info.widths, seed=seed)
     out.update({k: pres[k] for k in ("presence/sensitivity", "presence/holdout_sensitivity", "presence/visit_sensitivity")})
     trtr = M.severe_outcome_auroc(real, test, info.widths, seed=seed)

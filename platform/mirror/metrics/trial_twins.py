@@ -84,14 +84,23 @@ def _take(rows: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> tuple[np.ndar
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), keys[take]
 
 
-def nnaa(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *, n: int = 750, seed: int = 0) -> dict[str, float]:
-    """TWIN's NNAA on ``n`` visits per set (the paper: 751)."""
+def nnaa(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *, n: int = 750, seed: int = 0,
+         paired: bool = False) -> dict[str, float]:
+    """TWIN's NNAA (Eqs. 13-15, strict ``>``: ties count as not farther) on ``n`` visits per
+    set (the paper: 751). ``paired``: the synthetic visits are the twins of the chosen training
+    visits (the paper: "we then select corresponding visits from the synthetic dataset"; needs
+    row-aligned twins), not an independent sample of the synthetic set."""
     sets = [_rows(t, widths) for t in (train, holdout, syn)]
     n = min(n, *(len(s[0]) - 1 for s in sets))
     if n < 2:
         raise MetricError("trial/nnaa", f"needs >= 2 visits per set, got {n}")
+    if paired and len(sets[0][0]) != len(sets[2][0]):
+        raise MetricError("trial/nnaa", "paired NNAA needs the synthetic set row-aligned with the training set (its twins)")
     rng = np.random.default_rng(seed)
-    t, e, s = (_take(rows, rng.permutation(len(rows[0]) - 1)[:n]) for rows in sets)
+    pick = [rng.permutation(len(rows[0]) - 1)[:n] for rows in sets]
+    if paired:
+        pick[2] = pick[0]
+    t, e, s = (_take(rows, p) for rows, p in zip(sets, pick, strict=True))
     aa_t, _, _ = block_adversarial_accuracy(t, s)
     aa_e, _, _ = block_adversarial_accuracy(e, s)
     return {"nnaa/aa_train": aa_t, "nnaa/aa_holdout": aa_e, "nnaa/privacy_loss": aa_e - aa_t, "nnaa/visits": float(n)}
