@@ -137,6 +137,24 @@ def test_two_worker_ddp_run_ends_with_identical_parameters(trial_root, tmp_path,
     assert outcome.metrics["train/steps_per_rank"] == 3
     assert np.isfinite(outcome.metrics["val/loss"])
 
+    # The sample job on the finished run: twins and counterfactual twins, scored, gated, and
+    # exported (or refused with exit code 3); either way the verdict is logged to the run.
+    import importlib.util
+
+    from mirror import tracking
+    from mirror.data.validate import validate_dataset
+
+    job = importlib.util.spec_from_file_location("sample_job", Path(__file__).parents[1] / "jobs" / "sample.py")
+    sample_job = importlib.util.module_from_spec(job)
+    job.loader.exec_module(sample_job)
+    out = tmp_path / "twins"
+    rc = sample_job.main(["--run", outcome.run_id, "--patients", "60", "--out", str(out), "--allow-unsafe"])
+    assert rc == 0
+    assert validate_dataset(out).ok and validate_dataset(out / schema.COUNTERFACTUAL_SAMPLE_DIR).ok
+    logged = tracking.get_run(outcome.run_id).data.metrics
+    assert "privacy/gate_passed" in logged and np.isfinite(logged["fidelity/trial/dp_r/medications"])
+    assert "counterfactual/privacy/presence/sensitivity" in logged
+
 
 def test_sampling_twins_writes_valid_trial_datasets_that_the_trial_scorecard_gates(trial_root, tmp_path, ray_cluster):
     """The generator capability end to end (below the MLflow run): twins and counterfactual
