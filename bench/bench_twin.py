@@ -144,7 +144,7 @@ def retrieval_scale(n_visits: int, data: str | None = None, width: int = 381, ev
         index = RetrievalIndex(indptr, idx, owner, w)
         _, csr_build = _timed(lambda index=index: index.matrix)
         _, dedupe = _timed(index.dedupe)
-        _ = index.patterns.dense
+        _ = index.patterns.matrix
         pick = rng.choice(index.size, batch, replace=False)
         queries, subjects = index.rows(pick), index.owner[pick]
         old, old_s = _timed(lambda index=index, q=queries, s=subjects: top_k_global_csr(index, q, s, k))
@@ -159,7 +159,7 @@ def retrieval_scale(n_visits: int, data: str | None = None, width: int = 381, ev
                      "speedup": old_s / min(new_s),
                      "index_mb": (index.indices.nbytes + index.indptr.nbytes + index.owner.nbytes) / 2**20,
                      "patterns_mb": (index.patterns.members.nbytes + index.patterns.indices.nbytes
-                                     + (index.patterns.dense.nbytes if index.patterns.dense is not None else 0)) / 2**20}
+                                     + index.patterns.indptr.nbytes + index.patterns.member_offsets.nbytes) / 2**20}
     return out
 
 

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 RETRIEVAL_SCOPES = ("global", "in_batch", "none")
 RETRIEVAL_CHUNK = 65_536  # index rows (patterns) scored at a time: chunk x batch float32 scores
-DENSE_PATTERN_BYTES = 1 << 29  # distinct visit patterns kept dense (float32) for GEMM up to this
 TRIAL_READ_ROWS = 16_384  # participants decoded and validated at a time inside a read task
 _ROW_BITS = 40  # index rows < 2^40 (a trillion visits); the score sits above them in the key
 _ROW_MASK = (1 << _ROW_BITS) - 1
@@ -140,15 +139,6 @@ class VisitPatterns:
         return len(self.member_offsets) - 1
 
     @cached_property
-    def dense(self) -> np.ndarray | None:
-        """(P, width) float32 for GEMM, when it fits ``DENSE_PATTERN_BYTES``; else None."""
-        if self.size * self.width * 4 > DENSE_PATTERN_BYTES:
-            return None
-        out = np.zeros((self.size, self.width), np.float32)
-        out[np.repeat(np.arange(self.size), np.diff(self.indptr)), self.indices] = 1.0
-        return out
-
-    @cached_property
     def matrix(self) -> Any:
         import scipy.sparse as sp
 
@@ -238,6 +228,18 @@ def _top_keys(keys: np.ndarray, m: int) -> np.ndarray:
     return np.take_along_axis(keys, np.argpartition(-keys, m - 1, axis=1)[:, :m], 1)
 
 
+def _per_query_top(query: np.ndarray, keys: np.ndarray, b: int, m: int) -> np.ndarray:
+    """The ``m`` largest of each query's keys, (b, m), padded with ``_EXCLUDED``."""
+    order = np.lexsort((-keys, query))
+    query, keys = query[order], keys[order]
+    starts = np.searchsorted(query, np.arange(b))
+    rank = np.arange(len(query)) - starts[query]
+    keep = rank < m
+    out = np.full((b, m), _EXCLUDED, np.int64)
+    out[query[keep], rank[keep]] = keys[keep]
+    return out
+
+
 def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarray, k: int,
                  chunk: int = RETRIEVAL_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` index rows by dot product for each query row, never a row owned by the
@@ -245,8 +247,9 @@ def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarra
 
     Scores of binary rows are integers, so (score, -row) is packed into one int64 key: exact
     and deterministic (ties: the earlier row). Queries are scored against the distinct
-    patterns (dense GEMM in chunks of ``chunk`` patterns; a sparse product past
-    ``DENSE_PATTERN_BYTES``). With m = k + the most rows one
+    patterns (sparse patterns x dense queries in chunks of ``chunk`` patterns: measured faster
+    than a dense GEMM at ~3% density, ``bench/bench_twin.py``), and only patterns at or above
+    a query's m-th best score (a histogram of the integer scores) are kept as candidates. With m = k + the most rows one
     participant owns, the top-m rows overall hold the top-k rows not the query's own, and lie
     among the m patterns whose first (lowest) member ranks best, within their first m members:
     so only m x m candidates per query are ranked, and the owner is excluded there."""
@@ -255,26 +258,34 @@ def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarra
     pat = index.patterns
     b = len(queries)
     m = k + pat.max_own
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    dense = pat.dense
-    best = []  # per chunk: the m best (score, -first member) pattern keys per query
+    q_t = np.ascontiguousarray(queries.T, dtype=np.float32)  # (L, B)
+    query_of, found = [], []  # per chunk: (query, key) of the patterns at or above its m-th best score
     for lo in range(0, pat.size, chunk):
         hi = min(pat.size, lo + chunk)
-        # (B, chunk) exact small integers: dense GEMM, or a sparse product when P is large
-        product = q @ dense[lo:hi].T if dense is not None else np.asarray(pat.matrix[lo:hi] @ q.T).T
-        scores = np.rint(product).astype(np.int64)
+        # (chunk, B) exact small integers: sparse patterns x dense queries
+        scores = np.rint(pat.matrix[lo:hi] @ q_t).astype(np.int32)
+        # Each query's m-th best score from a histogram of its scores; every pattern at or
+        # above it is a candidate, ties included.
+        top = int(scores.max(initial=0)) + 1
+        hist = np.bincount((scores + top * np.arange(b)).ravel(), minlength=b * top).reshape(b, top)
+        at_least = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [:, v]: patterns scoring >= v
+        cut = np.maximum((at_least >= m).sum(1) - 1, 0)
+        c, r = np.nonzero(scores >= cut)
         # Patterns are numbered in order of their first member: -pattern ranks like -first row.
-        best.append(_top_keys((scores << _ROW_BITS) + (_ROW_MASK - np.arange(lo, hi)), m))
-    keys = _top_keys(np.concatenate(best, axis=1), m) if best else np.zeros((b, 0), np.int64)
+        query_of.append(r)
+        found.append((scores[c, r].astype(np.int64) << _ROW_BITS) + (_ROW_MASK - (lo + c)))
+    keys = _per_query_top(np.concatenate(query_of or [np.zeros(0, np.int64)]),
+                          np.concatenate(found or [np.zeros(0, np.int64)]), b, m)
     # Expand each chosen pattern to its first m members, rank (score, -row), drop own rows.
-    pattern = _ROW_MASK - (keys & _ROW_MASK)
-    score = keys >> _ROW_BITS
+    real = keys != _EXCLUDED  # fewer than m patterns: padding
+    pattern = np.where(real, _ROW_MASK - (keys & _ROW_MASK), 0)
+    score = np.where(real, keys >> _ROW_BITS, 0)
     offset = np.arange(m)
     start, count = pat.member_offsets[pattern], np.diff(pat.member_offsets)[pattern]
     member_at = np.minimum(start[..., None] + offset, len(pat.members) - 1)
     rows = pat.members[member_at]  # (B, m_patterns, m)
     cand = (score[..., None] << _ROW_BITS) + (_ROW_MASK - rows)
-    excluded = (offset >= count[..., None]) | (index.owner[rows] == subjects[:, None, None])
+    excluded = (offset >= count[..., None]) | ~real[..., None] | (index.owner[rows] == subjects[:, None, None])
     cand = np.where(excluded, _EXCLUDED, cand).reshape(b, -1)
     best_rows = -np.sort(-_top_keys(cand, k), axis=1)
     valid = best_rows != _EXCLUDED
