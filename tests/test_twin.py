@@ -131,6 +131,7 @@ def test_two_worker_ddp_run_ends_with_identical_parameters(trial_root, tmp_path,
     spec = build_run_spec("twin", str(trial_root), "twin-ddp", {
         "train.workers": 2, "train.epochs": 1, "train.batch_size": 32, "train.eval_batch_size": 256,
         "train.max_steps_per_epoch": 3, "train.storage_path": str(tmp_path / "ray_results"),
+        "train.score_synthetic": False,  # the sample job below scores it
     })
     outcome = run_training(spec)
     assert outcome.metrics["ddp/param_divergence"] == 0.0
