@@ -59,6 +59,8 @@ def test_retrieval_never_returns_the_participants_own_visits(trial_root):
     ids, valid = top_k_global(index, x, subjects, k=5, chunk=1000)  # several chunks of patterns
     assert index.patterns is not None and index.patterns.size < index.size  # visits repeat
     np.testing.assert_array_equal(ids, top_k_global_csr(index, x, subjects, k=5, chunk=1000)[0])
+    tiny_chunks, _ = top_k_global(index, x, subjects, k=5, chunk=7)  # chunks smaller than m = K + max own
+    np.testing.assert_array_equal(tiny_chunks, ids)
     assert valid.all() and not (index.owner[ids] == subjects[:, None]).any()
     # The participant's own visits are the best matches when allowed: exclusion is doing work.
     own_best = (x @ index.matrix.T.toarray()).max(1)
