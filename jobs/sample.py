@@ -5,6 +5,11 @@
 
 The sample is scored against the run's real data first; unless every privacy check passes,
 nothing is exported and the exit code is 3. --allow-unsafe exports anyway and tags the run.
+
+A trial-twin generator (``twin``) twins the training split's participants instead, streamed
+N at a time (past the end it starts over, with new draws): DIR/trial/train/ holds the twins,
+DIR/counterfactual/ (a dataset of its own) their counterfactual twins under the other arm;
+the scorecard's trial section scores both and the gate must pass on both.
 """
 
 from __future__ import annotations

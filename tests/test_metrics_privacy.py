@@ -145,6 +145,20 @@ def test_attribute_disclosure_recovers_unknown_conditions_from_copies(ray_cluste
     }
 
 
+def test_attribute_disclosure_on_visit_records_of_another_width(ray_cluster):
+    """Trial visits (medications + AEs, 66 columns) are attacked at their own width; a width
+    that does not fit the multi-hots is an error, not a silent truncation."""
+    rng = np.random.default_rng(2)
+    known = sp.random(30, 66, density=0.15, format="csr", random_state=rng, data_rvs=np.ones).astype(np.int8)
+    copies = sp.vstack([known] * 5, format="csr")
+    unrelated = sp.csr_matrix((100, 66), dtype=np.int8)
+    m = privacy.attribute_metrics(known, copies, unrelated, seed=0, width=66)
+    # Few known columns of 66: records tie in the 5-NN, so the copies win most votes, not all.
+    assert m["attribute/sensitivity"] > 0.5 and m["attribute/holdout_sensitivity"] == 0.0
+    with pytest.raises(MetricError, match="width 605"):
+        privacy.attribute_metrics(known, copies, unrelated, seed=0)
+
+
 def _card(**overrides):
     card = {
         "privacy/exact_match/train_reproduced": 0.001,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,6 +19,7 @@ from mirror.data.views.visits import (
     VisitsViewConfig,
     build_index,
     top_k_global,
+    top_k_global_csr,
     top_k_in_batch,
     visit_matrix,
     visit_rows,
@@ -28,6 +30,7 @@ from mirror.models.twin import (
     TwinConfig,
     attention_weights,
     counterfactual_twins,
+    counterfactual_twins_cpm,
     generate_twins,
 )
 
@@ -53,7 +56,11 @@ def test_retrieval_never_returns_the_participants_own_visits(trial_root):
     index = build_index(trial_root, widths)
     visits = visit_rows(_train_rows(trial_root))
     x, subjects = visit_matrix(visits, widths), visits.column(schema.SUBJECT_ID).to_numpy()
-    ids, valid = top_k_global(index, x, subjects, k=5, chunk=1000)  # several chunks
+    ids, valid = top_k_global(index, x, subjects, k=5, chunk=1000)  # several chunks of patterns
+    assert index.patterns is not None and index.patterns.size < index.size  # visits repeat
+    np.testing.assert_array_equal(ids, top_k_global_csr(index, x, subjects, k=5, chunk=1000)[0])
+    tiny_chunks, _ = top_k_global(index, x, subjects, k=5, chunk=7)  # chunks smaller than m = K + max own
+    np.testing.assert_array_equal(tiny_chunks, ids)
     assert valid.all() and not (index.owner[ids] == subjects[:, None]).any()
     # The participant's own visits are the best matches when allowed: exclusion is doing work.
     own_best = (x @ index.matrix.T.toarray()).max(1)
@@ -110,6 +117,11 @@ def test_twins_and_counterfactual_twins_pass_trial_validation(trial_root):
     arm = table.column(schema.ARM).to_numpy()
     assert (cf.column(schema.ARM).to_numpy() != arm).all() and (arm[surrogate] != arm).all()
     assert validate.check_trial_table(cf, file="cf", baseline_width=view.info().n_baseline, vocab=vocab) == []
+    own, own_surrogate = counterfactual_twins_cpm(model, view, table, seed=2)
+    np.testing.assert_array_equal(own_surrogate, surrogate)
+    for column in (schema.SUBJECT_ID, schema.ARM, schema.VISIT_DAYS, schema.VISIT_TREATMENTS):
+        assert own.column(column).equals(cf.column(column))  # the surrogate's schedule, the participant's id
+    assert validate.check_trial_table(own, file="own", baseline_width=view.info().n_baseline, vocab=vocab) == []
 
 
 @pytest.mark.slow
@@ -121,8 +133,89 @@ def test_two_worker_ddp_run_ends_with_identical_parameters(trial_root, tmp_path,
     spec = build_run_spec("twin", str(trial_root), "twin-ddp", {
         "train.workers": 2, "train.epochs": 1, "train.batch_size": 32, "train.eval_batch_size": 256,
         "train.max_steps_per_epoch": 3, "train.storage_path": str(tmp_path / "ray_results"),
+        "train.score_synthetic": False,  # the sample job below scores it
     })
     outcome = run_training(spec)
     assert outcome.metrics["ddp/param_divergence"] == 0.0
     assert outcome.metrics["train/steps_per_rank"] == 3
     assert np.isfinite(outcome.metrics["val/loss"])
+
+    # The sample job on the finished run: twins and counterfactual twins, scored, gated, and
+    # exported (or refused with exit code 3); either way the verdict is logged to the run.
+    import importlib.util
+
+    from mirror import tracking
+    from mirror.data.validate import validate_dataset
+
+    job = importlib.util.spec_from_file_location("sample_job", Path(__file__).parents[1] / "jobs" / "sample.py")
+    sample_job = importlib.util.module_from_spec(job)
+    job.loader.exec_module(sample_job)
+    out = tmp_path / "twins"
+    rc = sample_job.main(["--run", outcome.run_id, "--patients", "60", "--out", str(out), "--allow-unsafe"])
+    assert rc == 0
+    assert validate_dataset(out).ok and validate_dataset(out / schema.COUNTERFACTUAL_SAMPLE_DIR).ok
+    logged = tracking.get_run(outcome.run_id).data.metrics
+    assert "privacy/gate_passed" in logged and np.isfinite(logged["fidelity/trial/dp_r/medications"])
+    assert "counterfactual/privacy/presence/sensitivity" in logged
+
+
+def test_sampling_twins_writes_valid_trial_datasets_that_the_trial_scorecard_gates(trial_root, tmp_path, ray_cluster):
+    """The generator capability end to end (below the MLflow run): twins and counterfactual
+    twins of the streamed training split, in the trial layout, validated, scored and gated."""
+    from mirror.data.validate import validate_dataset
+    from mirror.metrics.privacy import privacy_gate
+    from mirror.metrics.scorecard import COUNTERFACTUAL_PREFIX, ScorecardConfig, compute_scorecard
+    from mirror.synthesize import COUNTERFACTUAL_SAMPLE, SYNTHETIC_ID_OFFSET, sample_patients
+
+    view = VisitsView(VisitsViewConfig(), str(trial_root))  # global retrieval: the index via Ray
+    model = build_model("twin", {}, view.info())
+    real = pq.read_table(schema.trial_split_files(trial_root, "train"))
+    n = real.num_rows + 40  # past the end of the split: the stream starts a second pass
+    out = tmp_path / "twins"
+    report = sample_patients(model, trial_root, n_patients=n, out_dir=out, female_share=float("nan"),
+                             batch_size=256, record_type="trial", view=view)
+    assert report.written == n and report.rejected == {}
+    for root in (out, out / COUNTERFACTUAL_SAMPLE):
+        result = validate_dataset(root)
+        assert result.ok, result.summary()
+    twins = pq.read_table(schema.trial_split_files(out, "train"))
+    cf = pq.read_table(schema.trial_split_files(out / COUNTERFACTUAL_SAMPLE, "train"))
+    assert twins.column(schema.SUBJECT_ID).to_pylist() == list(range(SYNTHETIC_ID_OFFSET, SYNTHETIC_ID_OFFSET + n))
+    assert cf.column(schema.SUBJECT_ID).equals(twins.column(schema.SUBJECT_ID))
+    assert twins.slice(0, real.num_rows).column(schema.VISIT_TREATMENTS).equals(real.column(schema.VISIT_TREATMENTS))
+    assert (cf.column(schema.ARM).to_numpy() != twins.column(schema.ARM).to_numpy()).all()
+    meta = schema.DatasetMetadata.read(out)
+    assert meta.trial["participants"]["train"] == n and meta.provenance["real_rows_passes"] == 2
+
+    card = compute_scorecard(trial_root, out, max_queries=200, seed=0, config=ScorecardConfig(trial_utility_epochs=2))
+    for prefix in ("", COUNTERFACTUAL_PREFIX, "reference/ceiling/", "reference/floor/"):
+        for key in ("fidelity/trial/dp_r/medications", "utility/trial/severe_auroc_tstr",
+                    "privacy/mia/distance_auc", "privacy/presence/sensitivity", "privacy/attribute/sensitivity",
+                    "privacy/nnaa/privacy_loss", "privacy/exact_match/train_reproduced"):
+            assert np.isfinite(card[prefix + key]), prefix + key
+    assert card["meta/trial/n_synthetic"] == 200
+    for prefix in ("", COUNTERFACTUAL_PREFIX):
+        gate = privacy_gate(card, prefix=prefix)
+        assert not any("missing" in f for f in gate.failures), gate.failures
+
+
+def test_keep_top_codes_folds_the_rest_into_one_rare_code_and_counts_it(trial_root, tmp_path):
+    from mirror.data.trial_top_codes import RARE_CODE, keep_top_codes
+    from mirror.data.validate import validate_dataset
+
+    report = keep_top_codes(trial_root, tmp_path / "top", {schema.ADVERSE_EVENT: 5})
+    assert validate_dataset(tmp_path / "top").ok
+    meta = schema.DatasetMetadata.read(tmp_path / "top")
+    assert meta.vocab[schema.ADVERSE_EVENT] == 6 and meta.provenance["top_codes"]["report"] == report
+    codes = pq.read_table(tmp_path / "top" / schema.CODES_PARQUET).to_pandas()
+    ae = codes[codes.modality == schema.ADVERSE_EVENT].sort_values("id")
+    assert list(ae.id) == list(range(6)) and ae.code.iloc[-1] == RARE_CODE
+
+    def events(root):
+        t = pa.concat_tables([pq.read_table(f) for s in schema.SPLITS for f in schema.trial_split_files(root, s)])
+        return t.column(schema.VISIT_ADVERSE_EVENTS).combine_chunks().flatten().flatten().to_numpy()
+
+    before, after = events(trial_root), events(tmp_path / "top")
+    r = report[schema.ADVERSE_EVENT]
+    assert len(after) == len(before) - r["merged_in_visit"]  # nothing dropped, only merged
+    assert (after == 5).sum() == r["folded_events"] - r["merged_in_visit"] > 0

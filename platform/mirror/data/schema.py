@@ -203,6 +203,9 @@ SYNTHETIC_ID_OFFSET = 10**12
 TRIAL_ID_OFFSET = 2 * 10**12
 
 METADATA_DIR, DATA_DIR, TRIAL_DIR, GROUND_TRUTH_DIR = "metadata", "data", "trial", "ground_truth"
+# A sample of trial twins keeps its counterfactual twins (the other arm) as a dataset of their
+# own under this directory, row for row with the twins (jobs/sample.py).
+COUNTERFACTUAL_SAMPLE_DIR = "counterfactual"
 DATASET_JSON = f"{METADATA_DIR}/dataset.json"
 CODES_PARQUET = f"{METADATA_DIR}/codes.parquet"
 

@@ -325,7 +325,8 @@ def _restrict(x: sp.csr_matrix, columns: np.ndarray) -> Rows:
 
 
 def _attack(
-    known_x: sp.csr_matrix, database_x: sp.csr_matrix, known_cols: np.ndarray, seed: int
+    known_x: sp.csr_matrix, database_x: sp.csr_matrix, known_cols: np.ndarray, seed: int,
+    width: int = N_CONDITIONS,
 ) -> float:
     """TWIN's attribute attack against one database; returns mean sensitivity (Eq. 12)."""
     search = NeighbourSearch(*_restrict(database_x, known_cols), seed=seed)
@@ -337,7 +338,7 @@ def _attack(
         shape=(m, database_x.shape[0]),
     )
     votes = (pick @ database_x.astype(np.int32)).toarray()
-    unknown = np.ones(N_CONDITIONS, dtype=bool)
+    unknown = np.ones(width, dtype=bool)
     unknown[known_cols] = False
     present = known_x.toarray().astype(bool) & unknown
     discovered = present & (votes * 2 > ATTRIBUTE_K)
@@ -350,21 +351,27 @@ def _attack(
 
 
 def attribute_metrics(
-    known_x: sp.csr_matrix, syn_x: sp.csr_matrix, holdout_x: sp.csr_matrix, seed: int
+    known_x: sp.csr_matrix, syn_x: sp.csr_matrix, holdout_x: sp.csr_matrix, seed: int,
+    width: int = N_CONDITIONS,
 ) -> dict[str, float]:
-    """``known_x``: condition multi-hot of the compromised training records; ``syn_x`` and
+    """``known_x``: multi-hot (``width`` columns: conditions of a patient record, or a trial
+    visit's medications and AEs) of the compromised training records; ``syn_x`` and
     ``holdout_x``: the attacker's database (synthetic) and the population-knowledge control."""
     if syn_x.shape[0] < ATTRIBUTE_K or holdout_x.shape[0] < ATTRIBUTE_K:
         raise MetricError("privacy/attribute", f"databases need >= {ATTRIBUTE_K} records")
+    wrong = {name: x.shape[1] for name, x in (("known", known_x), ("synthetic", syn_x), ("held-out", holdout_x))
+             if x.shape[1] != width}
+    if wrong:
+        raise MetricError("privacy/attribute", f"multi-hots must have width {width}, got {wrong}")
     rng = np.random.default_rng(seed)
     out: dict[str, float] = {}
     worst_s = worst_h = -1.0
     for pct in ATTRIBUTE_KNOWN_PERCENTS:
         cols = np.sort(
-            rng.choice(N_CONDITIONS, size=round(N_CONDITIONS * pct / 100), replace=False)
+            rng.choice(width, size=max(1, round(width * pct / 100)), replace=False)
         ).astype(np.int64)
-        s = _attack(known_x, syn_x, cols, seed)
-        h = _attack(known_x, holdout_x, cols, seed)
+        s = _attack(known_x, syn_x, cols, seed, width)
+        h = _attack(known_x, holdout_x, cols, seed, width)
         out[f"attribute/sensitivity_known{pct:02d}"] = s
         out[f"attribute/holdout_sensitivity_known{pct:02d}"] = h
         worst_s, worst_h = max(worst_s, s), max(worst_h, h)

@@ -11,6 +11,11 @@ splits and every split of the synthetic dataset, and returns a flat ``{name: val
   independent-marginal sampler (``marginal_sampler``): no joint structure, perfectly private;
 * ``meta/...`` (and per reference row): the sizes every number was computed at.
 
+A sample of trial twins (``record_type`` ``trial``) is scored by the trial section instead
+(``trial_twins.trial_scorecard``): DP r, TSTR/TRTR, exact match, MIA, presence, NNAA and
+attribute disclosure on visit records, the same reference rows, and its counterfactual twins
+under ``counterfactual/``.
+
 Sampling: the reference side of every nearest-neighbour search is complete. Queries (DCR
 queries, MIA members and non-members, known sets) are random subsets of at most
 ``max_queries``; record-based fidelity uses ``record_sample`` patients per side. All draws
@@ -60,6 +65,7 @@ from mirror.progress import progress
 logger = logging.getLogger(__name__)
 
 CEILING, FLOOR = "reference/ceiling/", "reference/floor/"
+COUNTERFACTUAL_PREFIX = S.COUNTERFACTUAL_SAMPLE_DIR + "/"  # a trial sample's counterfactual twins
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class ScorecardConfig:
     # capped by the smallest synthetic set of any row, so every row is computed at one size.
     code_vector_sample: int = 0
     reference_rows: bool = True
+    trial_utility_epochs: int = 30  # trial twins: epochs of the severe-outcome LSTM (TSTR, TRTR)
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 
     def __post_init__(self) -> None:
@@ -93,6 +100,7 @@ class ScorecardConfig:
             "detection_folds",
             "log_clusters",
             "chunk_pairs",
+            "trial_utility_epochs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScorecardConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -393,6 +401,15 @@ def compute_scorecard(
     real_meta = S.DatasetMetadata.read(real_root)
     syn_meta = S.DatasetMetadata.read(synthetic_root)  # a clear error if it is not a dataset directory
     record_type = record_type or syn_meta.provenance.get("record_type", "sentence")
+    if record_type == "trial":  # trial twins: the trial section (metrics.trial_twins)
+        from mirror.metrics.trial_twins import trial_scorecard
+
+        metrics, errors = trial_scorecard(real_root, synthetic_root, max_queries=cfg.max_queries, seed=cfg.seed,
+                                          counterfactual_dir=S.COUNTERFACTUAL_SAMPLE_DIR,
+                                          utility_epochs=cfg.trial_utility_epochs)
+        if errors:
+            raise ScorecardError(errors, metrics)
+        return metrics
     reduce_to(PatientBlock.empty(), record_type)  # an unknown record type fails before any work
     n_weeks = real_meta.n_weeks
     timings: dict[str, float] = {} if profile is None else profile

@@ -14,8 +14,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -81,14 +84,23 @@ def _take(rows: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> tuple[np.ndar
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), keys[take]
 
 
-def nnaa(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *, n: int = 750, seed: int = 0) -> dict[str, float]:
-    """TWIN's NNAA on ``n`` visits per set (the paper: 751)."""
+def nnaa(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *, n: int = 750, seed: int = 0,
+         paired: bool = False) -> dict[str, float]:
+    """TWIN's NNAA (Eqs. 13-15, strict ``>``: ties count as not farther) on ``n`` visits per
+    set (the paper: 751). ``paired``: the synthetic visits are the twins of the chosen training
+    visits (the paper: "we then select corresponding visits from the synthetic dataset"; needs
+    row-aligned twins), not an independent sample of the synthetic set."""
     sets = [_rows(t, widths) for t in (train, holdout, syn)]
     n = min(n, *(len(s[0]) - 1 for s in sets))
     if n < 2:
         raise MetricError("trial/nnaa", f"needs >= 2 visits per set, got {n}")
+    if paired and len(sets[0][0]) != len(sets[2][0]):
+        raise MetricError("trial/nnaa", "paired NNAA needs the synthetic set row-aligned with the training set (its twins)")
     rng = np.random.default_rng(seed)
-    t, e, s = (_take(rows, rng.permutation(len(rows[0]) - 1)[:n]) for rows in sets)
+    pick = [rng.permutation(len(rows[0]) - 1)[:n] for rows in sets]
+    if paired:
+        pick[2] = pick[0]
+    t, e, s = (_take(rows, p) for rows, p in zip(sets, pick, strict=True))
     aa_t, _, _ = block_adversarial_accuracy(t, s)
     aa_e, _, _ = block_adversarial_accuracy(e, s)
     return {"nnaa/aa_train": aa_t, "nnaa/aa_holdout": aa_e, "nnaa/privacy_loss": aa_e - aa_t, "nnaa/visits": float(n)}
@@ -144,7 +156,17 @@ def _sequences(table: pa.Table, widths: tuple[int, int, int]) -> tuple[torch.Ten
 
 
 def severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int = 30, seed: int = 0) -> float:
-    """The utility LSTM trained on ``train`` (real or synthetic), AUROC on real ``test``."""
+    """The utility LSTM trained on ``train`` (real or synthetic), AUROC on real ``test``. One
+    intra-op thread: the model is tiny, and more threads only contend (4x slower on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _severe_outcome_auroc(train, test, widths, epochs=epochs, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int, seed: int) -> float:
     torch.manual_seed(seed)
     x, n, y = _sequences(train, widths)
     xt, nt, yt = _sequences(test, widths)
@@ -162,3 +184,156 @@ def severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int
             opt.step()
     with torch.no_grad():
         return float(roc_auc_score(yt.numpy(), model(xt, nt).numpy()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The scorecard's trial section: a sample of twins (``jobs/sample.py`` on a trial generator)
+# against the real trial it twins.
+
+
+def read_trial(root: str | Path, split: str, limit: int, seed: int) -> pa.Table:
+    """Up to ``limit`` participants of one trial split, a seeded random subset when there are
+    more (a trial part is small: the scorecard's sets are capped, like its query sets)."""
+    files = schema.trial_split_files(root, split)
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else schema.TRIAL_SCHEMA.empty_table()
+    if table.num_rows > limit:
+        table = table.take(pa.array(np.sort(np.random.default_rng(seed).permutation(table.num_rows)[:limit])))
+    return table.combine_chunks()
+
+
+def record_rows(table: pa.Table, widths: tuple[int, int, int], max_visits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each participant's record as (indptr, keys): key = visit index x width + column of the
+    whole visit multi-hot, so two records are close when they hold the same events at the same
+    visits (Hamming distance, the platform's nearest-neighbour search)."""
+    cols = (schema.VISIT_TREATMENTS, schema.VISIT_MEDICATIONS, schema.VISIT_ADVERSE_EVENTS)
+    hot = np.concatenate([_visits(table, c, w) for c, w in zip(cols, widths, strict=True)], 1)
+    n = _n_visits(table)
+    visit_index = np.arange(len(hot)) - np.repeat(np.concatenate([[0], np.cumsum(n)[:-1]]), n)
+    rows, col = np.nonzero(hot)
+    keys = np.minimum(visit_index[rows], max_visits - 1) * hot.shape[1] + col
+    owner = np.repeat(np.arange(table.num_rows), n)[rows]
+    return np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=table.num_rows))]).astype(np.int64), keys.astype(np.int64)
+
+
+def marginal_twins(real: pa.Table, train: pa.Table, widths: tuple[int, int, int], seed: int) -> pa.Table:
+    """The floor: ``real``'s schedules with every medication and AE drawn independently from
+    the training visits' marginal rates (no participant, no visit-to-visit structure)."""
+    from mirror.models.twin import _lists  # the twins' own list writer
+
+    rng = np.random.default_rng(seed)
+    n = _n_visits(real)
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    columns = {name: real.column(name) for name in schema.TRIAL_SCHEMA.names}
+    for column, width in ((schema.VISIT_MEDICATIONS, widths[1]), (schema.VISIT_ADVERSE_EVENTS, widths[2])):
+        p = dimension_probabilities(train, column, width)
+        columns[column] = _lists(rng.random((int(n.sum()), width)) < p, offsets)
+    return pa.table(columns, schema=schema.TRIAL_SCHEMA)
+
+
+def trial_row_metrics(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *,
+                      seed: int, utility_epochs: int = 30, trtr: float | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Fidelity, utility and privacy of one synthetic trial set (``syn``) against real
+    ``train`` (what was twinned) and ``holdout``; returns metrics and the reasons of those
+    that could not be computed. ``trtr``: the real-data AUROC if already known for this pair."""
+    import scipy.sparse as sp
+
+    from mirror.metrics import privacy
+    from mirror.metrics.neighbours import NeighbourSearch
+
+    out: dict[str, float] = {}
+    errors: dict[str, str] = {}
+
+    def group(fn) -> None:
+        try:
+            out.update(fn())
+        except MetricError as err:
+            errors[err.name] = err.reason
+
+    l1, l2, l3 = widths
+    group(lambda: {"fidelity/trial/dp_r/medications": dp_r(train, syn, schema.VISIT_MEDICATIONS, l2),
+                   "fidelity/trial/dp_r/adverse_events": dp_r(train, syn, schema.VISIT_ADVERSE_EVENTS, l3),
+                   "fidelity/trial/ae_per_visit": float(_visits(syn, schema.VISIT_ADVERSE_EVENTS, l3).sum(1).mean()),
+                   "fidelity/trial/real_ae_per_visit": float(_visits(train, schema.VISIT_ADVERSE_EVENTS, l3).sum(1).mean())})
+
+    def utility() -> dict[str, float]:
+        nonlocal trtr
+        trtr = trtr if trtr is not None else severe_outcome_auroc(train, holdout, widths, epochs=utility_epochs, seed=seed)
+        tstr = severe_outcome_auroc(syn, holdout, widths, epochs=utility_epochs, seed=seed)
+        return {"utility/trial/severe_auroc_trtr": trtr, "utility/trial/severe_auroc_tstr": tstr,
+                "utility/trial/severe_auroc_ratio": tstr / trtr}
+
+    group(utility)
+    _, _, syn_records = _hashes(syn, widths)
+    _, _, train_records = _hashes(train, widths)
+    _, _, holdout_records = _hashes(holdout, widths)
+    group(lambda: {f"privacy/{k}": v for k, v in privacy.exact_match_metrics(syn_records, train_records, holdout_records).items()})
+
+    def mia() -> dict[str, float]:
+        m = min(train.num_rows, holdout.num_rows)
+        max_visits = int(max(_n_visits(t).max() for t in (train, holdout, syn)))
+        rng = np.random.default_rng(seed)
+        members = train.take(pa.array(rng.permutation(train.num_rows)[:m]))
+        non_members = holdout.take(pa.array(rng.permutation(holdout.num_rows)[:m]))
+        search = NeighbourSearch(*record_rows(syn, widths, max_visits), seed=seed)
+        try:
+            d_in, _ = search.nearest(*record_rows(members, widths, max_visits))
+            d_out, _ = search.nearest(*record_rows(non_members, widths, max_visits))
+        finally:
+            search.close()
+        auc, tpr = privacy.membership_auc(-d_in, -d_out, "privacy/mia/distance_auc")
+        return {"privacy/mia/distance_auc": auc, "privacy/mia/distance_tpr_at_1pct_fpr": tpr, "privacy/mia/n_members": float(m)}
+
+    group(mia)
+    group(lambda: {f"privacy/{k}": v for k, v in presence(train, holdout, syn, widths, seed=seed).items()})
+    group(lambda: {f"privacy/{k}": v for k, v in nnaa(train, holdout, syn, widths, seed=seed).items()})
+
+    def attribute() -> dict[str, float]:
+        def visits(t: pa.Table) -> sp.csr_matrix:
+            hot = np.concatenate([_visits(t, schema.VISIT_MEDICATIONS, l2), _visits(t, schema.VISIT_ADVERSE_EVENTS, l3)], 1)
+            return sp.csr_matrix(hot.astype(np.int8))
+
+        known = visits(train)
+        rng = np.random.default_rng(seed + 1)
+        known = known[np.sort(rng.permutation(known.shape[0])[: max(1, known.shape[0] // 5)])]
+        return {f"privacy/{k}": v for k, v in privacy.attribute_metrics(known, visits(syn), visits(holdout), seed, width=l2 + l3).items()}
+
+    group(attribute)
+    out.update({"meta/trial/n_train": float(train.num_rows), "meta/trial/n_holdout": float(holdout.num_rows),
+                "meta/trial/n_synthetic": float(syn.num_rows)})
+    return out, errors
+
+
+def trial_scorecard(real_root: str | Path, synthetic_root: str | Path, *, max_queries: int, seed: int,
+                    counterfactual_dir: str | None = None, utility_epochs: int = 30) -> tuple[dict[str, float], dict[str, str]]:
+    """The trial section: the twins' row, ``reference/ceiling/`` (half of the real held-out
+    participants as the "twins", the other half as held-out), ``reference/floor/`` (the real
+    schedules with independent marginal events: ``marginal_twins``), and, when the sample has
+    counterfactual twins (``<synthetic_root>/<counterfactual_dir>``), their row under
+    ``counterfactual/`` (gated like the twins)."""
+    meta = schema.DatasetMetadata.read(real_root)
+    v = meta.vocab
+    widths = (v[schema.TRIAL_TREATMENT], v[schema.TRIAL_MEDICATION], v[schema.ADVERSE_EVENT])
+    train = read_trial(real_root, schema.TRAIN, max_queries, seed)
+    holdout = read_trial(real_root, schema.HELD_OUT, max_queries, seed + 1)
+    if holdout.num_rows < 4:
+        raise MetricError("trial", f"{real_root}: trial held_out split has {holdout.num_rows} participants; need >= 4")
+    syn = read_trial(synthetic_root, schema.TRAIN, max_queries, seed + 2)
+    if syn.num_rows == 0:
+        raise MetricError("trial", f"{synthetic_root}: no twins under trial/train/")
+    half = holdout.num_rows // 2
+    perm = np.random.default_rng(seed + 3).permutation(holdout.num_rows)
+    rows = [("", train, holdout, syn),
+            ("reference/ceiling/", train, holdout.take(pa.array(perm[half:])), holdout.take(pa.array(perm[:half]))),
+            ("reference/floor/", train, holdout, marginal_twins(syn, train, widths, seed + 4))]
+    if counterfactual_dir is not None and (Path(synthetic_root) / counterfactual_dir).is_dir():
+        rows.append((f"{counterfactual_dir}/", train, holdout, read_trial(Path(synthetic_root) / counterfactual_dir, schema.TRAIN, max_queries, seed + 2)))
+    metrics: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    trtr: dict[int, float] = {}  # the real-data AUROC once per held-out set
+    for prefix, t, h, s in rows:
+        m, e = trial_row_metrics(t, h, s, widths, seed=seed, utility_epochs=utility_epochs, trtr=trtr.get(id(h)))
+        if "utility/trial/severe_auroc_trtr" in m:
+            trtr[id(h)] = m["utility/trial/severe_auroc_trtr"]
+        metrics.update({prefix + k: val for k, val in m.items()})
+        errors.update({prefix + k: val for k, val in e.items()})
+    return metrics, errors

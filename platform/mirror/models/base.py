@@ -127,6 +127,11 @@ class GenerationContext:
 
     female_share: float  # of the real training split
     week_vocab_size: int  # the real dataset's week span (plus specials)
+    # Generators that twin real records (a trial generator keeps each participant's schedule)
+    # get this call's real rows of the training split here, streamed by the caller one block
+    # per call (``n`` rows); None for generators that draw from noise alone.
+    real_rows: pa.Table | None = None
+    view: DataView | None = None  # the run's data view over the real data, for ``real_rows``
 
 
 @runtime_checkable
@@ -170,10 +175,24 @@ class Recommender(Protocol):
         ...
 
 
+@runtime_checkable
+class CounterfactualGenerator(Protocol):
+    """A generator that can also write each twinned record under the other arm (trial twins):
+    the sample job writes these beside the twins and gates them too."""
+
+    def counterfactual_rows(
+        self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext
+    ) -> tuple[pa.Table, dict[str, int]]:
+        """The same ``n`` real rows as ``sample_rows`` (``context.real_rows``), each under the
+        other arm; the ids match ``sample_rows``'s row for row."""
+        ...
+
+
 CAPABILITIES: dict[str, type] = {
     "encoder": Encoder,
     "sequence_decoder": SequenceDecoder,
     "generator": Generator,
+    "counterfactual_generator": CounterfactualGenerator,
     "predictor": Predictor,
     "recommender": Recommender,
 }

@@ -22,7 +22,8 @@ the DDP ranks (:class:`AllReduceBatchNorm`: SyncBatchNorm needs CUDA, this works
 too), and the view drops a last short training batch.
 
 Generation (:func:`generate_twins`): each participant's visits and neighbours are encoded,
-z is sampled, decoded and thresholded at ``threshold`` (PyTrial rounds at 0.5); the
+z is sampled, decoded and thresholded at ``threshold`` (PyTrial rounds at 0.5) or, with
+``generation="sample"``, each event drawn from its probability; the
 treatment schedule, visit days, arm, baseline and outcome are the participant's own.
 Counterfactual twins (:func:`counterfactual_twins`, the paper's method): for participant n,
 the most similar participant k of the other arm (dot product of their mean visit multi-hots,
@@ -44,7 +45,10 @@ from mirror.config import require
 from mirror.data import schema
 from mirror.data.views.visits import VisitBatch, VisitsInfo, VisitsView, multi_hot
 from mirror.models.ae import scalars_to_floats
-from mirror.models.base import ModelSpec, StepContext
+from mirror.models.base import GenerationContext, ModelSpec, StepContext
+
+GENERATION_MODES = ("threshold", "sample")
+COUNTERFACTUAL_MODES = ("surrogate", "own")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,15 @@ class TwinConfig:
     beta: float = 1.0  # weight of reconstruction + KL
     gamma: float = 1.0  # weight of the causality-preserving next-visit prediction
     temperature: float = 1.0  # attention softmax temperature (1: the paper's unscaled dot products)
-    threshold: float = 0.5  # generation: an event is present where its probability >= this
+    threshold: float = 0.5  # generation "threshold": an event is present where its probability >= this
+    # How generated events are drawn from the decoder's probabilities: "sample" (Bernoulli;
+    # the default: on PyTrial after 1 epoch DP r 0.96/0.97 and TSTR/TRTR 1.00) or "threshold"
+    # (PyTrial rounds at 0.5: a rare event, never above 0.5, is never emitted; 0.80/0.82, 0.73).
+    generation: str = "sample"
+    # Counterfactual twins: "surrogate" (the paper: regenerate the nearest other-arm
+    # participant's visits) or "own" (the participant's own visits through the CPM under the
+    # surrogate's treatments: ``counterfactual_twins_cpm``).
+    counterfactual: str = "surrogate"
     lr: float = 1e-3  # Adam (upstream)
 
     def __post_init__(self) -> None:
@@ -68,6 +80,8 @@ class TwinConfig:
         require(self, "temperature", self.temperature > 0, "a float > 0")
         require(self, "threshold", 0 < self.threshold < 1, "a float in (0, 1)")
         require(self, "lr", self.lr > 0, "a float > 0")
+        require(self, "generation", self.generation in GENERATION_MODES, f"one of {GENERATION_MODES}")
+        require(self, "counterfactual", self.counterfactual in COUNTERFACTUAL_MODES, f"one of {COUNTERFACTUAL_MODES}")
 
 
 class AllReduceBatchNorm(nn.BatchNorm1d):
@@ -208,10 +222,50 @@ class Twin(nn.Module):
     @torch.no_grad()
     def reconstruct(self, batch: VisitBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Synthetic medication and AE multi-hots (bool) of each visit: z sampled, decoded,
-        thresholded."""
+        thresholded or sampled (``config.generation``)."""
         out = self.twin.outputs(batch, generator)
-        t = self.config.threshold
-        return torch.sigmoid(out["med"][0]) >= t, torch.sigmoid(out["ae"][0]) >= t
+        probabilities = (torch.sigmoid(out["med"][0]), torch.sigmoid(out["ae"][0]))
+        if self.config.generation == "sample":
+            return tuple(torch.bernoulli(p, generator=generator).bool() for p in probabilities)
+        return tuple(p >= self.config.threshold for p in probabilities)
+
+    # The generator capabilities: twins of the caller's real participants (one block per call).
+    def sample_rows(self, n: int, *, rng: torch.Generator, first_id: int,
+                    context: GenerationContext) -> tuple[pa.Table, dict[str, int]]:
+        """The twins of ``context.real_rows`` (``n`` participants) with ids from ``first_id``.
+        A twin keeps its participant's schedule, so every draw is valid: nothing is rejected."""
+        real, view = _twinned(n, context)
+        return _renumber(generate_twins(self, view, real, seed=_seed(rng)), first_id), {}
+
+    def counterfactual_rows(self, n: int, *, rng: torch.Generator, first_id: int,
+                            context: GenerationContext) -> tuple[pa.Table, dict[str, int]]:
+        """The same participants under the other arm (``config.counterfactual``: the paper's
+        :func:`counterfactual_twins` or :func:`counterfactual_twins_cpm`; surrogates searched
+        within the block), ids matching ``sample_rows``'s."""
+        real, view = _twinned(n, context)
+        make = counterfactual_twins_cpm if self.config.counterfactual == "own" else counterfactual_twins
+        cf, _ = make(self, view, real, seed=_seed(rng))
+        return _renumber(cf, first_id), {}
+
+
+def _twinned(n: int, context: GenerationContext) -> tuple[pa.Table, VisitsView]:
+    """The real participants a twin call is for, checked."""
+    if context.real_rows is None or context.view is None:
+        raise ValueError("twin generation needs the real participants it twins (GenerationContext.real_rows "
+                         "and .view): sample it with jobs/sample.py, which streams them from the training split")
+    if context.real_rows.num_rows != n:
+        raise ValueError(f"twin generation: asked for {n} twins of {context.real_rows.num_rows} real participants")
+    return context.real_rows, context.view
+
+
+def _seed(rng: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=rng))
+
+
+def _renumber(table: pa.Table, first_id: int) -> pa.Table:
+    """Synthetic ids (``first_id`` upwards): a twin never carries its participant's id."""
+    ids = pa.array(np.arange(first_id, first_id + table.num_rows, dtype=np.int64))
+    return table.set_column(table.schema.get_field_index(schema.SUBJECT_ID), schema.TRIAL_SCHEMA.field(schema.SUBJECT_ID), ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,12 +343,58 @@ def counterfactual_twins(model: Twin, view: VisitsView, table: pa.Table, *, seed
     return pa.table(columns, schema=schema.TRIAL_SCHEMA), surrogate
 
 
+@torch.no_grad()
+def counterfactual_twins_cpm(model: Twin, view: VisitsView, table: pa.Table, *, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
+    """Each participant under the other arm, from its *own* visits (an alternative to the
+    paper's method, which regenerates the surrogate's visits and so can at best copy the
+    surrogate): the schedule (visit count, days, treatments, arm) is the surrogate's, as in
+    :func:`counterfactual_twins`; the events of visit j >= 1 are the causality-preserving
+    module's prediction from z of the participant's own visit min(j - 1, T - 1) and the
+    surrogate's treatment at visit j - 1 (the treatment enters where the model learned its
+    effect); visit 0 (before any treatment) is the decoder's reconstruction of the
+    participant's own first visit. Returns the table and the surrogate rows."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    info = view.info()
+    frame, surrogate = counterfactual_twins(model, view, table, seed=seed)  # schedule and ids
+    batch, _ = view.inference_batch(table)
+    net = model.twin
+    w = attention_weights(batch.visit_vector, batch.neighbours, batch.neighbour_mask, net.cfg.temperature)
+    med_n, ae_n = (batch.neighbours[..., sl] for sl in net.slices)
+    z = {}
+    for name, vae, x, nb in (("med", net.medication, batch.medication, med_n), ("ae", net.adverse_event, batch.adverse_event, ae_n)):
+        mu, log_var = vae.encode(x, nb, w)
+        z[name] = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=g)
+    own_n = np.diff(table.column(schema.VISIT_DAYS).combine_chunks().offsets.to_numpy())
+    own_start = np.concatenate([[0], np.cumsum(own_n)[:-1]])
+    cf_n = np.diff(frame.column(schema.VISIT_DAYS).combine_chunks().offsets.to_numpy())
+    owner = np.repeat(np.arange(table.num_rows), cf_n)
+    j = np.arange(cf_n.sum()) - np.repeat(np.concatenate([[0], np.cumsum(cf_n)[:-1]]), cf_n)
+    src = torch.from_numpy(own_start[owner] + np.minimum(np.maximum(j - 1, 0), own_n[owner] - 1))
+    tx = torch.from_numpy(multi_hot(frame.column(schema.VISIT_TREATMENTS).combine_chunks().flatten(), info.n_treatments))
+    prev_tx = torch.cat([tx[:1], tx[:-1]])  # visit j - 1's treatment (j = 0 rows are replaced below)
+    first = torch.from_numpy(j == 0)[:, None]
+    med_p = torch.where(first, torch.sigmoid(net.medication.decoder(z["med"][src])),
+                        torch.sigmoid(net.adverse_event.cpm(torch.cat([z["ae"][src], prev_tx], 1))))
+    ae_p = torch.where(first, torch.sigmoid(net.adverse_event.decoder(z["ae"][src])),
+                       torch.sigmoid(net.medication.cpm(torch.cat([z["med"][src], prev_tx], 1))))
+    if model.config.generation == "sample":
+        med, ae = (torch.bernoulli(p, generator=g).bool() for p in (med_p, ae_p))
+    else:
+        med, ae = med_p >= model.config.threshold, ae_p >= model.config.threshold
+    offsets = np.concatenate([[0], np.cumsum(cf_n)])
+    frame = frame.set_column(frame.schema.get_field_index(schema.VISIT_MEDICATIONS), schema.TRIAL_SCHEMA.field(schema.VISIT_MEDICATIONS), _lists(med.numpy(), offsets))
+    frame = frame.set_column(frame.schema.get_field_index(schema.VISIT_ADVERSE_EVENTS), schema.TRIAL_SCHEMA.field(schema.VISIT_ADVERSE_EVENTS), _lists(ae.numpy(), offsets))
+    return frame, surrogate
+
+
 TWIN_METRICS = tuple(f"{side}/{name}" for side in ("train", "val") for name in ("loss", "rec_med", "rec_ae", "kl", "next_ae", "next_med")) + ("train/grad_norm/twin",)
 MODEL = ModelSpec(
     name="twin",
     config_cls=TwinConfig,
     build=Twin,
     view=VisitsView,
+    capabilities=("generator", "counterfactual_generator"),
     default_sweep="search_spaces/twin_ablation.yaml",
     metric_names=TWIN_METRICS,
     description="seed 001 TWIN: retrieval-augmented VAE + causality-preserving module for trial digital twins",

@@ -64,7 +64,8 @@ class DataView(ABC):
     perturbable: ClassVar[tuple[str, ...]] = ()
     # What one generated patient is, for the scorecard and the privacy gate: "sentence" (codes
     # with ages and weeks) or "code_set" (each patient's set of codes: every set is reduced to
-    # that before scoring, since such a generator has no ages or weeks to compare).
+    # that before scoring, since such a generator has no ages or weeks to compare), or "trial"
+    # (trial participants twinned from the real training split, written under trial/).
     record_type: ClassVar[str] = "sentence"
 
     def __init__(self, config: Any, root: str) -> None:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import torch
 
 RETRIEVAL_SCOPES = ("global", "in_batch", "none")
-RETRIEVAL_CHUNK = 65_536  # index rows scored at a time: chunk x batch float32 scores
+RETRIEVAL_CHUNK = 65_536  # index rows (patterns) scored at a time: chunk x batch float32 scores
 TRIAL_READ_ROWS = 16_384  # participants decoded and validated at a time inside a read task
 _ROW_BITS = 40  # index rows < 2^40 (a trillion visits); the score sits above them in the key
 _ROW_MASK = (1 << _ROW_BITS) - 1
@@ -122,14 +122,40 @@ def visit_matrix(table: pa.Table, widths: tuple[int, int, int], columns: tuple[s
 
 
 @dataclass
+class VisitPatterns:
+    """The index's distinct visits (trial visits repeat: few patterns for many visits), each
+    with its member rows in ascending order; the unit a query is scored against. Patterns are
+    numbered in the order of their first (lowest) member row."""
+
+    indptr: np.ndarray  # (P + 1,) int64: CSR of the distinct multi-hots
+    indices: np.ndarray  # (nnz_P,) int32
+    member_offsets: np.ndarray  # (P + 1,) int64 into members
+    members: np.ndarray  # (N,) int64 index rows, grouped by pattern, ascending within one
+    max_own: int  # the most index rows one participant owns (the exclusion's reach)
+    width: int
+
+    @property
+    def size(self) -> int:
+        return len(self.member_offsets) - 1
+
+    @cached_property
+    def matrix(self) -> Any:
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((np.ones(len(self.indices), np.float32), self.indices, self.indptr), shape=(self.size, self.width))
+
+
+@dataclass
 class RetrievalIndex:
     """The training split's visits: binary CSR rows (``indptr``, ``indices``) over the
-    concatenated columns, and the participant each visit belongs to."""
+    concatenated columns, the participant each visit belongs to, and the distinct patterns
+    (``patterns``, made once per run by :meth:`dedupe`, shipped with the index)."""
 
     indptr: np.ndarray  # (N + 1,) int64
     indices: np.ndarray  # (nnz,) int32
     owner: np.ndarray  # (N,) int64 subject id
     width: int
+    patterns: VisitPatterns | None = None
 
     @property
     def size(self) -> int:
@@ -153,9 +179,29 @@ class RetrievalIndex:
         out[np.repeat(np.arange(len(flat)), lengths), self.indices[take]] = 1.0
         return out.reshape(*ids.shape, self.width)
 
+    def dedupe(self, chunk: int = RETRIEVAL_CHUNK) -> RetrievalIndex:
+        """Group the rows by distinct multi-hot (bit-packed rows, ``np.unique``); sets
+        ``patterns`` and returns self."""
+        packed = np.concatenate([np.packbits(self.rows(np.arange(lo, min(self.size, lo + chunk))).astype(bool), axis=1)
+                                 for lo in range(0, self.size, chunk)]) if self.size else np.zeros((0, 1), np.uint8)
+        keys = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+        _, first, pattern_of = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # number patterns by their first member
+        first, pattern_of = first[order], np.argsort(order)[pattern_of.ravel()]
+        members = np.argsort(pattern_of, kind="stable").astype(np.int64)  # ascending rows within a pattern
+        counts = np.bincount(pattern_of, minlength=len(first))
+        lengths = self.indptr[first + 1] - self.indptr[first]
+        take = np.repeat(self.indptr[first], lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        _, own_counts = np.unique(self.owner, return_counts=True)
+        self.patterns = VisitPatterns(
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), self.indices[take],
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), members,
+            int(own_counts.max()) if len(own_counts) else 0, self.width)
+        return self
+
 
 def build_index(root: str | Path, widths: tuple[int, int, int], split: str = "train") -> RetrievalIndex:
-    """The retrieval index of one split's visits, read row group by row group."""
+    """The retrieval index of one split's visits, read row group by row group, deduplicated."""
     indptr_parts, index_parts, owners = [np.zeros(1, np.int64)], [], []
     nnz = 0
     columns = [schema.SUBJECT_ID, schema.VISIT_DAYS, schema.VISIT_TREATMENTS, schema.VISIT_MEDICATIONS,
@@ -172,7 +218,26 @@ def build_index(root: str | Path, widths: tuple[int, int, int], split: str = "tr
             nnz += len(cols)
     if not owners:
         raise FileNotFoundError(f"{schema.trial_split_dir(root, split)}: no trial shards to build the retrieval index from")
-    return RetrievalIndex(np.concatenate(indptr_parts), np.concatenate(index_parts), np.concatenate(owners), sum(widths))
+    return RetrievalIndex(np.concatenate(indptr_parts), np.concatenate(index_parts), np.concatenate(owners), sum(widths)).dedupe()
+
+
+def _top_keys(keys: np.ndarray, m: int) -> np.ndarray:
+    """The ``m`` largest keys of each row (unordered), all of them if fewer."""
+    if keys.shape[1] <= m:
+        return keys
+    return np.take_along_axis(keys, np.argpartition(-keys, m - 1, axis=1)[:, :m], 1)
+
+
+def _per_query_top(query: np.ndarray, keys: np.ndarray, b: int, m: int) -> np.ndarray:
+    """The ``m`` largest of each query's keys, (b, m), padded with ``_EXCLUDED``."""
+    order = np.lexsort((-keys, query))
+    query, keys = query[order], keys[order]
+    starts = np.searchsorted(query, np.arange(b))
+    rank = np.arange(len(query)) - starts[query]
+    keep = rank < m
+    out = np.full((b, m), _EXCLUDED, np.int64)
+    out[query[keep], rank[keep]] = keys[keep]
+    return out
 
 
 def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarray, k: int,
@@ -180,8 +245,61 @@ def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarra
     """Exact top-``k`` index rows by dot product for each query row, never a row owned by the
     query's subject. Returns ids (B, k) and a validity mask (B, k) (False: fewer candidates).
 
-    Scores of binary rows are integers, so (score, -row) is packed into one int64 key and
-    ``argpartition`` on it is exact and deterministic (ties: the earlier row)."""
+    Scores of binary rows are integers, so (score, -row) is packed into one int64 key: exact
+    and deterministic (ties: the earlier row). Queries are scored against the distinct
+    patterns (sparse patterns x dense queries in chunks of ``chunk`` patterns: measured faster
+    than a dense GEMM at ~3% density, ``bench/bench_twin.py``), and only patterns at or above
+    a query's m-th best score (a histogram of the integer scores) are kept as candidates. With m = k + the most rows one
+    participant owns, the top-m rows overall hold the top-k rows not the query's own, and lie
+    among the m patterns whose first (lowest) member ranks best, within their first m members:
+    so only m x m candidates per query are ranked, and the owner is excluded there."""
+    if index.patterns is None:
+        index.dedupe()
+    pat = index.patterns
+    b = len(queries)
+    m = k + pat.max_own
+    q_t = np.ascontiguousarray(queries.T, dtype=np.float32)  # (L, B)
+    query_of, found = [], []  # per chunk: (query, key) of the patterns at or above its m-th best score
+    for lo in range(0, pat.size, chunk):
+        hi = min(pat.size, lo + chunk)
+        # (chunk, B) exact small integers: sparse patterns x dense queries
+        scores = np.rint(pat.matrix[lo:hi] @ q_t).astype(np.int32)
+        # Each query's m-th best score from a histogram of its scores; every pattern at or
+        # above it is a candidate, ties included.
+        top = int(scores.max(initial=0)) + 1
+        hist = np.bincount((scores + top * np.arange(b)).ravel(), minlength=b * top).reshape(b, top)
+        at_least = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [:, v]: patterns scoring >= v
+        cut = np.maximum((at_least >= m).sum(1) - 1, 0)
+        c, r = np.nonzero(scores >= cut)
+        # Patterns are numbered in order of their first member: -pattern ranks like -first row.
+        query_of.append(r)
+        found.append((scores[c, r].astype(np.int64) << _ROW_BITS) + (_ROW_MASK - (lo + c)))
+    keys = _per_query_top(np.concatenate(query_of or [np.zeros(0, np.int64)]),
+                          np.concatenate(found or [np.zeros(0, np.int64)]), b, m)
+    # Expand each chosen pattern to its first m members, rank (score, -row), drop own rows.
+    real = keys != _EXCLUDED  # fewer than m patterns: padding
+    pattern = np.where(real, _ROW_MASK - (keys & _ROW_MASK), 0)
+    score = np.where(real, keys >> _ROW_BITS, 0)
+    offset = np.arange(m)
+    start, count = pat.member_offsets[pattern], np.diff(pat.member_offsets)[pattern]
+    member_at = np.minimum(start[..., None] + offset, len(pat.members) - 1)
+    rows = pat.members[member_at]  # (B, m_patterns, m)
+    cand = (score[..., None] << _ROW_BITS) + (_ROW_MASK - rows)
+    excluded = (offset >= count[..., None]) | ~real[..., None] | (index.owner[rows] == subjects[:, None, None])
+    cand = np.where(excluded, _EXCLUDED, cand).reshape(b, -1)
+    best_rows = -np.sort(-_top_keys(cand, k), axis=1)
+    valid = best_rows != _EXCLUDED
+    ids = _ROW_MASK - (best_rows & _ROW_MASK)
+    pad = k - best_rows.shape[1]
+    if pad > 0:
+        ids, valid = np.pad(ids, ((0, 0), (0, pad))), np.pad(valid, ((0, 0), (0, pad)))
+    return np.where(valid, ids, 0), valid
+
+
+def top_k_global_csr(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarray, k: int,
+                     chunk: int = RETRIEVAL_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The previous exact search (scipy CSR over every index row, owner masked per chunk):
+    the benchmark's reference for :func:`top_k_global`, same results."""
     b = len(queries)
     best = np.full((b, 0), _EXCLUDED, np.int64)
     matrix = index.matrix
@@ -191,10 +309,7 @@ def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarra
         scores = np.rint(np.asarray(matrix[lo:hi] @ q).T).astype(np.int64)  # (B, chunk)
         keys = (scores << _ROW_BITS) + (_ROW_MASK - np.arange(lo, hi))
         keys[index.owner[lo:hi][None, :] == subjects[:, None]] = _EXCLUDED
-        keys = np.concatenate([best, keys], axis=1)
-        if keys.shape[1] > k:
-            keys = np.take_along_axis(keys, np.argpartition(-keys, k - 1, axis=1)[:, :k], 1)
-        best = keys
+        best = _top_keys(np.concatenate([best, keys], axis=1), k)
     best = -np.sort(-best, axis=1)
     valid = best != _EXCLUDED
     ids = _ROW_MASK - (best & _ROW_MASK)
@@ -403,6 +518,7 @@ class VisitsView(DataView):
     info_cls = VisitsInfo
     normaliser = "visits"
     unit = "visits"
+    record_type = "trial"  # generated records are trial participants (TRIAL_SCHEMA, trial/<split>/)
 
     config: VisitsViewConfig
 
