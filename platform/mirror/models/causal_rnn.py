@@ -108,7 +108,9 @@ class _Base(nn.Module):
 
 
 class DeltaPretrainer(_Base):
-    """Stage 1: predict Δ_{t+1} from X_{<=t} (masked MSE per observed entry, summed)."""
+    """Stage 1: predict Δ_{t+1} from X_{<=t}: squared error summed over the entries that are
+    known, the estimated ones and the zeros where no level was added (the paper's sparse Δ: a
+    model must also learn when no treatment effect comes)."""
 
     def __init__(self, config: CausalRNNConfig, info: WindowsInfo) -> None:
         super().__init__(config.__class__(**{**config.__dict__, "mode": "pretrain"}) if config.mode == "none" else config, info)
@@ -118,7 +120,7 @@ class DeltaPretrainer(_Base):
 
     def forward(self, batch: WindowBatch) -> dict[str, torch.Tensor]:
         pred = self.head(self.encoder(batch.x))
-        mask = batch.delta_observed.float()
+        mask = (batch.delta_observed | batch.delta_zero).float()
         return {"loss": (((pred - batch.delta_target) ** 2) * mask).sum(), "delta_entries": mask.sum()}
 
 
