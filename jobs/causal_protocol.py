@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-patients", type=int, default=d.test_patients)
     parser.add_argument("--hidden", type=int, default=d.hidden)
     parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per fit and stage")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between early-stopping checks")
+    parser.add_argument("--patience", type=int, default=d.patience, help="checks without a gain before stopping")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             delta=args.delta, sizes=tuple(args.sizes), splits=args.splits, tasks=tuple(args.tasks),
             lookbacks=tuple(args.lookbacks), cells=tuple(args.cells), glm=not args.no_glm,
             pool_patients=args.pool_patients, test_patients=args.test_patients, hidden=args.hidden, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            eval_every=args.eval_every, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         )  # fmt: skip
         if not (Path(args.data) / "delta" / args.delta).is_dir():
             raise ValueError(f"--delta {args.delta}: {Path(args.data) / 'delta' / args.delta} does not exist; "

@@ -55,6 +55,17 @@ def test_six_patients_match_by_hand():
     # with replacement: two treated rows may share the nearest control
     pick, ok = match_nearest(np.array([0.0, 0.01]), np.array([5.0, 0.005]), 0.1)
     assert pick.tolist() == [1, 1] and ok.all()
+    # the treated patient's own earlier window is never its control: the next nearest is taken
+    own = {"treated_owner": np.array([7]), "control_owner": np.array([7, 8]), "neighbours": 2}
+    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1, **own)[0].tolist() == [1]
+    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1)[0].tolist() == [0]
+    # among the candidates within the caliper, the index lab decides (in caliper units)
+    aux = {"treated_aux": np.array([1.0]), "control_aux": np.array([3.0, 1.1])}
+    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=2, **aux)[0].tolist() == [1]
+    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=1, **aux)[0].tolist() == [0]
+    # only a control beyond the caliper: kept as the nearest, flagged outside
+    pick, ok = match_nearest(np.array([0.0]), np.array([0.5, 0.9]), 0.1, neighbours=2)
+    assert pick.tolist() == [0] and not ok.any()
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +279,7 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     job = _load_job("causal_protocol")
     assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "80", "--splits", "2", "--tasks", "onset_dm",
-                     "next_ldl", "--lookbacks", "1", "2", "--pool-patients", "200", "--test-patients", "60", "--steps", "3",
+                     "next_ldl", "--lookbacks", "1", "2", "--pool-patients", "200", "--test-patients", "60", "--steps", "4", "--eval-every", "2",
                      "--run-name", "protocol", "--out", str(tmp_path / "out")]) == 0
     import json
 

@@ -11,7 +11,8 @@ examples are the ``windows`` view's (``read_rows`` -> ``patient_windows`` ->
 ``window_examples``), so the protocol measures exactly what ``jobs/train.py`` trains.
 
 Draws: the training patients of a draw are ``size`` patients sampled (seeded) from a pool of the
-training split, the test patients ``test_patients`` sampled from the held-out split; every cell
+training split (``val_fraction`` of them held back for early stopping, the same ones for every
+fit of the draw), the test patients ``test_patients`` sampled from the held-out split; every cell
 of a draw sees the same patients (the pairing of the t-test). Test patients never served as
 PSM controls (the estimator's pool is the training split). Pretraining (stage 1, Δ_{t+1} from
 X_{<=t}) uses the draw's training patients only, once per (cell, look-back), shared by the
@@ -56,7 +57,10 @@ class ProtocolConfig:
     pool_patients: int = 20_000  # training-split patients the draws are taken from
     test_patients: int = 2_000  # held-out patients per draw
     hidden: int = 32
-    steps: int = 300  # optimizer steps per fit (each stage)
+    steps: int = 1_000  # optimizer steps per fit (each stage), at most
+    eval_every: int = 25  # steps between validation checks (early stopping)
+    patience: int = 4  # checks without a better validation loss before stopping
+    val_fraction: float = 0.2  # of a draw's training patients, for early stopping
     batch_size: int = 128
     lr: float = 3e-3
     window_weeks: int = 52
@@ -70,6 +74,7 @@ class ProtocolConfig:
         require(self, "lookbacks", len(self.lookbacks) > 0 and min(self.lookbacks) >= 1, "look-backs >= 1")
         require(self, "pool_patients", self.pool_patients >= max(self.sizes), f"at least the largest size, {max(self.sizes)}")
         require(self, "steps", self.steps >= 1, "an int >= 1")
+        require(self, "val_fraction", 0 < self.val_fraction < 1, "a fraction in (0, 1)")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -145,18 +150,43 @@ def _batch(arrays: dict[str, np.ndarray], rows: np.ndarray | slice, lookback: in
     return WindowBatch(**out)
 
 
-def _fit(model, arrays: dict[str, np.ndarray], lookback: int, config: ProtocolConfig, rng: np.random.Generator) -> None:
-    """``config.steps`` Adam steps on random mini-batches (the model's own loss, per example)."""
+def _fit(model, train: dict[str, np.ndarray], val: dict[str, np.ndarray], lookback: int, config: ProtocolConfig,
+         rng: np.random.Generator) -> int:
+    """Adam on random mini-batches (the model's own loss, per example) for at most
+    ``config.steps`` steps, stopped early on the validation loss (checked every
+    ``config.eval_every`` steps, ``config.patience`` checks without a gain); the best weights are
+    kept. Returns the steps taken."""
+    import copy
+
+    import torch
+
     optimizer = model.make_optimizers()["model"]
-    n = len(arrays["window"])
-    model.train()
-    for _ in range(config.steps):
-        batch = _batch(arrays, rng.integers(0, n, min(config.batch_size, n)), lookback)
-        loss = model(batch)["loss"] / batch.size
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    n = len(train["window"])
+    val_batch = _batch(val, slice(None), lookback)
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(model(val_batch)["loss"]) / max(val_batch.size, 1)
+
+    best, best_state, since, step = val_loss(), copy.deepcopy(model.state_dict()), 0, 0
+    while step < config.steps and since < config.patience:
+        model.train()
+        for _ in range(config.eval_every):
+            batch = _batch(train, rng.integers(0, n, min(config.batch_size, n)), lookback)
+            loss = model(batch)["loss"] / batch.size
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        step += config.eval_every
+        current = val_loss()
+        if current < best:
+            best, best_state, since = current, copy.deepcopy(model.state_dict()), 0
+        else:
+            since += 1
+    model.load_state_dict(best_state)
     model.eval()
+    return step
 
 
 def _score(model, arrays: dict[str, np.ndarray], lookback: int, task: str) -> dict[str, float]:
@@ -202,10 +232,13 @@ def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: P
 
     torch.set_num_threads(1)
     rng = np.random.default_rng([config.seed, size, split])
-    train = train_pool.select(rng.choice(train_pool.n_patients, size, replace=False))
+    drawn = rng.choice(train_pool.n_patients, size, replace=False)
+    n_val = max(1, int(round(config.val_fraction * size)))
+    train, val = train_pool.select(drawn[n_val:]), train_pool.select(drawn[:n_val])
     test = test_pool.select(rng.choice(test_pool.n_patients, min(config.test_patients, test_pool.n_patients), replace=False))
     rows: list[dict[str, Any]] = []
-    common = {"size": size, "split": split, "train_examples": len(train["window"]), "test_examples": len(test["window"])}
+    common = {"size": size, "split": split, "train_examples": len(train["window"]), "val_examples": len(val["window"]),
+              "test_examples": len(test["window"])}
     for lookback in config.lookbacks:
         info = WindowsInfo(lookback=lookback, has_delta=True)
         stage1: dict[str, Any] = {}
@@ -213,8 +246,8 @@ def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: P
             torch.manual_seed(config.seed * 1000 + split)
             started = time.perf_counter()
             model = build_model("causal_rnn_delta", {"cell": cell, "hidden": config.hidden, "lr": config.lr}, info)
-            _fit(model, train, lookback, config, np.random.default_rng([config.seed, split, 1]))
-            stage1[cell] = (model, time.perf_counter() - started)
+            steps = _fit(model, train, val, lookback, config, np.random.default_rng([config.seed, split, 1]))
+            stage1[cell] = (model, time.perf_counter() - started, steps)
         for task in config.tasks:
             floor = {"mean_mse": _mean_floor(train, test, task)} if task in LAB_TARGETS else {}
             for cell, mode in grid_cells(config):
@@ -223,10 +256,11 @@ def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: P
                 upstream = stage1[cell][0] if mode == "pretrain" else None
                 model = build_model("causal_rnn", {"cell": cell, "mode": mode, "task": task, "hidden": config.hidden,
                                                    "lr": config.lr}, info, upstream=upstream)
-                _fit(model, train, lookback, config, np.random.default_rng([config.seed, split, 2]))
+                steps = _fit(model, train, val, lookback, config, np.random.default_rng([config.seed, split, 2]))
                 seconds = time.perf_counter() - started + (stage1[cell][1] if upstream is not None else 0.0)
                 rows.append({**common, "task": task, "lookback": lookback, "cell": cell, "mode": mode,
-                             **_score(model, test, lookback, task), **floor, "seconds": seconds})
+                             **_score(model, test, lookback, task), **floor, "steps": steps,
+                             "pretrain_steps": stage1[cell][2] if upstream is not None else 0, "seconds": seconds})
     return rows
 
 
