@@ -239,6 +239,17 @@ def _glm_score(train: dict[str, np.ndarray], test: dict[str, np.ndarray], task: 
     return {"mse": float(np.mean((glm.predict(features(test)[test_seen]) - y_test) ** 2)) * _MSE_UNIT[task]}
 
 
+def _base_rates(train: dict[str, np.ndarray]):
+    """Each onset's rate among the at-risk and each lab target's mean, over a draw's training
+    examples (the predictors' starting output biases)."""
+    import torch
+
+    at_risk, observed = train["at_risk"], train["lab_observed"]
+    rate = (train["onset"] * at_risk).sum(0) / np.maximum(at_risk.sum(0), 1)
+    mean = (train["lab_target"] * observed).sum(0) / np.maximum(observed.sum(0), 1)
+    return torch.as_tensor(rate, dtype=torch.float32), torch.as_tensor(mean, dtype=torch.float32)
+
+
 def _mean_floor(train: dict[str, np.ndarray], test: dict[str, np.ndarray], task: str) -> float:
     """MSE of predicting the training patients' mean (the floor of a lab task), lab units²."""
     k = LAB_TARGETS.index(task)
@@ -275,6 +286,7 @@ def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: P
     rows: list[dict[str, Any]] = []
     common = {"size": size, "split": split, "train_examples": len(train["window"]), "val_examples": len(val["window"]),
               "test_examples": len(test["window"])}
+    base_rates = _base_rates(train)
     for lookback in config.lookbacks:
         info = WindowsInfo(lookback=lookback, has_delta=True)
         stage1: dict[str, Any] = {}
@@ -297,6 +309,7 @@ def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: P
                 upstream = stage1[cell][0] if mode == "pretrain" else None
                 model = build_model("causal_rnn", {"cell": cell, "mode": mode, "task": task, "hidden": config.hidden,
                                                    "lr": config.lr}, info, upstream=upstream)
+                model.start_at_base_rates(*base_rates)
                 steps = _fit(model, train, val, lookback, config, np.random.default_rng([config.seed, split, 2]))
                 seconds = time.perf_counter() - started + (stage1[cell][1] if upstream is not None else 0.0)
                 rows.append({**common, "task": task, "lookback": lookback, "cell": cell, "mode": mode,

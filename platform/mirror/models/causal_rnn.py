@@ -142,6 +142,17 @@ class CausalRNN(_Base):
         self.prediction_targets = {t: ("risk" if t in ONSET_TARGETS else "value") for t in tasks}
         self.head = nn.Linear(self.encoder.out_dim, len(self.onsets) + len(self.labs))
 
+    @torch.no_grad()
+    def start_at_base_rates(self, onset_rate: torch.Tensor, lab_mean: torch.Tensor) -> None:
+        """Output biases at the training base rates (logit of each onset's rate among the at-risk,
+        each lab's mean, all four / three targets given). From a zero bias, at a 1% onset rate
+        the first steps mostly lower the bias, and with inputs that are not centred that pushes
+        the weights against the risk factors: the ranking starts inverted and a small sample may
+        stop early there."""
+        rate = onset_rate[self.onsets].clamp(1e-4, 1 - 1e-4)
+        self.head.bias[: len(self.onsets)] = torch.log(rate / (1 - rate))
+        self.head.bias[len(self.onsets):] = lab_mean[self.labs]
+
     def outputs(self, batch: WindowBatch) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.head(self.encoder(_inputs(batch, self.augment)))
         return out[:, : len(self.onsets)], out[:, len(self.onsets):]
