@@ -59,7 +59,7 @@ class ProtocolConfig:
     hidden: int = 32
     steps: int = 1_000  # optimizer steps per fit (each stage), at most
     eval_every: int = 25  # steps between validation checks (early stopping)
-    patience: int = 4  # checks without a better validation loss before stopping
+    patience: int = 6  # checks without a better validation loss before stopping
     val_fraction: float = 0.2  # of a draw's training patients, for early stopping
     batch_size: int = 128
     lr: float = 3e-3
