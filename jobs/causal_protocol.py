@@ -79,7 +79,8 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
     started = time.perf_counter()
     lookback = max(config.lookbacks)
     train_pool = load_pool(data, TRAIN, config.delta, config.pool_patients, lookback, config.window_weeks)
-    test_pool = load_pool(data, HELD_OUT, config.delta, config.test_patients, lookback, config.window_weeks)
+    test_pool = load_pool(data, HELD_OUT, config.delta, 2 * config.test_patients, lookback, config.window_weeks,
+                          at_least=config.test_patients)
     parent = tracking.start_run(run_name, params={"data": data, **config.as_dict()}, tags={"job": "causal_protocol"})
     tracking.log_metrics(parent, {"pool/train_patients": train_pool.n_patients, "pool/train_examples": len(train_pool.patient),
                                   "pool/train_patients_read": train_pool.patients_read,

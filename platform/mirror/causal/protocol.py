@@ -12,8 +12,9 @@ examples are the ``windows`` view's (``read_rows`` -> ``patient_windows`` ->
 
 Draws: the training patients of a draw are ``size`` patients sampled (seeded) from a pool of the
 training split (``val_fraction`` of them held back for early stopping, the same ones for every
-fit of the draw), the test patients ``test_patients`` sampled from the held-out split; every cell
-of a draw sees the same patients (the pairing of the t-test). Test patients never served as
+fit of the draw), the test patients ``test_patients`` sampled from the held-out split (from up
+to twice as many, so test sets differ between draws too); every cell of a draw sees the same
+patients (the pairing of the t-test). Test patients never served as
 PSM controls (the estimator's pool is the training split). Pretraining (stage 1, Δ_{t+1} from
 X_{<=t}) uses the draw's training patients only, once per (cell, look-back), shared by the
 tasks; each fine-tune starts from a copy of it.
@@ -99,9 +100,11 @@ class Pool:
         return {k: v[keep] for k, v in self.arrays.items()}
 
 
-def load_pool(root: str, split: str, delta: str, n_patients: int, lookback: int, window_weeks: int) -> Pool:
+def load_pool(root: str, split: str, delta: str, n_patients: int, lookback: int, window_weeks: int,
+              at_least: int | None = None) -> Pool:
     """The first ``n_patients`` patients (in subject-id order) of ``split`` that have at least one
-    example, read through the windows view's validated reader with Δ joined."""
+    example, read through the windows view's validated reader with Δ joined; fewer are accepted
+    down to ``at_least`` (default: exactly ``n_patients``)."""
     import ray.data
 
     from mirror.data.views.windows import patient_windows, read_rows, window_examples
@@ -125,9 +128,10 @@ def load_pool(root: str, split: str, delta: str, n_patients: int, lookback: int,
         taken += len(rows)
         if taken >= n_patients:
             break
-    if taken < n_patients:
+    if taken < (n_patients if at_least is None else at_least):
         raise ValueError(f"{root}: split {split!r} has {taken} patients with two or more full windows; "
-                         f"the protocol asked for {n_patients} (lower --pool-patients / --test-patients)")
+                         f"the protocol asked for {n_patients if at_least is None else at_least} "
+                         "(lower --pool-patients / --test-patients)")
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return Pool(arrays, np.concatenate(owners), taken, read)
 
