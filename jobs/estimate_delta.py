@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caliper-sd", type=float, default=0.2, help="caliper in SDs of the propensity logit")
     parser.add_argument("--block-patients", type=int, default=1_000_000, help="patients per matching block (memory per task)")
     parser.add_argument("--max-fit-rows", type=int, default=100_000, help="rows per class and stratum for the propensity fit")
+    parser.add_argument("--propensity", choices=("linear", "quadratic"), default="quadratic",
+                        help="propensity inputs: X_{t-1} and the index lab, or those and their squares")
+    parser.add_argument("--neighbours", type=int, default=8, help="controls per side of the sorted logit considered")
+    parser.add_argument("--index-lab-weight", type=float, default=1.0, help="the index lab's weight in the match distance (0: logit only)")
+    parser.add_argument("--allow-own-windows", action="store_true", help="let a treated row take a control of the same patient")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-work", action="store_true", help="keep the transition rows and matches (_work/)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -35,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from mirror.cluster import ensure_ray
 
     config = DeltaConfig(window_weeks=args.window_weeks, caliper_sd=args.caliper_sd,
-                         block_patients=args.block_patients, max_fit_rows=args.max_fit_rows, seed=args.seed)
+                         block_patients=args.block_patients, max_fit_rows=args.max_fit_rows, seed=args.seed,
+                         propensity=args.propensity, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
+                         exclude_own_windows=not args.allow_own_windows)
     ensure_ray()
     report = estimate_delta(args.data, args.name, config, keep_work=args.keep_work)
     out = Path(args.data) / "delta" / args.name

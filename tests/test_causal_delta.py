@@ -55,6 +55,17 @@ def test_six_patients_match_by_hand():
     # with replacement: two treated rows may share the nearest control
     pick, ok = match_nearest(np.array([0.0, 0.01]), np.array([5.0, 0.005]), 0.1)
     assert pick.tolist() == [1, 1] and ok.all()
+    # the treated patient's own earlier window is never its control: the next nearest is taken
+    own = {"treated_owner": np.array([7]), "control_owner": np.array([7, 8]), "neighbours": 2}
+    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1, **own)[0].tolist() == [1]
+    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1)[0].tolist() == [0]
+    # among the candidates within the caliper, the index lab decides (in caliper units)
+    aux = {"treated_aux": np.array([1.0]), "control_aux": np.array([3.0, 1.1])}
+    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=2, **aux)[0].tolist() == [1]
+    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=1, **aux)[0].tolist() == [0]
+    # only a control beyond the caliper: kept as the nearest, flagged outside
+    pick, ok = match_nearest(np.array([0.0]), np.array([0.5, 0.9]), 0.1, neighbours=2)
+    assert pick.tolist() == [0] and not ok.any()
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +104,20 @@ def test_windows_levels_equal_the_true_ladder_levels(dataset):
     assert (ex["onset"][~ex["at_risk"]] >= 0).all() and ex["delta_target"].shape[1] == N_DELTA
 
 
-@pytest.mark.slow
-def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(dataset):
+@pytest.fixture(scope="module")
+def estimated(dataset):
+    """Δ of the 3,000 patients, written once as the column set ``psm``."""
     from mirror.causal.delta import DeltaConfig
     from mirror.causal.estimate import estimate_delta
+
+    return estimate_delta(dataset, "psm", DeltaConfig(block_patients=1000, min_treated=5))
+
+
+@pytest.mark.slow
+def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(dataset, estimated):
     from mirror.data.views.windows import WindowsView, WindowsViewConfig
 
-    report = estimate_delta(dataset, "psm", DeltaConfig(block_patients=1000, min_treated=5))
+    report = estimated
     assert report.blocks == 3
     fitted = [r for r in report.strata if r.get("fitted")]
     assert fitted and all(r["matched"] + r["caliper_drops"] + r["no_controls"] == r["treated"] for r in fitted)
@@ -123,16 +141,14 @@ def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(datas
 
 
 @pytest.mark.slow
-def test_two_stage_pretrain_then_fine_tune(dataset):
+def test_two_stage_pretrain_then_fine_tune(dataset, estimated):
     """Stage 1 learns Δ_{t+1}; stage 2 starts from its RNN and fine-tunes on the onsets and
-    labs (in process: the loop itself is covered by test_views)."""
+    labs (in process; through the jobs and DDP in the next test)."""
     import torch
 
     from mirror.data.views.windows import WindowsView, WindowsViewConfig
     from mirror.models import build_model
 
-    if not (dataset / "delta" / "psm").is_dir():
-        pytest.skip("needs the Δ of test_estimate_delta_end_to_end")
     view = WindowsView(WindowsViewConfig(lookback=2, delta="psm"), str(dataset))
     ds, _ = view.read(schema.TRAIN)
     batch = next(iter(view.batches(ds, 100_000, training=True, device="cpu")))
@@ -173,3 +189,111 @@ def test_paired_t_test_matches_scipy():
     assert (stars(0.0005), stars(0.005), stars(0.05), stars(0.2)) == ("***", "**", "*", "")
     with pytest.raises(ValueError, match="paired splits"):
         paired_t_one_sided(np.array([1.0]), np.array([0.0]))
+
+
+def _load_job(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if f"job_{name}" in sys.modules:
+        return sys.modules[f"job_{name}"]
+    spec = importlib.util.spec_from_file_location(f"job_{name}", Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"job_{name}"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_two_stage_through_jobs_train_on_two_ddp_workers(dataset, estimated, tmp_path, monkeypatch):
+    """jobs/train.py: causal_rnn_delta on Δ, then causal_rnn --upstream-run with mode=pretrain,
+    each on 2 DDP workers; the fine-tune starts from stage 1's RNN (at a negligible learning
+    rate its weights stay stage 1's), and the predictor suite logs AUROC/AUPRC/MSE beside the
+    constant and the GLM floors."""
+    import torch
+
+    from mirror import tracking
+    from mirror.checkpoint import load_state
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    train = _load_job("train")
+    common = ["--data", str(dataset), "--workers", "2", "--epochs", "1", "--storage-path", str(tmp_path / "ray_results"),
+              "--set", "view.delta=psm", "view.lookback=2", "model.cell=gru", "model.hidden=8", "train.batch_size=64",
+              "train.max_steps_per_epoch=2", "train.eval_patients=300"]
+    assert train.main(["--model", "causal_rnn_delta", "--run-name", "delta-stage-1", "--no-eval", *common]) == 0
+    first = tracking.find_run("delta-stage-1")
+    assert train.main(["--model", "causal_rnn", "--run-name", "delta-stage-2", "--upstream-run", first, *common,
+                       "model.mode=pretrain", "model.lr=1e-12"]) == 0
+    second = tracking.find_run("delta-stage-2")
+    run = tracking.get_run(second)
+    assert run.data.tags["mirror.upstream_run"] == first and run.data.params["model_config.mode"] == "pretrain"
+    before = load_state(tracking.get_run(first).data.tags["mirror.checkpoint"])["model"]
+    after = load_state(run.data.tags["mirror.checkpoint"])["model"]
+    encoder = [k for k in before if k.startswith("encoder.")]
+    assert encoder and all(torch.allclose(after[k], before[k], atol=1e-6) for k in encoder)
+    assert not any(k.startswith("upstream.") for k in after)  # copied, not kept frozen beside
+    m = run.data.metrics
+    for task in ("onset_dm", "onset_cad"):
+        assert 0.0 <= m[f"eval/{task}/auroc"] <= 1.0 and m[f"baseline/{task}/auroc"] == 0.5
+        assert 0.0 <= m[f"baseline/glm/{task}/auroc"] <= 1.0 and m[f"baseline/glm/{task}/auprc"] > 0
+    assert m["eval/next_ldl/mse"] > 0 and m["baseline/next_ldl/mse"] > 0
+    assert m["baseline/glm/next_ldl/mse"] < m["baseline/next_ldl/mse"]  # last LDL predicts the next
+
+
+def test_results_table_stars_follow_the_paired_t_test():
+    """Three draws where GRU+pre beats GRU by 0.02 ± 0.001 AUROC (significant) and GRU+aug is
+    no better: only +pre is starred; the lab task is tested for a lower MSE."""
+    from scipy.stats import ttest_rel
+
+    from mirror.causal.protocol import ProtocolConfig, gain_by_size, markdown, results_table
+
+    config = ProtocolConfig(sizes=(250,), splits=3, tasks=("onset_dm", "next_ldl"), lookbacks=(1,), cells=("gru",),
+                            glm=False, pool_patients=250)
+    base = [0.70, 0.72, 0.71]
+    trials = []
+    for split, b in enumerate(base):
+        for mode, auroc, mse in (("none", b, 900.0 + split), ("augment", b - 0.01 * (split - 1), 905.0 + split),
+                                 ("pretrain", b + 0.02 + 0.001 * split, 800.0 + split)):
+            common = {"size": 250, "split": split, "lookback": 1, "cell": "gru", "mode": mode}
+            trials += [{**common, "task": "onset_dm", "auroc": auroc}, {**common, "task": "next_ldl", "mse": mse}]
+    table = results_table(trials, config)
+    dm = next(r for r in table.rows if r["task"] == "onset_dm")
+    p = ttest_rel([b + 0.02 + 0.001 * s for s, b in enumerate(base)], base, alternative="greater").pvalue
+    assert dm["GRU"] == "0.7100" and dm["GRU+pre"].startswith("0.7310") and dm["GRU+pre"].endswith("*" if p > 0.01 else "**")
+    assert dm["GRU+aug"] == "0.7100"  # a mean gain of 0: no star
+    ldl = next(r for r in table.rows if r["task"] == "next_ldl")
+    assert ldl["GRU+pre"].endswith("***") and not ldl["GRU+aug"].endswith("*")
+    gains = gain_by_size(table)
+    assert gains == [{"size": 250, "cell": "gru", "mode": "pretrain", "mean_auroc_gain": pytest.approx(0.021),
+                      "significant_wins": 1, "rows": 1}]
+    assert "| onset_dm | 1 |" in markdown(table)
+
+
+@pytest.mark.slow
+def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path, monkeypatch):
+    """jobs/causal_protocol.py at a toy size: every (size, draw, task, look-back, cell, mode) is
+    fitted once, the modes of a draw share its patients, and the parent run holds the table."""
+    from mirror import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    job = _load_job("causal_protocol")
+    assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "80", "--splits", "2", "--tasks", "onset_dm",
+                     "next_ldl", "--lookbacks", "1", "2", "--pool-patients", "200", "--test-patients", "60", "--steps", "4", "--eval-every", "2",
+                     "--run-name", "protocol", "--out", str(tmp_path / "out")]) == 0
+    import json
+
+    trials = json.loads((tmp_path / "out" / "trials.json").read_text())
+    assert len(trials) == 2 * 2 * 2 * 2 * (2 * 3 + 2)  # sizes x draws x tasks x look-backs x (RNN modes + GLM)
+    for size in (40, 80):
+        for split in (0, 1):
+            draw = {r["train_examples"] for r in trials if (r["size"], r["split"]) == (size, split)}
+            assert len(draw) == 1  # one set of patients per draw
+    assert all(0 <= r["auroc"] <= 1 for r in trials if r["task"] == "onset_dm" and r["auroc"] == r["auroc"])
+    assert all(r["mse"] > 0 and r["mean_mse"] > 0 for r in trials if r["task"] == "next_ldl")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results) == 2 * 2 * 2 and {"GRU", "GRU+aug", "GRU+pre", "LSTM+pre", "GLM", "GLM+aug"} <= set(results[0])
+    parent = tracking.find_run("protocol")
+    assert {"results.json", "results.md", "tests.json", "trials.json"} <= set(tracking.list_artifacts(parent))
+    assert len(tracking.child_runs(parent)) == 4
+    assert job.main(["--data", str(dataset), "--delta", "nope"]) == 2

@@ -6,12 +6,16 @@ X_{t-1} (the windows view's features) and the outcome X_{t+1} (raw lab values). 
 ``to > from`` is *treated* in stratum (ladder, from -> to); a row with ``to == from`` is a
 *control* for every stratum leaving ``from``. Then, per stratum:
 
-* propensity: logistic regression (scikit-learn) of treated vs control on X_{t-1}, fitted on
-  the training split only, on at most ``max_fit_rows`` treated and as many controls, drawn
+* propensity: logistic regression (scikit-learn) of treated vs control on X_{t-1} and the
+  ladder's own lab at the decision (the index lab), with their squares by default
+  (``propensity``), fitted on the training split only, on at most ``max_fit_rows`` treated and as many controls, drawn
   uniformly (subsampling controls shifts every logit by one constant: matching and the SD
   caliper are unchanged);
-* matching: each treated row (any split) takes the control of the training split with the
-  nearest propensity logit, by sorted search (``match_nearest``: O(n log n), never all pairs),
+* matching: each treated row (any split) takes a control of the training split near its
+  propensity logit, by sorted search (``match_nearest``: O(n log n), never all pairs): among
+  the ``neighbours`` nearest on each side within the caliper, the one nearest also in the
+  index lab (``index_lab_weight``), never a window of the treated patient itself
+  (``exclude_own_windows``),
   *with replacement* (a control may serve several treated rows: every treated row gets its
   best control, and the estimate does not depend on the order of matching); a match farther
   than ``caliper_sd`` x the pooled SD of the logit is dropped (counted). Test patients never
@@ -58,6 +62,17 @@ N_PROPENSITY_FEATURES = N_WINDOW_FEATURES + 2
 BALANCE_FEATURES = np.array([i for i, n in enumerate(FEATURE_NAMES) if n != "present"])
 SPLIT_CODE = {s: i for i, s in enumerate(schema.SPLITS)}
 MAX_LEVEL = 8  # key packing: ladder * 64 + from * 8 + to
+INDEX_LAB = FEATURE_NAMES.index("index_lab")
+_CONTINUOUS = np.array([*range(len(LAB_SHORTS)), FEATURE_NAMES.index("age"), INDEX_LAB])
+DESIGNS = ("linear", "quadratic")
+
+
+def design_matrix(x: np.ndarray, design: str) -> np.ndarray:
+    """The propensity model's inputs: the covariates, and with ``quadratic`` the squares of the
+    continuous ones (labs, age, index lab), since the simulator decides at a threshold of the
+    index lab and a linear logit cannot bend there."""
+    x = np.asarray(x, np.float64)
+    return x if design == "linear" else np.c_[x, x[:, _CONTINUOUS] ** 2]
 
 
 def stratum_key(ladder: np.ndarray | int, from_level: np.ndarray | int, to_level: np.ndarray | int) -> Any:
@@ -78,12 +93,19 @@ class DeltaConfig:
     min_treated: int = 10  # strata with fewer training treated rows get no model (counted)
     max_fit_rows: int = 100_000  # per stratum and class (treated, controls) for the propensity
     seed: int = 0
+    propensity: str = "quadratic"  # linear: X_{t-1} and the index lab; quadratic: plus their squares
+    neighbours: int = 8  # controls per side of the sorted logit considered (1: the nearest only)
+    index_lab_weight: float = 1.0  # weight of the index lab in the distance among candidates (0: logit only)
+    exclude_own_windows: bool = True  # a treated row never takes a control of the same patient
 
     def __post_init__(self) -> None:
         require(self, "caliper_sd", self.caliper_sd > 0, "a positive number of SDs")
         require(self, "block_patients", self.block_patients >= 1, "an int >= 1")
         require(self, "min_treated", self.min_treated >= 2, "an int >= 2")
         require(self, "max_fit_rows", self.max_fit_rows >= 10, "an int >= 10")
+        require(self, "propensity", self.propensity in DESIGNS, f"one of {DESIGNS}")
+        require(self, "neighbours", self.neighbours >= 1, "an int >= 1")
+        require(self, "index_lab_weight", self.index_lab_weight >= 0, "a weight >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,22 +176,43 @@ def fixed(table: pa.Table, name: str, width: int) -> np.ndarray:
 # Matching and balance (pure numpy; the 6-patient test checks these by hand)
 
 
-def match_nearest(treated_logit: np.ndarray, control_logit: np.ndarray, caliper: float) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest control on the logit for every treated row, with replacement, by sorted search.
+def match_nearest(
+    treated_logit: np.ndarray, control_logit: np.ndarray, caliper: float, *, neighbours: int = 1,
+    treated_aux: np.ndarray | None = None, control_aux: np.ndarray | None = None,
+    treated_owner: np.ndarray | None = None, control_owner: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A control for every treated row, with replacement, by sorted search on the logit.
 
-    Returns the index of each treated row's control (into ``control_logit``; -1 with no
-    control at all) and whether it lies within ``caliper``. Ties go to the lower logit."""
+    Candidates are the ``neighbours`` controls on each side of the treated logit (2 x
+    ``neighbours`` per row: O(n log n + n k), never all pairs). Among those within ``caliper``
+    (and, given owners, of another patient) the row takes the one nearest in
+    (logit / caliper)² + (aux difference)², where ``aux`` is a second matching variable already
+    in caliper units (none: the nearest logit). A row with no candidate within the caliper keeps
+    its nearest admissible control, flagged as outside. Returns the index of each row's
+    control (into ``control_logit``; -1 when there is none at all) and whether it is within
+    the caliper. Ties go to the lower logit."""
+    n = len(treated_logit)
     if not len(control_logit):
-        return np.full(len(treated_logit), -1), np.zeros(len(treated_logit), bool)
+        return np.full(n, -1), np.zeros(n, bool)
     order = np.argsort(control_logit, kind="stable")
     sorted_logit = control_logit[order]
     pos = np.searchsorted(sorted_logit, treated_logit)
-    left = np.clip(pos - 1, 0, len(order) - 1)
-    right = np.clip(pos, 0, len(order) - 1)
-    d_left = np.abs(treated_logit - sorted_logit[left])
-    d_right = np.abs(sorted_logit[right] - treated_logit)
-    pick = np.where(d_right < d_left, right, left)
-    return order[pick], np.minimum(d_left, d_right) <= caliper
+    cand = pos[:, None] + np.arange(-neighbours, neighbours)[None, :]  # (n, 2k), lower logits first
+    valid = (cand >= 0) & (cand < len(order))
+    cand = order[np.clip(cand, 0, len(order) - 1)]
+    d_logit = np.abs(control_logit[cand] - treated_logit[:, None])
+    if treated_owner is not None and control_owner is not None:
+        valid &= control_owner[cand] != treated_owner[:, None]
+    within = valid & (d_logit <= caliper)
+    distance = (d_logit / caliper) ** 2
+    if treated_aux is not None and control_aux is not None:
+        distance = distance + (control_aux[cand] - treated_aux[:, None]) ** 2
+    best_within = np.argmin(np.where(within, distance, np.inf), axis=1)
+    nearest = np.argmin(np.where(valid, d_logit, np.inf), axis=1)
+    ok = within.any(axis=1)
+    col = np.where(ok, best_within, nearest)
+    pick = np.where(valid.any(axis=1), cand[np.arange(n), col], -1)
+    return pick, ok
 
 
 @dataclass
@@ -251,30 +294,51 @@ class Propensity:
     caliper: float
     fit_treated: int
     fit_controls: int
+    design: str = "linear"
+    index_lab_sd: float = 1.0  # pooled SD of the index lab (its matching distance's unit)
 
     def logit(self, x: np.ndarray) -> np.ndarray:
-        return x.astype(np.float64) @ self.coef + self.intercept
+        return design_matrix(x, self.design) @ self.coef + self.intercept
 
 
-def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int = 0) -> Propensity:
-    """Logistic regression treated vs control; caliper = ``caliper_sd`` x pooled SD of the logit
-    (the average of the two groups' variances, so subsampling either group does not move it)."""
+def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int = 0,
+                   design: str = "linear") -> Propensity:
+    """Logistic regression treated vs control on ``design_matrix`` (standardised inside, so the
+    L2 penalty treats every input alike); caliper = ``caliper_sd`` x pooled SD of the logit (the
+    average of the two groups' variances, so subsampling either group does not move it)."""
     from sklearn.linear_model import LogisticRegression
 
-    x = np.concatenate([x_treated, x_controls]).astype(np.float64)
+    x = design_matrix(np.concatenate([x_treated, x_controls]), design)
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    sd = np.where(sd > 1e-9, sd, 1.0)
     label = np.r_[np.ones(len(x_treated)), np.zeros(len(x_controls))]
-    model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(x, label)
-    coef, intercept = model.coef_[0], float(model.intercept_[0])
-    lt, lc = x_treated @ coef + intercept, x_controls @ coef + intercept
-    sd = float(np.sqrt((lt.var() + lc.var()) / 2.0))
-    return Propensity(key, coef, intercept, caliper_sd * max(sd, 1e-9), len(x_treated), len(x_controls))
+    model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit((x - mean) / sd, label)
+    coef = model.coef_[0] / sd
+    intercept = float(model.intercept_[0] - coef @ mean)
+    lt, lc = x[: len(x_treated)] @ coef + intercept, x[len(x_treated):] @ coef + intercept
+    logit_sd = float(np.sqrt((lt.var() + lc.var()) / 2.0))
+    index = np.concatenate([x_treated, x_controls])[:, INDEX_LAB].astype(np.float64)
+    index_sd = float(np.sqrt((index[: len(x_treated)].var() + index[len(x_treated):].var()) / 2.0))
+    return Propensity(key, coef, intercept, caliper_sd * max(logit_sd, 1e-9), len(x_treated), len(x_controls),
+                      design, max(index_sd, 1e-9))
 
 
-def match_stratum(model: Propensity, treated: dict[str, np.ndarray], controls: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], StratumSums]:
+def match_stratum(model: Propensity, treated: dict[str, np.ndarray], controls: dict[str, np.ndarray],
+                  config: DeltaConfig | None = None) -> tuple[dict[str, np.ndarray], StratumSums]:
     """Match one stratum's treated rows to its controls (both of one block); returns one row per
-    treated row (matched or not, with its control and Δ) and the stratum's sums."""
+    treated row (matched or not, with its control and Δ) and the stratum's sums. Without a
+    config: the nearest logit only (1 neighbour, no index lab, own windows allowed)."""
     lt, lc = model.logit(treated["x"]), model.logit(controls["x"])
-    pick, within = match_nearest(lt, lc, model.caliper)
+    options: dict[str, Any] = {}
+    if config is not None:
+        options["neighbours"] = config.neighbours
+        if config.index_lab_weight > 0:  # index lab in caliper units: one caliper = one logit caliper
+            unit = config.caliper_sd * model.index_lab_sd / config.index_lab_weight
+            options["treated_aux"] = treated["x"][:, INDEX_LAB] / unit
+            options["control_aux"] = controls["x"][:, INDEX_LAB] / unit
+        if config.exclude_own_windows:
+            options["treated_owner"], options["control_owner"] = treated["subject_id"], controls["subject_id"]
+    pick, within = match_nearest(lt, lc, model.caliper, **options)
     has_control = pick >= 0
     matched = within & has_control
     j = np.where(has_control, pick, 0)
@@ -301,7 +365,8 @@ def match_stratum(model: Propensity, treated: dict[str, np.ndarray], controls: d
     return rows, sums
 
 
-def match_block(transitions: pa.Table, models: dict[int, Propensity]) -> tuple[pa.Table, dict[int, StratumSums]]:
+def match_block(transitions: pa.Table, models: dict[int, Propensity],
+                config: DeltaConfig | None = None) -> tuple[pa.Table, dict[int, StratumSums]]:
     """Every stratum of one block: treated rows of any split, controls of the training split."""
     cols = {name: transitions.column(name).to_numpy() for name in
             ("subject_id", "split", "window", "window_start", "ladder", "from_level", "to_level")}
@@ -319,7 +384,7 @@ def match_block(transitions: pa.Table, models: dict[int, Propensity]) -> tuple[p
         ci = np.flatnonzero(control_key == stratum_key(li, fl, 0))
         if not len(ti):
             continue
-        rows, sums = match_stratum(model, {n: v[ti] for n, v in cols.items()}, {n: v[ci] for n, v in cols.items()})
+        rows, sums = match_stratum(model, {n: v[ti] for n, v in cols.items()}, {n: v[ci] for n, v in cols.items()}, config)
         out_rows.append(rows)
         out_sums[k] = sums
     if not out_rows:

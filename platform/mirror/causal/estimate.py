@@ -97,15 +97,15 @@ def _sample_task(work: str, k: int, rates: np.ndarray, seed: int) -> dict[int, n
     return {int(u): x[kk == u] for u in np.unique(kk)}
 
 
-def _fit_task(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int) -> D.Propensity:
-    return D.fit_propensity(key, x_treated, x_controls, caliper_sd, seed)
+def _fit_task(key: int, x_treated: np.ndarray, x_controls: np.ndarray, config: D.DeltaConfig) -> D.Propensity:
+    return D.fit_propensity(key, x_treated, x_controls, config.caliper_sd, config.seed, config.propensity)
 
 
-def _match_task(work: str, k: int, models: dict[int, D.Propensity]) -> dict[int, D.StratumSums]:
+def _match_task(work: str, k: int, models: dict[int, D.Propensity], config: D.DeltaConfig) -> dict[int, D.StratumSums]:
     t = _read_block(Path(work), k)
     if not t.num_rows:
         return {}
-    rows, sums = D.match_block(t, models)
+    rows, sums = D.match_block(t, models, config)
     out = Path(work) / "matches"
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(rows, out / f"block-{k:05d}.parquet")
@@ -197,11 +197,11 @@ def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = N
         li, f, _ = D.unpack_key(k)
         control = D.stratum_key(li, f, 0)
         if train_counts[k] >= config.min_treated and train_counts[control] >= config.min_treated:
-            fitted.append(remote(_fit_task).remote(k, x_of[k], x_of[control], config.caliper_sd, config.seed))
+            fitted.append(remote(_fit_task).remote(k, x_of[k], x_of[control], config))
         else:
             unfitted[k] = int(counts[:, k].sum())
     models = {m.key: m for m in ray.get(fitted)}
-    block_sums = ray.get([remote(_match_task).remote(str(work), k, models) for k in range(blocks)])
+    block_sums = ray.get([remote(_match_task).remote(str(work), k, models, config) for k in range(blocks)])
     sums: dict[int, D.StratumSums] = {}
     for part in block_sums:
         for k, s in part.items():

@@ -108,7 +108,9 @@ class _Base(nn.Module):
 
 
 class DeltaPretrainer(_Base):
-    """Stage 1: predict Δ_{t+1} from X_{<=t} (masked MSE per observed entry, summed)."""
+    """Stage 1: predict Δ_{t+1} from X_{<=t}: squared error summed over the entries that are
+    known, the estimated ones and the zeros where no level was added (the paper's sparse Δ: a
+    model must also learn when no treatment effect comes)."""
 
     def __init__(self, config: CausalRNNConfig, info: WindowsInfo) -> None:
         super().__init__(config.__class__(**{**config.__dict__, "mode": "pretrain"}) if config.mode == "none" else config, info)
@@ -118,7 +120,7 @@ class DeltaPretrainer(_Base):
 
     def forward(self, batch: WindowBatch) -> dict[str, torch.Tensor]:
         pred = self.head(self.encoder(batch.x))
-        mask = batch.delta_observed.float()
+        mask = (batch.delta_observed | batch.delta_zero).float()
         return {"loss": (((pred - batch.delta_target) ** 2) * mask).sum(), "delta_entries": mask.sum()}
 
 
@@ -139,6 +141,17 @@ class CausalRNN(_Base):
         self.labs = [LAB_TARGETS.index(t) for t in tasks if t in LAB_TARGETS]
         self.prediction_targets = {t: ("risk" if t in ONSET_TARGETS else "value") for t in tasks}
         self.head = nn.Linear(self.encoder.out_dim, len(self.onsets) + len(self.labs))
+
+    @torch.no_grad()
+    def start_at_base_rates(self, onset_rate: torch.Tensor, lab_mean: torch.Tensor) -> None:
+        """Output biases at the training base rates (logit of each onset's rate among the at-risk,
+        each lab's mean, all four / three targets given). From a zero bias, at a 1% onset rate
+        the first steps mostly lower the bias, and with inputs that are not centred that pushes
+        the weights against the risk factors: the ranking starts inverted and a small sample may
+        stop early there."""
+        rate = onset_rate[self.onsets].clamp(1e-4, 1 - 1e-4)
+        self.head.bias[: len(self.onsets)] = torch.log(rate / (1 - rate))
+        self.head.bias[len(self.onsets):] = lab_mean[self.labs]
 
     def outputs(self, batch: WindowBatch) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.head(self.encoder(_inputs(batch, self.augment)))

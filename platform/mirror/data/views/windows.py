@@ -295,6 +295,9 @@ def window_examples(windows: Windows, subject_id: np.ndarray, lookback: int,
         x[ok, lookback - 1 - back] = feats[src[ok]]
         d_in[ok, lookback - 1 - back] = d_val[src[ok]]
     nxt = t + 1
+    # Δ_{t+1} is 0 by definition (seed 003) where no level was added at t (t >= 1: the
+    # estimator needs window t - 1); an addition without an estimate stays unknown (mask 0).
+    no_addition = (windows.index[t] >= 1)[:, None] & (windows.level[t] == windows.level[np.maximum(t - 1, 0)])
     lab_next = windows.lab_value[nxt][:, _LAB_TARGET_COLUMNS]
     return {
         "subject_id": subject_id[windows.owner[t]].astype(np.int64),
@@ -303,6 +306,7 @@ def window_examples(windows: Windows, subject_id: np.ndarray, lookback: int,
         "delta_in": d_in,
         "delta_target": d_val[nxt],
         "delta_observed": d_obs[nxt],
+        "delta_zero": np.repeat(no_addition, N_LABS, axis=1) & ~d_obs[nxt],
         "onset": windows.onset_in[nxt].astype(np.float32),
         "at_risk": ~windows.has_by_end[t],
         "lab_target": np.nan_to_num((lab_next - LAB_TYPICAL[_LAB_TARGET_COLUMNS]) / LAB_SCALE[_LAB_TARGET_COLUMNS]).astype(np.float32),
@@ -425,7 +429,8 @@ class WindowBatch:
     x: torch.Tensor  # (B, L, N_WINDOW_FEATURES) float32
     delta_in: torch.Tensor  # (B, L, N_DELTA) Δ_{t-L+1..t}, scaled, 0 where none
     delta_target: torch.Tensor  # (B, N_DELTA) Δ_{t+1}
-    delta_observed: torch.Tensor  # (B, N_DELTA) bool
+    delta_observed: torch.Tensor  # (B, N_DELTA) bool: an estimate of Δ_{t+1}
+    delta_zero: torch.Tensor  # (B, N_DELTA) bool: no addition at t, so Δ_{t+1} = 0 by definition
     onset: torch.Tensor  # (B, 4) float 0/1: onset in window t + 1
     at_risk: torch.Tensor  # (B, 4) bool: free of the condition by the end of window t
     lab_target: torch.Tensor  # (B, 3) scaled next LDL, SBP, TG
@@ -440,6 +445,11 @@ class WindowBatch:
     @property
     def size(self) -> int:
         return int(self.subject_id.shape[0])
+
+    def floor_features(self) -> torch.Tensor:
+        """The last window's features, no Δ: what the predictor suite's GLM floor reads (the
+        paper's GLM without Δ)."""
+        return self.x[:, -1]
 
     def to(self, device: Any, non_blocking: bool = True) -> WindowBatch:
         return WindowBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})

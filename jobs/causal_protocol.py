@@ -1,0 +1,131 @@
+"""Seed 003's protocol as one job: no-Δ vs Δ-augmentation vs Δ-pretraining (GRU, LSTM) and the
+GLM with and without Δ, per task and look-back, over seeded train/test draws at several sample
+sizes, with one-sided paired t-tests across draws.
+
+    python jobs/estimate_delta.py --data DIR --name psm
+    ray job submit --working-dir . -- python jobs/causal_protocol.py --data DIR --delta psm \\
+        --sizes 250 1000 5000 --splits 5 --lookbacks 1 3
+
+One Ray task per (sample size, draw) runs every fit of that draw in process (see
+``mirror.causal.protocol`` for why). The MLflow parent run (``--run-name``) holds the results
+table in the paper's shape (``results.json`` and ``results.md``: one row per task and look-back
+per size, stars from the t-test), every fit (``trials.json``), the t-tests (``tests.json``),
+and the pretraining gain by sample size (``gain_by_size.json`` and metrics); one child run per
+draw holds that draw's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mirror.causal.protocol import ProtocolConfig
+
+    d = ProtocolConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset directory with a Δ column set")
+    parser.add_argument("--delta", default=d.delta, help="Δ column set (jobs/estimate_delta.py --name)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(d.sizes), help="training patients per draw")
+    parser.add_argument("--splits", type=int, default=d.splits, help="seeded draws per size (t-test pairs)")
+    parser.add_argument("--tasks", nargs="+", default=list(d.tasks))
+    parser.add_argument("--lookbacks", type=int, nargs="+", default=list(d.lookbacks))
+    parser.add_argument("--cells", nargs="+", default=list(d.cells))
+    parser.add_argument("--no-glm", action="store_true", help="leave out the GLM rows")
+    parser.add_argument("--pool-patients", type=int, default=d.pool_patients)
+    parser.add_argument("--test-patients", type=int, default=d.test_patients)
+    parser.add_argument("--hidden", type=int, default=d.hidden)
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per fit and stage")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between early-stopping checks")
+    parser.add_argument("--patience", type=int, default=d.patience, help="checks without a gain before stopping")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--run-name", default=None, help="MLflow parent run name")
+    parser.add_argument("--out", help="also write the tables here (a directory)")
+    args = parser.parse_args(argv)
+
+    try:
+        config = ProtocolConfig(
+            delta=args.delta, sizes=tuple(args.sizes), splits=args.splits, tasks=tuple(args.tasks),
+            lookbacks=tuple(args.lookbacks), cells=tuple(args.cells), glm=not args.no_glm,
+            pool_patients=args.pool_patients, test_patients=args.test_patients, hidden=args.hidden, steps=args.steps,
+            eval_every=args.eval_every, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        )  # fmt: skip
+        if not (Path(args.data) / "delta" / args.delta).is_dir():
+            raise ValueError(f"--delta {args.delta}: {Path(args.data) / 'delta' / args.delta} does not exist; "
+                             f"write it with jobs/estimate_delta.py --data {args.data} --name {args.delta}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_protocol(args.data, config, args.run_name or f"causal-protocol-{time.strftime('%Y%m%d-%H%M%S')}", args.out)
+    return 0
+
+
+def run_protocol(data: str, config, run_name: str, out: str | None = None) -> dict:
+    import ray
+
+    from mirror import tracking
+    from mirror.causal.protocol import gain_by_size, load_pool, markdown, results_table, run_draw
+    from mirror.cluster import ensure_ray
+    from mirror.data.schema import HELD_OUT, TRAIN
+
+    ensure_ray()
+    started = time.perf_counter()
+    lookback = max(config.lookbacks)
+    train_pool = load_pool(data, TRAIN, config.delta, config.pool_patients, lookback, config.window_weeks)
+    test_pool = load_pool(data, HELD_OUT, config.delta, 2 * config.test_patients, lookback, config.window_weeks,
+                          at_least=config.test_patients)
+    parent = tracking.start_run(run_name, params={"data": data, **config.as_dict()}, tags={"job": "causal_protocol"})
+    tracking.log_metrics(parent, {"pool/train_patients": train_pool.n_patients, "pool/train_examples": len(train_pool.patient),
+                                  "pool/train_patients_read": train_pool.patients_read,
+                                  "pool/test_patients": test_pool.n_patients, "pool/test_examples": len(test_pool.patient)})
+    draw = ray.remote(num_cpus=1)(run_draw)
+    train_ref, test_ref = ray.put(train_pool), ray.put(test_pool)
+    pending = {draw.remote(train_ref, test_ref, size, split, config): (size, split)
+               for size in config.sizes for split in range(config.splits)}
+    trials: list[dict] = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        size, split = pending.pop(done[0])
+        rows = ray.get(done[0])
+        trials += rows
+        child = tracking.start_run(f"{run_name}-n{size}-split{split}", params={"size": size, "split": split},
+                                   tags={"job": "causal_protocol"}, parent_run_id=parent)
+        tracking.log_metrics(child, {f"{r['cell']}/{r['mode']}/{r['task']}/lb{r['lookback']}/{k}": r[k]
+                                     for r in rows for k in ("auroc", "auprc", "mse", "mean_mse") if k in r})
+        tracking.end_run(child)
+        print(f"draw n={size} split={split}: {len(rows)} fits, {sum(r['seconds'] for r in rows):.1f} s", flush=True)
+    table = results_table(trials, config)
+    gains = gain_by_size(table, "pretrain") + gain_by_size(table, "augment")
+    tracking.log_table(parent, table.rows, "results.json")
+    tracking.log_table(parent, table.tests, "tests.json")
+    tracking.log_table(parent, trials, "trials.json")
+    tracking.log_table(parent, gains, "gain_by_size.json")
+    metrics = {f"gain/{g['mode']}/{g['cell']}/n{g['size']}/mean_auroc": g["mean_auroc_gain"] for g in gains}
+    metrics |= {f"gain/{g['mode']}/{g['cell']}/n{g['size']}/significant_wins": g["significant_wins"] for g in gains}
+    metrics["protocol/seconds"] = time.perf_counter() - started
+    metrics["protocol/fits"] = len(trials)
+    tracking.log_metrics(parent, metrics)
+    text = markdown(table)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "results.md").write_text(text)
+        tracking.log_artifact(parent, Path(tmp) / "results.md")
+    tracking.end_run(parent)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.md").write_text(text)
+        for name, rows in (("results", table.rows), ("tests", table.tests), ("trials", trials), ("gain_by_size", gains)):
+            (Path(out) / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(text)
+    print(json.dumps({"run_id": parent, "fits": len(trials), "seconds": round(metrics["protocol/seconds"], 1), "gain_by_size": gains}, indent=1))
+    return {"run_id": parent, "table": table, "trials": trials, "gains": gains}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
