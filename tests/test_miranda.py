@@ -17,6 +17,14 @@ from mirror.data.views.admissions import (
     block_admissions,
     build_index,
 )
+from mirror.evaluation.recommender import (
+    ddi_adjacency,
+    ddi_rate,
+    multilabel_metrics,
+    stay_truth,
+    top_k_regimen,
+    true_length_of_stay,
+)
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
 from mirror.models.miranda import retrieved_elos, soft_elos
@@ -129,21 +137,75 @@ def test_gate_inner_loop_cap_and_modes(batch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # desynchronised ranks hang in a collective: fail, never hang
-def test_ddp_ranks_take_the_same_gate_decisions_and_inner_steps(dataset, tmp_path, monkeypatch):
+def test_ddp_ranks_take_the_same_gate_decisions_and_inner_steps_and_the_run_is_evaluated(dataset, tmp_path, monkeypatch):
+    from mirror.evaluation import evaluate_run
     from mirror.train.driver import run_training
     from mirror.train.spec import build_run_spec
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # gate "above" with δ = -100 opens on every step and loops while H_B >= 0, which the
+    # untrained model's excess stays reach: the inner steps run, and must stay in step
     overrides = {**{f"model.{k}": v for k, v in SMALL.items()},
-                 "model.threshold": 100.0, "model.gate": "below", "model.max_inner_steps": 3,
+                 "model.threshold": -100.0, "model.gate": "above", "model.max_inner_steps": 3,
                  "train.workers": 2, "train.epochs": 1, "train.batch_size": 16, "train.eval_batch_size": 64,
-                 "train.max_steps_per_epoch": 3, "train.storage_path": str(tmp_path / "ray_results")}
+                 "train.max_steps_per_epoch": 4, "train.eval_patients": 200,
+                 "train.storage_path": str(tmp_path / "ray_results")}
     outcome = run_training(build_run_spec("miranda", str(dataset), "miranda-ddp", overrides))
     m = outcome.metrics
     assert m["ddp/param_divergence"] == 0.0
     assert m["train/rank_disagreement"] == 0.0
-    assert m["train/steps_per_rank"] == 3
-    assert m["train/gate"] > 0  # the gate opened on some steps, on both ranks alike
+    assert m["train/steps_per_rank"] == 4
+    assert m["train/gate"] == 1.0
+    assert m["train/inner_steps"] > 0  # inner steps were taken, on both ranks alike
+    # the recommender suite, logged to the run: every number beside its floor
+    e = evaluate_run(outcome.run_id, log_model=False)
+    for key in ("roc_auc", "pr_auc", "jaccard", "precision", "recall", "f1", "ddi_rate", "elos", "true_los"):
+        assert np.isfinite(e[f"eval/{key}"]) and np.isfinite(e[f"baseline/{key}"]), key
+    assert 0 < e["eval/examples"] <= 200 and e["eval/true_los_missing"] == 0
+    assert e["given/true_los_max_abs_error"] < 1e-3  # the truth join reproduces the stored expectation
+    assert e["ceiling/true_los"] <= e["given/true_los"] + 1e-6
+    assert e["baseline/mean_regimen_size"] == e["baseline/top_k"] >= 1
+
+
+def test_recommender_metrics_on_a_hand_example():
+    truth = np.array([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]], bool)
+    scores = np.array([[0.9, 0.2, 0.6, 0.1], [0.1, 0.8, 0.3, 0.2], [0.7, 0.1, 0.1, 0.1]])
+    m = multilabel_metrics(scores, truth)
+    assert m["empty_truth_examples"] == 1 and m["graded_examples"] == 2
+    assert m["jaccard"] == pytest.approx((1 / 3 + 1) / 2)
+    assert m["precision"] == pytest.approx((1 / 2 + 1) / 2) and m["recall"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["roc_auc"] == pytest.approx((0.75 + 1) / 2)  # example 0: 3 of 4 pairs ordered
+    adjacency = np.zeros((4, 4), bool)
+    adjacency[0, 2] = adjacency[2, 0] = True
+    # pairs: example 0 {0, 2}: 1 interacting of 1; example 1 {1}: none; example 2 {0}: none
+    assert ddi_rate(scores >= 0.5, adjacency) == 1.0
+    assert ddi_rate(np.array([[1, 1, 1, 0]], bool), adjacency) == pytest.approx(1 / 3)
+    assert np.isnan(ddi_rate(np.eye(4, dtype=bool), adjacency))
+    floor = top_k_regimen(np.array([0.1, 0.5, 0.3, 0.0]), 2, 3)
+    assert floor.shape == (3, 4) and floor[:, [1, 2]].all() and not floor[:, [0, 3]].any()
+
+
+def test_ddi_table_holds_gamenets_edges_over_the_atc3_vocabulary():
+    from mirror.data.vocabularies import drug_class_id
+
+    ids = drug_class_id()
+    adjacency = ddi_adjacency(len(ids))
+    assert (adjacency == adjacency.T).all() and not adjacency.diagonal().any()
+    assert adjacency.sum() // 2 == 463  # GAMENet's 467, less 4 with a class outside the vocabulary
+    assert adjacency[ids["N02B"], ids["M01A"]]  # the first edge of gamenet_ddi_edges.csv
+
+
+def test_true_length_of_stay_joins_the_ground_truth_and_reproduces_it(batch, dataset):
+    _, b = batch
+    subject, stay = b.subject_id.numpy(), b.stay.numpy()
+    truth = stay_truth(dataset, schema.TRAIN, subject, stay)
+    assert truth.found.all()
+    given = b.target.numpy().astype(bool)
+    los = true_length_of_stay(dataset, truth, {"given": given, "nothing": np.zeros_like(given)})
+    assert np.abs(los["given"] - truth.expected_given).max() < 1e-3
+    assert (los["nothing"] >= los["given"] - 1e-4).all() and (los["nothing"] > los["given"] + 0.1).any()
+    missing = stay_truth(dataset, schema.TRAIN, np.array([-5]), np.array([0]))
+    assert not missing.found.any()  # an unknown stay is reported missing, not invented
 
 
 @pytest.mark.parametrize("name", ["miranda_ablation", "miranda_pbt"])

@@ -229,7 +229,7 @@ class Miranda(nn.Module):
             if grad:
                 ctx.step(blended, "model")
             metrics["inner_steps"] += 1.0
-            p_sum += float(p_rl)
+            p_sum += float(p_rl.detach())
             clamped += float(was_clamped)
         if metrics["inner_steps"]:
             metrics["p_rl"] = p_sum / metrics["inner_steps"]
@@ -273,12 +273,10 @@ class Miranda(nn.Module):
         return torch.sigmoid(self(batch).float()), batch.target
 
     def recommendation_outcomes(self, batch: AdmissionBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-admission outcomes of the recommendation (NaN where undefined): the retrieved
-        ELOS of the prediction and of the regimen actually given."""
+        """Per-admission outcome of any regimen ``scores`` (B, n_labels) (the evaluation asks it
+        of the model's, the given and the floor's): the retrieved ELOS, NaN without candidates."""
         elos, has = retrieved_elos(scores, batch, self.config.top_k, self.config.min_cosine)
-        given, has_given = retrieved_elos(batch.target, batch, self.config.top_k, self.config.min_cosine)
-        nan = torch.full_like(elos, math.nan)
-        return {"elos": torch.where(has, elos, nan), "elos_given": torch.where(has_given, given, nan)}
+        return {"elos": torch.where(has, elos, torch.full_like(elos, math.nan))}
 
 
 MODEL = ModelSpec(
