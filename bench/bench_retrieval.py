@@ -14,7 +14,7 @@ held-out admissions of the same dataset (other patients, as in training).
 * brute force, in the same run: one pass over all N admissions per query (same block, age
   window, not the same patient, the ``pool_size`` nearest in age): queries per second on a
   subset, the ratio, and the agreement of the candidate counts (index = min(pool, brute));
-* the age-only fallback's rate at this N;
+* the fallbacks' rates at this N: age alone, and the nearest procedure set (Jaccard);
 * the 100M sizing: bytes x 1e8, build time scaled by N log N, queries at the measured rate.
 
 Writes ``bench/results/retrieval.json``.
@@ -40,6 +40,7 @@ from mirror.data.views.admissions import (
     RetrievalIndex,
     block_admissions,
     build_index,
+    pack_regimen,
 )
 
 QUERY_BATCH = 8_192
@@ -56,8 +57,8 @@ def traced(fn):
     return out, seconds, peak
 
 
-def held_out_queries(root: Path, n_labs: int, min_age: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    keys, ages, subjects = [], [], []
+def held_out_queries(root: Path, n_labs: int, n_procedures: int, min_age: float) -> tuple[np.ndarray, ...]:
+    keys, ages, subjects, sets = [], [], [], []
     for file in schema.split_files(root, schema.HELD_OUT):
         for batch in pq.ParquetFile(file).iter_batches(columns=READ_COLUMNS, batch_size=8192):
             adm = block_admissions(pa.Table.from_batches([batch]), n_labs)
@@ -65,7 +66,9 @@ def held_out_queries(root: Path, n_labs: int, min_age: float) -> tuple[np.ndarra
             keys.append(adm.procedure_key[adult])
             ages.append(adm.age[adult])
             subjects.append(adm.subject[adult])
-    return np.concatenate(keys), np.concatenate(ages), np.concatenate(subjects)
+            proc_adm, proc = adm.sets["procedures"]
+            sets.append(pack_regimen(proc_adm, proc, len(adm.owner), n_procedures)[adult])
+    return np.concatenate(keys), np.concatenate(ages), np.concatenate(subjects), np.concatenate(sets)
 
 
 def brute_force_counts(index_inputs: dict[str, np.ndarray], key: np.ndarray, age: np.ndarray, subject: np.ndarray,
@@ -94,8 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.data)
     meta = schema.DatasetMetadata.read(root)
     n_labels, n_labs, min_age = meta.vocab["medication"], meta.vocab["lab"], 18.0
+    n_procedures = meta.vocab["procedure"]
 
-    source, counts = build_index(root, n_labels, n_labs, min_age)
+    source, counts = build_index(root, n_labels, n_labs, min_age, n_procedures)
     rng = np.random.default_rng(0)
     draw = rng.integers(0, source.size, args.admissions)
     block = (source.sort_key // _AGE_SPAN).astype(np.int64)
@@ -103,17 +107,19 @@ def main(argv: list[str] | None = None) -> dict:
               "subject": np.arange(args.admissions, dtype=np.int64) + 10**12,
               "los": source.los[draw], "regimen": source.regimen[draw]}
     index, build_s, build_peak = traced(lambda: RetrievalIndex.build(
-        inputs["key"], inputs["age"], inputs["subject"], inputs["los"], inputs["regimen"], n_labels))
+        inputs["key"], inputs["age"], inputs["subject"], inputs["los"], inputs["regimen"], n_labels,
+        source.block_keys, source.block_sets))
 
-    held_key, held_age, held_subject = held_out_queries(root, n_labs, min_age)
+    held_key, held_age, held_subject, held_sets = held_out_queries(root, n_labs, n_procedures, min_age)
     pick = rng.integers(0, len(held_key), args.queries)
-    q_key, q_age, q_subject = held_key[pick], held_age[pick], held_subject[pick]
+    q_key, q_age, q_subject, q_sets = held_key[pick], held_age[pick], held_subject[pick], held_sets[pick]
 
-    def query_all(fallback: bool) -> tuple[np.ndarray, np.ndarray]:
+    def query_all(fallback: bool, nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
         valid_n, fell = [], []
         for lo in range(0, len(q_key), QUERY_BATCH):
             sl = slice(lo, lo + QUERY_BATCH)
-            _, valid, fell_back = index.query(q_key[sl], q_age[sl], q_subject[sl], args.pool_size, args.age_window, fallback)
+            _, valid, fell_back = index.query(q_key[sl], q_age[sl], q_subject[sl], args.pool_size, args.age_window,
+                                              fallback, q_sets[sl] if nearest else None)
             valid_n.append(valid.sum(1))
             fell.append(fell_back)
         return np.concatenate(valid_n), np.concatenate(fell)
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     query_all(True)  # warm: the first pass pays page faults of the index's arrays
     (exact_n, _), query_s, query_peak = traced(lambda: query_all(False))
     (_, fell), fallback_s, _ = traced(lambda: query_all(True))
+    (near_n, fell_near), nearest_s, _ = traced(lambda: query_all(False, nearest=True))
     sub = rng.choice(len(q_key), min(args.brute_queries, len(q_key)), replace=False)
     start = time.perf_counter()
     brute_n = brute_force_counts(inputs, q_key[sub], q_age[sub], q_subject[sub], args.pool_size, args.age_window)
@@ -139,7 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
         "query": {"queries_per_s": round(index_qps), "peak_traced_mib_per_batch_of_8192": round(query_peak / 2**20, 1),
                   "with_fallback_queries_per_s": round(len(q_key) / fallback_s),
                   "empty_without_fallback": round(float((exact_n == 0).mean()), 4),
-                  "fell_back_to_age": round(float(fell.mean()), 4)},
+                  "fell_back_to_age": round(float(fell.mean()), 4),
+                  "nearest_set_queries_per_s": round(len(q_key) / nearest_s),
+                  "fell_back_to_nearest_set": round(float(fell_near.mean()), 4),
+                  "empty_after_nearest_set": round(float((near_n == 0).mean()), 4),
+                  "mean_candidates": {"exact": round(float(exact_n.mean()), 1), "nearest": round(float(near_n.mean()), 1)}},
         "brute_force": {"queries": int(len(sub)), "queries_per_s": round(brute_qps, 1),
                         "index_speedup": round(index_qps / brute_qps),
                         "count_agreement": float((exact_n[sub] == brute_n).mean())},

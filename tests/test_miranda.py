@@ -16,6 +16,7 @@ from mirror.data.views.admissions import (
     RetrievalIndex,
     block_admissions,
     build_index,
+    pack_regimen,
 )
 from mirror.evaluation.recommender import (
     ddi_adjacency,
@@ -49,6 +50,25 @@ def test_index_query_blocks_by_procedure_set_and_age_and_excludes_the_patient():
     assert not valid.any()
 
 
+def test_nearest_set_matching_searches_the_block_of_the_most_similar_procedure_set():
+    n_labels = 10
+    regimen = np.packbits(np.eye(n_labels, dtype=bool)[[0, 1, 2, 3]], axis=1)
+    sets = np.packbits(np.array([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0]], bool), axis=1)
+    index = RetrievalIndex.build(
+        key=np.array([7, 9, 11, 9], np.uint64), age=np.array([40.0, 41.0, 42.0, 70.0]), subject=np.array([1, 2, 3, 4]),
+        los=np.ones(4, np.float32), regimen=regimen, n_labels=n_labels,
+        set_keys=np.array([7, 9, 11, 9], np.uint64), sets=sets[[0, 1, 2, 1]],
+    )
+    query = np.packbits(np.array([[1, 1, 1, 1, 0, 0, 0, 0]], bool), axis=1)  # {0,1,2,3}: nearest is block 9
+    pos, valid, fell_back = index.query(np.array([8], np.uint64), np.array([43.0]), np.array([6]), 4, 5.0,
+                                        fallback=False, query_sets=query)
+    assert index.subject[pos[0][valid[0]]].tolist() == [2] and fell_back[0]  # not subject 4: age 70
+    # the query's own (empty) block is never "nearest": block 7 with only its own patient
+    pos, valid, _ = index.query(np.array([7], np.uint64), np.array([40.0]), np.array([1]), 4, 5.0,
+                                fallback=False, query_sets=sets[[0]])
+    assert index.subject[pos[0][valid[0]]].tolist() == [2]
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, ray_cluster):
     from mirror.data.simulator import generate_dataset
@@ -72,6 +92,17 @@ def test_retrieval_pool_holds_training_admissions_of_other_patients_only(dataset
         pos, valid, _ = index.query(adm.procedure_key, adm.age, adm.subject, 64, 5.0, True)
         assert valid.any()
         assert (index.subject[pos][valid] != np.broadcast_to(adm.subject[:, None], pos.shape)[valid]).all()
+    # nearest-set matching: one packed set per block; it only adds candidates where none were
+    with_sets, _ = build_index(dataset, meta.vocab["medication"], meta.vocab["lab"], 18.0, meta.vocab["procedure"])
+    assert with_sets.block_sets.shape == (len(with_sets.block_keys), (meta.vocab["procedure"] + 7) // 8)
+    table = pq.read_table(schema.split_files(dataset, schema.HELD_OUT)[0], columns=READ_COLUMNS)
+    adm = block_admissions(table, meta.vocab["lab"])
+    proc_adm, proc = adm.sets["procedures"]
+    sets = pack_regimen(proc_adm, proc, len(adm.owner), meta.vocab["procedure"])
+    _, exact, _ = with_sets.query(adm.procedure_key, adm.age, adm.subject, 64, 5.0, False)
+    _, near, fell = with_sets.query(adm.procedure_key, adm.age, adm.subject, 64, 5.0, False, sets)
+    assert (near[exact.any(1)] == exact[exact.any(1)]).all() and not fell[exact.any(1)].any()
+    assert near.any(1).sum() > exact.any(1).sum() and fell.sum() == near.any(1).sum() - exact.any(1).sum()
 
 
 @pytest.fixture(scope="module")
