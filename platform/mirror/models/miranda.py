@@ -38,8 +38,9 @@ term's (ε(1-λ)λ = 0.018 x BCE; norms 0.013 vs 0.0012, cos(∇L', ∇BCE) -0.0
 follow P_RL, not BCE. Adam ignores the loss's scale only for its first step (update norm 0.33
 for L vs 0.27 for 0.02 L); inside a run its second moments come from the BCE steps, so a P_RL
 gradient ~B times smaller than the batch mean's takes ~B times smaller steps: five inner
-steps moved the batch's H_B by -0.004 days with ``sum`` against -0.045 with ``mean`` (BCE
-+0.001 vs +0.022; five plain BCE steps: H_B -0.042, BCE +0.008 on that batch). So ``mean``
+steps moved the batch's H_B by -0.004 days with ``sum`` against -0.045 with ``mean`` (sd over
+the 8 batches 0.027 and 0.040; BCE +0.001 vs +0.022; five plain BCE steps: H_B -0.042, BCE
++0.008 on that batch: on this probe the phase is no better at lowering H_B than more BCE). So ``mean``
 (upstream's scale) is the default, which lets the phase act; ``sum`` stays selectable (and in
 the ablation grid) for the paper's exact objective. No separate SGD optimiser: with ``mean``
 the shared Adam already gives the inner steps a step size comparable to the BCE steps.
