@@ -11,7 +11,8 @@ already finished is read back, not retrained. The arms differ only in ``model.ph
 sets ``train.seed`` (initialisation and shuffling) on the same data. The table pairs the arms
 by seed (``scipy.stats.ttest_rel``, two-sided) and shows the floor (most-frequent regimen) and
 the given regimen beside them. Writes ``bench/results/miranda_acceptance.json`` and prints a
-markdown table.
+markdown table. With ``--deadline`` no seed pair starts that would end after it (the longest
+pair so far sets the estimate); the table then holds the seeds that finished, and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +91,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--experiment", default="miranda-acceptance")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides common to both arms")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "miranda_acceptance.json"))
+    parser.add_argument("--deadline", type=lambda v: datetime.fromisoformat(v),
+                        help="ISO time (e.g. 2026-11-30T15:55+00:00): no seed pair starts that would end after it")
     args = parser.parse_args(argv)
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    longest = 0.0
     for seed in range(args.seeds):
+        if args.deadline and time.time() + longest > args.deadline.timestamp():
+            print(f"stopping before seed {seed}: a pair takes up to {longest:.0f} s, the deadline is {args.deadline}")
+            break
+        start = time.time()
         for arm in ARMS:
             runs[arm].append(run_arm(args.data, arm, seed, args.prefix, args.experiment, args.set))
+        longest = max(longest, time.time() - start)
+    n = len(runs["optimise"])
     rows = paired_table(runs)
-    table = markdown(rows, args.seeds)
-    result = {"data": args.data, "seeds": args.seeds, "overrides": args.set, "tracking_uri": tracking.tracking_uri(),
+    table = markdown(rows, n)
+    result = {"data": args.data, "seeds": n, "seeds_requested": args.seeds, "overrides": args.set,
+              "tracking_uri": tracking.tracking_uri(),
               "runs": {arm: [r["run_id"] for r in rs] for arm, rs in runs.items()},
               "train_inner_steps": [r.get("train/inner_steps", np.nan) for r in runs["optimise"]],
               "train_gate": [r.get("train/gate", np.nan) for r in runs["optimise"]],
