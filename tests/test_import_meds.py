@@ -94,6 +94,18 @@ def test_mimic_demo_diagnoses_reconcile_with_diagnoses_icd(mimic):
 
 
 @needs_fixtures
+def test_mimic_demo_medications_are_linked_to_their_stays(mimic):
+    """The demo's medication starts carry no hadm_id: they are linked to stays by time, so
+    medication recommenders (the admissions view) get regimens."""
+    from mirror.data.views.admissions import AdmissionsViewConfig, count_admissions
+
+    out, summary = mimic
+    assert summary["provenance"]["modalities"]["medication_starts"]["stay_key_outside_stay"] == 0
+    report = count_admissions(out, S.TRAIN, AdmissionsViewConfig())
+    assert report.kept > 200 and report.empty_regimen < 0.2 * report.kept
+
+
+@needs_fixtures
 def test_mimic_demo_validates(mimic):
     """Every rule passes (source splits are kept, so the id-based split rule is skipped). Events
     keyed to a stay but timed outside it lose the link, counted."""

@@ -16,6 +16,15 @@ from mirror.data.views.admissions import (
     RetrievalIndex,
     block_admissions,
     build_index,
+    pack_regimen,
+)
+from mirror.evaluation.recommender import (
+    ddi_adjacency,
+    ddi_rate,
+    multilabel_metrics,
+    stay_truth,
+    top_k_regimen,
+    true_length_of_stay,
 )
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
@@ -41,6 +50,25 @@ def test_index_query_blocks_by_procedure_set_and_age_and_excludes_the_patient():
     assert not valid.any()
 
 
+def test_nearest_set_matching_searches_the_block_of_the_most_similar_procedure_set():
+    n_labels = 10
+    regimen = np.packbits(np.eye(n_labels, dtype=bool)[[0, 1, 2, 3]], axis=1)
+    sets = np.packbits(np.array([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0]], bool), axis=1)
+    index = RetrievalIndex.build(
+        key=np.array([7, 9, 11, 9], np.uint64), age=np.array([40.0, 41.0, 42.0, 70.0]), subject=np.array([1, 2, 3, 4]),
+        los=np.ones(4, np.float32), regimen=regimen, n_labels=n_labels,
+        set_keys=np.array([7, 9, 11, 9], np.uint64), sets=sets[[0, 1, 2, 1]],
+    )
+    query = np.packbits(np.array([[1, 1, 1, 1, 0, 0, 0, 0]], bool), axis=1)  # {0,1,2,3}: nearest is block 9
+    pos, valid, fell_back = index.query(np.array([8], np.uint64), np.array([43.0]), np.array([6]), 4, 5.0,
+                                        fallback=False, query_sets=query)
+    assert index.subject[pos[0][valid[0]]].tolist() == [2] and fell_back[0]  # not subject 4: age 70
+    # the query's own (empty) block is never "nearest": block 7 with only its own patient
+    pos, valid, _ = index.query(np.array([7], np.uint64), np.array([40.0]), np.array([1]), 4, 5.0,
+                                fallback=False, query_sets=sets[[0]])
+    assert index.subject[pos[0][valid[0]]].tolist() == [2]
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, ray_cluster):
     from mirror.data.simulator import generate_dataset
@@ -64,6 +92,17 @@ def test_retrieval_pool_holds_training_admissions_of_other_patients_only(dataset
         pos, valid, _ = index.query(adm.procedure_key, adm.age, adm.subject, 64, 5.0, True)
         assert valid.any()
         assert (index.subject[pos][valid] != np.broadcast_to(adm.subject[:, None], pos.shape)[valid]).all()
+    # nearest-set matching: one packed set per block; it only adds candidates where none were
+    with_sets, _ = build_index(dataset, meta.vocab["medication"], meta.vocab["lab"], 18.0, meta.vocab["procedure"])
+    assert with_sets.block_sets.shape == (len(with_sets.block_keys), (meta.vocab["procedure"] + 7) // 8)
+    table = pq.read_table(schema.split_files(dataset, schema.HELD_OUT)[0], columns=READ_COLUMNS)
+    adm = block_admissions(table, meta.vocab["lab"])
+    proc_adm, proc = adm.sets["procedures"]
+    sets = pack_regimen(proc_adm, proc, len(adm.owner), meta.vocab["procedure"])
+    _, exact, _ = with_sets.query(adm.procedure_key, adm.age, adm.subject, 64, 5.0, False)
+    _, near, fell = with_sets.query(adm.procedure_key, adm.age, adm.subject, 64, 5.0, False, sets)
+    assert (near[exact.any(1)] == exact[exact.any(1)]).all() and not fell[exact.any(1)].any()
+    assert near.any(1).sum() > exact.any(1).sum() and fell.sum() == near.any(1).sum() - exact.any(1).sum()
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +168,75 @@ def test_gate_inner_loop_cap_and_modes(batch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # desynchronised ranks hang in a collective: fail, never hang
-def test_ddp_ranks_take_the_same_gate_decisions_and_inner_steps(dataset, tmp_path, monkeypatch):
+def test_ddp_ranks_take_the_same_gate_decisions_and_inner_steps_and_the_run_is_evaluated(dataset, tmp_path, monkeypatch):
+    from mirror.evaluation import evaluate_run
     from mirror.train.driver import run_training
     from mirror.train.spec import build_run_spec
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # gate "above" with δ = -100 opens on every step and loops while H_B >= 0, which the
+    # untrained model's excess stays reach: the inner steps run, and must stay in step
     overrides = {**{f"model.{k}": v for k, v in SMALL.items()},
-                 "model.threshold": 100.0, "model.gate": "below", "model.max_inner_steps": 3,
+                 "model.threshold": -100.0, "model.gate": "above", "model.max_inner_steps": 3,
                  "train.workers": 2, "train.epochs": 1, "train.batch_size": 16, "train.eval_batch_size": 64,
-                 "train.max_steps_per_epoch": 3, "train.storage_path": str(tmp_path / "ray_results")}
+                 "train.max_steps_per_epoch": 4, "train.eval_patients": 200,
+                 "train.storage_path": str(tmp_path / "ray_results")}
     outcome = run_training(build_run_spec("miranda", str(dataset), "miranda-ddp", overrides))
     m = outcome.metrics
     assert m["ddp/param_divergence"] == 0.0
     assert m["train/rank_disagreement"] == 0.0
-    assert m["train/steps_per_rank"] == 3
-    assert m["train/gate"] > 0  # the gate opened on some steps, on both ranks alike
+    assert m["train/steps_per_rank"] == 4
+    assert m["train/gate"] == 1.0
+    assert m["train/inner_steps"] > 0  # inner steps were taken, on both ranks alike
+    # the recommender suite, logged to the run: every number beside its floor
+    e = evaluate_run(outcome.run_id, log_model=False)
+    for key in ("roc_auc", "pr_auc", "jaccard", "precision", "recall", "f1", "ddi_rate", "elos", "true_los"):
+        assert np.isfinite(e[f"eval/{key}"]) and np.isfinite(e[f"baseline/{key}"]), key
+    assert 0 < e["eval/examples"] <= 200 and e["eval/true_los_missing"] == 0
+    assert e["given/true_los_max_abs_error"] < 1e-3  # the truth join reproduces the stored expectation
+    assert e["ceiling/true_los"] <= e["given/true_los"] + 1e-6
+    assert e["baseline/mean_regimen_size"] == e["baseline/top_k"] >= 1
+
+
+def test_recommender_metrics_on_a_hand_example():
+    truth = np.array([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]], bool)
+    scores = np.array([[0.9, 0.2, 0.6, 0.1], [0.1, 0.8, 0.3, 0.2], [0.7, 0.1, 0.1, 0.1]])
+    m = multilabel_metrics(scores, truth)
+    assert m["empty_truth_examples"] == 1 and m["graded_examples"] == 2
+    assert m["jaccard"] == pytest.approx((1 / 3 + 1) / 2)
+    assert m["precision"] == pytest.approx((1 / 2 + 1) / 2) and m["recall"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["roc_auc"] == pytest.approx((0.75 + 1) / 2)  # example 0: 3 of 4 pairs ordered
+    adjacency = np.zeros((4, 4), bool)
+    adjacency[0, 2] = adjacency[2, 0] = True
+    # pairs: example 0 {0, 2}: 1 interacting of 1; example 1 {1}: none; example 2 {0}: none
+    assert ddi_rate(scores >= 0.5, adjacency) == 1.0
+    assert ddi_rate(np.array([[1, 1, 1, 0]], bool), adjacency) == pytest.approx(1 / 3)
+    assert np.isnan(ddi_rate(np.eye(4, dtype=bool), adjacency))
+    floor = top_k_regimen(np.array([0.1, 0.5, 0.3, 0.0]), 2, 3)
+    assert floor.shape == (3, 4) and floor[:, [1, 2]].all() and not floor[:, [0, 3]].any()
+
+
+def test_ddi_table_holds_gamenets_edges_over_the_atc3_vocabulary():
+    from mirror.data.vocabularies import drug_class_id
+
+    ids = drug_class_id()
+    adjacency = ddi_adjacency(len(ids))
+    assert (adjacency == adjacency.T).all() and not adjacency.diagonal().any()
+    assert adjacency.sum() // 2 == 463  # GAMENet's 467, less 4 with a class outside the vocabulary
+    assert adjacency[ids["N02B"], ids["M01A"]]  # the first edge of gamenet_ddi_edges.csv
+
+
+def test_true_length_of_stay_joins_the_ground_truth_and_reproduces_it(batch, dataset):
+    _, b = batch
+    subject, stay = b.subject_id.numpy(), b.stay.numpy()
+    truth = stay_truth(dataset, schema.TRAIN, subject, stay)
+    assert truth.found.all()
+    given = b.target.numpy().astype(bool)
+    los = true_length_of_stay(dataset, truth, {"given": given, "nothing": np.zeros_like(given)})
+    assert np.abs(los["given"] - truth.expected_given).max() < 1e-3
+    assert (los["nothing"] >= los["given"] - 1e-4).all() and (los["nothing"] > los["given"] + 0.1).any()
+    missing = stay_truth(dataset, schema.TRAIN, np.array([-5]), np.array([0]))
+    assert not missing.found.any()  # an unknown stay is reported missing, not invented
 
 
 @pytest.mark.parametrize("name", ["miranda_ablation", "miranda_pbt"])

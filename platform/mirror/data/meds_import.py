@@ -684,11 +684,17 @@ class _Stays:
         """Stay index (into the subject's admissions) of each event, or ``NO_STAY``. A keyed
         event (``hadm_id``) timed outside its stay's weeks (real data: labs drawn in the
         emergency department before admission, procedures charted after discharge) keeps its
-        time and loses the link, counted as ``<label>.stay_key_outside_stay``."""
+        time and loses the link, counted as ``<label>.stay_key_outside_stay``. Events of which
+        none carries a key in a keyed source (MIMIC-IV demo MEDS: medication starts have no
+        ``hadm_id``) are linked by time, as in an unkeyed source; when some are keyed, an
+        unkeyed one is outside any stay (a round trip through ``export_meds`` stays exact)."""
         out = np.full(events.size, S.NO_STAY, np.int64)
         if not events.size or not self.seg.size:
             return out
         c = self.c
+        if self.key is not None and not c.has_key[events].any():
+            self.counts[f"{label}.stay_key_outside_stay"] += 0  # reported: none of them is keyed
+            return self._contained(events)
         if self.key is not None:
             has = c.has_key[events]
             ev = events[has]
@@ -705,7 +711,15 @@ class _Stays:
             self.counts[f"{label}.stay_key_outside_stay"] += int(outside.sum())
             out[has] = np.where(outside, S.NO_STAY, lookup[ge])
             return out
-        # Containment: the last admission of the subject at or before the event.
+        return self._contained(events)
+
+    def _contained(self, events: np.ndarray) -> np.ndarray:
+        """Stay index of the last admission of the subject at or before each event, if the
+        event is before its discharge; else ``NO_STAY``."""
+        out = np.full(events.size, S.NO_STAY, np.int64)
+        if not events.size:
+            return out
+        c = self.c
         times = np.unique(np.r_[c.t[events], self.admit_t])
         key_s = (self.seg << 32) | np.searchsorted(times, self.admit_t)
         key_e = (c.seg[events] << 32) | np.searchsorted(times, c.t[events])

@@ -5,7 +5,8 @@ A model is evaluated by the suites of the capabilities it declares, never by its
 
 * ``sequence_decoder``: the four tasks of seed 000, latent probes, white-box membership;
 * ``predictor``: AUROC/AUPRC per risk target, MSE per value target;
-* ``recommender``: Jaccard, F1 and PR-AUC of the multi-label recommendation;
+* ``recommender``: ROC-AUC, PR-AUC, Jaccard, precision, recall, F1, DDI rate, the model's own
+  outcomes (ELOS) and, on simulated data, the true expected length of stay;
 * ``generator``: the synthetic-data scorecard behind the privacy gate (on request, since it
   samples and scores thousands of patients).
 
@@ -29,7 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mirror import storage, tracking  # noqa: E402
 from mirror.checkpoint import LoadedRun, load_run  # noqa: E402
 from mirror.cluster import ensure_ray  # noqa: E402
-from mirror.evaluation.scores import predictor_suite, recommender_suite  # noqa: E402
+from mirror.evaluation.recommender import recommender_suite  # noqa: E402
+from mirror.evaluation.scores import predictor_suite  # noqa: E402
 from mirror.evaluation.sequence import sequence_suite  # noqa: E402
 from mirror.models.base import ModelSpec  # noqa: E402
 

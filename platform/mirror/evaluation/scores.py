@@ -7,8 +7,7 @@ number beside a floor that uses no model.
   per-example feature matrix, e.g. the windows view's last window), a second floor is a GLM on
   them (logistic or ridge regression, scikit-learn, fitted on training examples):
   ``baseline/glm/<target>/...``. A model has to beat a regression on the same inputs.
-* Recommender: sample-averaged Jaccard and F1 at a 0.5 threshold, and micro PR-AUC (floor: every
-  example gets the training split's label frequencies as scores, thresholded the same way).
+* Recommender: ``mirror.evaluation.recommender``.
 
 Scores are kept per example for the exact rank metrics: at most ``train.eval_patients``
 examples (never the whole split), a few floats each.
@@ -121,41 +120,3 @@ def _floor_features(batch) -> np.ndarray | None:
 def _mse(score: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean((score - target) ** 2)) if len(target) else float("nan")
 
-
-def multilabel_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Sample-averaged Jaccard and F1 of ``scores >= threshold`` against ``truth``, and micro
-    PR-AUC of the scores; examples with an empty truth and prediction count as perfect."""
-    predicted = scores >= threshold
-    truth = truth.astype(bool)
-    both = (predicted & truth).sum(1)
-    either = (predicted | truth).sum(1)
-    sizes = predicted.sum(1) + truth.sum(1)
-    jaccard = np.where(either > 0, both / np.maximum(either, 1), 1.0)
-    f1 = np.where(sizes > 0, 2 * both / np.maximum(sizes, 1), 1.0)
-    pr_auc = float(average_precision_score(truth.ravel(), scores.ravel())) if truth.any() else float("nan")
-    return {"jaccard": float(jaccard.mean()), "f1": float(f1.mean()), "pr_auc": pr_auc}
-
-
-@torch.no_grad()
-def recommender_suite(loaded: LoadedRun, artifacts: Path) -> dict[str, float]:
-    """Jaccard, F1 and PR-AUC on held-out examples, beside the label-frequency floor."""
-    model = loaded.model
-    counts: np.ndarray | None = None
-    n_train = 0
-    for batch in _examples(loaded, TRAIN, FLOOR_EXAMPLES):
-        _, truth = model.recommend(batch)
-        batch_counts = truth.double().sum(0).cpu().numpy()
-        counts = batch_counts if counts is None else counts + batch_counts
-        n_train += truth.shape[0]
-    scores, truths = [], []
-    for batch in _examples(loaded, HELD_OUT, loaded.spec.train.eval_patients):
-        score, truth = model.recommend(batch)
-        scores.append(score.double().cpu().numpy())
-        truths.append(truth.cpu().numpy())
-    score, truth = np.concatenate(scores), np.concatenate(truths)
-    frequency = (counts if counts is not None else np.zeros(truth.shape[1])) / max(1, n_train)
-    out = {f"eval/{k}": v for k, v in multilabel_metrics(score, truth).items()}
-    floor = np.broadcast_to(frequency, truth.shape)
-    out |= {f"baseline/{k}": v for k, v in multilabel_metrics(floor, truth).items()}
-    out["eval/examples"] = float(len(truth))
-    return out

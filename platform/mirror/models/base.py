@@ -168,7 +168,10 @@ class Predictor(Protocol):
 
 @runtime_checkable
 class Recommender(Protocol):
-    """A multi-label recommendation per example (admission): Jaccard, F1, PR-AUC."""
+    """A multi-label recommendation per example (admission): ROC-AUC, PR-AUC, Jaccard, F1, DDI
+    (``mirror.evaluation.recommender``). Optional: ``recommendation_outcomes(batch, scores) ->
+    {name: (B,) tensor}``, the model's own outcome of any regimen (MiranDa: retrieved ELOS),
+    which the suite scores for the model's, the given and the floor's regimens."""
 
     def recommend(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores in [0, 1] and the multi-hot truth, both (B, n_labels)."""

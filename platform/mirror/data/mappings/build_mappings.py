@@ -1,6 +1,6 @@
 """Derive the importer's code-mapping tables from their public sources (run once by a developer).
 
-    python platform/mirror/data/mappings/build_mappings.py ../shared/fixtures/mappings
+    python platform/mirror/data/mappings/build_mappings.py ../shared/fixtures/mappings [ddi]
 
 Writes, beside this file, small gzip CSVs that ``mirror.data.meds_import`` reads at run time
 (so importing needs neither the sources nor network access):
@@ -16,6 +16,10 @@ Writes, beside this file, small gzip CSVs that ``mirror.data.meds_import`` reads
   ATC table). A name in several classes takes the class with the most US NDC products in
   ``gsn_atc_ndc_mapping`` (ties: alphabetical), so dexamethasone is H02A, not A01A.
 * ``ndc_atc3.csv.gz``, ``gsn_atc3.csv.gz``  NDC / GSN -> ATC level 3 (ETHOS, MIT).
+* ``ddi_atc3.csv.gz``            drug-drug-interaction edges between ATC-3 classes: GAMENet's
+  adjacency (``gamenet/gamenet_ddi_edges.csv``, its ``ddi_A_final`` over the ATC-3 ``med_voc``;
+  MIT, ``LICENSE.GAMENet``), the recommenders' DDI rate. Undirected, one row per pair
+  (``atc3_a < atc3_b``); pairs with a class outside the vocabulary are dropped and counted.
 
 Only classes in the platform's vocabularies are kept as targets; everything else stays in
 the source as a row with an empty target so the importer can tell "known code outside the
@@ -86,6 +90,27 @@ def build(src: Path) -> None:
     atc = atc.sort_values(["name", "products", "atc3"], ascending=[True, False, True])
     atc.drop_duplicates("name")[["name", "atc3"]].to_csv(HERE / "drug_name_atc3.csv.gz", index=False)
 
+    build_ddi(src, atc3)
+
+
+def build_ddi(src: Path, atc3: set[str]) -> None:
+    """GAMENet's DDI edges as sorted, deduplicated ATC-3 pairs inside the vocabulary."""
+    edges = pd.read_csv(src / "gamenet/gamenet_ddi_edges.csv", dtype=str)
+    pairs = pd.DataFrame({"atc3_a": edges[["atc_a", "atc_b"]].min(axis=1),
+                          "atc3_b": edges[["atc_a", "atc_b"]].max(axis=1)})
+    pairs = pairs[pairs.atc3_a != pairs.atc3_b].drop_duplicates()
+    inside = pairs.atc3_a.isin(atc3) & pairs.atc3_b.isin(atc3)
+    print(f"ddi_atc3: {len(edges)} GAMENet edges -> {len(pairs)} pairs, {int((~inside).sum())} dropped "
+          f"(a class outside the vocabulary): {sorted((set(pairs[~inside].atc3_a) | set(pairs[~inside].atc3_b)) - atc3)}")
+    pairs[inside].sort_values(["atc3_a", "atc3_b"]).to_csv(HERE / "ddi_atc3.csv.gz", index=False)
+
 
 if __name__ == "__main__":
-    build(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/fixtures/mappings"))
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/fixtures/mappings")
+    if sys.argv[2:] == ["ddi"]:  # only the DDI table (the others need the ETHOS sources)
+        sys.path.insert(0, str(HERE.parents[2]))
+        from mirror.data.vocabularies import drug_class_id
+
+        build_ddi(source, set(drug_class_id()))
+    else:
+        build(source)

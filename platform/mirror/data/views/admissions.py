@@ -16,16 +16,19 @@ An example is admission ``j`` of a patient. It carries:
   split that share the admission's procedure set (a 64-bit set hash) and whose patients were
   within ``age_window`` years of age, never the query's own patient (so never the query
   itself); with ``fallback = "age"`` an admission whose procedure block has no candidate
-  falls back to the age window over the whole pool (counted). Candidates are the pool size
+  falls back to the age window over the whole pool (counted); with ``"nearest"`` it first
+  tries the block whose procedure set is nearest (Jaccard) to its own, then age alone. Candidates are the pool size
   nearest in age inside the block; the model ranks them by cosine similarity to its
   prediction.
 
 The retrieval index (``RetrievalIndex``) is built once per view (so once per run, on the
 driver) from the training split only, and put in the Ray object store: every read task of
 every worker gets the same arrays, zero-copy. Scaling: the index is blocking by procedure set
-plus an in-block binary search on age, sorted once; memory is ~(8 + 8 + 4 + ceil(n/8)) bytes
-per training admission (sort key, subject, LOS, packed regimen): ~5.1 GB at 100M admissions
-with 243 classes; a query is two binary searches and a gather (``bench/bench_retrieval.py``).
+plus an in-block binary search on age, sorted once; memory is 8 + 8 + 8 + 8 + 4 + ceil(n/8)
+bytes per training admission (sort key, age, age order, subject, LOS, packed regimen): 67 B
+with 243 classes, 6.2 GiB at 100M admissions; a query is two binary searches and a gather
+(``bench/bench_retrieval.py``: at 1M admissions, built in 0.74 s, ~820K queries/s, 1,750x
+brute force).
 
 Admissions of patients under ``min_age`` (seed 004: adults) are dropped and counted.
 """
@@ -158,6 +161,7 @@ class RetrievalIndex:
     los: np.ndarray  # (N,) float32
     regimen: np.ndarray  # (N, ceil(n_labels / 8)) uint8 packed multi-hot
     n_labels: int
+    block_sets: np.ndarray | None = None  # (K, ceil(n_procedures / 8)) packed procedure set per block
 
     @property
     def size(self) -> int:
@@ -169,18 +173,62 @@ class RetrievalIndex:
 
     @classmethod
     def build(cls, key: np.ndarray, age: np.ndarray, subject: np.ndarray, los: np.ndarray,
-              regimen: np.ndarray, n_labels: int) -> RetrievalIndex:
+              regimen: np.ndarray, n_labels: int, set_keys: np.ndarray | None = None,
+              sets: np.ndarray | None = None) -> RetrievalIndex:
+        """``set_keys``/``sets``: the packed procedure set of each procedure-set hash (any
+        order, duplicates allowed), for nearest-set matching; without them it is off."""
         block_keys, block = np.unique(key, return_inverse=True)
         sort_key = block.astype(np.float64) * _AGE_SPAN + np.clip(age, 0, _AGE_SPAN - 1)
         order = np.argsort(sort_key, kind="stable")
         age_sorted = age[order]
+        block_sets = None
+        if set_keys is not None and sets is not None:
+            at = np.searchsorted(block_keys, set_keys)
+            ok = (at < len(block_keys)) & (block_keys[np.minimum(at, max(len(block_keys) - 1, 0))] == set_keys)
+            block_sets = np.zeros((len(block_keys), sets.shape[1]), np.uint8)
+            block_sets[at[ok]] = sets[ok]
         return cls(block_keys, sort_key[order], age_sorted, np.argsort(age_sorted, kind="stable"),
-                   subject[order], los[order].astype(np.float32), regimen[order], n_labels)
+                   subject[order], los[order].astype(np.float32), regimen[order], n_labels, block_sets)
+
+    def nearest_blocks(self, query_sets: np.ndarray, exclude: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """Per query, the block whose procedure set has the highest Jaccard similarity to the
+        query's packed set (ties: the smaller set), never block ``exclude`` (-1: none)."""
+        blocks = np.unpackbits(self.block_sets, axis=1).astype(np.float32)
+        sizes = blocks.sum(1)
+        out = np.zeros(len(query_sets), np.int64)
+        for lo in range(0, len(query_sets), chunk):  # (chunk x K) scores at a time
+            q = np.unpackbits(query_sets[lo:lo + chunk], axis=1, count=blocks.shape[1]).astype(np.float32)
+            inter = q @ blocks.T
+            union = q.sum(1, keepdims=True) + sizes[None, :] - inter
+            score = inter / np.maximum(union, 1) - 1e-6 * sizes[None, :]
+            rows = np.arange(len(q))
+            ex = exclude[lo:lo + chunk]
+            score[rows[ex >= 0], ex[ex >= 0]] = -np.inf
+            out[lo:lo + chunk] = score.argmax(1)
+        return out
+
+    def _in_blocks(self, b: np.ndarray, found: np.ndarray, age: np.ndarray, subject: np.ndarray,
+                   pool_size: int, age_window: float) -> tuple[np.ndarray, np.ndarray]:
+        """The ``pool_size`` admissions nearest in age within ± ``age_window`` in block ``b``
+        (none where not ``found``), never the query's own patient."""
+        offs = np.arange(pool_size)
+        centre = b.astype(np.float64) * _AGE_SPAN + np.clip(age, 0, _AGE_SPAN - 1)
+        lo = np.searchsorted(self.sort_key, centre - age_window, side="left")
+        hi = np.searchsorted(self.sort_key, centre + age_window, side="right")
+        mid = np.searchsorted(self.sort_key, centre)
+        hi = np.where(found, hi, lo)
+        start = np.clip(mid - pool_size // 2, lo, np.maximum(lo, hi - pool_size))
+        pos = np.minimum(start[:, None] + offs, self.size - 1)
+        valid = (start[:, None] + offs < hi[:, None]) & (self.subject[pos] != subject[:, None])
+        return pos, valid
 
     def query(self, key: np.ndarray, age: np.ndarray, subject: np.ndarray, pool_size: int,
-              age_window: float, fallback: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Candidates per query: positions (Q, P) into the index, valid (Q, P), and whether the
-        age-only fallback was used (Q,). Same-patient candidates are never valid."""
+              age_window: float, fallback: bool,
+              query_sets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidates per query: positions (Q, P) into the index, valid (Q, P), and whether a
+        fallback was used (Q,). Same-patient candidates are never valid. A query whose own
+        block has no candidate tries, with ``query_sets`` (its packed procedure set), the block
+        of the nearest procedure set (Jaccard), then with ``fallback`` the age window alone."""
         q = len(key)
         offs = np.arange(pool_size)
         pos = np.zeros((q, pool_size), np.int64)
@@ -190,14 +238,15 @@ class RetrievalIndex:
             return pos, valid, fell_back
         b = np.searchsorted(self.block_keys, key)
         found = (b < len(self.block_keys)) & (self.block_keys[np.minimum(b, len(self.block_keys) - 1)] == key)
-        centre = b.astype(np.float64) * _AGE_SPAN + np.clip(age, 0, _AGE_SPAN - 1)
-        lo = np.searchsorted(self.sort_key, centre - age_window, side="left")
-        hi = np.searchsorted(self.sort_key, centre + age_window, side="right")
-        mid = np.searchsorted(self.sort_key, centre)
-        hi = np.where(found, hi, lo)
-        start = np.clip(mid - pool_size // 2, lo, np.maximum(lo, hi - pool_size))
-        pos = np.minimum(start[:, None] + offs, self.size - 1)
-        valid = (start[:, None] + offs < hi[:, None]) & (self.subject[pos] != subject[:, None])
+        pos, valid = self._in_blocks(b, found, age, subject, pool_size, age_window)
+        if query_sets is not None:
+            if self.block_sets is None:
+                raise ValueError("RetrievalIndex.query: nearest-set matching needs an index built with procedure sets")
+            empty = ~valid.any(1)
+            if empty.any():
+                near = self.nearest_blocks(query_sets[empty], np.where(found[empty], b[empty], -1))
+                p2, v2 = self._in_blocks(near, np.ones(len(near), bool), age[empty], subject[empty], pool_size, age_window)
+                pos[empty], valid[empty], fell_back[empty] = p2, v2, v2.any(1)
         if fallback:
             empty = ~valid.any(1)
             if empty.any():
@@ -219,9 +268,12 @@ def pack_regimen(adm: np.ndarray, code: np.ndarray, n_admissions: int, n_labels:
     return np.packbits(dense, axis=1)
 
 
-def build_index(root: str | Path, n_labels: int, n_labs: int, min_age: float) -> tuple[RetrievalIndex, dict[str, int]]:
-    """The retrieval index from the TRAINING split only, streamed file by file, batch by batch."""
+def build_index(root: str | Path, n_labels: int, n_labs: int, min_age: float,
+                n_procedures: int = 0) -> tuple[RetrievalIndex, dict[str, int]]:
+    """The retrieval index from the TRAINING split only, streamed file by file, batch by batch;
+    with ``n_procedures``, one packed procedure set per block too (nearest-set matching)."""
     keys, ages, subjects, loss, regimens = [], [], [], [], []
+    set_keys, sets = [], []
     counts = {"admissions": 0, "under_min_age": 0}
     for file in schema.split_files(root, schema.TRAIN):
         for batch in pq.ParquetFile(file).iter_batches(columns=READ_COLUMNS, batch_size=8192):
@@ -236,10 +288,17 @@ def build_index(root: str | Path, n_labels: int, n_labs: int, min_age: float) ->
             subjects.append(adm.subject[adult])
             loss.append(adm.los[adult])
             regimens.append(packed[adult])
+            if n_procedures:  # one set per distinct hash of the batch
+                distinct, first = np.unique(adm.procedure_key[adult], return_index=True)
+                proc_adm, proc = adm.sets["procedures"]
+                set_keys.append(distinct)
+                sets.append(pack_regimen(proc_adm, proc, len(adm.owner), n_procedures)[np.flatnonzero(adult)[first]])
     nbytes = (n_labels + 7) // 8
     cat = (lambda parts, dtype, *shape: np.concatenate(parts) if parts else np.zeros((0, *shape), dtype))  # noqa: E731
     index = RetrievalIndex.build(cat(keys, np.uint64), cat(ages, np.float64), cat(subjects, np.int64),
-                                 cat(loss, np.float32), cat(regimens, np.uint8, nbytes), n_labels)
+                                 cat(loss, np.float32), cat(regimens, np.uint8, nbytes), n_labels,
+                                 cat(set_keys, np.uint64) if n_procedures else None,
+                                 cat(sets, np.uint8, (n_procedures + 7) // 8) if n_procedures else None)
     counts["blocks"] = len(index.block_keys)
     return index, counts
 
@@ -250,7 +309,7 @@ def build_index(root: str | Path, n_labels: int, n_labs: int, min_age: float) ->
 
 def admission_examples(table: pa.Table, *, vocab: dict[str, int], max_visits: int, min_age: float,
                        index: RetrievalIndex | None, pool_size: int, age_window: float,
-                       fallback: bool) -> dict[str, Any]:
+                       fallback: bool, nearest: bool = False) -> dict[str, Any]:
     """One example per admission of an adult: history tokens (position x vocab + code, per
     feature), demographics, target, LOS and retrieval candidates."""
     adm = block_admissions(table, vocab["lab"])
@@ -284,8 +343,12 @@ def admission_examples(table: pa.Table, *, vocab: dict[str, int], max_visits: in
     n_labels = vocab["medication"]
     nbytes = (n_labels + 7) // 8
     if index is not None:
+        query_sets = None
+        if nearest:
+            proc_adm, proc = adm.sets["procedures"]
+            query_sets = pack_regimen(proc_adm, proc, n, vocab["procedure"])[keep]
         pos, valid, fell_back = index.query(adm.procedure_key[keep], adm.age[keep], adm.subject[keep],
-                                            pool_size, age_window, fallback)
+                                            pool_size, age_window, fallback, query_sets)
         out["candidate_regimens"] = index.regimen[pos].reshape(len(keep), pool_size * nbytes)
         out["candidate_los"] = index.los[pos]
         out["candidate_valid"] = valid
@@ -328,14 +391,15 @@ class AdmissionsViewConfig:
     min_age: float = 18.0  # seed 004: adults
     pool_size: int = 64  # retrieval candidates per admission handed to the model (>= its K)
     age_window: float = 5.0  # ± years (upstream 5)
-    fallback: str = "age"  # age: an empty procedure block falls back to age alone; none
+    fallback: str = "age"  # age: an empty procedure block falls back to age alone; nearest:
+    # first to the block of the nearest procedure set (Jaccard), then to age alone; none
 
     def __post_init__(self) -> None:
         require(self, "max_visits", 1 <= self.max_visits <= 64, "an int in [1, 64]")
         require(self, "min_age", 0 <= self.min_age < 130, "years in [0, 130)")
         require(self, "pool_size", 1 <= self.pool_size <= 1024, "an int in [1, 1024]")
         require(self, "age_window", self.age_window >= 0, "years >= 0")
-        require(self, "fallback", self.fallback in ("age", "none"), "age or none")
+        require(self, "fallback", self.fallback in ("age", "nearest", "none"), "age, nearest or none")
 
 
 @dataclass(frozen=True)
@@ -410,7 +474,8 @@ class _ExamplesFn:
         c = self.config
         return _to_arrow(admission_examples(table, vocab=self.vocab, max_visits=c.max_visits, min_age=c.min_age,
                                             index=self._index, pool_size=c.pool_size, age_window=c.age_window,
-                                            fallback=c.fallback == "age"))
+                                            fallback=c.fallback in ("age", "nearest"),
+                                            nearest=c.fallback == "nearest"))
 
 
 class _AdmissionsCollate:
@@ -512,7 +577,9 @@ class AdmissionsView(DataView):
         if self._index_ref is None:
             import ray
 
-            index, self.index_counts = build_index(self.root, self.vocab["medication"], self.vocab["lab"], self.config.min_age)
+            n_procedures = self.vocab["procedure"] if self.config.fallback == "nearest" else 0
+            index, self.index_counts = build_index(self.root, self.vocab["medication"], self.vocab["lab"],
+                                                   self.config.min_age, n_procedures)
             self.index_counts["bytes"] = index.nbytes
             self._index_ref = ray.put(index)
         return self._index_ref
