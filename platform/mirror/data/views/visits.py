@@ -287,10 +287,15 @@ def top_k_global(index: RetrievalIndex, queries: np.ndarray, subjects: np.ndarra
     cand = (score[..., None] << _ROW_BITS) + (_ROW_MASK - rows)
     excluded = (offset >= count[..., None]) | ~real[..., None] | (index.owner[rows] == subjects[:, None, None])
     cand = np.where(excluded, _EXCLUDED, cand).reshape(b, -1)
-    best_rows = -np.sort(-_top_keys(cand, k), axis=1)
-    valid = best_rows != _EXCLUDED
-    ids = _ROW_MASK - (best_rows & _ROW_MASK)
-    pad = k - best_rows.shape[1]
+    return _rows_of_keys(_top_keys(cand, k), k)
+
+
+def _rows_of_keys(best: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top keys (B, <= k) -> index rows (B, k), best first, and which are real neighbours."""
+    best = -np.sort(-best, axis=1)
+    valid = best != _EXCLUDED
+    ids = _ROW_MASK - (best & _ROW_MASK)
+    pad = k - best.shape[1]
     if pad > 0:
         ids, valid = np.pad(ids, ((0, 0), (0, pad))), np.pad(valid, ((0, 0), (0, pad)))
     return np.where(valid, ids, 0), valid
@@ -310,13 +315,7 @@ def top_k_global_csr(index: RetrievalIndex, queries: np.ndarray, subjects: np.nd
         keys = (scores << _ROW_BITS) + (_ROW_MASK - np.arange(lo, hi))
         keys[index.owner[lo:hi][None, :] == subjects[:, None]] = _EXCLUDED
         best = _top_keys(np.concatenate([best, keys], axis=1), k)
-    best = -np.sort(-best, axis=1)
-    valid = best != _EXCLUDED
-    ids = _ROW_MASK - (best & _ROW_MASK)
-    pad = k - best.shape[1]
-    if pad > 0:
-        ids, valid = np.pad(ids, ((0, 0), (0, pad))), np.pad(valid, ((0, 0), (0, pad)))
-    return np.where(valid, ids, 0), valid
+    return _rows_of_keys(best, k)
 
 
 def top_k_in_batch(x: np.ndarray, subjects: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
