@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-decoder bench-metrics bench-gpu bench-scale bench-scoehr bench-sampler reference-mirror clean
+.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-decoder bench-metrics bench-gpu bench-scale bench-scoehr bench-sampler bench-retrieval bench-miranda reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,15 @@ bench-scoehr: install
 # Fast sampler vs 1,000-step Euler-Maruyama on a trained scoehr_score run (RUN=<mlflow run id>).
 bench-sampler: install
 	$(PY) bench/bench_sampler.py --run $(RUN) --log
+
+# MiranDa (issue 16): the retrieval index at 1M admissions against brute force, and the seeded
+# acceptance (optimisation phase vs supervised, paired t-test). DATA=<a simulated dataset>.
+bench-retrieval: install
+	$(PY) bench/bench_retrieval.py --data $(DATA)
+
+MIRANDA_ARGS ?=
+bench-miranda: install
+	$(PY) bench/bench_miranda.py --data $(DATA) $(MIRANDA_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info
