@@ -75,11 +75,11 @@ clean:
 bench-gpu: install
 	$(PY) bench/bench_gpu.py
 
-# The digital-mirror reference run: 200K simulated patients, AE and WAE on 2 CPU workers (one
-# full pass each, about an hour on 2 cores with evaluation and scorecard), every acceptance
+# The digital-mirror reference run: 200K simulated patients, AE and WAE on 2 CPU workers (two
+# full passes each, about 25 min on 2 cores with evaluation and scorecard), every acceptance
 # target of issue 11 beside its floor. MLflow experiment 'reference-mirror'; writes
-# bench/results/reference_mirror.json. REFERENCE_ARGS passes options (e.g. --epochs 2).
-REFERENCE_ARGS ?=
+# bench/results/reference_mirror.json. REFERENCE_ARGS passes options (e.g. --epochs 4).
+REFERENCE_ARGS ?= --epochs 2
 reference-mirror: install
 	$(PY) bench/reference_mirror.py $(REFERENCE_ARGS)
 
