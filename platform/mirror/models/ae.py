@@ -326,11 +326,15 @@ class SentenceAutoencoder(nn.Module):
             # that the decoder has to lean on z rather than on its own history.
             hidden = (torch.rand(dx.shape, device=dx.device) < self.word_dropout) & (dx != SOS)
             dx, wk = dx.masked_fill(hidden, PAD), wk.masked_fill(hidden, PAD)
-        inputs = self.embed(dx, wk, batch.sex[row])
-        if self.z_every_step:
-            inputs = torch.cat([inputs, z[row].to(inputs.dtype)], dim=-1)
+        inputs = self.decoder_inputs(dx, wk, batch.sex[row], z[row])
         features = self.decoder(with_data(packed, inputs), self.decoder.initial_state(z))
         return features, with_data(packed, torch.stack([tgt_dx, tgt_wk, row], dim=-1))
+
+    def decoder_inputs(self, dx: torch.Tensor, wk: torch.Tensor, sex: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """A decoder step's input: the step embedding, and z beside it when ``z_every_step``
+        (``z`` row-aligned with ``dx``: per step under teacher forcing, per row when decoding)."""
+        inputs = self.embed(dx, wk, sex)
+        return torch.cat([inputs, z.to(inputs.dtype)], dim=-1) if self.z_every_step else inputs
 
     def token_nll(
         self, batch: SequenceBatch, z: torch.Tensor
@@ -400,10 +404,7 @@ class SentenceAutoencoder(nn.Module):
             return sample_logits(logits, temperature, top_p, generator)
 
         for t in range(max_words):
-            inputs = self.embed(dx, wk, sex)
-            if self.z_every_step:
-                inputs = torch.cat([inputs, z.to(inputs.dtype)], dim=-1)
-            features, state = self.decoder.step(inputs, state)
+            features, state = self.decoder.step(self.decoder_inputs(dx, wk, sex, z), state)
             dx = pick(self.decoder.dx_out.logits(features), rules.allowed_words(first=t == 0))
             wk = pick(self.week_logits(features, dx), rules.allowed_weeks(dx))
             alive &= dx != EOS
