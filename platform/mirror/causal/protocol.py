@@ -193,20 +193,24 @@ def _fit(model, train: dict[str, np.ndarray], val: dict[str, np.ndarray], lookba
     return step
 
 
+def _task_metrics(score: np.ndarray, target: np.ndarray, task: str) -> dict[str, float]:
+    """AUROC/AUPRC with the positives (and, when defined, the prevalence) of an onset task;
+    the MSE in the lab's reporting unit for a lab task."""
+    from mirror.evaluation.scores import binary_metrics
+
+    if task in ONSET_TARGETS:
+        out = binary_metrics(score, target) | {"positives": float(target.sum())}
+        return out if np.isnan(out["auroc"]) else out | {"prevalence": float(target.mean())}
+    return {"mse": float(np.mean((score - target) ** 2)) * _MSE_UNIT[task]}
+
+
 def _score(model, arrays: dict[str, np.ndarray], lookback: int, task: str) -> dict[str, float]:
     import torch
-    from sklearn.metrics import average_precision_score, roc_auc_score
 
     with torch.no_grad():
         pred = model.predict(_batch(arrays, slice(None), lookback))[task]
     seen = pred.observed.bool().numpy()
-    score, target = pred.score.double().numpy()[seen], pred.target.double().numpy()[seen]
-    if task in ONSET_TARGETS:
-        if len(np.unique(target)) < 2:
-            return {"auroc": float("nan"), "auprc": float("nan"), "positives": float(target.sum())}
-        return {"auroc": float(roc_auc_score(target, score)), "auprc": float(average_precision_score(target, score)),
-                "positives": float(target.sum()), "prevalence": float(target.mean())}
-    return {"mse": float(np.mean((score - target) ** 2)) * _MSE_UNIT[task]}
+    return _task_metrics(pred.score.double().numpy()[seen], pred.target.double().numpy()[seen], task)
 
 
 def _task_rows(arrays: dict[str, np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +226,6 @@ def _glm_score(train: dict[str, np.ndarray], test: dict[str, np.ndarray], task: 
     """The paper's GLM rows: logistic (onsets) or ridge (labs) regression, scikit-learn, on the
     last window's features, with Δ_t appended in ``augment``; standardised inputs."""
     from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.metrics import average_precision_score, roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -236,11 +239,9 @@ def _glm_score(train: dict[str, np.ndarray], test: dict[str, np.ndarray], task: 
         if len(np.unique(y)) < 2 or len(np.unique(y_test)) < 2:
             return {"auroc": float("nan"), "auprc": float("nan"), "positives": float(y_test.sum())}
         glm = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(features(train)[seen], y)
-        score = glm.predict_proba(features(test)[test_seen])[:, 1]
-        return {"auroc": float(roc_auc_score(y_test, score)), "auprc": float(average_precision_score(y_test, score)),
-                "positives": float(y_test.sum()), "prevalence": float(y_test.mean())}
+        return _task_metrics(glm.predict_proba(features(test)[test_seen])[:, 1], y_test, task)
     glm = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(features(train)[seen], y)
-    return {"mse": float(np.mean((glm.predict(features(test)[test_seen]) - y_test) ** 2)) * _MSE_UNIT[task]}
+    return _task_metrics(glm.predict(features(test)[test_seen]), y_test, task)
 
 
 def _base_rates(train: dict[str, np.ndarray]):

@@ -52,7 +52,8 @@ def _glm_scores(glm, kind: str, features: np.ndarray) -> np.ndarray:
     return glm.predict_proba(features)[:, 1] if kind == "risk" else glm.predict(features)
 
 
-def _binary_metrics(score: np.ndarray, target: np.ndarray) -> dict[str, float]:
+def binary_metrics(score: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """AUROC and AUPRC; NaN for both when the target has one class only."""
     if len(np.unique(target)) < 2:
         return {"auroc": float("nan"), "auprc": float("nan")}
     return {"auroc": float(roc_auc_score(target, score)), "auprc": float(average_precision_score(target, score))}
@@ -96,7 +97,7 @@ def predictor_suite(loaded: LoadedRun, artifacts: Path) -> dict[str, float]:
         target = np.concatenate(targets[name]) if targets[name] else np.zeros(0)
         out[f"eval/{name}/examples"] = float(len(target))
         if kind == "risk":
-            for metric, value in _binary_metrics(score, target).items():
+            for metric, value in binary_metrics(score, target).items():
                 out[f"eval/{name}/{metric}"] = value
             out[f"baseline/{name}/auroc"] = 0.5
             out[f"baseline/{name}/auprc"] = float(target.mean()) if len(target) else float("nan")
@@ -106,7 +107,7 @@ def predictor_suite(loaded: LoadedRun, artifacts: Path) -> dict[str, float]:
             out[f"baseline/{name}/mse"] = _mse(np.full(len(target), train_mean), target)
         if glm_scores[name]:
             glm_score = np.concatenate(glm_scores[name])
-            glm_metrics = _binary_metrics(glm_score, target) if kind == "risk" else {"mse": _mse(glm_score, target)}
+            glm_metrics = binary_metrics(glm_score, target) if kind == "risk" else {"mse": _mse(glm_score, target)}
             out |= {f"baseline/glm/{name}/{metric}": value for metric, value in glm_metrics.items()}
     return out
 
