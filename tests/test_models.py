@@ -631,9 +631,54 @@ def test_runs_saved_before_the_decoder_options_load_with_the_seed_decoder(tmp_pa
     spec = build_run_spec("ae", str(tmp_path), "old-run", {"model.latent_dim": 16})
     assert spec.model_config["dx_output"] == "factorised" and spec.model_config["z_every_step"] is True
     saved = spec.to_dict()
-    for key in ("dx_output", "z_every_step", "word_dropout"):
+    for key in ("dx_output", "z_every_step", "word_dropout", "gen_prior"):
         del saved["model_config"][key]
     old = RunSpec.from_dict(saved)
     assert old.model_config["dx_output"] == "full" and old.model_config["z_every_step"] is False
+    assert old.model_config["gen_prior"] == "standard"  # no fitted moments in its checkpoint
     assert old.model_config["latent_dim"] == 16
     assert RunSpec.from_dict(spec.to_dict()).model_config == spec.model_config
+
+
+def test_latent_moments_fit_the_aggregate_posterior_and_sample_it():
+    """The EMA's first batch sets the moments exactly; later batches move them by the momentum;
+    draws reproduce the fitted mean and covariance."""
+    from mirror.models.ae import LatentMoments
+
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.tensor([[0.5, 0.0, 0.0], [0.3, 0.2, 0.0], [0.0, 0.1, 1.5]], dtype=torch.float64)
+    z = (torch.randn(4000, 3, generator=gen, dtype=torch.float64) @ mixing.T + torch.tensor([1.0, -2.0, 0.5])).float()
+    moments = LatentMoments(3, momentum=0.5)
+    moments.update(z)
+    zd = z.double()
+    assert torch.allclose(moments.mean, zd.mean(0), atol=1e-9)
+    assert torch.allclose(moments.covariance(), torch.cov(zd.T, correction=0), atol=1e-9)
+    moments.update(z + 2.0)  # half-way towards the shifted batch
+    assert torch.allclose(moments.mean, zd.mean(0) + 1.0, atol=1e-9)
+    assert moments.seen.item() == 8000
+    draws = moments.sample(20_000, gen).double()
+    assert draws.dtype == torch.float64 and draws.shape == (20_000, 3)
+    assert torch.allclose(draws.mean(0), moments.mean, atol=0.05)
+    assert torch.allclose(torch.cov(draws.T), moments.covariance(), atol=0.08)
+
+
+def test_ae_generates_from_its_fitted_aggregate_posterior_and_wae_from_the_standard_prior():
+    ae, wae = tiny_model("ae", lr=1e-9), tiny_model("wae")  # the AE's z barely moves
+    batch = make_batch(SENTENCES, SEXES)
+    train(ae, batch, steps=3)
+    train(wae, batch, steps=3)
+    assert ae.config.gen_prior == "aggregate" and wae.config.gen_prior == "standard"
+    assert wae.latent_moments is None and "latent_moments.mean" not in wae.state_dict()
+    with torch.no_grad():
+        z = ae.encode(batch).double()
+    assert ae.latent_moments.seen.item() == 3 * len(SENTENCES)
+    assert torch.allclose(ae.latent_moments.mean, z.mean(0), atol=1e-4)
+    assert torch.allclose(ae.latent_moments.covariance(), torch.cov(z.T, correction=0), atol=1e-4)
+    draws = ae.sample_latent(5000, torch.Generator().manual_seed(1)).double()
+    assert torch.allclose(draws.mean(0), ae.latent_moments.mean, atol=0.1)
+    standard = wae.sample_latent(5000, torch.Generator().manual_seed(1))
+    assert abs(standard.var(0).mean().item() - 1.0) < 0.1
+    # The moments are checkpointed with the model.
+    clone = tiny_model("ae")
+    clone.load_state_dict(ae.state_dict())
+    assert torch.equal(clone.latent_moments.second, ae.latent_moments.second)

@@ -36,10 +36,11 @@ class ThreeKindsOfSentence:
         n[backwards] = 2
         return dx, wk, n
 
+    def sample_latent(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, self.latent_dim, generator=generator)
+
     def sample_rows(self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext):
-        return sample_sentence_rows(
-            self, self.latent_dim, schema.MAX_WORDS, n, rng=rng, first_id=first_id, context=context
-        )
+        return sample_sentence_rows(self, schema.MAX_WORDS, n, rng=rng, first_id=first_id, context=context)
 
 
 def test_sampling_rejects_invalid_sentences_and_writes_a_valid_dataset(ray_cluster, tmp_path):

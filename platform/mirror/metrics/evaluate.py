@@ -586,7 +586,7 @@ def _generate(
     cfg: EvalConfig,
     device: torch.device,
 ) -> None:
-    """Decode z ~ N(0, I) by ancestral sampling (the model's configured temperature and top-p,
+    """Decode z from the model's generation prior (``sample_latent``) by ancestral sampling (the model's configured temperature and top-p,
     the same decoding as the scorecard's ``sample_rows``) with sex drawn from the held-out
     marginal, and sample the baseline,
     in chunks of ``gen_batch_size``; decoding runs one word past max_words to see <EOS>."""
@@ -596,7 +596,7 @@ def _generate(
     rng = np.random.default_rng(cfg.seed)
     for start in range(0, cfg.n_generate, cfg.gen_batch_size):
         b = min(cfg.gen_batch_size, cfg.n_generate - start)
-        z = torch.randn(b, model.latent_dim, generator=torch_gen)
+        z = model.sample_latent(b, torch_gen)
         sex = torch.where(torch.rand(b, generator=torch_gen) < female_share, 1.0, -1.0)
         # Ancestral sampling, as the Generator capability samples for the scorecard.
         decoded = model.generate(z.to(device), sex.to(device), steps, greedy=False, generator=draws)

@@ -34,6 +34,13 @@ Choices where the seed is silent:
   decrease, and every (age group, week) pair keeps one birth week consistent with all the
   words so far (the rules of ``metrics.tasks.generation_rule_failures``, which stay the
   definition of validity; decoding only never proposes what they reject).
+* Generation draws z from ``gen_prior``. Model 0 has no prior of its own: its aggregate
+  posterior is whatever the encoder makes of the data (variance ~0.35 per dimension in the
+  reference run), so z ~ N(0, I) asks the decoder about latents it never saw, and sentences run
+  on without ``<EOS>``. ``aggregate`` (Model 0's default) draws from a Gaussian fitted to the
+  aggregate posterior during training (:class:`LatentMoments`; ex-post density estimation,
+  Ghosh et al. 2020, "From variational to deterministic autoencoders"); ``standard`` draws
+  N(0, I), the prior Model 1 is trained towards.
 * The loss is the per-token mean of ``CE(dx) + w_time * CE(week)`` over the predicted tokens
   (words and the final ``<EOS>``); :meth:`SentenceAutoencoder.patient_nll` is the plain
   (unweighted) NLL summed per patient.
@@ -47,6 +54,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -68,7 +76,9 @@ class AEConfig:
     """
 
     # Runs saved before the decoder options existed decode as they were trained.
-    SAVED_BEFORE: ClassVar[dict[str, object]] = {"dx_output": "full", "z_every_step": False, "word_dropout": 0.0}
+    SAVED_BEFORE: ClassVar[dict[str, object]] = {
+        "dx_output": "full", "z_every_step": False, "word_dropout": 0.0, "gen_prior": "standard",
+    }
 
     # Widths.
     dx_emb_dim: int = 64  # diagnosis-age embedding width (real scale: 256)
@@ -84,7 +94,9 @@ class AEConfig:
     word_dropout: float = 0.0  # training: each decoder input word -> <PAD> with this probability
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
-    # Generation (z ~ N(0, I) decoded by ancestral sampling; reconstruction stays greedy).
+    # Generation (z from gen_prior decoded by ancestral sampling; reconstruction stays greedy).
+    gen_prior: str = "aggregate"  # Gaussian fitted to the aggregate posterior; "standard": N(0, I)
+    prior_momentum: float = 0.01  # per-step EMA weight of the aggregate posterior's moments
     gen_temperature: float = 1.0  # softmax temperature of sampled words and weeks (1 = the model)
     gen_top_p: float = 1.0  # nucleus sampling: smallest set of mass >= top_p (1 = no truncation)
     # Optimisation: AdamW over every autoencoder parameter. Gradient clipping, LR schedule and
@@ -106,6 +118,8 @@ class AEConfig:
         require(self, "w_time", self.w_time >= 0, "a float >= 0")
         require(self, "dx_output", self.dx_output in WORD_HEADS, f"one of {sorted(WORD_HEADS)}")
         require(self, "word_dropout", 0 <= self.word_dropout < 1, "a float in [0, 1)")
+        require(self, "gen_prior", self.gen_prior in GEN_PRIORS, f"one of {list(GEN_PRIORS)}")
+        require(self, "prior_momentum", 0 < self.prior_momentum <= 1, "a float in (0, 1]")
         require(self, "gen_temperature", self.gen_temperature > 0, "a float > 0")
         require(self, "gen_top_p", 0 < self.gen_top_p <= 1, "a float in (0, 1]")
         require(self, "lr", self.lr > 0, "a float > 0")
@@ -515,6 +529,46 @@ def scalars_to_floats(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(scalars, values, strict=True))
 
 
+GEN_PRIORS = ("aggregate", "standard")
+
+
+class LatentMoments(nn.Module):
+    """Running mean and second moment of the encoder's z over training batches, an EMA like
+    BatchNorm's running statistics, so generation can draw from a Gaussian fitted to the
+    aggregate posterior. Each update all-reduces the batch sums first, so every DDP rank holds
+    the same moments (and the checkpoint does not depend on which rank saved it)."""
+
+    def __init__(self, dim: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("second", torch.eye(dim, dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64))  # patients, all ranks
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        z = z.detach().double()
+        d = z.shape[1]
+        sums = torch.cat([z.sum(0), (z.T @ z).flatten(), z.new_tensor([z.shape[0]])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        n = sums[-1]
+        weight = self.momentum if self.seen > 0 else 1.0  # the first batch sets the moments
+        self.mean.lerp_(sums[:d] / n, weight)
+        self.second.lerp_(sums[d:-1].view(d, d) / n, weight)
+        self.seen += n
+
+    def covariance(self) -> torch.Tensor:
+        return self.second - torch.outer(self.mean, self.mean)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n draws from N(mean, covariance), float32 on the CPU (``generator``'s device)."""
+        cov = self.covariance().cpu()
+        cov = (cov + cov.T) / 2 + 1e-6 * torch.eye(cov.shape[0], dtype=cov.dtype)  # symmetric, PD
+        noise = torch.randn(n, cov.shape[0], generator=generator, dtype=torch.float64)
+        return (self.mean.cpu() + noise @ torch.linalg.cholesky(cov).T).float()
+
+
 # ---------------------------------------------------------------------------------------------
 # Model 0.
 
@@ -534,6 +588,10 @@ class ConditionalAutoencoder(nn.Module):
         if latent_head is None:
             latent_head = LinearLatentHead(config.n_heads, config.head_hidden, config.latent_dim)
         self.autoencoder = SentenceAutoencoder(config, data_info, latent_head)
+        # Only the aggregate prior has state: runs saved before it (or with N(0, I)) load as they were.
+        self.latent_moments = (
+            LatentMoments(config.latent_dim, config.prior_momentum) if config.gen_prior == "aggregate" else None
+        )
 
     @property
     def latent_dim(self) -> int:
@@ -545,11 +603,23 @@ class ConditionalAutoencoder(nn.Module):
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"autoencoder": _adamw(self.autoencoder, self.config)}
 
+    def record_latent(self, z: torch.Tensor) -> None:
+        """Fold a training batch's z into the aggregate-posterior fit (when generation uses it)."""
+        if self.latent_moments is not None:
+            self.latent_moments.update(z)
+
+    def sample_latent(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n draws of z (CPU) from the generation prior, ``config.gen_prior``."""
+        if self.latent_moments is None:
+            return torch.randn(n, self.latent_dim, generator=generator)
+        return self.latent_moments.sample(n, generator)
+
     def train_step(self, batch: SequenceBatch, ctx: StepContext) -> dict[str, float]:
         with ctx.autocast():
-            sums, _ = ctx.parts["autoencoder"](batch)
+            sums, z = ctx.parts["autoencoder"](batch)
             loss = reconstruction_loss(sums, self.config.w_time)
         ctx.step(loss, "autoencoder")  # the loop records each optimizer's gradient norm
+        self.record_latent(z)
         tokens = sums["tokens"].clamp(min=1.0)
         metrics = scalars_to_floats(
             {
@@ -594,7 +664,7 @@ class ConditionalAutoencoder(nn.Module):
         self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext
     ) -> tuple[pa.Table, dict[str, int]]:
         return sample_sentence_rows(
-            self, self.latent_dim, self.data_info.max_words, n, rng=rng, first_id=first_id,
+            self, self.data_info.max_words, n, rng=rng, first_id=first_id,
             context=context, device=next(self.parameters()).device,
         )
 

@@ -120,6 +120,10 @@ class SequenceDecoder(Protocol):
         """Per-patient reconstruction negative log-likelihood (B,)."""
         ...
 
+    def sample_latent(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n draws of z (CPU) from the prior that generation decodes: N(0, I), or a fit."""
+        ...
+
 
 @dataclass(frozen=True)
 class GenerationContext:

@@ -41,14 +41,15 @@ def device_generator(rng: torch.Generator, device: torch.device | str) -> torch.
 
 @torch.no_grad()
 def sample_sentence_rows(
-    model: SequenceDecoder, latent_dim: int, max_words: int, n: int, *,
+    model: SequenceDecoder, max_words: int, n: int, *,
     rng: torch.Generator, first_id: int, context: GenerationContext, device: torch.device | str = "cpu",
 ) -> tuple[pa.Table, dict[str, int]]:
-    """The ``Generator`` capability of sentence autoencoders: z ~ N(0, I) and sex from the real
+    """The ``Generator`` capability of sentence autoencoders: z from the model's generation prior
+    (``sample_latent``) and sex from the real
     marginal, decoded by ancestral sampling (the model's ``gen_temperature`` and ``gen_top_p``;
     with room for ``<EOS>`` after ``max_words`` words), valid ones kept. The evaluation's
     generation metrics decode the same way (``metrics.evaluate``)."""
-    z = torch.randn(n, latent_dim, generator=rng).to(device)
+    z = model.sample_latent(n, rng).to(device)
     sex = torch.where(torch.rand(n, generator=rng) < context.female_share, 1.0, -1.0).to(device)
     dx, wk, n_words = model.generate(
         z, sex, max_words + 1, greedy=False, generator=device_generator(rng, device)

@@ -95,6 +95,7 @@ class WAEConfig(AEConfig):
     critic_warmup_steps: int = 25  # first autoencoder steps that use n_critic_warmup; 0 = none
     critic_boost_every: int = 500  # every k-th step uses n_critic_warmup; 0 = never
     lam_warmup_steps: int = 200  # λ rises linearly from 0 to lam over these steps; 0 = none
+    gen_prior: str = "standard"  # generation draws N(0, I), the prior the critic pulls z towards
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -222,6 +223,7 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
             gen_loss = -lam * critic(z.float()).mean()
             loss = recon + gen_loss
             ctx.step(loss, "autoencoder")
+        self.record_latent(z_data)  # a no-op unless gen_prior = "aggregate"
 
         tokens = sums["tokens"].clamp(min=1.0)
         metrics = scalars_to_floats(
