@@ -3,6 +3,11 @@ CPU workers within about an hour on 2 cores, every acceptance target checked bes
 
     make reference-mirror
     python bench/reference_mirror.py [--patients N] [--epochs E] [--max-steps S] [--batch-size B]
+        [--models ae wae] [--reuse MODEL=RUN_ID ...]
+
+``--reuse`` takes a model's row from a finished run of this experiment instead of training it
+again (its own epochs are read from the run, not assumed): the targets compare both models,
+so a re-run of one model can be checked against the other's recorded run.
 
 Both runs are recorded in MLflow (experiment ``reference-mirror``, store ``MLFLOW_TRACKING_URI``
 or ``/tmp/mirror-reference/mlflow.db``) with the end-of-run evaluation and the synthetic-data
@@ -51,6 +56,20 @@ def train_and_evaluate(model: str, data: Path, args: argparse.Namespace) -> dict
     metrics["seconds/train"] = trained
     metrics["seconds/total"] = time.perf_counter() - start
     metrics["run_id"] = outcome.run_id  # type: ignore[assignment]
+    return metrics
+
+
+def finished_run_metrics(run_id: str) -> dict[str, float]:
+    """A recorded reference run's metrics, with the training budget it actually had."""
+    from mirror import tracking
+
+    run = tracking.get_run(run_id)
+    if run.info.status != "FINISHED":
+        raise SystemExit(f"--reuse {run_id}: the run is {run.info.status}, not FINISHED")
+    metrics = dict(run.data.metrics)
+    metrics["run_id"] = run_id  # type: ignore[assignment]
+    metrics["reused"] = 1.0
+    metrics["epochs"] = float(run.data.params.get("train.epochs", "nan"))
     return metrics
 
 
@@ -107,7 +126,10 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch (0: a full pass)")
     parser.add_argument("--batch-size", type=int, default=256, help="patients per worker per step")
     parser.add_argument("--models", nargs="+", default=["ae", "wae"])
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="MODEL=RUN_ID",
+                        help="take MODEL's row from this finished run instead of training it")
     args = parser.parse_args()
+    reuse = dict(item.split("=", 1) for item in args.reuse)
 
     from mirror.cluster import ensure_ray
     from mirror.data import schema
@@ -118,7 +140,8 @@ def main() -> int:
     data = WORK / f"data-{args.patients}"
     if not (data / schema.DATASET_JSON).exists():
         generate_dataset(data, args.patients, seed=0, overwrite=True)
-    runs = {model: train_and_evaluate(model, data, args) for model in args.models}
+    runs = {model: finished_run_metrics(reuse[model]) if model in reuse else train_and_evaluate(model, data, args)
+            for model in args.models}
     result = {
         "patients": args.patients,
         "epochs": args.epochs,
