@@ -245,3 +245,29 @@ def test_sweep_files_load_and_declare_their_metric(name):
 
     spec = load_sweep(f"search_spaces/{name}.yaml")
     assert spec.metric == "val/jaccard"
+
+
+def _read_candidates(dataset, fallback: str) -> dict[str, np.ndarray]:
+    """Held-out examples through the view's own read path, sorted by (subject, stay)."""
+    view = AdmissionsView(AdmissionsViewConfig(pool_size=16, fallback=fallback), str(dataset))
+    ds, _ = view.read(schema.HELD_OUT)
+    parts = list(view.batches(ds, 10_000, training=False, device="cpu"))
+    cat = {k: np.concatenate([getattr(b, k).numpy() for b in parts])
+           for k in ("subject_id", "stay", "candidate_valid", "candidate_los", "fell_back")}
+    order = np.lexsort((cat["stay"], cat["subject_id"]))
+    return {k: v[order] for k, v in cat.items()}
+
+
+def test_nearest_fallback_through_the_view_read_path_only_fills_admissions_without_candidates(dataset):
+    none, nearest, age = (_read_candidates(dataset, f) for f in ("none", "nearest", "age"))
+    assert (none["subject_id"] == nearest["subject_id"]).all() and (none["stay"] == nearest["stay"]).all()
+    exact = none["candidate_valid"].any(1)
+    assert not none["fell_back"].any() and (~exact).any()  # some admissions have no exact block
+    # admissions with an exact block keep exactly its candidates; the others are filled, and flagged
+    assert (nearest["candidate_valid"][exact] == none["candidate_valid"][exact]).all()
+    assert (nearest["candidate_los"][exact] == none["candidate_los"][exact]).all()
+    assert not nearest["fell_back"][exact].any()
+    filled = nearest["candidate_valid"].any(1) & ~exact
+    assert filled.sum() > 0 and (nearest["fell_back"] == filled).all()
+    # the nearest procedure set's block is not the age-only pool: the two fill differently
+    assert (nearest["candidate_los"][filled] != age["candidate_los"][filled]).any()
