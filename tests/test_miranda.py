@@ -239,9 +239,52 @@ def test_true_length_of_stay_joins_the_ground_truth_and_reproduces_it(batch, dat
     assert not missing.found.any()  # an unknown stay is reported missing, not invented
 
 
-@pytest.mark.parametrize("name", ["miranda_ablation", "miranda_pbt"])
+@pytest.mark.parametrize("name", ["miranda_ablation", "miranda_pbt", "miranda_paper", "miranda_upstream"])
 def test_sweep_files_load_and_declare_their_metric(name):
     from mirror.tune.space import load_sweep
 
     spec = load_sweep(f"search_spaces/{name}.yaml")
     assert spec.metric == "val/jaccard"
+
+
+def test_fixed_point_sweeps_hold_the_papers_and_upstreams_values_as_paired_arm_x_seed_grids():
+    from mirror.models.miranda import MirandaConfig
+    from mirror.tune.space import load_sweep
+
+    paper, upstream = (load_sweep(f"search_spaces/miranda_{n}.yaml") for n in ("paper", "upstream"))
+    knobs = ("decay", "threshold", "confidence", "blend")  # λ, δ, γ, ε
+    defaults = MirandaConfig()
+    assert [paper.fixed[f"model.{k}"] for k in knobs] == [getattr(defaults, k) for k in knobs] == [0.9, 0.2, 0.5, 0.2]
+    assert paper.fixed["model.normaliser"] == "sum"  # the paper's Σ ELOS
+    assert [upstream.fixed[f"model.{k}"] for k in knobs] == [0.2, 0.5, 0.9, 0.2]
+    assert (upstream.fixed["model.gate"], upstream.fixed["model.p_rl"]) == ("below", "detached")
+    for spec in (paper, upstream):
+        grids = {p.key: p.values for p in spec.parameters}
+        assert all(p.space == "grid" for p in spec.parameters) and spec.evaluate == "all"
+        assert grids == {"model.phase": ("supervised", "optimise"), "train.seed": (0, 1, 2, 3, 4)}
+
+
+def _read_candidates(dataset, fallback: str) -> dict[str, np.ndarray]:
+    """Held-out examples through the view's own read path, sorted by (subject, stay)."""
+    view = AdmissionsView(AdmissionsViewConfig(pool_size=16, fallback=fallback), str(dataset))
+    ds, _ = view.read(schema.HELD_OUT)
+    parts = list(view.batches(ds, 10_000, training=False, device="cpu"))
+    cat = {k: np.concatenate([getattr(b, k).numpy() for b in parts])
+           for k in ("subject_id", "stay", "candidate_valid", "candidate_los", "fell_back")}
+    order = np.lexsort((cat["stay"], cat["subject_id"]))
+    return {k: v[order] for k, v in cat.items()}
+
+
+def test_nearest_fallback_through_the_view_read_path_only_fills_admissions_without_candidates(dataset):
+    none, nearest, age = (_read_candidates(dataset, f) for f in ("none", "nearest", "age"))
+    assert (none["subject_id"] == nearest["subject_id"]).all() and (none["stay"] == nearest["stay"]).all()
+    exact = none["candidate_valid"].any(1)
+    assert not none["fell_back"].any() and (~exact).any()  # some admissions have no exact block
+    # admissions with an exact block keep exactly its candidates; the others are filled, and flagged
+    assert (nearest["candidate_valid"][exact] == none["candidate_valid"][exact]).all()
+    assert (nearest["candidate_los"][exact] == none["candidate_los"][exact]).all()
+    assert not nearest["fell_back"][exact].any()
+    filled = nearest["candidate_valid"].any(1) & ~exact
+    assert filled.sum() > 0 and (nearest["fell_back"] == filled).all()
+    # the nearest procedure set's block is not the age-only pool: the two fill differently
+    assert (nearest["candidate_los"][filled] != age["candidate_los"][filled]).any()

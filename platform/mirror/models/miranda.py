@@ -44,6 +44,9 @@ the 8 batches 0.027 and 0.040; BCE +0.001 vs +0.022; five plain BCE steps: H_B -
 (upstream's scale) is the default, which lets the phase act; ``sum`` stays selectable (and in
 the ablation grid) for the paper's exact objective. No separate SGD optimiser: with ``mean``
 the shared Adam already gives the inner steps a step size comparable to the BCE steps.
+Measured since (README, MiranDa; ``bench/bench_miranda_phase.py``): with ``mean`` the phase
+acts and costs most of the accuracy (it lowers the given classes' scores); with ``sum`` it is
+inert. Neither gives the seed's shorter ELOS at equal accuracy.
 
 ``phase = "supervised"`` is the plain baseline: the same network, BCE only (ELOS still
 measured).
