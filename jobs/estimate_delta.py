@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--neighbours", type=int, default=8, help="controls per side of the sorted logit considered")
     parser.add_argument("--index-lab-weight", type=float, default=1.0, help="the index lab's weight in the match distance (0: logit only)")
     parser.add_argument("--allow-own-windows", action="store_true", help="let a treated row take a control of the same patient")
+    parser.add_argument("--truth-name", default=None,
+                        help="simulated data: also write the true effects of the same treated rows as this Δ column set "
+                             "(the ceiling; seed 003's synthetic study trains on the true Δ)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-work", action="store_true", help="keep the transition rows and matches (_work/)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                          propensity=args.propensity, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
                          exclude_own_windows=not args.allow_own_windows)
     ensure_ray()
-    report = estimate_delta(args.data, args.name, config, keep_work=args.keep_work)
+    report = estimate_delta(args.data, args.name, config, keep_work=args.keep_work, truth_name=args.truth_name)
     out = Path(args.data) / "delta" / args.name
     if not args.no_mlflow:
         from mirror import tracking

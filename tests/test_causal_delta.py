@@ -3,6 +3,8 @@ against the simulator's true effects."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -106,11 +108,12 @@ def test_windows_levels_equal_the_true_ladder_levels(dataset):
 
 @pytest.fixture(scope="module")
 def estimated(dataset):
-    """Δ of the 3,000 patients, written once as the column set ``psm``."""
+    """Δ of the 3,000 patients, written once as the column set ``psm`` (and the true effects of
+    the same treated rows as ``truth``)."""
     from mirror.causal.delta import DeltaConfig
     from mirror.causal.estimate import estimate_delta
 
-    return estimate_delta(dataset, "psm", DeltaConfig(block_patients=1000, min_treated=5))
+    return estimate_delta(dataset, "psm", DeltaConfig(block_patients=1000, min_treated=5), truth_name="truth")
 
 
 @pytest.mark.slow
@@ -138,6 +141,35 @@ def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(datas
     assert batch.size == rep.kept
     assert batch.delta_target.abs().sum() > 0 and batch.delta_observed.any()
     assert batch.delta_in.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_true_delta_column_set_covers_every_treated_row_and_agrees_with_psm(dataset, estimated):
+    """``truth``: τ for every treated row of the fitted strata (matched or not), so more entries
+    than PSM's matched ones; where both exist, the PSM Δ of the ladder's own lab tracks τ."""
+    from mirror.data.views.windows import _LADDER_LAB_COLUMN
+
+    psm_rows = truth_rows = 0
+    pairs = []
+    for split in schema.SPLITS:
+        for file in schema.split_files(dataset, split):
+            psm = pq.read_table(dataset / "delta" / "psm" / split / file.name).to_pylist()
+            truth = pq.read_table(dataset / "delta" / "truth" / split / file.name)
+            assert truth.schema.equals(DELTA_SCHEMA)
+            assert truth.column(schema.SUBJECT_ID).equals(pq.read_table(file, columns=[schema.SUBJECT_ID]).column(0))
+            for p, t in zip(psm, truth.to_pylist(), strict=True):
+                psm_rows += len(p["delta_windows"])
+                truth_rows += len(t["delta_windows"])
+                true_of = {(w, ld): i for i, (w, ld) in enumerate(zip(t["delta_windows"], t["delta_ladders"], strict=True))}
+                for i, key in enumerate(zip(p["delta_windows"], p["delta_ladders"], strict=True)):
+                    j, lab = true_of[key], _LADDER_LAB_COLUMN[key[1]]  # every matched row has its truth row
+                    if p["delta_observed"][i * N_LABS + lab] and t["delta_observed"][j * N_LABS + lab]:
+                        pairs.append((p["delta_values"][i * N_LABS + lab], t["delta_values"][j * N_LABS + lab]))
+    assert truth_rows > psm_rows > 0
+    pairs = np.array(pairs)
+    assert len(pairs) >= 20 and pairs[:, 1].mean() < 0  # treatment lowers its ladder's lab
+    assert np.corrcoef(pairs.T)[0, 1] > 0.1
+    assert json.loads((dataset / "delta" / "truth" / "delta.json").read_text())["truth_of"] == "psm"
 
 
 @pytest.mark.slow
@@ -281,7 +313,6 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
     assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "80", "--splits", "2", "--tasks", "onset_dm",
                      "next_ldl", "--lookbacks", "1", "2", "--pool-patients", "200", "--test-patients", "60", "--steps", "4", "--eval-every", "2",
                      "--run-name", "protocol", "--out", str(tmp_path / "out")]) == 0
-    import json
 
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert len(trials) == 2 * 2 * 2 * 2 * (2 * 3 + 2)  # sizes x draws x tasks x look-backs x (RNN modes + GLM)
