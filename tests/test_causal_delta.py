@@ -106,6 +106,39 @@ def test_windows_levels_equal_the_true_ladder_levels(dataset):
     assert (ex["onset"][~ex["at_risk"]] >= 0).all() and ex["delta_target"].shape[1] == N_DELTA
 
 
+@pytest.mark.slow
+def test_outcome_is_measured_before_any_later_addition_of_its_ladder(dataset):
+    """X_{t+1} = the ladder lab's first value of window t + 1: no addition made in t + 1 (by the
+    treated or the control) has acted on it yet, which the latest value cannot promise."""
+    from mirror.causal.delta import fixed, transition_rows
+    from mirror.data.views.windows import _LADDER_LAB_COLUMN
+
+    file = schema.split_files(dataset, schema.TRAIN)[0]
+    rows = pq.read_table(file, columns=READ_COLUMNS)
+    truth = pq.read_table(dataset / schema.GROUND_TRUTH_DIR / "treatments" / schema.TRAIN / file.name)
+    ids = rows.column(schema.SUBJECT_ID).to_numpy()
+    adds: dict[tuple[int, int], list[int]] = {}
+    for sid, weeks, ladders in zip(truth.column(schema.SUBJECT_ID).to_pylist(), truth.column("addition_weeks").to_pylist(),
+                                   truth.column("addition_ladders").to_pylist(), strict=True):
+        for week, ladder in zip(weeks, ladders, strict=True):
+            adds.setdefault((sid, ladder), []).append(week)
+
+    def touched(outcome: str) -> tuple[int, int]:
+        t = transition_rows(patient_windows(rows, 52), ids, schema.TRAIN, 1, outcome)
+        lab = _LADDER_LAB_COLUMN[t.column("ladder").to_numpy().astype(np.int64)]
+        y_week = fixed(t, "y_week", N_LABS)[np.arange(t.num_rows), lab]
+        next_start = t.column("window_start").to_numpy() + 52
+        hit = 0
+        for sid, ladder, start, week in zip(t.column("subject_id").to_numpy(), t.column("ladder").to_numpy(), next_start, y_week,
+                                            strict=True):
+            hit += week >= 0 and any(start <= w < week for w in adds.get((int(sid), int(ladder)), []))
+        return hit, int((y_week >= 0).sum())
+
+    first, measured = touched("first")
+    latest, _ = touched("latest")
+    assert measured > 100 and first == 0 and latest > 0
+
+
 @pytest.fixture(scope="module")
 def estimated(dataset):
     """Δ of the 3,000 patients, written once as the column set ``psm`` (and the true effects of

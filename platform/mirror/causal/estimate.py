@@ -202,7 +202,7 @@ def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = N
         if not schema.split_files(root, split):
             continue
         rows = read_rows(root, split)
-        rows.map_batches(D._TransitionsFn(split, config.window_weeks, blocks), batch_format="pyarrow",
+        rows.map_batches(D._TransitionsFn(split, config.window_weeks, blocks, config.outcome), batch_format="pyarrow",
                          batch_size=None, num_cpus=0.25).write_parquet(str(work / "transitions" / split), partition_cols=["block"])
     remote = ray.remote(num_cpus=TASK_CPUS)
     counts = sum(ray.get([remote(_count_task).remote(str(work), k) for k in range(blocks)]))
