@@ -360,4 +360,12 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
     parent = tracking.find_run("protocol")
     assert {"results.json", "results.md", "tests.json", "trials.json"} <= set(tracking.list_artifacts(parent))
     assert len(tracking.child_runs(parent)) == 4
+    # a stopped run's tables: rebuilt from trials.json alone (here: only the n=40 draws)
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "trials.json").write_text(json.dumps([r for r in trials if r["size"] == 40]))
+    assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "--splits", "2", "--tasks", "onset_dm", "next_ldl",
+                     "--lookbacks", "1", "2", "--tables-from", str(part)]) == 0
+    rebuilt = json.loads((part / "results.json").read_text())
+    assert rebuilt == [r for r in results if r["size"] == 40]
     assert job.main(["--data", str(dataset), "--delta", "nope"]) == 2
