@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(d.tasks))
     parser.add_argument("--lookbacks", type=int, nargs="+", default=list(d.lookbacks))
     parser.add_argument("--cells", nargs="+", default=list(d.cells))
+    parser.add_argument("--modes", nargs="+", default=list(d.modes), help="RNN modes (none is always needed)")
     parser.add_argument("--no-glm", action="store_true", help="leave out the GLM rows")
     parser.add_argument("--pool-patients", type=int, default=d.pool_patients)
     parser.add_argument("--test-patients", type=int, default=d.test_patients)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ProtocolConfig(
             delta=args.delta, sizes=tuple(args.sizes), splits=args.splits, tasks=tuple(args.tasks),
-            lookbacks=tuple(args.lookbacks), cells=tuple(args.cells), glm=not args.no_glm,
+            lookbacks=tuple(args.lookbacks), cells=tuple(args.cells), modes=tuple(args.modes), glm=not args.no_glm,
             pool_patients=args.pool_patients, test_patients=args.test_patients, hidden=args.hidden, steps=args.steps,
             eval_every=args.eval_every, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         )  # fmt: skip
