@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(d.tasks))
     parser.add_argument("--lookbacks", type=int, nargs="+", default=list(d.lookbacks))
     parser.add_argument("--cells", nargs="+", default=list(d.cells))
+    parser.add_argument("--modes", nargs="+", default=list(d.modes), help="RNN modes (none is always needed)")
     parser.add_argument("--no-glm", action="store_true", help="leave out the GLM rows")
     parser.add_argument("--pool-patients", type=int, default=d.pool_patients)
     parser.add_argument("--test-patients", type=int, default=d.test_patients)
@@ -47,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--run-name", default=None, help="MLflow parent run name")
-    parser.add_argument("--out", help="also write the tables here (a directory)")
+    parser.add_argument("--out", help="also write the tables here (a directory); trials.json is rewritten after every draw")
+    parser.add_argument("--tables-from", metavar="DIR",
+                        help="no fits: rebuild the tables in DIR from its trials.json (e.g. the draws finished before "
+                             "a run was stopped), with the grid given by the other flags")
     args = parser.parse_args(argv)
 
     try:
         config = ProtocolConfig(
             delta=args.delta, sizes=tuple(args.sizes), splits=args.splits, tasks=tuple(args.tasks),
-            lookbacks=tuple(args.lookbacks), cells=tuple(args.cells), glm=not args.no_glm,
+            lookbacks=tuple(args.lookbacks), cells=tuple(args.cells), modes=tuple(args.modes), glm=not args.no_glm,
             pool_patients=args.pool_patients, test_patients=args.test_patients, hidden=args.hidden, steps=args.steps,
             eval_every=args.eval_every, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         )  # fmt: skip
@@ -63,8 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.tables_from:
+        trials = json.loads((Path(args.tables_from) / "trials.json").read_text())
+        write_tables(trials, config, Path(args.tables_from))
+        return 0
     run_protocol(args.data, config, args.run_name or f"causal-protocol-{time.strftime('%Y%m%d-%H%M%S')}", args.out)
     return 0
+
+
+def write_tables(trials: list[dict], config, out: Path) -> tuple:
+    """results/tests/gain_by_size (json) and results.md from the fits ``trials`` into ``out``;
+    draws are paired by their split index, so a partial set of draws gives a smaller t-test."""
+    from mirror.causal.protocol import gain_by_size, markdown, results_table
+
+    table = results_table(trials, config)
+    gains = gain_by_size(table, "pretrain") + gain_by_size(table, "augment")
+    draws = sorted({(r["size"], r["split"]) for r in trials})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(f"<!-- {len(trials)} fits from {len(draws)} draws (size, split): {draws} -->\n" + markdown(table))
+    for name, rows in (("results", table.rows), ("tests", table.tests), ("trials", trials), ("gain_by_size", gains)):
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return table, gains
 
 
 def run_protocol(data: str, config, run_name: str, out: str | None = None) -> dict:
@@ -87,8 +110,10 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
                                   "pool/test_patients": test_pool.n_patients, "pool/test_examples": len(test_pool.patient)})
     draw = ray.remote(num_cpus=1)(run_draw)
     train_ref, test_ref = ray.put(train_pool), ray.put(test_pool)
+    # split-major: every size gets its first draws first, so a run stopped early (a shared box)
+    # still holds paired draws at every size (--out keeps trials.json current; --tables-from)
     pending = {draw.remote(train_ref, test_ref, size, split, config): (size, split)
-               for size in config.sizes for split in range(config.splits)}
+               for split in range(config.splits) for size in config.sizes}
     trials: list[dict] = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -101,6 +126,10 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
                                      for r in rows for k in ("auroc", "auprc", "mse", "mean_mse") if k in r})
         tracking.end_run(child)
         print(f"draw n={size} split={split}: {len(rows)} fits, {sum(r['seconds'] for r in rows):.1f} s", flush=True)
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "trials.json.tmp").write_text(json.dumps(trials, indent=1) + "\n")
+            (Path(out) / "trials.json.tmp").replace(Path(out) / "trials.json")
     table = results_table(trials, config)
     gains = gain_by_size(table, "pretrain") + gain_by_size(table, "augment")
     tracking.log_table(parent, table.rows, "results.json")
@@ -118,10 +147,7 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
         tracking.log_artifact(parent, Path(tmp) / "results.md")
     tracking.end_run(parent)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "results.md").write_text(text)
-        for name, rows in (("results", table.rows), ("tests", table.tests), ("trials", trials), ("gain_by_size", gains)):
-            (Path(out) / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_tables(trials, config, Path(out))
     print(text)
     print(json.dumps({"run_id": parent, "fits": len(trials), "seconds": round(metrics["protocol/seconds"], 1), "gain_by_size": gains}, indent=1))
     return {"run_id": parent, "table": table, "trials": trials, "gains": gains}

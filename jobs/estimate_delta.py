@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="propensity inputs: X_{t-1} and the index lab, or those and their squares")
     parser.add_argument("--neighbours", type=int, default=8, help="controls per side of the sorted logit considered")
     parser.add_argument("--index-lab-weight", type=float, default=1.0, help="the index lab's weight in the match distance (0: logit only)")
+    parser.add_argument("--outcome", choices=("first", "latest"), default="first",
+                        help="X_{t+1}: each lab's first value in window t+1 (before any later addition acts) or its latest")
     parser.add_argument("--allow-own-windows", action="store_true", help="let a treated row take a control of the same patient")
+    parser.add_argument("--truth-name", default=None,
+                        help="simulated data: also write the true effects of the same treated rows as this Δ column set "
+                             "(the ceiling; seed 003's synthetic study trains on the true Δ)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-work", action="store_true", help="keep the transition rows and matches (_work/)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -42,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     config = DeltaConfig(window_weeks=args.window_weeks, caliper_sd=args.caliper_sd,
                          block_patients=args.block_patients, max_fit_rows=args.max_fit_rows, seed=args.seed,
                          propensity=args.propensity, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
-                         exclude_own_windows=not args.allow_own_windows)
+                         exclude_own_windows=not args.allow_own_windows, outcome=args.outcome)
     ensure_ray()
-    report = estimate_delta(args.data, args.name, config, keep_work=args.keep_work)
+    report = estimate_delta(args.data, args.name, config, keep_work=args.keep_work, truth_name=args.truth_name)
     out = Path(args.data) / "delta" / args.name
     if not args.no_mlflow:
         from mirror import tracking

@@ -3,6 +3,8 @@ against the simulator's true effects."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -104,13 +106,47 @@ def test_windows_levels_equal_the_true_ladder_levels(dataset):
     assert (ex["onset"][~ex["at_risk"]] >= 0).all() and ex["delta_target"].shape[1] == N_DELTA
 
 
+@pytest.mark.slow
+def test_outcome_is_measured_before_any_later_addition_of_its_ladder(dataset):
+    """X_{t+1} = the ladder lab's first value of window t + 1: no addition made in t + 1 (by the
+    treated or the control) has acted on it yet, which the latest value cannot promise."""
+    from mirror.causal.delta import fixed, transition_rows
+    from mirror.data.views.windows import _LADDER_LAB_COLUMN
+
+    file = schema.split_files(dataset, schema.TRAIN)[0]
+    rows = pq.read_table(file, columns=READ_COLUMNS)
+    truth = pq.read_table(dataset / schema.GROUND_TRUTH_DIR / "treatments" / schema.TRAIN / file.name)
+    ids = rows.column(schema.SUBJECT_ID).to_numpy()
+    adds: dict[tuple[int, int], list[int]] = {}
+    for sid, weeks, ladders in zip(truth.column(schema.SUBJECT_ID).to_pylist(), truth.column("addition_weeks").to_pylist(),
+                                   truth.column("addition_ladders").to_pylist(), strict=True):
+        for week, ladder in zip(weeks, ladders, strict=True):
+            adds.setdefault((sid, ladder), []).append(week)
+
+    def touched(outcome: str) -> tuple[int, int]:
+        t = transition_rows(patient_windows(rows, 52), ids, schema.TRAIN, 1, outcome)
+        lab = _LADDER_LAB_COLUMN[t.column("ladder").to_numpy().astype(np.int64)]
+        y_week = fixed(t, "y_week", N_LABS)[np.arange(t.num_rows), lab]
+        next_start = t.column("window_start").to_numpy() + 52
+        hit = 0
+        for sid, ladder, start, week in zip(t.column("subject_id").to_numpy(), t.column("ladder").to_numpy(), next_start, y_week,
+                                            strict=True):
+            hit += week >= 0 and any(start <= w < week for w in adds.get((int(sid), int(ladder)), []))
+        return hit, int((y_week >= 0).sum())
+
+    first, measured = touched("first")
+    latest, _ = touched("latest")
+    assert measured > 100 and first == 0 and latest > 0
+
+
 @pytest.fixture(scope="module")
 def estimated(dataset):
-    """Δ of the 3,000 patients, written once as the column set ``psm``."""
+    """Δ of the 3,000 patients, written once as the column set ``psm`` (and the true effects of
+    the same treated rows as ``truth``)."""
     from mirror.causal.delta import DeltaConfig
     from mirror.causal.estimate import estimate_delta
 
-    return estimate_delta(dataset, "psm", DeltaConfig(block_patients=1000, min_treated=5))
+    return estimate_delta(dataset, "psm", DeltaConfig(block_patients=1000, min_treated=5), truth_name="truth")
 
 
 @pytest.mark.slow
@@ -138,6 +174,35 @@ def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(datas
     assert batch.size == rep.kept
     assert batch.delta_target.abs().sum() > 0 and batch.delta_observed.any()
     assert batch.delta_in.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_true_delta_column_set_covers_every_treated_row_and_agrees_with_psm(dataset, estimated):
+    """``truth``: τ for every treated row of the fitted strata (matched or not), so more entries
+    than PSM's matched ones; where both exist, the PSM Δ of the ladder's own lab tracks τ."""
+    from mirror.data.views.windows import _LADDER_LAB_COLUMN
+
+    psm_rows = truth_rows = 0
+    pairs = []
+    for split in schema.SPLITS:
+        for file in schema.split_files(dataset, split):
+            psm = pq.read_table(dataset / "delta" / "psm" / split / file.name).to_pylist()
+            truth = pq.read_table(dataset / "delta" / "truth" / split / file.name)
+            assert truth.schema.equals(DELTA_SCHEMA)
+            assert truth.column(schema.SUBJECT_ID).equals(pq.read_table(file, columns=[schema.SUBJECT_ID]).column(0))
+            for p, t in zip(psm, truth.to_pylist(), strict=True):
+                psm_rows += len(p["delta_windows"])
+                truth_rows += len(t["delta_windows"])
+                true_of = {(w, ld): i for i, (w, ld) in enumerate(zip(t["delta_windows"], t["delta_ladders"], strict=True))}
+                for i, key in enumerate(zip(p["delta_windows"], p["delta_ladders"], strict=True)):
+                    j, lab = true_of[key], _LADDER_LAB_COLUMN[key[1]]  # every matched row has its truth row
+                    if p["delta_observed"][i * N_LABS + lab] and t["delta_observed"][j * N_LABS + lab]:
+                        pairs.append((p["delta_values"][i * N_LABS + lab], t["delta_values"][j * N_LABS + lab]))
+    assert truth_rows > psm_rows > 0
+    pairs = np.array(pairs)
+    assert len(pairs) >= 20 and pairs[:, 1].mean() < 0  # treatment lowers its ladder's lab
+    assert np.corrcoef(pairs.T)[0, 1] > 0.1
+    assert json.loads((dataset / "delta" / "truth" / "delta.json").read_text())["truth_of"] == "psm"
 
 
 @pytest.mark.slow
@@ -281,7 +346,6 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
     assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "80", "--splits", "2", "--tasks", "onset_dm",
                      "next_ldl", "--lookbacks", "1", "2", "--pool-patients", "200", "--test-patients", "60", "--steps", "4", "--eval-every", "2",
                      "--run-name", "protocol", "--out", str(tmp_path / "out")]) == 0
-    import json
 
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert len(trials) == 2 * 2 * 2 * 2 * (2 * 3 + 2)  # sizes x draws x tasks x look-backs x (RNN modes + GLM)
@@ -296,4 +360,12 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
     parent = tracking.find_run("protocol")
     assert {"results.json", "results.md", "tests.json", "trials.json"} <= set(tracking.list_artifacts(parent))
     assert len(tracking.child_runs(parent)) == 4
+    # a stopped run's tables: rebuilt from trials.json alone (here: only the n=40 draws)
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "trials.json").write_text(json.dumps([r for r in trials if r["size"] == 40]))
+    assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "--splits", "2", "--tasks", "onset_dm", "next_ldl",
+                     "--lookbacks", "1", "2", "--tables-from", str(part)]) == 0
+    rebuilt = json.loads((part / "results.json").read_text())
+    assert rebuilt == [r for r in results if r["size"] == 40]
     assert job.main(["--data", str(dataset), "--delta", "nope"]) == 2

@@ -20,7 +20,14 @@ X_{t-1} (the windows view's features) and the outcome X_{t+1} (raw lab values). 
   best control, and the estimate does not depend on the order of matching); a match farther
   than ``caliper_sd`` x the pooled SD of the logit is dropped (counted). Test patients never
   serve as controls;
-* Δ_{t+1} = X^A_{t+1} - X^B_{t+1} on every lab (observed where both were measured).
+* Δ_{t+1} = X^A_{t+1} - X^B_{t+1} on every lab (observed where both were measured). X_{t+1}
+  is each lab's *first* measurement in window t + 1 (``outcome="first"``), not its latest: a
+  control only "stayed at A's previous level" through window t, and 31-58% of them (by
+  stratum, 200K simulated) are escalated during window t + 1; an addition happens at a
+  measurement of its lab and acts from the next week, so the first measurement of t + 1 is
+  the last one that no later addition (of the control or of the treated) has changed. With the
+  latest value, Δ mixes in the controls' catch-up treatment and shrinks towards 0 most where
+  the treated cannot escalate further (transitions into a ladder's top level).
 
 Memory: patients are dealt into ``blocks`` by a hash of their id, transition rows are written
 partitioned by block, and every step runs as one Ray task per block (count, sample, match) or
@@ -65,6 +72,7 @@ MAX_LEVEL = 8  # key packing: ladder * 64 + from * 8 + to
 INDEX_LAB = FEATURE_NAMES.index("index_lab")
 _CONTINUOUS = np.array([*range(len(LAB_SHORTS)), FEATURE_NAMES.index("age"), INDEX_LAB])
 DESIGNS = ("linear", "quadratic")
+OUTCOMES = ("first", "latest")
 
 
 def design_matrix(x: np.ndarray, design: str) -> np.ndarray:
@@ -97,6 +105,7 @@ class DeltaConfig:
     neighbours: int = 8  # controls per side of the sorted logit considered (1: the nearest only)
     index_lab_weight: float = 1.0  # weight of the index lab in the distance among candidates (0: logit only)
     exclude_own_windows: bool = True  # a treated row never takes a control of the same patient
+    outcome: str = "first"  # X_{t+1}: each lab's first (before later additions act) or latest value in t + 1
 
     def __post_init__(self) -> None:
         require(self, "caliper_sd", self.caliper_sd > 0, "a positive number of SDs")
@@ -106,6 +115,7 @@ class DeltaConfig:
         require(self, "propensity", self.propensity in DESIGNS, f"one of {DESIGNS}")
         require(self, "neighbours", self.neighbours >= 1, "an int >= 1")
         require(self, "index_lab_weight", self.index_lab_weight >= 0, "a weight >= 0")
+        require(self, "outcome", self.outcome in OUTCOMES, f"one of {OUTCOMES}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,16 +130,18 @@ def block_of(subject_id: np.ndarray, blocks: int) -> np.ndarray:
     return ((subject_id.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32) % np.uint64(blocks)).astype(np.int32)
 
 
-def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks: int) -> pa.Table:
-    """One row per (window t with a previous and a next window, ladder) below the ladder's top."""
+def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks: int, outcome: str = "first") -> pa.Table:
+    """One row per (window t with a previous and a next window, ladder) below the ladder's top;
+    the outcome is each lab's ``outcome`` (first or latest) value in window t + 1."""
     from mirror.data.views.windows import LADDER_LEVELS
 
     n_win = windows.n_windows[windows.owner]
     t = np.flatnonzero((windows.index >= 1) & (windows.index <= n_win - 2))
     x = windows.features(t - 1, carry_forward=True)
     from mirror.data.views.windows import _LADDER_LAB_COLUMN, LAB_SCALE, LAB_TYPICAL
-    y = windows.lab_value[t + 1].astype(np.float32)
-    y_week = windows.lab_week[t + 1].astype(np.int32)
+    first = outcome == "first"
+    y = (windows.first_value if first else windows.lab_value)[t + 1].astype(np.float32)
+    y_week = (windows.first_week if first else windows.lab_week)[t + 1].astype(np.int32)
     parts = []
     for li in range(N_LADDERS):
         from_level = windows.level[t - 1, li]
@@ -159,12 +171,12 @@ def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks
 class _TransitionsFn:
     """Ray Data UDF: patient rows -> transition rows."""
 
-    def __init__(self, split: str, window_weeks: int, blocks: int) -> None:
-        self.split, self.window_weeks, self.blocks = split, window_weeks, blocks
+    def __init__(self, split: str, window_weeks: int, blocks: int, outcome: str = "first") -> None:
+        self.split, self.window_weeks, self.blocks, self.outcome = split, window_weeks, blocks, outcome
 
     def __call__(self, table: pa.Table) -> pa.Table:
         windows = patient_windows(table, self.window_weeks)
-        return transition_rows(windows, table.column(schema.SUBJECT_ID).to_numpy(), self.split, self.blocks)
+        return transition_rows(windows, table.column(schema.SUBJECT_ID).to_numpy(), self.split, self.blocks, self.outcome)
 
 
 def fixed(table: pa.Table, name: str, width: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -112,10 +113,28 @@ def _match_task(work: str, k: int, models: dict[int, D.Propensity], config: D.De
     return sums
 
 
-def _shard_task(root: str, work: str, name: str, split: str, file: str,
-                control_means: dict[int, np.ndarray]) -> tuple[dict[int, T.TruthSums], dict[str, int]]:
+def _delta_table(ids: np.ndarray, rows: pa.Table, values: np.ndarray) -> pa.Table:
+    """Δ columns (``DELTA_SCHEMA``) for the patients ``ids`` of one shard from their transition
+    ``rows`` (sorted by patient) and one value per row and lab (NaN: unobserved)."""
+    sid = rows.column("subject_id").to_numpy()
+    counts = np.searchsorted(sid, ids, side="right") - np.searchsorted(sid, ids, side="left")
+    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+    value_offsets = pa.array((np.r_[0, np.cumsum(counts)] * N_LABS).astype(np.int32))
+    return pa.Table.from_arrays([
+        pa.array(ids, pa.int64()),
+        pa.ListArray.from_arrays(offsets, pa.array((rows.column("window").to_numpy() + 1).astype(np.int16))),
+        pa.ListArray.from_arrays(offsets, pa.array(rows.column("ladder").to_numpy(), pa.int8())),
+        pa.ListArray.from_arrays(value_offsets, pa.array(np.nan_to_num(values).reshape(-1).astype(np.float32))),
+        pa.ListArray.from_arrays(value_offsets, pa.array(~np.isnan(values).reshape(-1))),
+    ], schema=DELTA_SCHEMA)  # fmt: skip
+
+
+def _shard_task(root: str, work: str, name: str, split: str, file: str, control_means: dict[int, np.ndarray],
+                truth_name: str | None = None) -> tuple[dict[int, T.TruthSums], dict[str, int]]:
     """Δ columns for one data shard, and the truth sums of its treated rows when the dataset
-    has ground truth."""
+    has ground truth; with ``truth_name``, also the true individual effects τ of every treated
+    row (matched or not) as a second column set: the ceiling a perfect estimator would give,
+    and the Δ of seed 003's synthetic study (its generator records the true Δ)."""
     ids = pq.read_table(Path(root) / schema.DATA_DIR / split / file, columns=[schema.SUBJECT_ID]).column(0).to_numpy()
     matches_dir = Path(work) / "matches"
     if len(ids) and matches_dir.is_dir() and any(matches_dir.iterdir()):
@@ -128,28 +147,25 @@ def _shard_task(root: str, work: str, name: str, split: str, file: str,
         rows = D.MATCH_SCHEMA.empty_table()
     matched = rows.column("matched").to_numpy(zero_copy_only=False).astype(bool)
     m = rows.filter(pa.array(matched))
-    m_sid = m.column("subject_id").to_numpy()
-    counts = np.searchsorted(m_sid, ids, side="right") - np.searchsorted(m_sid, ids, side="left")
-    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
-    delta = D.fixed(m, "delta", N_LABS)
-    observed = ~np.isnan(delta)
-    value_offsets = pa.array((np.r_[0, np.cumsum(counts)] * N_LABS).astype(np.int32))
-    table = pa.Table.from_arrays([
-        pa.array(ids, pa.int64()),
-        pa.ListArray.from_arrays(offsets, pa.array((m.column("window").to_numpy() + 1).astype(np.int16))),
-        pa.ListArray.from_arrays(offsets, pa.array(m.column("ladder").to_numpy(), pa.int8())),
-        pa.ListArray.from_arrays(value_offsets, pa.array(np.nan_to_num(delta).reshape(-1).astype(np.float32))),
-        pa.ListArray.from_arrays(value_offsets, pa.array(observed.reshape(-1))),
-    ], schema=DELTA_SCHEMA)  # fmt: skip
+    table = _delta_table(ids, m, D.fixed(m, "delta", N_LABS))
     out = delta_split_dir(root, name, split)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / file)
-    written = {"patients": len(ids), "delta_entries": len(m_sid), "patients_with_delta": int((counts > 0).sum())}
+    written = {"patients": len(ids), "delta_entries": m.num_rows,
+               "patients_with_delta": int(pc.count_distinct(m.column("subject_id")).as_py()) if m.num_rows else 0}
 
     truth_file = Path(root) / schema.GROUND_TRUTH_DIR / "treatments" / split / file
-    if not truth_file.exists() or not rows.num_rows:
+    if truth_name and not truth_file.exists():
+        raise FileNotFoundError(f"{truth_file}: no treatment ground truth, so no true Δ ({truth_name!r}) can be written")
+    if not truth_file.exists():
         return {}, written
-    tau = T.true_effects(rows, pq.read_table(truth_file))
+    tau = T.true_effects(rows, pq.read_table(truth_file)) if rows.num_rows else np.zeros((0, N_LABS))
+    if truth_name:
+        out = delta_split_dir(root, truth_name, split)
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_delta_table(ids, rows, tau), out / file)
+    if not rows.num_rows:
+        return {}, written
     y = D.fixed(rows, "y", N_LABS).astype(np.float64)
     all_delta = D.fixed(rows, "delta", N_LABS).astype(np.float64)
     key = D.stratum_key(rows.column("ladder").to_numpy().astype(np.int64), rows.column("from_level").to_numpy().astype(np.int64),
@@ -161,9 +177,12 @@ def _shard_task(root: str, work: str, name: str, split: str, file: str,
     return sums, written
 
 
-def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = None, *, keep_work: bool = False) -> DeltaReport:
+def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = None, *, keep_work: bool = False,
+                   truth_name: str | None = None) -> DeltaReport:
     """Estimate Δ for every split of the dataset at ``root`` and write it under
-    ``<root>/delta/<name>/``. Ray must be reachable (a local instance is started if none)."""
+    ``<root>/delta/<name>/``; with ``truth_name`` (simulated data only), also the simulator's true
+    effects of the same treated rows under ``<root>/delta/<truth_name>/``. Ray must be reachable
+    (a local instance is started if none)."""
     import ray
 
     config = config or D.DeltaConfig()
@@ -173,14 +192,17 @@ def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = N
     patients = sum(metadata.patients.values())
     blocks = max(1, -(-patients // config.block_patients))
     out = root / "delta" / name
-    if out.exists():
-        shutil.rmtree(out)
+    if truth_name == name:
+        raise ValueError(f"truth_name {truth_name!r}: must differ from the estimate's name")
+    for old in (out, root / "delta" / truth_name if truth_name else None):
+        if old is not None and old.exists():
+            shutil.rmtree(old)
     work = out / "_work"
     for split in schema.SPLITS:
         if not schema.split_files(root, split):
             continue
         rows = read_rows(root, split)
-        rows.map_batches(D._TransitionsFn(split, config.window_weeks, blocks), batch_format="pyarrow",
+        rows.map_batches(D._TransitionsFn(split, config.window_weeks, blocks, config.outcome), batch_format="pyarrow",
                          batch_size=None, num_cpus=0.25).write_parquet(str(work / "transitions" / split), partition_cols=["block"])
     remote = ray.remote(num_cpus=TASK_CPUS)
     counts = sum(ray.get([remote(_count_task).remote(str(work), k) for k in range(blocks)]))
@@ -208,7 +230,7 @@ def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = N
             sums[k] = sums[k] + s if k in sums else s
     control_means = {k: np.where(s.y_controls_n > 0, np.asarray(s.y_controls.s) / np.maximum(s.y_controls_n, 1), np.nan)
                      for k, s in sums.items()}
-    shard_jobs = [remote(_shard_task).remote(str(root), str(work), name, split, f.name, control_means)
+    shard_jobs = [remote(_shard_task).remote(str(root), str(work), name, split, f.name, control_means, truth_name)
                   for split in schema.SPLITS for f in schema.split_files(root, split)]
     truth: dict[int, T.TruthSums] = {}
     written = {"patients": 0, "delta_entries": 0, "patients_with_delta": 0}
@@ -223,6 +245,10 @@ def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = N
     out.mkdir(parents=True, exist_ok=True)
     (out / "delta.json").write_text(json.dumps({"config": config.as_dict(), **report.as_json()}, indent=2, default=float) + "\n")
     write_balance(report.balance, out)
+    if truth_name:
+        (root / "delta" / truth_name / "delta.json").write_text(json.dumps({
+            "truth_of": name, "note": "true individual effects τ of every treated row of the estimate's fitted strata "
+            "(matched or not); NaN (unobserved) where the outcome lab was not measured"}, indent=2) + "\n")
     if not keep_work:
         shutil.rmtree(work)
     logger.info("Δ %s: %s", name, report.totals)

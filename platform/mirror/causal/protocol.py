@@ -54,6 +54,7 @@ class ProtocolConfig:
     tasks: tuple[str, ...] = (*ONSET_TARGETS, "next_ldl")
     lookbacks: tuple[int, ...] = (1, 3)
     cells: tuple[str, ...] = ("gru", "lstm")
+    modes: tuple[str, ...] = MODES  # RNN modes fitted; no-Δ always (every test pairs with it)
     glm: bool = True  # the GLM rows, without and with Δ
     pool_patients: int = 20_000  # training-split patients the draws are taken from
     test_patients: int = 2_000  # held-out patients per draw
@@ -72,6 +73,7 @@ class ProtocolConfig:
         require(self, "splits", self.splits >= 2, ">= 2 draws (a paired t-test needs two)")
         require(self, "tasks", set(self.tasks) <= {*ONSET_TARGETS, *LAB_TARGETS}, f"tasks of {ONSET_TARGETS + LAB_TARGETS}")
         require(self, "cells", set(self.cells) <= {"gru", "lstm"}, "gru and/or lstm (the GLM: --glm)")
+        require(self, "modes", "none" in self.modes and set(self.modes) <= set(MODES), f"'none' and any of {MODES[1:]}")
         require(self, "lookbacks", len(self.lookbacks) > 0 and min(self.lookbacks) >= 1, "look-backs >= 1")
         require(self, "pool_patients", self.pool_patients >= max(self.sizes), f"at least the largest size, {max(self.sizes)}")
         require(self, "steps", self.steps >= 1, "an int >= 1")
@@ -269,7 +271,8 @@ def grid_cells(config: ProtocolConfig) -> Iterator[tuple[str, str]]:
     a few hundred Adam steps from a zero intercept do not reach it at a 1% prevalence)."""
     for cell in config.cells:
         for mode in MODES:
-            yield cell, mode
+            if mode in config.modes:
+                yield cell, mode
     if config.glm:
         for mode in GLM_MODES:
             yield "glm", mode
@@ -295,7 +298,7 @@ def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: P
     for lookback in config.lookbacks:
         info = WindowsInfo(lookback=lookback, has_delta=True)
         stage1: dict[str, Any] = {}
-        for cell in config.cells:  # stage 1 once per (cell, look-back), shared by the tasks
+        for cell in config.cells if "pretrain" in config.modes else ():  # stage 1 once per (cell, look-back), shared by the tasks
             torch.manual_seed(config.seed * 1000 + split)
             started = time.perf_counter()
             model = build_model("causal_rnn_delta", {"cell": cell, "hidden": config.hidden, "lr": config.lr}, info)

@@ -138,6 +138,8 @@ class Windows:
     onset_in: np.ndarray  # (W, 4) bool: first diagnosed inside the window
     index_value: np.ndarray  # (W, N_LADDERS) the ladder's lab at its decision in the window (NaN: none)
     tail_weeks: int  # enrolled weeks after the last full window (not in any window)
+    first_value: np.ndarray  # (W, N_LABS) float64, first value in the window, NaN where not measured
+    first_week: np.ndarray  # (W, N_LABS) int64, week of that value, -1 where not measured
 
     @property
     def n_windows(self) -> np.ndarray:
@@ -208,6 +210,11 @@ def patient_windows(table: pa.Table, window_weeks: int) -> Windows:
     lab_week = np.full((total, N_LABS), -1, np.int64)
     lab_value.flat[uniq] = lab_v[keep][last]
     lab_week.flat[uniq] = lab_w[keep][last]
+    uniq, first_of_key = np.unique(key, return_index=True)
+    lab_first_value = np.full((total, N_LABS), np.nan)
+    lab_first_week = np.full((total, N_LABS), -1, np.int64)
+    lab_first_value.flat[uniq] = lab_v[keep][first_of_key]
+    lab_first_week.flat[uniq] = lab_w[keep][first_of_key]
 
     # Ladder levels: ladder medications started by each window's end, cumulated per patient.
     med, med_owner = _flat(table, schema.MEDICATIONS)
@@ -253,7 +260,7 @@ def patient_windows(table: pa.Table, window_weeks: int) -> Windows:
     age = (start_week - birth[owner]) / WEEKS_PER_YEAR
     tail = int(((end - start + 1) - n_win * window_weeks).sum())
     return Windows(offsets, owner, index, start_week, lab_value, lab_week, level, female, age,
-                   has_by_end, onset_in, index_value, tail)
+                   has_by_end, onset_in, index_value, tail, lab_first_value, lab_first_week)
 
 
 # --------------------------------------------------------------------------------------------
