@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-set", nargs="*", default=["model.ch=16", "model.groups=4", "model.res_blocks=1"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results" / "scoehr_latent.json"))
+    parser.add_argument("--append", action="store_true", help="keep --out's settings (same data and sizes)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(json.dumps(result["references"]), flush=True)
     out = Path(args.out)
+    if args.append and out.exists():
+        earlier = json.loads(out.read_text())
+        same = ("data", "ae_epochs", "score_epochs", "batch", "score_set", "seed", "max_steps", "draws")
+        if any(earlier["args"].get(k) != vars(args)[k] for k in same):
+            raise SystemExit(f"--append: {out} was made with other data or sizes ({same})")
+        result["settings"] = earlier["settings"]
     out.parent.mkdir(parents=True, exist_ok=True)
 
     base = {"train.batch_size": args.batch, "train.workers": 1, "train.cpus_per_worker": 1.0,
