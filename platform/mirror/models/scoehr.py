@@ -77,8 +77,8 @@ class ScoEHRAEConfig:
     # the decoder answer for a neighbourhood of each real latent, not one point, so that stage
     # 2's samples, which land near but not on the data's latents, still decode. Not clamped to
     # the tanh range: the sampler's latents are not clamped either (``clamp_latent``).
-    # Measured at 20K (bench/results/scoehr_latent.json): σ 0.1/0.2 cut empty draws 45% -> 34%
-    # but decode 15-17 codes per draw (real 6.2) and worsen DDM/PCD, so the default stays 0.
+    # Measured at 20K (bench/results/scoehr_latent*.json, two seeds): σ 0.2 leaves fewer draws
+    # empty; its DDM/PCD effect is within seed noise, so the default stays 0.
     latent_noise: float = 0.0
 
     def __post_init__(self) -> None:
