@@ -270,3 +270,23 @@ def test_trial_spec_applies_sampled_numpy_values(tmp_path):
     assert run.model == "wae" and run.run_name == "t-1"
     assert run.model_config["latent_dim"] == 32 and type(run.model_config["latent_dim"]) is int
     assert run.model_config["lam"] == 2.5 and run.train.epochs == 2
+
+
+@pytest.mark.parametrize("score_synthetic", [True, False])
+def test_evaluate_all_scores_a_generator_trial_as_its_spec_asks(tmp_path, monkeypatch, score_synthetic):
+    """``evaluate: all`` evaluates each trial with the scorecard exactly when the trial's
+    ``train.score_synthetic`` asks, as ``jobs/train.py`` does (a sweep of generators without
+    it records no fidelity at all)."""
+    from types import SimpleNamespace
+
+    import mirror.evaluation
+    from mirror.tune.trial import finish_trial
+
+    raw = base_sweep() | {"evaluate": "all"}
+    raw["fixed"] = raw["fixed"] | {"train.score_synthetic": score_synthetic}
+    sweep = load_sweep(write(tmp_path, raw))
+    run = sweep.trial_spec({"model.latent_dim": 16, "model.lam": 1.0}, str(tmp_path), "t-1")
+    calls = []
+    monkeypatch.setattr(mirror.evaluation, "evaluate_run", lambda run_id, **kw: calls.append((run_id, kw)))
+    finish_trial(sweep, SimpleNamespace(run_id="r1"), run)
+    assert calls == [("r1", {"synthetic": score_synthetic})]

@@ -73,11 +73,19 @@ class ScoEHRAEConfig:
     lr: float = 3e-2
     weight_decay: float = 1e-4  # Adam's (L2) weight decay, as upstream
     bias_init: float = 0.01  # upstream: Xavier-uniform weights, biases 0.01
+    # σ of Gaussian noise added to z before decoding, in training only (0: upstream). It makes
+    # the decoder answer for a neighbourhood of each real latent, not one point, so that stage
+    # 2's samples, which land near but not on the data's latents, still decode. Not clamped to
+    # the tanh range: the sampler's latents are not clamped either (``clamp_latent``).
+    # Measured at 20K (bench/results/scoehr_latent*.json, two seeds): σ 0.2 leaves fewer draws
+    # empty; its DDM/PCD effect is within seed noise, so the default stays 0.
+    latent_noise: float = 0.0
 
     def __post_init__(self) -> None:
         require(self, "latent_dim", self.latent_dim >= 1, "an int >= 1")
         require(self, "lr", self.lr > 0, "a float > 0")
         require(self, "weight_decay", self.weight_decay >= 0, "a float >= 0")
+        require(self, "latent_noise", self.latent_noise >= 0, "a float >= 0")
 
 
 class CodeAutoencoder(nn.Module):
@@ -97,9 +105,11 @@ class CodeAutoencoder(nn.Module):
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.dec(z)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction loss summed over features and the batch (callers divide)."""
-        logits = self.decode_logits(self.encode(x))
+    def forward(self, x: torch.Tensor, latent_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction loss summed over features and the batch (callers divide), decoding
+        ``encode(x) + latent_noise`` when noise is given (training with ``latent_noise``)."""
+        z = self.encode(x)
+        logits = self.decode_logits(z if latent_noise is None else z + latent_noise)
         return F.binary_cross_entropy_with_logits(logits, x.clamp(max=1.0), reduction="sum")
 
 
@@ -124,13 +134,20 @@ class ScoEHRAutoencoder(nn.Module):
         return {"autoencoder": torch.optim.Adam(self.autoencoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)}
 
     def train_step(self, batch: CodeVectorBatch, ctx: StepContext) -> dict[str, float]:
+        noise = None
+        if self.config.latent_noise > 0:  # seeded by (rank, step): a resumed run draws the same
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            generator = torch.Generator(device=ctx.device).manual_seed(1_000_003 * rank + ctx.global_step)
+            shape = (batch.size, self.config.latent_dim)
+            noise = self.config.latent_noise * torch.randn(shape, generator=generator, device=ctx.device)
         with ctx.autocast():
-            loss = ctx.parts["autoencoder"](batch.x) / batch.size
+            loss = ctx.parts["autoencoder"](batch.x, noise) / batch.size
         ctx.step(loss, "autoencoder")
         return {"loss": float(loss)}
 
     def eval_sums(self, batch: CodeVectorBatch) -> dict[str, torch.Tensor]:
-        """Summed BCE and wrongly decoded bits (the loop divides by patients)."""
+        """Summed BCE and wrongly decoded bits of the clean latents (the loop divides by
+        patients): what stage 2 decodes when it lands exactly on a real latent."""
         z = self.autoencoder.encode(batch.x)
         logits = self.autoencoder.decode_logits(z)
         target = batch.x.clamp(max=1.0)

@@ -359,7 +359,7 @@ def run_pbt_trial(
         origin = None
         epoch += 1
         if epoch == spec.train.epochs:  # Tune stops the trial at this report (stop_at_last_epoch)
-            finish_trial(sweep, outcome)
+            finish_trial(sweep, outcome, spec)
         tune.report(outcome.metrics, checkpoint=checkpoint)  # PBT may pause or exploit here
 
 

@@ -241,7 +241,7 @@ def run_sweep(
     if best is not None and best.run_id and spec.evaluate == "best":
         from mirror.evaluation import evaluate_run
 
-        evaluate_run(best.run_id)
+        evaluate_run(best.run_id, synthetic=base.train.score_synthetic)
     errors = sum(r.status == "ERROR" for r in rows)
     tracking.end_run(parent_run_id, status="FINISHED" if best is not None else "FAILED", uri=uri)
     return SweepOutcome(name, experiment_path, parent_run_id, best, len(rows), errors)

@@ -16,6 +16,7 @@ from mirror.tune.spec import SweepSpec
 
 if TYPE_CHECKING:
     from mirror.train.driver import TrainingOutcome
+    from mirror.train.spec import RunSpec
 
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:
@@ -37,15 +38,17 @@ def run_trial(
     trial_id = tune.get_context().get_trial_id()
     spec = sweep.trial_spec(config, data, trial_run_name(sweep.name, trial_id))
     outcome = run_training(spec, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
-    finish_trial(sweep, outcome)
+    finish_trial(sweep, outcome, spec)
 
 
-def finish_trial(sweep: SweepSpec, outcome: TrainingOutcome) -> None:
-    """End-of-trial work shared by every scheduler: evaluation when the file asks for it."""
+def finish_trial(sweep: SweepSpec, outcome: TrainingOutcome, spec: RunSpec) -> None:
+    """End-of-trial work shared by every scheduler: evaluation when the file asks for it, with
+    a generator's scorecard when the trial's ``train.score_synthetic`` asks for it (as
+    ``jobs/train.py`` does: without it a generator's sweep records no fidelity at all)."""
     if sweep.evaluate == "all":
         from mirror.evaluation import evaluate_run
 
-        evaluate_run(outcome.run_id)
+        evaluate_run(outcome.run_id, synthetic=spec.train.score_synthetic)
 
 
 def storage_dirs(storage: str) -> tuple[Any, dict[str, str]]:
