@@ -219,3 +219,27 @@ def test_keep_top_codes_folds_the_rest_into_one_rare_code_and_counts_it(trial_ro
     r = report[schema.ADVERSE_EVENT]
     assert len(after) == len(before) - r["merged_in_visit"]  # nothing dropped, only merged
     assert (after == 5).sum() == r["folded_events"] - r["merged_in_visit"] > 0
+
+
+def test_utility_ratio_averages_seeds_and_brackets_itself_with_a_paired_bootstrap():
+    """The seed-averaged AUROCs equal sklearn's; bootstrap counts weigh participants like
+    repeated rows; identical models give a ratio of exactly 1 in every draw."""
+    from sklearn.metrics import roc_auc_score
+
+    from mirror.metrics.trial_twins import _weighted_aurocs, utility_ratio
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(40) < 0.3).astype(np.float32)
+    real = rng.normal(size=(3, 40)) + 1.5 * y  # informative
+    noise = rng.normal(size=(3, 40))  # uninformative
+    np.testing.assert_allclose(_weighted_aurocs(real, y, np.ones((1, 40)))[0], [roc_auc_score(y, s) for s in real])
+    counts = rng.integers(0, 3, size=(1, 40)).astype(float)
+    rows = np.repeat(np.arange(40), counts[0].astype(int))
+    np.testing.assert_allclose(_weighted_aurocs(real, y, counts)[0], [roc_auc_score(y[rows], s[rows]) for s in real])
+    same = utility_ratio(real, real, y, draws=200)
+    assert same["utility/trial/severe_auroc_ratio"] == 1.0
+    assert same["utility/trial/severe_auroc_ratio_ci_low"] == same["utility/trial/severe_auroc_ratio_ci_high"] == 1.0
+    worse = utility_ratio(real, noise, y, draws=200)
+    low, high = worse["utility/trial/severe_auroc_ratio_ci_low"], worse["utility/trial/severe_auroc_ratio_ci_high"]
+    assert low <= worse["utility/trial/severe_auroc_ratio"] <= high < 1.0
+    assert worse["utility/trial/lstm_seeds"] == 3 and worse["utility/trial/n_test_positive"] == y.sum()
