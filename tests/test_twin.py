@@ -243,3 +243,23 @@ def test_utility_ratio_averages_seeds_and_brackets_itself_with_a_paired_bootstra
     low, high = worse["utility/trial/severe_auroc_ratio_ci_low"], worse["utility/trial/severe_auroc_ratio_ci_high"]
     assert low <= worse["utility/trial/severe_auroc_ratio"] <= high < 1.0
     assert worse["utility/trial/lstm_seeds"] == 3 and worse["utility/trial/n_test_positive"] == y.sum()
+
+
+def test_counterfactual_auroc_scores_candidates_against_the_true_outcome(trial_root):
+    """The label is the truth's outcome, never the candidate's own: a candidate holding the
+    truth's visits with its outcomes flipped scores exactly what the truth's visits score,
+    which is the plain utility AUROC of the same LSTM; misaligned candidates are refused."""
+    from mirror.metrics.errors import MetricError
+    from mirror.metrics.trial_twins import counterfactual_auroc, severe_outcome_auroc
+
+    rows = pq.read_table(schema.trial_split_files(trial_root, "train")[0])
+    real, truth = rows.slice(0, 200), rows.slice(200, 120)
+    meta = schema.DatasetMetadata.read(trial_root).vocab
+    widths = (meta[schema.TRIAL_TREATMENT], meta[schema.TRIAL_MEDICATION], meta[schema.ADVERSE_EVENT])
+    i = truth.schema.get_field_index(schema.SEVERE_OUTCOME)
+    flipped = truth.set_column(i, schema.SEVERE_OUTCOME, pa.array(1 - truth.column(i).to_numpy(zero_copy_only=False).astype(np.int64),
+                                                                  type=truth.schema.field(i).type))
+    auc = counterfactual_auroc(real, {"truth": truth, "flipped": flipped}, truth, widths, epochs=2, seeds=(3,))
+    assert auc["truth"] == auc["flipped"] == pytest.approx(severe_outcome_auroc(real, truth, widths, epochs=2, seed=3))
+    with pytest.raises(MetricError, match="rows"):
+        counterfactual_auroc(real, {"short": truth.slice(0, 10)}, truth, widths, epochs=1)

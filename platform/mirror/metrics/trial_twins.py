@@ -201,6 +201,35 @@ def _severe_outcome_fit(x: torch.Tensor, n: torch.Tensor, y: torch.Tensor, *, ep
     return score
 
 
+def counterfactual_auroc(real: pa.Table, candidates: dict[str, pa.Table], truth: pa.Table, widths: tuple[int, int, int], *,
+                         epochs: int = 30, seeds: tuple[int, ...] = (0,)) -> dict[str, float]:
+    """TWIN's counterfactual AUROC, scored against the truth a simulator knows: the utility
+    LSTM trained on the real (factual) participants scores each candidate counterfactual
+    record (row-aligned with ``truth``: the counterfactual twins, the paper's surrogate, the
+    true counterfactual visits themselves as the ceiling); AUROC against the *true*
+    counterfactual severe outcome, averaged over ``seeds``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, n, y = _sequences(real, widths)
+        y_true = truth.column(schema.SEVERE_OUTCOME).to_numpy(zero_copy_only=False).astype(np.float32)
+        if y_true.min() == y_true.max():
+            raise MetricError("trial/counterfactual_auroc", "the true counterfactual outcomes have a single class")
+        inputs = {}
+        for name, table in candidates.items():
+            if table.num_rows != truth.num_rows:
+                raise MetricError("trial/counterfactual_auroc", f"{name}: {table.num_rows} rows, truth has {truth.num_rows}")
+            inputs[name] = _sequences(table, widths)[:2]
+        out = {name: 0.0 for name in candidates}
+        for s in seeds:
+            score = _severe_outcome_fit(x, n, y, epochs=epochs, seed=s)
+            for name, (xt, nt) in inputs.items():
+                out[name] += float(roc_auc_score(y_true, score(xt, nt))) / len(seeds)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _weighted_aurocs(scores: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUROC of each seed's ``scores`` (seeds, n) under each row of participant ``weights``
     (draws, n; bootstrap counts): Mann-Whitney with ties as 1/2, as (draws, seeds)."""
