@@ -88,7 +88,7 @@ class ScorecardConfig:
     code_vector_sample: int = 0
     reference_rows: bool = True
     trial_utility_epochs: int = 30  # trial twins: epochs of the severe-outcome LSTM (TSTR, TRTR)
-    trial_utility_seeds: int = 5  # ... trained this many times per side, AUROCs averaged (a trial is small)
+    trial_utility_seeds: int = 1  # ... trained this many times per side, AUROCs averaged (more: less LSTM noise)
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 
     def __post_init__(self) -> None:

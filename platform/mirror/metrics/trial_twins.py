@@ -409,16 +409,17 @@ def trial_scorecard(real_root: str | Path, synthetic_root: str | Path, *, max_qu
         rows.append((f"{counterfactual_dir}/", train, holdout, read_trial(Path(synthetic_root) / counterfactual_dir, schema.TRAIN, max_queries, seed + 2)))
     metrics: dict[str, float] = {}
     errors: dict[str, str] = {}
-    real_scores: dict[int, np.ndarray | None] = {}  # the real-data LSTMs once per held-out set
+    # The real-data LSTMs are trained once (on ``train``) and score the whole held-out split;
+    # the ceiling row's held-out half takes its columns of those scores.
+    try:
+        real_scores = severe_outcome_scores(train, holdout, widths, epochs=utility_epochs,
+                                            seeds=tuple(range(seed, seed + utility_seeds)))[0]
+    except MetricError:  # each row's own utility group records the reason
+        real_scores = None
+    real_for = {id(holdout): real_scores, id(rows[1][2]): None if real_scores is None else real_scores[:, perm[half:]]}
     for prefix, t, h, s in rows:
-        if id(h) not in real_scores:
-            try:
-                real_scores[id(h)] = severe_outcome_scores(t, h, widths, epochs=utility_epochs,
-                                                           seeds=tuple(range(seed, seed + utility_seeds)))[0]
-            except MetricError:  # the row's own utility group records the reason
-                real_scores[id(h)] = None
         m, e = trial_row_metrics(t, h, s, widths, seed=seed, utility_epochs=utility_epochs, utility_seeds=utility_seeds,
-                                 real_scores=real_scores[id(h)])
+                                 real_scores=real_for[id(h)])
         metrics.update({prefix + k: val for k, val in m.items()})
         errors.update({prefix + k: val for k, val in e.items()})
     return metrics, errors
