@@ -219,3 +219,47 @@ def test_keep_top_codes_folds_the_rest_into_one_rare_code_and_counts_it(trial_ro
     r = report[schema.ADVERSE_EVENT]
     assert len(after) == len(before) - r["merged_in_visit"]  # nothing dropped, only merged
     assert (after == 5).sum() == r["folded_events"] - r["merged_in_visit"] > 0
+
+
+def test_utility_ratio_averages_seeds_and_brackets_itself_with_a_paired_bootstrap():
+    """The seed-averaged AUROCs equal sklearn's; bootstrap counts weigh participants like
+    repeated rows; identical models give a ratio of exactly 1 in every draw."""
+    from sklearn.metrics import roc_auc_score
+
+    from mirror.metrics.trial_twins import _weighted_aurocs, utility_ratio
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(40) < 0.3).astype(np.float32)
+    real = rng.normal(size=(3, 40)) + 1.5 * y  # informative
+    noise = rng.normal(size=(3, 40))  # uninformative
+    np.testing.assert_allclose(_weighted_aurocs(real, y, np.ones((1, 40)))[0], [roc_auc_score(y, s) for s in real])
+    counts = rng.integers(0, 3, size=(1, 40)).astype(float)
+    rows = np.repeat(np.arange(40), counts[0].astype(int))
+    np.testing.assert_allclose(_weighted_aurocs(real, y, counts)[0], [roc_auc_score(y[rows], s[rows]) for s in real])
+    same = utility_ratio(real, real, y, draws=200)
+    assert same["utility/trial/severe_auroc_ratio"] == 1.0
+    assert same["utility/trial/severe_auroc_ratio_ci_low"] == same["utility/trial/severe_auroc_ratio_ci_high"] == 1.0
+    worse = utility_ratio(real, noise, y, draws=200)
+    low, high = worse["utility/trial/severe_auroc_ratio_ci_low"], worse["utility/trial/severe_auroc_ratio_ci_high"]
+    assert low <= worse["utility/trial/severe_auroc_ratio"] <= high < 1.0
+    assert worse["utility/trial/lstm_seeds"] == 3 and worse["utility/trial/n_test_positive"] == y.sum()
+
+
+def test_counterfactual_auroc_scores_candidates_against_the_true_outcome(trial_root):
+    """The label is the truth's outcome, never the candidate's own: a candidate holding the
+    truth's visits with its outcomes flipped scores exactly what the truth's visits score,
+    which is the plain utility AUROC of the same LSTM; misaligned candidates are refused."""
+    from mirror.metrics.errors import MetricError
+    from mirror.metrics.trial_twins import counterfactual_auroc, severe_outcome_auroc
+
+    rows = pq.read_table(schema.trial_split_files(trial_root, "train")[0])
+    real, truth = rows.slice(0, 200), rows.slice(200, 120)
+    meta = schema.DatasetMetadata.read(trial_root).vocab
+    widths = (meta[schema.TRIAL_TREATMENT], meta[schema.TRIAL_MEDICATION], meta[schema.ADVERSE_EVENT])
+    i = truth.schema.get_field_index(schema.SEVERE_OUTCOME)
+    flipped = truth.set_column(i, schema.SEVERE_OUTCOME, pa.array(1 - truth.column(i).to_numpy(zero_copy_only=False).astype(np.int64),
+                                                                  type=truth.schema.field(i).type))
+    auc = counterfactual_auroc(real, {"truth": truth, "flipped": flipped}, truth, widths, epochs=2, seeds=(3,))
+    assert auc["truth"] == auc["flipped"] == pytest.approx(severe_outcome_auroc(real, truth, widths, epochs=2, seed=3))
+    with pytest.raises(MetricError, match="rows"):
+        counterfactual_auroc(real, {"short": truth.slice(0, 10)}, truth, widths, epochs=1)

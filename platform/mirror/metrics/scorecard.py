@@ -88,6 +88,7 @@ class ScorecardConfig:
     code_vector_sample: int = 0
     reference_rows: bool = True
     trial_utility_epochs: int = 30  # trial twins: epochs of the severe-outcome LSTM (TSTR, TRTR)
+    trial_utility_seeds: int = 1  # ... trained this many times per side, AUROCs averaged (more: less LSTM noise)
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 
     def __post_init__(self) -> None:
@@ -101,6 +102,7 @@ class ScorecardConfig:
             "log_clusters",
             "chunk_pairs",
             "trial_utility_epochs",
+            "trial_utility_seeds",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScorecardConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -406,7 +408,8 @@ def compute_scorecard(
 
         metrics, errors = trial_scorecard(real_root, synthetic_root, max_queries=cfg.max_queries, seed=cfg.seed,
                                           counterfactual_dir=S.COUNTERFACTUAL_SAMPLE_DIR,
-                                          utility_epochs=cfg.trial_utility_epochs)
+                                          utility_epochs=cfg.trial_utility_epochs,
+                                          utility_seeds=cfg.trial_utility_seeds)
         if errors:
             raise ScorecardError(errors, metrics)
         return metrics

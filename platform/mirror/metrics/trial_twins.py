@@ -156,22 +156,33 @@ def _sequences(table: pa.Table, widths: tuple[int, int, int]) -> tuple[torch.Ten
 
 
 def severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int = 30, seed: int = 0) -> float:
-    """The utility LSTM trained on ``train`` (real or synthetic), AUROC on real ``test``. One
-    intra-op thread: the model is tiny, and more threads only contend (4x slower on 2 cores)."""
+    """The utility LSTM trained on ``train`` (real or synthetic), AUROC on real ``test``."""
+    scores, y = severe_outcome_scores(train, test, widths, epochs=epochs, seeds=(seed,))
+    return float(roc_auc_score(y, scores[0]))
+
+
+def severe_outcome_scores(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int = 30,
+                          seeds: tuple[int, ...] = (0,)) -> tuple[np.ndarray, np.ndarray]:
+    """The utility LSTM trained on ``train`` once per seed; its scores of the real ``test``
+    participants, (seeds, participants), and their outcomes. One intra-op thread: the model is
+    tiny, and more threads only contend (4x slower on 2 cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _severe_outcome_auroc(train, test, widths, epochs=epochs, seed=seed)
+        x, n, y = _sequences(train, widths)
+        xt, nt, yt = _sequences(test, widths)
+        if yt.min() == yt.max():
+            raise MetricError("trial/utility", "the test set has a single outcome class")
+        if y.min() == y.max():
+            raise MetricError("trial/utility", "the training set has a single outcome class")
+        scores = np.stack([_severe_outcome_fit(x, n, y, epochs=epochs, seed=s)(xt, nt) for s in seeds])
+        return scores, yt.numpy()
     finally:
         torch.set_num_threads(threads)
 
 
-def _severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, int, int], *, epochs: int, seed: int) -> float:
+def _severe_outcome_fit(x: torch.Tensor, n: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int):
     torch.manual_seed(seed)
-    x, n, y = _sequences(train, widths)
-    xt, nt, yt = _sequences(test, widths)
-    if yt.min() == yt.max():
-        raise MetricError("trial/utility", "the test set has a single outcome class")
     model = _SevereLSTM(x.shape[2])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     pos_weight = torch.tensor(float((1 - y).sum() / y.sum().clamp(min=1)))
@@ -182,8 +193,72 @@ def _severe_outcome_auroc(train: pa.Table, test: pa.Table, widths: tuple[int, in
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        return float(roc_auc_score(yt.numpy(), model(xt, nt).numpy()))
+
+    def score(xt: torch.Tensor, nt: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return model(xt, nt).numpy()
+
+    return score
+
+
+def counterfactual_auroc(real: pa.Table, candidates: dict[str, pa.Table], truth: pa.Table, widths: tuple[int, int, int], *,
+                         epochs: int = 30, seeds: tuple[int, ...] = (0,)) -> dict[str, float]:
+    """TWIN's counterfactual AUROC, scored against the truth a simulator knows: the utility
+    LSTM trained on the real (factual) participants scores each candidate counterfactual
+    record (row-aligned with ``truth``: the counterfactual twins, the paper's surrogate, the
+    true counterfactual visits themselves as the ceiling); AUROC against the *true*
+    counterfactual severe outcome, averaged over ``seeds``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, n, y = _sequences(real, widths)
+        y_true = truth.column(schema.SEVERE_OUTCOME).to_numpy(zero_copy_only=False).astype(np.float32)
+        if y_true.min() == y_true.max():
+            raise MetricError("trial/counterfactual_auroc", "the true counterfactual outcomes have a single class")
+        inputs = {}
+        for name, table in candidates.items():
+            if table.num_rows != truth.num_rows:
+                raise MetricError("trial/counterfactual_auroc", f"{name}: {table.num_rows} rows, truth has {truth.num_rows}")
+            inputs[name] = _sequences(table, widths)[:2]
+        out = {name: 0.0 for name in candidates}
+        for s in seeds:
+            score = _severe_outcome_fit(x, n, y, epochs=epochs, seed=s)
+            for name, (xt, nt) in inputs.items():
+                out[name] += float(roc_auc_score(y_true, score(xt, nt))) / len(seeds)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weighted_aurocs(scores: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of each seed's ``scores`` (seeds, n) under each row of participant ``weights``
+    (draws, n; bootstrap counts): Mann-Whitney with ties as 1/2, as (draws, seeds)."""
+    pos, neg = y > 0.5, y <= 0.5
+    wins = (scores[:, pos, None] > scores[:, None, neg]) + 0.5 * (scores[:, pos, None] == scores[:, None, neg])
+    wp, wn = weights[:, pos], weights[:, neg]
+    num = np.einsum("bi,sij,bj->bs", wp, wins, wn)
+    return num / np.maximum(wp.sum(1) * wn.sum(1), 1e-12)[:, None]
+
+
+def utility_ratio(real_scores: np.ndarray, syn_scores: np.ndarray, y: np.ndarray, *, draws: int = 2000,
+                  seed: int = 0) -> dict[str, float]:
+    """TSTR / TRTR from the seed-averaged AUROCs, with a 95 % paired bootstrap interval over
+    the test participants (both models score the same resampled set, so the shared test-set
+    noise partly cancels; the interval says how much is left). Draws without both classes are
+    redrawn by skipping them (counted out of the interval)."""
+    ones = np.ones((1, len(y)))
+    trtr = float(_weighted_aurocs(real_scores, y, ones).mean())
+    tstr = float(_weighted_aurocs(syn_scores, y, ones).mean())
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(y), np.full(len(y), 1 / len(y)), size=draws).astype(np.float64)
+    ok = (counts[:, y > 0.5].sum(1) > 0) & (counts[:, y <= 0.5].sum(1) > 0)
+    ratio = _weighted_aurocs(syn_scores, y, counts[ok]).mean(1) / _weighted_aurocs(real_scores, y, counts[ok]).mean(1)
+    lo, hi = np.percentile(ratio, [2.5, 97.5])
+    return {"utility/trial/severe_auroc_trtr": trtr, "utility/trial/severe_auroc_tstr": tstr,
+            "utility/trial/severe_auroc_ratio": tstr / trtr,
+            "utility/trial/severe_auroc_ratio_ci_low": float(lo), "utility/trial/severe_auroc_ratio_ci_high": float(hi),
+            "utility/trial/n_test": float(len(y)), "utility/trial/n_test_positive": float((y > 0.5).sum()),
+            "utility/trial/lstm_seeds": float(real_scores.shape[0])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +306,13 @@ def marginal_twins(real: pa.Table, train: pa.Table, widths: tuple[int, int, int]
 
 
 def trial_row_metrics(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths: tuple[int, int, int], *,
-                      seed: int, utility_epochs: int = 30, trtr: float | None = None) -> tuple[dict[str, float], dict[str, str]]:
+                      seed: int, utility_epochs: int = 30, utility_seeds: int = 1,
+                      real_scores: np.ndarray | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Fidelity, utility and privacy of one synthetic trial set (``syn``) against real
     ``train`` (what was twinned) and ``holdout``; returns metrics and the reasons of those
-    that could not be computed. ``trtr``: the real-data AUROC if already known for this pair."""
+    that could not be computed. The utility LSTM is trained ``utility_seeds`` times per side
+    (its own training noise averaged out); ``real_scores``: the real-data LSTMs' held-out
+    scores if already known for this pair."""
     import scipy.sparse as sp
 
     from mirror.metrics import privacy
@@ -255,12 +333,13 @@ def trial_row_metrics(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths:
                    "fidelity/trial/ae_per_visit": float(_visits(syn, schema.VISIT_ADVERSE_EVENTS, l3).sum(1).mean()),
                    "fidelity/trial/real_ae_per_visit": float(_visits(train, schema.VISIT_ADVERSE_EVENTS, l3).sum(1).mean())})
 
+    seeds = tuple(range(seed, seed + utility_seeds))
+
     def utility() -> dict[str, float]:
-        nonlocal trtr
-        trtr = trtr if trtr is not None else severe_outcome_auroc(train, holdout, widths, epochs=utility_epochs, seed=seed)
-        tstr = severe_outcome_auroc(syn, holdout, widths, epochs=utility_epochs, seed=seed)
-        return {"utility/trial/severe_auroc_trtr": trtr, "utility/trial/severe_auroc_tstr": tstr,
-                "utility/trial/severe_auroc_ratio": tstr / trtr}
+        synthetic, y = severe_outcome_scores(syn, holdout, widths, epochs=utility_epochs, seeds=seeds)
+        real = real_scores if real_scores is not None else \
+            severe_outcome_scores(train, holdout, widths, epochs=utility_epochs, seeds=seeds)[0]
+        return utility_ratio(real, synthetic, y, seed=seed)
 
     group(utility)
     _, _, syn_records = _hashes(syn, widths)
@@ -304,7 +383,8 @@ def trial_row_metrics(train: pa.Table, holdout: pa.Table, syn: pa.Table, widths:
 
 
 def trial_scorecard(real_root: str | Path, synthetic_root: str | Path, *, max_queries: int, seed: int,
-                    counterfactual_dir: str | None = None, utility_epochs: int = 30) -> tuple[dict[str, float], dict[str, str]]:
+                    counterfactual_dir: str | None = None, utility_epochs: int = 30,
+                    utility_seeds: int = 1) -> tuple[dict[str, float], dict[str, str]]:
     """The trial section: the twins' row, ``reference/ceiling/`` (half of the real held-out
     participants as the "twins", the other half as held-out), ``reference/floor/`` (the real
     schedules with independent marginal events: ``marginal_twins``), and, when the sample has
@@ -329,11 +409,17 @@ def trial_scorecard(real_root: str | Path, synthetic_root: str | Path, *, max_qu
         rows.append((f"{counterfactual_dir}/", train, holdout, read_trial(Path(synthetic_root) / counterfactual_dir, schema.TRAIN, max_queries, seed + 2)))
     metrics: dict[str, float] = {}
     errors: dict[str, str] = {}
-    trtr: dict[int, float] = {}  # the real-data AUROC once per held-out set
+    # The real-data LSTMs are trained once (on ``train``) and score the whole held-out split;
+    # the ceiling row's held-out half takes its columns of those scores.
+    try:
+        real_scores = severe_outcome_scores(train, holdout, widths, epochs=utility_epochs,
+                                            seeds=tuple(range(seed, seed + utility_seeds)))[0]
+    except MetricError:  # each row's own utility group records the reason
+        real_scores = None
+    real_for = {id(holdout): real_scores, id(rows[1][2]): None if real_scores is None else real_scores[:, perm[half:]]}
     for prefix, t, h, s in rows:
-        m, e = trial_row_metrics(t, h, s, widths, seed=seed, utility_epochs=utility_epochs, trtr=trtr.get(id(h)))
-        if "utility/trial/severe_auroc_trtr" in m:
-            trtr[id(h)] = m["utility/trial/severe_auroc_trtr"]
+        m, e = trial_row_metrics(t, h, s, widths, seed=seed, utility_epochs=utility_epochs, utility_seeds=utility_seeds,
+                                 real_scores=real_for[id(h)])
         metrics.update({prefix + k: val for k, val in m.items()})
         errors.update({prefix + k: val for k, val in e.items()})
     return metrics, errors
