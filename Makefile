@@ -79,7 +79,7 @@ bench-gpu: install
 # full passes each, about 25 min on 2 cores with evaluation and scorecard), every acceptance
 # target of issue 11 beside its floor. MLflow experiment 'reference-mirror'; writes
 # bench/results/reference_mirror.json. REFERENCE_ARGS passes options (e.g. --epochs 4).
-REFERENCE_ARGS ?= --epochs 2
+REFERENCE_ARGS ?= --epochs 4
 reference-mirror: install
 	$(PY) bench/reference_mirror.py $(REFERENCE_ARGS)
 
