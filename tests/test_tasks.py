@@ -175,6 +175,9 @@ class ScriptedModel(nn.Module):
     def latent_dim(self) -> int:
         return 4
 
+    def sample_latent(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, self.latent_dim, generator=generator)
+
     # Inference surface.
     def encode(self, batch: SequenceBatch) -> torch.Tensor:
         sid = batch.subject_id.float()
