@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -166,9 +168,7 @@ def severe_outcome_scores(train: pa.Table, test: pa.Table, widths: tuple[int, in
     """The utility LSTM trained on ``train`` once per seed; its scores of the real ``test``
     participants, (seeds, participants), and their outcomes. One intra-op thread: the model is
     tiny, and more threads only contend (4x slower on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         x, n, y = _sequences(train, widths)
         xt, nt, yt = _sequences(test, widths)
         if yt.min() == yt.max():
@@ -177,6 +177,15 @@ def severe_outcome_scores(train: pa.Table, test: pa.Table, widths: tuple[int, in
             raise MetricError("trial/utility", "the training set has a single outcome class")
         scores = np.stack([_severe_outcome_fit(x, n, y, epochs=epochs, seed=s)(xt, nt) for s in seeds])
         return scores, yt.numpy()
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op torch thread for the utility LSTM's fits, restoring the caller's count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -208,9 +217,7 @@ def counterfactual_auroc(real: pa.Table, candidates: dict[str, pa.Table], truth:
     record (row-aligned with ``truth``: the counterfactual twins, the paper's surrogate, the
     true counterfactual visits themselves as the ceiling); AUROC against the *true*
     counterfactual severe outcome, averaged over ``seeds``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         x, n, y = _sequences(real, widths)
         y_true = truth.column(schema.SEVERE_OUTCOME).to_numpy(zero_copy_only=False).astype(np.float32)
         if y_true.min() == y_true.max():
@@ -226,8 +233,6 @@ def counterfactual_auroc(real: pa.Table, candidates: dict[str, pa.Table], truth:
             for name, (xt, nt) in inputs.items():
                 out[name] += float(roc_auc_score(y_true, score(xt, nt))) / len(seeds)
         return out
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _weighted_aurocs(scores: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
