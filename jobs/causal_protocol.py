@@ -75,13 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_tables(trials: list[dict], config, out: Path) -> tuple:
-    """results/tests/gain_by_size (json) and results.md from the fits ``trials`` into ``out``;
+def summarise(trials: list[dict], config) -> tuple:
+    """The results table (paired t-tests) and the gain-by-size rows of the fits ``trials``;
     draws are paired by their split index, so a partial set of draws gives a smaller t-test."""
-    from mirror.causal.protocol import gain_by_size, markdown, results_table
+    from mirror.causal.protocol import gain_by_size, results_table
 
     table = results_table(trials, config)
-    gains = gain_by_size(table, "pretrain") + gain_by_size(table, "augment")
+    return table, gain_by_size(table, "pretrain") + gain_by_size(table, "augment")
+
+
+def write_tables(trials: list[dict], config, out: Path, summary: tuple | None = None) -> tuple:
+    """results/tests/gain_by_size (json) and results.md from the fits ``trials`` into ``out``
+    (``summary``: their ``summarise`` if already computed)."""
+    from mirror.causal.protocol import markdown
+
+    table, gains = summary or summarise(trials, config)
     draws = sorted({(r["size"], r["split"]) for r in trials})
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(f"<!-- {len(trials)} fits from {len(draws)} draws (size, split): {draws} -->\n" + markdown(table))
@@ -94,7 +102,7 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
     import ray
 
     from mirror import tracking
-    from mirror.causal.protocol import gain_by_size, load_pool, markdown, results_table, run_draw
+    from mirror.causal.protocol import load_pool, markdown, run_draw
     from mirror.cluster import ensure_ray
     from mirror.data.schema import HELD_OUT, TRAIN
 
@@ -130,8 +138,7 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "trials.json.tmp").write_text(json.dumps(trials, indent=1) + "\n")
             (Path(out) / "trials.json.tmp").replace(Path(out) / "trials.json")
-    table = results_table(trials, config)
-    gains = gain_by_size(table, "pretrain") + gain_by_size(table, "augment")
+    table, gains = summarise(trials, config)
     tracking.log_table(parent, table.rows, "results.json")
     tracking.log_table(parent, table.tests, "tests.json")
     tracking.log_table(parent, trials, "trials.json")
@@ -147,7 +154,7 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
         tracking.log_artifact(parent, Path(tmp) / "results.md")
     tracking.end_run(parent)
     if out:
-        write_tables(trials, config, Path(out))
+        write_tables(trials, config, Path(out), (table, gains))
     print(text)
     print(json.dumps({"run_id": parent, "fits": len(trials), "seconds": round(metrics["protocol/seconds"], 1), "gain_by_size": gains}, indent=1))
     return {"run_id": parent, "table": table, "trials": trials, "gains": gains}
