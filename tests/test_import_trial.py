@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mirror.data import schema as S
-from mirror.data.trial_import import TrialImportError, import_trial
+from mirror.data.trial_import import TrialImportConfig, TrialImportError, import_trial
 from mirror.data.validate import validate_dataset
 from mirror.guards import GuardError
 
@@ -67,11 +67,15 @@ def test_pytrial_demo_participants_visits_and_vocabularies(pytrial):
     placed = sum(len(x) for visit in rows.column(S.VISIT_ADVERSE_EVENTS).to_pylist() for x in visit)
     assert placed == summary["trial"]["items"]["adverse_event"]["placed"]
 
-    # Severe outcome: a serious-AE token other than [PAD]/NO at any visit, recomputed from the source.
+    # Severe outcome (TWIN's "death and other severe adverse events"): a serious-AE token other
+    # than [PAD]/NO at any visit, or death in feature.csv, recomputed from the source.
     col = raw["order"].index("ae_serious")
     serious = [any(voc["ae_serious"][t] not in ("[PAD]", "NO") for v in p for t in v[col]) for p in raw["visits"]]
+    death = (np.loadtxt(SEQUENCE / "feature.csv", delimiter=",", skiprows=1, usecols=4, dtype=float) != 0).tolist()
     by_id = dict(zip(rows.column(S.SUBJECT_ID).to_pylist(), rows.column(S.SEVERE_OUTCOME).to_pylist(), strict=True))
-    assert [by_id[S.TRIAL_ID_OFFSET + i] for i in range(977)] == serious
+    assert [by_id[S.TRIAL_ID_OFFSET + i] for i in range(977)] == [a or b for a, b in zip(serious, death, strict=True)]
+    assert summary["trial"]["severe_reasons"] == {"serious_adverse_event": sum(serious), "death": sum(death),
+                                                  "death_only": sum(b and not a for a, b in zip(serious, death, strict=True))}
     codes = pq.read_table(out / S.CODES_PARQUET).to_pandas()
     ae = codes[codes.modality == S.ADVERSE_EVENT]
     assert ae.severe.sum() == len(set(voc["ae_serious"]) - {"[PAD]", "NO"}) == 75
@@ -126,7 +130,9 @@ def test_small_trial_merges_same_day_drops_negative_days_and_counts(tmp_path):
         "fractional_days_floored": 0, "reordered_by_day": False, "participants_without_visits": 0}
     rows = _trial(tmp_path / "out").sort_by(S.SUBJECT_ID).to_pylist()
     assert rows[0][S.VISIT_DAYS] == [3, 40] and rows[0][S.VISIT_MEDICATIONS] == [[0, 1], []]
-    assert rows[0][S.SEVERE_OUTCOME] and not rows[1][S.SEVERE_OUTCOME]  # serious e2 vs NO / dropped visit
+    # serious e2 / death in feature.csv (its serious e2 was in the dropped visit) / neither
+    assert [r[S.SEVERE_OUTCOME] for r in rows] == [True, True, False]
+    assert report.trial["severe_reasons"] == {"serious_adverse_event": 1, "death": 1, "death_only": 1}
     assert [r[S.ARM] for r in rows] == [0, 1, 1]  # first regimens A, A+B, A+B: marker B
     assert [r[S.BASELINE] for r in rows] == [[50.0], [60.0], [70.0]]  # median imputed; death left out
     assert report.trial["baseline"]["imputed_median"] == {"age": 1}
@@ -137,10 +143,24 @@ def test_small_trial_merges_same_day_drops_negative_days_and_counts(tmp_path):
     import_trial(src, tmp_path / "out", overwrite=True)  # an earlier trial import may be replaced
 
 
+def test_severe_columns_absent_are_listed_and_held_out_share_widens_the_split(tmp_path):
+    visits = [[[[1 + d % 2], [1], [1], [1], 0, 1.0]] for d in range(200)]  # two arms: A, B
+    src = _source(tmp_path / "src", visits)  # no feature.csv: death cannot mark anyone
+    report = import_trial(src, tmp_path / "out", config=TrialImportConfig(held_out_share=0.3))
+    assert report.trial["severe_reasons"] == {"serious_adverse_event": 0, "columns_absent": ["death"]}
+    assert 0.2 < report.participants[S.HELD_OUT] / 200 < 0.4 and report.participants[S.TUNING] < 20
+    meta = S.DatasetMetadata.read(tmp_path / "out")
+    assert meta.provenance["splits"] == "source"  # the id rule alone no longer re-derives it
+    assert validate_dataset(tmp_path / "out").ok
+    with pytest.raises(TrialImportError, match="held_out_share: range"):
+        import_trial(src, tmp_path / "out2", config=TrialImportConfig(held_out_share=0.95))
+
+
 @pytest.mark.parametrize("visits, features, rule", [
     ([[[[1], [1], [7], [1], 0, 1.0]]], None, r"visits.json participant 0 visit 0: token_range: adverse_event token 7"),
     ([[[[1], [1], [1], [1], 0, 1.0]], [[[1], [1], [1], 0, 2.0]]], None, r"participant 1 visit 0: shape: expected a list of 6"),
     ([[[[1], [1], [1], [1], 0, 1.0]]], "RUSUBJID,age\nx,1\ny,2\n", r"feature.csv: rows: 2 baseline rows, but .* 1 participants"),
+    ([[[[1], [1], [1], [1], 0, 1.0]]], "RUSUBJID,death\nx,yes\n", r"feature.csv row 2: severe_value: severe column 'death' holds 'yes'"),
 ])
 def test_bad_trial_input_is_refused_with_place_and_rule(tmp_path, visits, features, rule):
     src = _source(tmp_path / "src", visits, features)

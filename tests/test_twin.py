@@ -263,3 +263,20 @@ def test_counterfactual_auroc_scores_candidates_against_the_true_outcome(trial_r
     assert auc["truth"] == auc["flipped"] == pytest.approx(severe_outcome_auroc(real, truth, widths, epochs=2, seed=3))
     with pytest.raises(MetricError, match="rows"):
         counterfactual_auroc(real, {"short": truth.slice(0, 10)}, truth, widths, epochs=1)
+
+
+def test_read_trial_caps_a_sharded_split_one_shard_at_a_time(trial_root, tmp_path):
+    from mirror.metrics.trial_twins import read_trial
+
+    whole = pq.read_table(schema.trial_split_files(trial_root, "train")[0])
+    schema.trial_split_dir(tmp_path, "train").mkdir(parents=True)
+    for i, lo in enumerate(range(0, whole.num_rows, 300)):  # three shards
+        pq.write_table(whole.slice(lo, 300), schema.trial_shard_path(tmp_path, "train", i))
+    ids = whole.column(schema.SUBJECT_ID).to_numpy()
+    assert read_trial(tmp_path, "train", 10**6, seed=0).column(schema.SUBJECT_ID).to_numpy().tolist() == ids.tolist()
+    capped = read_trial(tmp_path, "train", 100, seed=0).column(schema.SUBJECT_ID).to_numpy()
+    assert len(capped) == len(set(capped)) == 100 and set(capped) <= set(ids)
+    assert (np.diff(capped) > 0).all()  # shard order kept
+    assert {int(i) // 300 for i in np.searchsorted(ids, capped)} == {0, 1, 2}  # every shard drawn from
+    assert capped.tolist() == read_trial(tmp_path, "train", 100, seed=0).column(schema.SUBJECT_ID).to_numpy().tolist()
+    assert read_trial(tmp_path, "held_out", 100, seed=0).num_rows == 0

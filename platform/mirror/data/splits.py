@@ -31,8 +31,16 @@ _OFFSET = 271_829
 SPLIT_CODES = {TRAIN: 0, TUNING: 1, HELD_OUT: 2}
 
 
-def split_codes(subject_ids: np.ndarray) -> np.ndarray:
-    """int8 split code per subject (see ``SPLIT_CODES``); vectorised."""
+def split_codes(subject_ids: np.ndarray, *, held_out_share: float = EVAL_PATIENTS / RESERVOIR,
+                tuning_share: float = EVAL_PATIENTS / RESERVOIR) -> np.ndarray:
+    """int8 split code per subject (see ``SPLIT_CODES``); vectorised. The shares are the
+    fraction of the reservoir held out / kept for tuning (5 % each by default); an importer
+    that widens them (a small trial's held-out set) records its split as its own, since the
+    default rule then no longer re-derives it (``provenance["splits"] == "source"``)."""
+    if min(held_out_share, tuning_share) < 0 or held_out_share + tuning_share >= 1:
+        raise ValueError(f"split shares must be >= 0 and sum below 1, got held_out {held_out_share}, tuning {tuning_share}")
+    held_end = round(held_out_share * RESERVOIR)
+    tuning_end = held_end + round(tuning_share * RESERVOIR)
     ids = np.asarray(subject_ids, dtype=np.int64)
     if ids.size and ids.min() < 0:
         raise ValueError("subject ids must be non-negative")
@@ -40,8 +48,8 @@ def split_codes(subject_ids: np.ndarray) -> np.ndarray:
     position = (ids % RESERVOIR * _MULTIPLIER + _OFFSET) % RESERVOIR
     in_reservoir = ids < RESERVOIR
     codes = np.zeros(ids.shape, dtype=np.int8)
-    codes[in_reservoir & (position < EVAL_PATIENTS)] = SPLIT_CODES[HELD_OUT]
-    codes[in_reservoir & (position >= EVAL_PATIENTS) & (position < 2 * EVAL_PATIENTS)] = SPLIT_CODES[TUNING]
+    codes[in_reservoir & (position < held_end)] = SPLIT_CODES[HELD_OUT]
+    codes[in_reservoir & (position >= held_end) & (position < tuning_end)] = SPLIT_CODES[TUNING]
     return codes
 
 

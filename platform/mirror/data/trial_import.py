@@ -17,7 +17,11 @@ How each part of ``TRIAL_SCHEMA`` is filled (choices where the source leaves roo
 
 * **Ids and splits.** Participant ``i`` (position in ``visits``) gets ``TRIAL_ID_OFFSET + i``
   and the split ``splits.split_codes`` gives that index, as simulated trials do (the source has
-  no splits). ``feature.csv`` rows are matched by position; a different row count is refused.
+  no splits). ``TrialImportConfig.held_out_share`` widens the held-out set (5 % by default; a
+  trial of a thousand participants then holds out ~50, too few for a utility AUROC); the split
+  is then recorded as the import's own (``provenance["splits"] == "source"``), since the id
+  rule alone no longer re-derives it. ``feature.csv`` rows are matched by position; a
+  different row count is refused.
 * **Visits.** ``visit_days`` are the timestamps (whole days, fractions floored and counted);
   visits are sorted by day, and visits on the same day as another of the participant's are
   merged into one (the union of their items; the platform's visit is a day), counted as
@@ -28,7 +32,12 @@ How each part of ``TRIAL_SCHEMA`` is filled (choices where the source leaves roo
   for ``ae_serious``, without ``NO``), ids in source order; ``[PAD]`` items mean "none" and are
   counted, not placed. Items within a visit are sorted and de-duplicated (repeats counted).
   Adverse events are ``severe`` when the source lists them among ``ae_serious`` tokens.
-* **Severe outcome.** A participant with any serious-AE token (other than ``NO``) at any visit.
+* **Severe outcome** (TWIN's "death and other severe adverse events"). A participant with any
+  serious-AE token (other than ``NO``) at any visit, or a nonzero value in one of
+  ``TrialImportConfig.severe_columns`` of ``feature.csv`` (``death``); how many participants
+  each reason marks is counted in ``trial["severe_reasons"]``. A severe column the source lacks
+  (or no ``feature.csv``) is listed there as absent; a value that is not a number is refused
+  with its row.
 * **Arms** (the source records the drugs given, not the randomised arm). Each participant's
   *first regimen* is the set of treatments at the first visit that has any. The two most
   frequent first regimens are the arms: arm 1 the one with more drugs (ties: by token order),
@@ -92,7 +101,7 @@ _LIST = re.compile(r"^\s*\[.*\]\s*$")
 class TrialImportError(ValueError):
     """The trial source cannot be imported as is: the message names the file, the participant
     and visit where one applies, and the rule (``missing``, ``shape``, ``token_range``,
-    ``rows``)."""
+    ``rows``, ``severe_value``, ``range``)."""
 
 
 @dataclass
@@ -103,6 +112,8 @@ class TrialImportConfig:
     id_column: str = "RUSUBJID"  # feature.csv's participant id (not a feature)
     outcome_columns: list[str] = field(default_factory=lambda: ["death", "num relapse"])
     arm_marker: list[str] | None = None  # treatment tokens that make arm 1; None: derived
+    severe_columns: list[str] = field(default_factory=lambda: ["death"])  # nonzero: severe outcome
+    held_out_share: float = 0.05  # of participants (splits.split_codes); tuning stays 5 %
 
 
 @dataclass
@@ -202,6 +213,24 @@ def _token_field(name: str, column: int, flat: list[list], vocabulary: list, vis
                if s in vocabulary}
     return _Field([str(t) for t, s in zip(vocabulary, special, strict=True) if not s],
                   visit[keep], new_id[tokens[keep]].astype(np.int64), counts)
+
+
+def _severe_from_features(path: Path | None, cfg: TrialImportConfig) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per ``severe_columns`` column, the participants it marks severe (nonzero), and the
+    columns the source does not have (no feature.csv, or not among its columns)."""
+    if not cfg.severe_columns or path is None:
+        return {}, list(cfg.severe_columns)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+    out = {}
+    for column in cfg.severe_columns:
+        if column not in frame.columns:
+            continue
+        values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
+        if (bad := np.flatnonzero(values.isna().to_numpy())).size:
+            raise TrialImportError(f"{path} row {int(bad[0]) + 2}: severe_value: severe column {column!r} holds "
+                                   f"{frame[column].iloc[bad[0]]!r}, not a number ({bad.size} such rows)")
+        out[column] = values.to_numpy() != 0
+    return out, [c for c in cfg.severe_columns if c not in out]
 
 
 def _baseline(path: Path | None, n: int, cfg: TrialImportConfig) -> tuple[np.ndarray, list[str], dict]:
@@ -333,6 +362,8 @@ def import_trial(source: str | Path, out: str | Path, *, config: TrialImportConf
     (module docstring). Written to a staging directory and moved into place when complete."""
     began = time.perf_counter()
     cfg = config or TrialImportConfig()
+    if not 0 < cfg.held_out_share < 0.9:
+        raise TrialImportError(f"held_out_share: range: must be in (0, 0.9), got {cfg.held_out_share}")
     src = Path(source)
     if not src.is_dir():
         raise TrialImportError(f"{src}: missing: not a directory")
@@ -388,6 +419,14 @@ def import_trial(source: str | Path, out: str | Path, *, config: TrialImportConf
         serious.counts["tokens_not_in_adverse_events"] = len(serious_tokens - set(ae_tokens))
 
     baseline, features, baseline_info = _baseline(features_file, n, cfg)
+    severe_reasons = {"serious_adverse_event": int(severe_outcome.sum())}
+    severe_marks, severe_absent = _severe_from_features(features_file, cfg)
+    if severe_absent:
+        severe_reasons["columns_absent"] = severe_absent  # counted, not refused: the file is optional
+    for column, marked in severe_marks.items():
+        severe_reasons[column] = int(marked.sum())
+        severe_reasons[f"{column}_only"] = int((marked & ~severe_outcome).sum())
+        severe_outcome |= marked
     arm, arm_names, derivation = _arms(fields["treatment"], n_visits, out_participant, cfg)
     end_day = np.zeros(n, np.int64)
     np.maximum.at(end_day, out_participant, out_day)
@@ -406,7 +445,8 @@ def import_trial(source: str | Path, out: str | Path, *, config: TrialImportConf
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.staging-", dir=dst.parent))
     try:
-        codes = split_codes(ids)
+        codes = split_codes(ids, held_out_share=cfg.held_out_share)
+        own_rule = bool((codes == split_codes(ids)).all())  # the default rule re-derives it
         participants, per_arm, severe = {}, {}, {}
         for split, code in SPLIT_CODES.items():
             rows = np.flatnonzero(codes == code)
@@ -440,7 +480,9 @@ def import_trial(source: str | Path, out: str | Path, *, config: TrialImportConf
             "participants": participants,
             "participants_per_arm": per_arm,
             "severe_outcomes": severe,
-            "severe_rule": "any serious-AE token other than NO at any visit",
+            "severe_rule": "any serious-AE token other than NO at any visit"
+                           + "".join(f", or {c} != 0 in feature.csv" for c in severe_marks),
+            "severe_reasons": severe_reasons,
             "visits": visits,
             "items": {f: fields[f].counts for f in TOKEN_FIELDS} | ({SERIOUS_FIELD: serious.counts} if serious else {}),
             "vocabulary_sizes": sizes,
@@ -455,7 +497,9 @@ def import_trial(source: str | Path, out: str | Path, *, config: TrialImportConf
             vocab={"diag_age": DIAG_AGE_VOCAB_SIZE, "week": WeekVocab(n_weeks).size}
             | V.vocabulary_sizes(trial=False) | sizes,
             provenance={"importer": IMPORTER, "version": IMPORTER_VERSION, "source": str(src.resolve()),
-                        "splits": "participant index (splits.split_codes)", "config": asdict(cfg)},
+                        "splits": "participant index (splits.split_codes)" if own_rule else "source",
+                        "split_rule": f"participant index, splits.split_codes(held_out_share={cfg.held_out_share})",
+                        "config": asdict(cfg)},
             length_histogram={s: {} for s in S.SPLITS},
             modalities=[],
             trial=trial,

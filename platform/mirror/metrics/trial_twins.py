@@ -273,12 +273,23 @@ def utility_ratio(real_scores: np.ndarray, syn_scores: np.ndarray, y: np.ndarray
 
 def read_trial(root: str | Path, split: str, limit: int, seed: int) -> pa.Table:
     """Up to ``limit`` participants of one trial split, a seeded random subset when there are
-    more (a trial part is small: the scorecard's sets are capped, like its query sets)."""
+    more (the scorecard's sets are capped, like its query sets). The rows are chosen from the
+    shards' footers and read one shard at a time, so a trial of any size costs one shard plus
+    the chosen rows."""
     files = schema.trial_split_files(root, split)
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else schema.TRIAL_SCHEMA.empty_table()
-    if table.num_rows > limit:
-        table = table.take(pa.array(np.sort(np.random.default_rng(seed).permutation(table.num_rows)[:limit])))
-    return table.combine_chunks()
+    if not files:
+        return schema.TRIAL_SCHEMA.empty_table()
+    counts = np.array([pq.ParquetFile(f).metadata.num_rows for f in files], np.int64)
+    total = int(counts.sum())
+    chosen = np.arange(total) if total <= limit else np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    parts = []
+    for f, lo, hi in zip(files, starts[:-1], starts[1:], strict=True):
+        local = chosen[np.searchsorted(chosen, lo):np.searchsorted(chosen, hi)] - lo
+        if local.size:
+            shard = pq.read_table(f)
+            parts.append(shard if local.size == shard.num_rows else shard.take(pa.array(local)))
+    return pa.concat_tables(parts).combine_chunks()
 
 
 def record_rows(table: pa.Table, widths: tuple[int, int, int], max_visits: int) -> tuple[np.ndarray, np.ndarray]:
