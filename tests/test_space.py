@@ -280,6 +280,7 @@ def test_evaluate_all_scores_a_generator_trial_as_its_spec_asks(tmp_path, monkey
     from types import SimpleNamespace
 
     import mirror.evaluation
+    import mirror.tune.trial
     from mirror.tune.trial import finish_trial
 
     raw = base_sweep() | {"evaluate": "all"}
@@ -287,6 +288,31 @@ def test_evaluate_all_scores_a_generator_trial_as_its_spec_asks(tmp_path, monkey
     sweep = load_sweep(write(tmp_path, raw))
     run = sweep.trial_spec({"model.latent_dim": 16, "model.lam": 1.0}, str(tmp_path), "t-1")
     calls = []
-    monkeypatch.setattr(mirror.evaluation, "evaluate_run", lambda run_id, **kw: calls.append((run_id, kw)))
+    monkeypatch.setattr(mirror.tune.trial, "run_outside_placement_group", lambda fn, *a, **kw: calls.append((fn, a, kw)))
     finish_trial(sweep, SimpleNamespace(run_id="r1"), run)
-    assert calls == [("r1", {"synthetic": score_synthetic})]
+    assert calls == [(mirror.evaluation.evaluate_run, ("r1",), {"synthetic": score_synthetic})]
+
+
+def test_trial_evaluation_escapes_the_trials_placement_group(ray_cluster):
+    """A trial's tasks inherit its placement group (one bundle of a fraction of a CPU): the
+    scorecard's one-CPU scans launched from there cannot be scheduled (the paper sweep of issue
+    14 failed this way), unless the evaluation runs outside the group."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from mirror.tune.trial import run_outside_placement_group
+
+    def scan_needing_one_cpu() -> int:  # local: pickled by value, the workers cannot import tests
+        return ray.get(ray.remote(num_cpus=1)(lambda: 1).remote())
+
+    group = placement_group([{"CPU": 0.05}])
+    ray.get(group.ready())
+    in_trial = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    try:
+        with pytest.raises(Exception, match="cannot fit into any bundles"):
+            ray.get(ray.remote(scan_needing_one_cpu).options(num_cpus=0.05, scheduling_strategy=in_trial).remote())
+        escaped = ray.remote(lambda: run_outside_placement_group(scan_needing_one_cpu))
+        assert ray.get(escaped.options(num_cpus=0.05, scheduling_strategy=in_trial).remote()) == 1
+    finally:
+        remove_placement_group(group)

@@ -48,7 +48,20 @@ def finish_trial(sweep: SweepSpec, outcome: TrainingOutcome, spec: RunSpec) -> N
     if sweep.evaluate == "all":
         from mirror.evaluation import evaluate_run
 
-        evaluate_run(outcome.run_id, synthetic=spec.train.score_synthetic)
+        run_outside_placement_group(evaluate_run, outcome.run_id, synthetic=spec.train.score_synthetic)
+
+
+def run_outside_placement_group(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` as a Ray task outside the caller's placement group, waited for.
+    Tune makes a trial's tasks inherit its group, whose one bundle (a fraction of a CPU: the
+    trainer holds the rest) cannot host the scorecard's one-CPU shard scans. The task itself
+    asks for no CPU: it runs when the trial's trainer has finished, and its scans queue for
+    theirs."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    return ray.get(ray.remote(fn).options(num_cpus=0, scheduling_strategy=outside, max_retries=0).remote(*args, **kwargs))
 
 
 def storage_dirs(storage: str) -> tuple[Any, dict[str, str]]:
