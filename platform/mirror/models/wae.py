@@ -33,6 +33,11 @@ Choices where the seed is silent or ambiguous (see also models.md §2):
 * λ warms up linearly from 0 over ``lam_warmup_steps`` training steps (models.md §2 suggests
   warming up over the first epoch): early on the critic is still near its clamped
   initialisation and its gradient says little about where N(0, I) is.
+* ``latent_penalty = "mmd"`` swaps the critic for WAE-MMD, the paper's other divergence:
+  L_g = λ MMD²(z, N(0, I)), unbiased, IMQ kernel at the scales of ``metrics.tasks``, on the
+  batch's z against as many prior draws. It needs no adversary (no critic, no critic
+  optimiser, no W1 estimate), so it cannot fall behind the encoder; each DDP rank penalises
+  its own batch and the gradients are all-reduced as usual. ``critic`` is the seed's default.
 
 Latent fit, logged per epoch (models.md §2 evaluation): ``train/z_mean_abs`` (mean over
 dimensions of |batch mean of z|), ``train/z_var`` (mean per-dimension batch variance),
@@ -61,7 +66,7 @@ from torch import nn
 from mirror.config import require
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.views.sequence import SequenceView
-from mirror.metrics.tasks import imq_mmd2_unbiased
+from mirror.metrics.tasks import IMQ_SCALES, imq_mmd2_unbiased
 from mirror.models.ae import (
     RECONSTRUCTION_METRICS,
     AEConfig,
@@ -70,6 +75,8 @@ from mirror.models.ae import (
     scalars_to_floats,
 )
 from mirror.models.base import ModelSpec, StepContext
+
+LATENT_PENALTIES = ("critic", "mmd")  # WAEConfig.latent_penalty
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class WAEConfig(AEConfig):
     critic_warmup_steps: int = 25  # first autoencoder steps that use n_critic_warmup; 0 = none
     critic_boost_every: int = 500  # every k-th step uses n_critic_warmup; 0 = never
     lam_warmup_steps: int = 200  # λ rises linearly from 0 to lam over these steps; 0 = none
+    latent_penalty: str = "critic"  # "critic": the seed's W1 critic; "mmd": WAE-MMD (no critic)
     gen_prior: str = "standard"  # generation draws N(0, I), the prior the critic pulls z towards
 
     def __post_init__(self) -> None:
@@ -108,6 +116,7 @@ class WAEConfig(AEConfig):
         require(self, "lam", self.lam >= 0, "a float >= 0")
         require(self, "clip", self.clip > 0, "a float > 0")
         require(self, "critic_lr", self.critic_lr > 0, "a float > 0")
+        require(self, "latent_penalty", self.latent_penalty in LATENT_PENALTIES, f"one of {LATENT_PENALTIES}")
 
 
 class ConvLatentHead(nn.Module):
@@ -174,16 +183,15 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
 
     def __init__(self, config: WAEConfig, data_info: SequenceInfo):
         super().__init__(config, data_info, latent_head=ConvLatentHead(config))
-        self.critic = Critic(config)
+        self.critic = Critic(config) if config.latent_penalty == "critic" else None
 
     def parts(self) -> dict[str, nn.Module]:
-        return {"autoencoder": self.autoencoder, "critic": self.critic}
+        return {"autoencoder": self.autoencoder} | ({"critic": self.critic} if self.critic is not None else {})
 
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         optimizers = super().make_optimizers()  # "autoencoder" first: the main one
-        optimizers["critic"] = torch.optim.RMSprop(
-            self.critic.parameters(), lr=self.config.critic_lr
-        )
+        if self.critic is not None:
+            optimizers["critic"] = torch.optim.RMSprop(self.critic.parameters(), lr=self.config.critic_lr)
         return optimizers
 
     def critic_steps(self, step: int) -> int:
@@ -202,27 +210,18 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
 
     def train_step(self, batch: SequenceBatch, ctx: StepContext) -> dict[str, float]:
         cfg = self.config
-        autoencoder, critic = ctx.parts["autoencoder"], ctx.parts["critic"]
         with ctx.autocast():
-            sums, z = autoencoder(batch)
+            sums, z = ctx.parts["autoencoder"](batch)
             recon = reconstruction_loss(sums, cfg.w_time)
-
-        # Critic: minimise L_d = E[h(z)] - E[h(z_prior)] on this batch's detached z.
         z_data = z.detach().float()
-        n_steps = self.critic_steps(ctx.global_step)
-        for _ in range(n_steps):
-            h = critic(torch.cat([z_data, torch.randn_like(z_data)]))  # one forward: (2B,)
-            h_data, h_prior = h.split(z_data.shape[0])
-            critic_loss = h_data.mean() - h_prior.mean()
-            ctx.step(critic_loss, "critic")
-            self.critic.clamp_(cfg.clip)  # same tensors as the DDP-wrapped critic's
-
-        # Autoencoder: minimise L_ae + L_g with the critic fixed (no gradient into it).
         lam = self.lam_at(ctx.global_step)
-        with frozen(self.critic):
-            gen_loss = -lam * critic(z.float()).mean()
+        if self.critic is None:  # WAE-MMD: the penalty is a statistic of the batch, no adversary
+            gen_loss = lam * imq_mmd2_penalty(z.float(), torch.randn_like(z_data))
             loss = recon + gen_loss
             ctx.step(loss, "autoencoder")
+            fit: dict[str, float] = {"critic_steps": 0.0}
+        else:
+            gen_loss, loss, fit = self._critic_step(ctx, z, z_data, recon, lam)
         self.record_latent(z_data)  # a no-op unless gen_prior = "aggregate"
 
         tokens = sums["tokens"].clamp(min=1.0)
@@ -233,10 +232,30 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
                 "gen_loss": gen_loss,
                 "nll_dx": sums["nll_dx"] / tokens,
                 "nll_wk": sums["nll_wk"] / tokens,
-                "w1_estimate": -critic_loss,  # last critic step's -L_d, in units of h (K * W1)
             }
         )
-        return metrics | latent_fit(z_data) | {"critic_steps": float(n_steps), "lam": lam}
+        return metrics | latent_fit(z_data) | fit | {"lam": lam}
+
+    def _critic_step(self, ctx: StepContext, z: torch.Tensor, z_data: torch.Tensor, recon: torch.Tensor,
+                     lam: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The seed's W1 critic: its steps on the detached z, then the autoencoder's."""
+        cfg, critic = self.config, ctx.parts["critic"]
+        # Critic: minimise L_d = E[h(z)] - E[h(z_prior)] on this batch's detached z.
+        n_steps = self.critic_steps(ctx.global_step)
+        for _ in range(n_steps):
+            h = critic(torch.cat([z_data, torch.randn_like(z_data)]))  # one forward: (2B,)
+            h_data, h_prior = h.split(z_data.shape[0])
+            critic_loss = h_data.mean() - h_prior.mean()
+            ctx.step(critic_loss, "critic")
+            self.critic.clamp_(cfg.clip)  # same tensors as the DDP-wrapped critic's
+
+        # Autoencoder: minimise L_ae + L_g with the critic fixed (no gradient into it).
+        with frozen(self.critic):
+            gen_loss = -lam * critic(z.float()).mean()
+            loss = recon + gen_loss
+            ctx.step(loss, "autoencoder")
+        # last critic step's -L_d, in units of h (K * W1)
+        return gen_loss, loss, {"w1_estimate": float(-critic_loss), "critic_steps": float(n_steps)}
 
     def eval_sums(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
         """Model 0's sums plus the latent fit of this batch's z, each batch value times the
@@ -246,10 +265,10 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
         sums, z = self.autoencoder(batch)
         sums["loss"] = sums["nll_dx"] + self.config.w_time * sums["nll_wk"]
         z = z.float()
-        prior = torch.randn_like(z)
-        h = self.critic(torch.cat([z, prior]))
-        h_data, h_prior = h.split(z.shape[0])
-        fit = latent_fit(z) | {"w1_estimate": float(h_prior.mean() - h_data.mean())}
+        fit = latent_fit(z)
+        if self.critic is not None:
+            h_data, h_prior = self.critic(torch.cat([z, torch.randn_like(z)])).split(z.shape[0])
+            fit["w1_estimate"] = float(h_prior.mean() - h_data.mean())
         tokens = sums["tokens"]
         out = {k: v.detach().float() for k, v in sums.items()}
         for key, value in fit.items():
@@ -275,6 +294,23 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
 
 
 LATENT_FIT = ("z_mean_abs", "z_var", "mmd")  # the keys of latent_fit
+
+
+def imq_mmd2_penalty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Differentiable unbiased MMD² of two batches with the IMQ kernel of
+    ``metrics.tasks.imq_mmd2_unbiased`` (same scales, same value): the WAE-MMD penalty.
+    Squared distances by the expansion (``cdist``'s sqrt has no gradient at the diagonal)."""
+    n, d = x.shape
+    if n < 2:
+        return x.sum() * 0.0
+    cs = torch.tensor([2.0 * d * s for s in IMQ_SCALES], dtype=x.dtype, device=x.device)
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d2 = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T).clamp(min=0)
+        return (cs / (cs + d2[..., None])).sum(-1)
+
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    return kernel(x, x)[off_diagonal].mean() + kernel(y, y)[off_diagonal].mean() - 2.0 * kernel(x, y).mean()
 
 
 def latent_fit(z: torch.Tensor) -> dict[str, float]:
@@ -303,5 +339,5 @@ MODEL = ModelSpec(
         "train/recon_loss", "train/gen_loss", "train/critic_steps", "train/lam",
         "train/grad_norm/critic", "val/loss_plus_mmd",
     ),  # fmt: skip
-    description="seed 000 Model 1: Wasserstein autoencoder with a weight-clipped critic",
+    description="seed 000 Model 1: Wasserstein autoencoder with a weight-clipped critic (or WAE-MMD)",
 )
