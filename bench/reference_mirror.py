@@ -3,11 +3,13 @@ CPU workers within about an hour on 2 cores, every acceptance target checked bes
 
     make reference-mirror
     python bench/reference_mirror.py [--patients N] [--epochs E] [--max-steps S] [--batch-size B]
-        [--models ae wae] [--reuse MODEL=RUN_ID ...]
+        [--models ae wae] [--reuse MODEL=RUN_ID ...] [--set MODEL:KEY=VALUE ...] [--out FILE]
 
 ``--reuse`` takes a model's row from a finished run of this experiment instead of training it
 again (its own epochs are read from the run, not assumed): the targets compare both models,
-so a re-run of one model can be checked against the other's recorded run.
+so a re-run of one model can be checked against the other's recorded run. ``--set`` overrides
+one model's config (``wae:model.latent_penalty=mmd``), recorded with its row; ``--out`` writes
+such a variant beside the reference instead of over it.
 
 Both runs are recorded in MLflow (experiment ``reference-mirror``, store ``MLFLOW_TRACKING_URI``
 or ``/tmp/mirror-reference/mlflow.db``) with the end-of-run evaluation and the synthetic-data
@@ -30,7 +32,7 @@ RESULTS = Path(__file__).parent / "results" / "reference_mirror.json"
 WORK = Path("/tmp/mirror-reference")
 
 
-def train_and_evaluate(model: str, data: Path, args: argparse.Namespace) -> dict[str, float]:
+def train_and_evaluate(model: str, data: Path, args: argparse.Namespace, settings: dict[str, str]) -> dict[str, float]:
     from mirror import tracking
     from mirror.evaluation import evaluate_run
     from mirror.train.driver import run_training
@@ -46,7 +48,7 @@ def train_and_evaluate(model: str, data: Path, args: argparse.Namespace) -> dict
         "train.n_generate": 2_000,
         "train.storage_path": str(WORK / "ray_results"),
         "train.experiment": "reference-mirror",
-    }
+    } | settings
     spec = build_run_spec(model, str(data), f"reference-{model}-{time.strftime('%Y%m%d-%H%M%S')}", overrides)
     start = time.perf_counter()
     outcome = run_training(spec)
@@ -56,6 +58,7 @@ def train_and_evaluate(model: str, data: Path, args: argparse.Namespace) -> dict
     metrics["seconds/train"] = trained
     metrics["seconds/total"] = time.perf_counter() - start
     metrics["run_id"] = outcome.run_id  # type: ignore[assignment]
+    metrics["settings"] = settings  # type: ignore[assignment]
     return metrics
 
 
@@ -128,8 +131,18 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["ae", "wae"])
     parser.add_argument("--reuse", nargs="*", default=[], metavar="MODEL=RUN_ID",
                         help="take MODEL's row from this finished run instead of training it")
+    parser.add_argument("--set", nargs="*", default=[], metavar="MODEL:KEY=VALUE", dest="settings",
+                        help="a config override for one model's run, e.g. wae:model.latent_penalty=mmd")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     reuse = dict(item.split("=", 1) for item in args.reuse)
+    settings: dict[str, dict[str, str]] = {model: {} for model in args.models}
+    for item in args.settings:
+        model, _, assignment = item.partition(":")
+        key, eq, value = assignment.partition("=")
+        if model not in settings or not eq:
+            raise SystemExit(f"--set {item!r}: expected MODEL:KEY=VALUE with MODEL one of {args.models}")
+        settings[model][key] = value
 
     from mirror.cluster import ensure_ray
     from mirror.data import schema
@@ -140,7 +153,7 @@ def main() -> int:
     data = WORK / f"data-{args.patients}"
     if not (data / schema.DATASET_JSON).exists():
         generate_dataset(data, args.patients, seed=0, overwrite=True)
-    runs = {model: finished_run_metrics(reuse[model]) if model in reuse else train_and_evaluate(model, data, args)
+    runs = {model: finished_run_metrics(reuse[model]) if model in reuse else train_and_evaluate(model, data, args, settings[model])
             for model in args.models}
     result = {
         "patients": args.patients,
@@ -152,11 +165,11 @@ def main() -> int:
         "runs": runs,
         "targets": checks(runs.get("ae", {}), runs.get("wae", {})) if {"ae", "wae"} <= set(runs) else [],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     for row in result["targets"]:
         print(f"{'MET ' if row['met'] else 'MISS'}  {row['target']}: {row['value']:.4f} (against {row['against']})")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
     return 0
 
 
