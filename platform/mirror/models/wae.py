@@ -255,7 +255,7 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
             loss = recon + gen_loss
             ctx.step(loss, "autoencoder")
         # last critic step's -L_d, in units of h (K * W1)
-        return gen_loss, loss, {"w1_estimate": float(-critic_loss), "critic_steps": float(n_steps)}
+        return gen_loss, loss, {"w1_estimate": -critic_loss.item(), "critic_steps": float(n_steps)}
 
     def eval_sums(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
         """Model 0's sums plus the latent fit of this batch's z, each batch value times the
