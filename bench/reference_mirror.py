@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results" / "reference_mirror.json"
 WORK = Path("/tmp/mirror-reference")
 
 
-def train_and_evaluate(model: str, data: Path, args: argparse.Namespace, settings: dict[str, str]) -> dict[str, float]:
+def train_and_evaluate(model: str, data: Path, args: argparse.Namespace, settings: dict[str, object]) -> dict[str, float]:
     from mirror import tracking
     from mirror.evaluation import evaluate_run
     from mirror.train.driver import run_training
@@ -136,13 +136,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     reuse = dict(item.split("=", 1) for item in args.reuse)
-    settings: dict[str, dict[str, str]] = {model: {} for model in args.models}
+    from mirror.train.spec import parse_set
+
+    settings: dict[str, dict[str, object]] = {model: {} for model in args.models}
     for item in args.settings:
         model, _, assignment = item.partition(":")
-        key, eq, value = assignment.partition("=")
-        if model not in settings or not eq:
+        if model not in settings or "=" not in assignment:
             raise SystemExit(f"--set {item!r}: expected MODEL:KEY=VALUE with MODEL one of {args.models}")
-        settings[model][key] = value
+        settings[model].update(parse_set([assignment]))  # typed as jobs/train.py types --set
 
     from mirror.cluster import ensure_ray
     from mirror.data import schema
