@@ -9,11 +9,13 @@
   ``block_adversarial_accuracy``): AA(held-out, synthetic) - AA(train, synthetic).
 * ``presence``: ``privacy.presence_metrics`` on visit and record (visit-set) hashes.
 * ``severe_outcome_auroc``: the utility LSTM (severe outcome from the visit sequence) trained
-  on one set, scored on real held-out participants (TSTR vs TRTR).
+  on one set (early-stopped on a validation part of that set), scored on real held-out
+  participants (TSTR vs TRTR).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,7 +177,7 @@ def severe_outcome_scores(train: pa.Table, test: pa.Table, widths: tuple[int, in
             raise MetricError("trial/utility", "the test set has a single outcome class")
         if y.min() == y.max():
             raise MetricError("trial/utility", "the training set has a single outcome class")
-        scores = np.stack([_severe_outcome_fit(x, n, y, epochs=epochs, seed=s)(xt, nt) for s in seeds])
+        scores = np.stack([_severe_outcome_fit(x, n, y, epochs=epochs, seed=s)[0](xt, nt) for s in seeds])
         return scores, yt.numpy()
 
 
@@ -190,24 +192,69 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+VALIDATION_SHARE, PATIENCE = 0.2, 5  # the utility LSTM's early stopping
+
+
 def _severe_outcome_fit(x: torch.Tensor, n: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int):
+    """The utility LSTM fitted on (x, n, y), at most ``epochs`` epochs, early-stopped on the
+    weighted BCE of a seeded ``VALIDATION_SHARE`` of the training records (kept out of the
+    fit; stratified, so both classes are in each part), its best epoch's weights kept. A fixed
+    epoch count over-fits large training sets (5-fold AUROC 0.71 at 10 epochs, 0.66 at 30 on a
+    5,000-participant simulated trial) and under-fits small ones; the same rule serves the
+    real (TRTR) and the synthetic (TSTR) side. Returns the scorer and the epochs run."""
     torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    fit_rows, val_rows = _stratified_split(y, VALIDATION_SHARE, g)
     model = _SevereLSTM(x.shape[2])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    pos_weight = torch.tensor(float((1 - y).sum() / y.sum().clamp(min=1)))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(64):
+    yf = y[fit_rows]
+    pos_weight = torch.tensor(float((1 - yf).sum() / yf.sum().clamp(min=1)))
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            return float(nn.functional.binary_cross_entropy_with_logits(
+                model(x[val_rows], n[val_rows]), y[val_rows], pos_weight=pos_weight))
+
+    best, best_state, since, epochs_run = math.inf, None, 0, 0
+    while epochs_run < epochs:
+        epochs_run += 1
+        model.train()
+        for idx in fit_rows[torch.randperm(len(fit_rows), generator=g)].split(64):
             loss = nn.functional.binary_cross_entropy_with_logits(model(x[idx], n[idx]), y[idx], pos_weight=pos_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if val_rows.numel() == 0:
+            continue
+        model.eval()
+        if (current := val_loss()) < best:
+            best, best_state, since = current, {k: v.clone() for k, v in model.state_dict().items()}, 0
+        elif (since := since + 1) >= PATIENCE:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
 
     def score(xt: torch.Tensor, nt: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return model(xt, nt).numpy()
 
-    return score
+    return score, epochs_run
+
+
+def _stratified_split(y: torch.Tensor, share: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (fit, validation): ``share`` of each class to validation, at least one of
+    each when the class has two or more rows (no validation part otherwise)."""
+    fit, val = [], []
+    for cls in (0.0, 1.0):
+        rows = torch.nonzero(y == cls).flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        k = max(1, round(share * len(rows))) if len(rows) >= 2 else 0
+        val.append(rows[:k])
+        fit.append(rows[k:])
+    if min(len(v) for v in val) == 0:  # a class too small to split: fit on everything
+        return torch.arange(len(y)), torch.zeros(0, dtype=torch.long)
+    return torch.cat(fit), torch.cat(val)
 
 
 def counterfactual_auroc(real: pa.Table, candidates: dict[str, pa.Table], truth: pa.Table, widths: tuple[int, int, int], *,
@@ -229,7 +276,7 @@ def counterfactual_auroc(real: pa.Table, candidates: dict[str, pa.Table], truth:
             inputs[name] = _sequences(table, widths)[:2]
         out = {name: 0.0 for name in candidates}
         for s in seeds:
-            score = _severe_outcome_fit(x, n, y, epochs=epochs, seed=s)
+            score, _ = _severe_outcome_fit(x, n, y, epochs=epochs, seed=s)
             for name, (xt, nt) in inputs.items():
                 out[name] += float(roc_auc_score(y_true, score(xt, nt))) / len(seeds)
         return out
