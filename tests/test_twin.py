@@ -104,6 +104,22 @@ def test_attention_fusion_on_a_hand_built_k2_case():
     np.testing.assert_allclose(mu[0].detach().numpy(), expected.numpy(), rtol=1e-6)
 
 
+def test_kl_weight_scales_only_the_kl_inside_betas_term(trial_root):
+    """loss = beta * (rec_med + rec_ae + kl_weight * kl) + gamma * (next terms): the same
+    weights and noise with kl_weight 1 and 0.25 differ by exactly beta * 0.75 * kl."""
+    view = VisitsView(VisitsViewConfig(retrieval="in_batch"), str(trial_root))
+    batch, _ = view.inference_batch(_train_rows(trial_root, 20))
+    sums = {}
+    for kw in (1.0, 0.25):
+        torch.manual_seed(0)
+        model = build_model("twin", {"kl_weight": kw, "beta": 2.0}, view.info())
+        torch.manual_seed(1)
+        sums[kw] = model.twin(batch)
+    assert float(sums[1.0]["kl"]) > 0 and float(sums[1.0]["kl"]) == pytest.approx(float(sums[0.25]["kl"]))
+    gap = float(sums[1.0]["loss"] - sums[0.25]["loss"])
+    assert gap == pytest.approx(2.0 * 0.75 * float(sums[1.0]["kl"]), rel=1e-4)
+
+
 def test_twins_and_counterfactual_twins_pass_trial_validation(trial_root):
     view = VisitsView(VisitsViewConfig(retrieval="in_batch"), str(trial_root))
     model = build_model("twin", {}, view.info())

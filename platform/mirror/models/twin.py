@@ -12,6 +12,7 @@ sub-models, u in {medication, AE}, each::
     CPM         x_u'^(t+1) from [z ⊕ x1]: 4 Linear + ReLU with a BatchNorm, then Linear
 
     L = beta * (BCE(x_u^, x_u) + KL) + gamma * BCE(x_u'^(t+1), x_u'(t+1)) [t has a next visit]
+    (``kl_weight`` scales the KL inside beta's term; 1, the paper's loss, by default)
 
 summed over both sub-models, the visit's columns and the batch, and divided by the batch's
 visits (the paper sums; a per-visit mean keeps one learning rate right for any batch size).
@@ -59,6 +60,9 @@ class TwinConfig:
     latent_dim: int = 32
     cpm_hidden: int = 42  # the CPM's first layer (then hidden_dim)
     beta: float = 1.0  # weight of reconstruction + KL
+    # Weight of the KL inside beta's term (1: the paper's loss). Below 1 the posterior may carry
+    # more of a visit's specifics: at 1, rare events (severe AEs) decode at their marginal rate.
+    kl_weight: float = 1.0
     gamma: float = 1.0  # weight of the causality-preserving next-visit prediction
     temperature: float = 1.0  # attention softmax temperature (1: the paper's unscaled dot products)
     threshold: float = 0.5  # generation "threshold": an event is present where its probability >= this
@@ -77,6 +81,7 @@ class TwinConfig:
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
         require(self, "beta", self.beta >= 0, "a float >= 0")
         require(self, "gamma", self.gamma >= 0, "a float >= 0")
+        require(self, "kl_weight", self.kl_weight >= 0, "a float >= 0")
         require(self, "temperature", self.temperature > 0, "a float > 0")
         require(self, "threshold", 0 < self.threshold < 1, "a float in (0, 1)")
         require(self, "lr", self.lr > 0, "a float > 0")
@@ -188,7 +193,7 @@ class TwinNet(nn.Module):
             "next_ae": bce(next_ae, batch.next_adverse_event, has_next.expand_as(next_ae)),
             "next_med": bce(next_med, batch.next_medication, has_next.expand_as(next_med)),
         }
-        sums["loss"] = (self.cfg.beta * (sums["rec_med"] + sums["rec_ae"] + sums["kl"])
+        sums["loss"] = (self.cfg.beta * (sums["rec_med"] + sums["rec_ae"] + self.cfg.kl_weight * sums["kl"])
                         + self.cfg.gamma * (sums["next_ae"] + sums["next_med"]))
         return sums
 
