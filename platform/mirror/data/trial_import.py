@@ -215,12 +215,17 @@ def _token_field(name: str, column: int, flat: list[list], vocabulary: list, vis
                   visit[keep], new_id[tokens[keep]].astype(np.int64), counts)
 
 
-def _severe_from_features(path: Path | None, cfg: TrialImportConfig) -> tuple[dict[str, np.ndarray], list[str]]:
+def _read_features(path: Path | None) -> pd.DataFrame | None:
+    """feature.csv as text columns (read once: the baseline and the severe columns share it)."""
+    return None if path is None else pd.read_csv(path, dtype=str, keep_default_na=True)
+
+
+def _severe_from_features(path: Path | None, frame: pd.DataFrame | None,
+                          cfg: TrialImportConfig) -> tuple[dict[str, np.ndarray], list[str]]:
     """Per ``severe_columns`` column, the participants it marks severe (nonzero), and the
     columns the source does not have (no feature.csv, or not among its columns)."""
-    if not cfg.severe_columns or path is None:
+    if not cfg.severe_columns or frame is None:
         return {}, list(cfg.severe_columns)
-    frame = pd.read_csv(path, dtype=str, keep_default_na=True)
     out = {}
     for column in cfg.severe_columns:
         if column not in frame.columns:
@@ -233,11 +238,11 @@ def _severe_from_features(path: Path | None, cfg: TrialImportConfig) -> tuple[di
     return out, [c for c in cfg.severe_columns if c not in out]
 
 
-def _baseline(path: Path | None, n: int, cfg: TrialImportConfig) -> tuple[np.ndarray, list[str], dict]:
+def _baseline(path: Path | None, frame: pd.DataFrame | None, n: int,
+              cfg: TrialImportConfig) -> tuple[np.ndarray, list[str], dict]:
     """(n, width) float32 baseline matrix, its feature names, and what was imputed."""
-    if path is None:
+    if frame is None:
         return np.zeros((n, 0), np.float32), [], {"source": None}
-    frame = pd.read_csv(path, dtype=str, keep_default_na=True)
     if len(frame) != n:
         raise TrialImportError(f"{path}: rows: {len(frame)} baseline rows, but the visits file has {n} "
                                "participants; rows are matched by position")
@@ -418,9 +423,10 @@ def import_trial(source: str | Path, out: str | Path, *, config: TrialImportConf
         serious.counts["placed"] = int(serious.ids.size)  # into severe_outcome
         serious.counts["tokens_not_in_adverse_events"] = len(serious_tokens - set(ae_tokens))
 
-    baseline, features, baseline_info = _baseline(features_file, n, cfg)
+    feature_rows = _read_features(features_file)
+    baseline, features, baseline_info = _baseline(features_file, feature_rows, n, cfg)
     severe_reasons = {"serious_adverse_event": int(severe_outcome.sum())}
-    severe_marks, severe_absent = _severe_from_features(features_file, cfg)
+    severe_marks, severe_absent = _severe_from_features(features_file, feature_rows, cfg)
     if severe_absent:
         severe_reasons["columns_absent"] = severe_absent  # counted, not refused: the file is optional
     for column, marked in severe_marks.items():
