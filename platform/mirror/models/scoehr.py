@@ -11,8 +11,13 @@ two stages linked by ``--upstream-run``.
 Choices where the seed and upstream leave room or go wrong (models.md §4 pitfalls):
 
 * Sampler and step count are config (``sampler``, ``sample_steps``), sampled with an explicit
-  step size; only the final state is kept. Default: DPM-Solver++(2M), 25 steps, chosen from the
-  measured fidelity-vs-steps curve (bench/bench_sampler.py); ``em`` at 1,000 is upstream.
+  step size; only the final state is kept. Default: Euler-Maruyama, 25 steps, chosen from the
+  measured fidelity-vs-steps curve at 10,240 patients (bench/bench_sampler.py,
+  bench/results/sampler_10240.json): 42x faster than upstream's ``em`` at 1,000 steps with
+  lower DDM and PCD, where DPM-Solver++(2M) (``dpm2m``) stays ~8 % above EM x1,000 in PCD at
+  10-50 steps. A coarse stochastic step decodes more codes per patient from a score net that
+  under-disperses (EM x1,000 gives 2.7 codes against the real 6.2, x25 6.9): re-measure the
+  curve for a new score net before trusting the default.
 * The UNet follows upstream ``sdeflow_unet`` (GroupNorm–Swish–conv ResBlocks with a projected
   time embedding, stride-2 conv down, nearest×2 + conv up, one middle self-attention since
   upstream's ``attn_resolutions=(16,)`` never matches 12/6/3, zero-initialised output convs).
@@ -277,7 +282,7 @@ class ScoEHRScoreConfig:
     output: str = "score"  # "score" (upstream) or "noise" (s = -ε̂ / σ)
     lr: float = 1e-3
     autoencoder: bool = True  # False: the no-autoencoder ablation (diffusion on code vectors)
-    sampler: str = "dpm2m"  # em | heun | dpm2m
+    sampler: str = "em"  # em | heun | dpm2m (module docstring: how the default was chosen)
     sample_steps: int = 25
     clamp_latent: bool = False  # clip the final latent to [-1, 1] before decoding
     empty_decode: str = "top1"  # a draw decoding to no code: "top1" (its likeliest code) or "reject"
