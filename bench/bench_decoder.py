@@ -7,14 +7,17 @@ its default widths on the same simulated patients. Variants of ``AEConfig``:
 * ``factorised``  P(condition) · P(age group | condition): 606 + 24 outputs per step;
 * ``z_every_step`` z beside every decoder input, not only in h_0;
 * ``word_dropout`` decoder input words hidden behind the mask token with probability 0.25;
-* ``factorised_z_every_step`` both (the default since this bench: AEConfig).
+* ``factorised_z_every_step`` both (the default since this bench: AEConfig);
+* ``copy_history`` that, with the condition logits biased towards the sentence's history
+  (``HistoryBias``, a copy mechanism).
 
 The variants train in interleaved blocks of steps (so load on a shared machine hits them
 alike) and report training tokens/s as a ratio to ``full``. Each is then scored on held-out
 (tuning split) patients: NLL per predicted token (the same quantity for every variant, since
 the factorised head is a normalised joint distribution over the same vocabulary),
 teacher-forced accuracy with its own z, and with z shuffled across patients (how much z
-carries). Results: ``bench/results/decoder.json``.
+carries), beside the copy-previous-word floor on the same tokens. Results:
+``bench/results/decoder.json``.
 """
 
 from __future__ import annotations
@@ -47,15 +50,17 @@ VARIANTS = {
     "z_every_step": SEED | {"z_every_step": True},
     "word_dropout": SEED | {"word_dropout": 0.25},
     "factorised_z_every_step": SEED | {"dx_output": "factorised", "z_every_step": True},
+    "copy_history": SEED | {"dx_output": "factorised", "z_every_step": True, "copy_history": True},
 }
 
 
 @torch.no_grad()
 def held_out_scores(model, root: Path, n_weeks: int, batches: int, batch_size: int) -> dict[str, float]:
-    """NLL per token and teacher-forced accuracy (own z, shuffled z) on the tuning split."""
+    """NLL per token and teacher-forced accuracy (own z, shuffled z) on the tuning split, and
+    the copy-previous-word floor (the target is the input word) on the same tokens."""
     model.eval()
     config = CollateConfig(n_weeks)  # unmasked, as validation reads it
-    loss = tokens = right = right_shuffled = 0.0
+    loss = tokens = right = right_shuffled = copied = 0.0
     shuffle = torch.Generator().manual_seed(0)
     for i, batch in enumerate(plain_batches(root, config, schema.TUNING, batch_size=batch_size, forever=False)):
         if i == batches:
@@ -64,6 +69,7 @@ def held_out_scores(model, root: Path, n_weeks: int, batches: int, batch_size: i
         loss, tokens = loss + float(sums["nll_dx"] + sums["nll_wk"]), tokens + float(sums["tokens"])
         z = model.encode(batch)
         valid = batch.tgt_dx != PAD
+        copied += float((batch.dec_dx == batch.tgt_dx)[valid].sum())
         for own, shuffled in ((z, False), (z[torch.randperm(z.shape[0], generator=shuffle)], True)):
             dx_logits, _ = model.teacher_forced_logits(batch, own)
             hits = float((dx_logits.argmax(-1) == batch.tgt_dx)[valid].sum())
@@ -73,7 +79,7 @@ def held_out_scores(model, root: Path, n_weeks: int, batches: int, batch_size: i
                 right += hits
     model.train()
     return {"nll_per_token": loss / tokens, "tf_acc": right / tokens,
-            "tf_acc_shuffled_z": right_shuffled / tokens, "tokens": tokens}
+            "tf_acc_shuffled_z": right_shuffled / tokens, "copy_prev": copied / tokens, "tokens": tokens}
 
 
 def main() -> int:
@@ -133,7 +139,7 @@ def main() -> int:
                           **{k: round(v, 4) for k, v in scores.items()}}
         print(f"{name:13s} {rate[name]:8,.0f} tok/s (x{rate[name] / rate[baseline]:.2f}) "
               f"nll/token {scores['nll_per_token']:.3f} tf_acc {scores['tf_acc']:.4f} "
-              f"(shuffled z {scores['tf_acc_shuffled_z']:.4f})", flush=True)
+              f"(shuffled z {scores['tf_acc_shuffled_z']:.4f}, copy_prev {scores['copy_prev']:.4f})", flush=True)
     result = {
         "bench": "decoder",
         "patients": args.patients, "steps_per_variant": args.steps, "batch_size": args.batch_size,

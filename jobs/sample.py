@@ -2,6 +2,7 @@
 
     python jobs/sample.py --run RUN_ID --patients N --out DIR [--allow-unsafe]
         [--max-mia-auc 0.6] [--max-presence 0.333] [--exact-match-z 3] [--device cuda]
+        [--set model.sampler=em model.sample_steps=25 ...]
 
 The sample is scored against the run's real data first; unless every privacy check passes,
 nothing is exported and the exit code is 3. --allow-unsafe exports anyway and tags the run.
@@ -10,6 +11,10 @@ A trial-twin generator (``twin``) twins the training split's participants instea
 N at a time (past the end it starts over, with new draws): DIR/trial/train/ holds the twins,
 DIR/counterfactual/ (a dataset of its own) their counterfactual twins under the other arm;
 the scorecard's trial section scores both and the gate must pass on both.
+
+--set changes how the trained model draws (its config class's SAMPLE_TIME fields: a ScoEHR
+run's sampler and steps, a sentence model's temperature and top-p, TWIN's generation), not
+what it learned; the scorecard logged to the run is tagged with them (mirror.sample_overrides).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train exact-match rate may exceed held-out's by this many standard errors")
     parser.add_argument("--allow-unsafe", action="store_true", help="export even if the gate fails (tags the run)")
     parser.add_argument("--device", default="cpu", help="where the model draws patients: cpu, cuda, cuda:1")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="sampling options, e.g. model.sampler=em model.sample_steps=25")
     args = parser.parse_args(argv)
 
     from mirror import guards, tracking
@@ -45,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = tracking.tracking_uri()
         guards.check_trained_run(args.run, uri, needs="generator", job="sample")
         guards.check_run_dataset_metadata(args.run, uri)
+        sample_overrides = guards.check_sample_overrides(args.run, uri, args.set)
     except guards.GuardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = release_synthetic(
             args.run, n_patients=args.patients, out_dir=args.out, thresholds=thresholds,
-            allow_unsafe=args.allow_unsafe, seed=args.seed, device=args.device,
+            allow_unsafe=args.allow_unsafe, seed=args.seed, device=args.device, sample_overrides=sample_overrides,
         )
     except (TooFewValidSentences, ScorecardError) as err:  # nothing exported, nothing of the user's deleted
         print(f"error: {err}", file=sys.stderr)

@@ -231,7 +231,7 @@ def test_config_module_doctests_pass():
 # The decoder options of AEConfig (bench/bench_decoder.py measures them): each one keeps
 # every contract of the sequence models.
 DECODER_OPTIONS = [{"dx_output": "full", "z_every_step": False}, {"z_every_step": False},
-                   {"word_dropout": 0.3}]
+                   {"word_dropout": 0.3}, {"copy_history": True}]
 MODEL_VARIANTS = [("ae", {}), ("wae", {})] + [("ae", options) for options in DECODER_OPTIONS]
 VARIANT_IDS = ["ae", "wae"] + ["ae-" + ",".join(f"{k}={v}" for k, v in o.items()) for o in DECODER_OPTIONS]
 
@@ -423,6 +423,42 @@ def test_factorised_word_head_is_a_normalised_joint_distribution():
     expected = -logp.gather(1, target[:, None])[:, 0]
     torch.testing.assert_close(nll[:4], expected[:4])
     assert nll[4].item() == 0.0
+
+
+def test_copy_history_is_the_sentence_so_far_under_teacher_forcing_and_decoding():
+    """The teacher-forced history of step t (one scatter over the padded inputs) is what
+    decoding builds word by word: the conditions of w_1..w_t and w_t's own."""
+    from mirror.models.ae import WordHistory
+
+    batch = make_batch(SENTENCES, SEXES)
+    b, t = batch.dec_dx.shape
+    row = torch.arange(b).repeat_interleave(t)
+    step = torch.arange(t).repeat(b)
+    forced = WordHistory.teacher_forced(batch.dec_dx, row, step, batch.dec_dx.flatten())
+    decoded = WordHistory.empty(b, batch.dec_dx.device)
+    for k in range(t):
+        at_k = step == k
+        on = k <= batch.lengths  # steps a row takes: <SOS> and its words
+        assert torch.equal(forced.seen[at_k][on], decoded.seen[on]), k
+        assert torch.equal(forced.last[at_k][on], decoded.last[on]), k
+        if k + 1 < t:
+            decoded = decoded.after(batch.dec_dx[:, k + 1], k + 1 <= batch.lengths)
+    # Row 2 repeats condition 5: at its second word it has seen {5} and last said 5.
+    second = (row == 2) & (step == 2)
+    assert forced.seen[second].nonzero()[:, 1].tolist() == [5] and forced.last[second].item() == 5
+    assert forced.last[(row == 0) & (step == 0)].item() == -1  # <SOS>
+
+
+def test_copy_history_is_zero_at_initialisation_and_needs_the_factorised_head():
+    model = tiny_model("ae", copy_history=True)
+    plain = tiny_model("ae")
+    model.load_state_dict(plain.state_dict(), strict=False)  # the same weights but the bias's
+    batch = make_batch(SENTENCES, SEXES)
+    with torch.no_grad():
+        z = plain.encode(batch)
+        torch.testing.assert_close(model.teacher_forced_logits(batch, z)[0], plain.teacher_forced_logits(batch, z)[0])
+    with pytest.raises(ConfigError, match="copy_history: expected false unless dx_output is 'factorised'"):
+        make_config("ae", {"copy_history": True, "dx_output": "full"})
 
 
 def test_word_dropout_acts_in_training_only_and_z_every_step_reads_z():

@@ -79,6 +79,19 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     assert rows.schema == schema.ROW_SCHEMA and rows.num_rows == 40 and 0 <= rejected["no_codes_top1"] <= 40
     assert (rows.column(schema.N_EVENTS).to_numpy() >= 1).all()
 
+    # jobs/sample.py --set: another sampler for the same weights; a training knob is refused.
+    from mirror import guards
+
+    resampled = load_run(second.run_id, sample_overrides={"model.sampler": "heun", "model.sample_steps": 3})
+    assert (resampled.model.config.sampler, resampled.model.config.sample_steps) == ("heun", 3)
+    assert loaded.model.config.sampler == "em"
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(resampled.model.state_dict()[name], tensor), name
+    with pytest.raises(guards.GuardError, match=r"--set model.ch: not a sampling option of 'scoehr_score' \(these are: model.sampler"):
+        guards.check_sample_overrides(second.run_id, tracking.tracking_uri(), ["model.ch=16"])
+    with pytest.raises(guards.GuardError, match="ScoEHRScoreConfig.sample_steps: expected an int >= 1"):
+        guards.check_sample_overrides(second.run_id, tracking.tracking_uri(), ["model.sample_steps=0"])
+
     out = workdir / "synthetic"
     report = sample_patients(
         loaded.model, workdir / "data", n_patients=30, out_dir=out, female_share=0.5,

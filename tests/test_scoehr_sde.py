@@ -150,6 +150,8 @@ def test_view_and_model_configs_refuse_bad_values_by_name():
         build_config(CodeVectorViewConfig, {"features": "icd"})
     with pytest.raises(ConfigError, match="ScoEHRScoreConfig.groups: expected a divisor of ch"):
         build_config(ScoEHRScoreConfig, {"ch": 12, "groups": 8})
+    with pytest.raises(ConfigError, match="ScoEHRScoreConfig.net: expected one of"):
+        build_config(ScoEHRScoreConfig, {"net": "transformer"})
     with pytest.raises(ValueError, match="latent width 100 needs to be a square whose side is divisible by"):
         grid_side(100, 3, pad=False)
     assert grid_side(144, 3, pad=False) == 12 and grid_side(605, 3, pad=True) == 28
@@ -175,6 +177,44 @@ def test_the_score_model_trains_on_frozen_latents_and_decodes_code_vectors():
         assert empty.shape == (5,) and (out.sum(1) >= 1).all()  # "top1": never an empty record
     ablation = ScoEHRScoreModel(ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1, autoencoder=False), info, ae)
     assert ablation.width == 26 * 26 and ablation.to_diffusion_space(x).shape == (8, 676)
+
+
+def test_the_mlp_score_net_diffuses_the_flat_latent_and_learns_a_gaussian_score():
+    """``net = "mlp"``: no square padding (latent or code vector as is), a zero score at
+    initialisation (zero-initialised output), and training moves its DSM loss from the zero
+    score's d towards the closed-form minimum of a known Gaussian."""
+    torch.manual_seed(0)
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=4), info)
+    cfg = ScoEHRScoreConfig(net="mlp", mlp_width=32, mlp_blocks=1, time_scale=1000.0)
+    model = ScoEHRScoreModel(cfg, info, ae)
+    assert model.width == 4
+    assert ScoEHRScoreModel(ScoEHRScoreConfig(net="mlp", autoencoder=False), info, ae).width == 605
+    score = model.score_fn(model.score_net)
+    z0 = MU + S0 * torch.randn(4096, 4, generator=torch.Generator().manual_seed(1))
+    assert score(z0[:8], torch.full((8,), 0.5)).abs().max() == 0
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return dsm_loss(score, z0[-1024:], SDE, torch.Generator().manual_seed(2)).item()
+
+    t = stratified_times(1024, SDE, torch.Generator().manual_seed(2))
+    m2, var = SDE.mean_coeff(t) ** 2, SDE.std(t) ** 2
+    minimum = 4 * (m2 * S0**2 / (m2 * S0**2 + var)).mean().item()
+    before = held_loss()
+    opt = torch.optim.Adam(model.score_net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(100):
+        batch = z0[torch.randint(0, 3072, (128,), generator=g)]
+        loss = dsm_loss(score, batch, SDE, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = held_loss()
+    assert before == pytest.approx(4, rel=0.05)  # the zero score: E‖ε‖² = d
+    assert after < minimum + 0.1 * (before - minimum), (before, after, minimum)
+    x, empty = model.sample_vectors(5, generator=torch.Generator().manual_seed(4))
+    assert x.shape == (5, 605) and (x.sum(1) >= 1).all()
 
 
 def test_both_stages_take_loop_steps_with_one_schedule_step_each():

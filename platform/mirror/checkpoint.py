@@ -18,7 +18,7 @@ import torch
 from mirror import storage, tracking
 from mirror.models import build_model, get_model_spec
 from mirror.models.base import ModelSpec, TrainableModel
-from mirror.train.spec import RunSpec
+from mirror.train.spec import RunSpec, sample_time_overrides
 
 CHECKPOINT_FILE = "checkpoint.pt"
 ORIGIN_FILE = "origin.json"
@@ -89,12 +89,18 @@ def checkpoint_dir(run_id: str, uri: str | None = None) -> Path:
 
 
 def model_from_state(
-    state: dict[str, Any], model_spec: ModelSpec | None = None, upstream: Any = None
+    state: dict[str, Any], model_spec: ModelSpec | None = None, upstream: Any = None,
+    sample_overrides: dict[str, Any] | None = None,
 ) -> tuple[TrainableModel, RunSpec, Any]:
     """The model a checkpoint holds, in eval mode, with its spec and dataset facts.
-    ``model_spec`` defaults to the registry's entry for the saved model name."""
+    ``model_spec`` defaults to the registry's entry for the saved model name;
+    ``sample_overrides`` (``model.*`` keys) change how it draws (``sample_time_overrides``)."""
     model_spec = model_spec or get_model_spec(state["spec"]["model"])
-    spec = RunSpec.from_dict(state["spec"], model_spec)
+    raw = state["spec"]
+    if sample_overrides:
+        model_config = sample_time_overrides(model_spec, sample_overrides, raw.get("model_config", {}))
+        raw = {**raw, "model_config": model_config}
+    spec = RunSpec.from_dict(raw, model_spec)
     info = model_spec.view.info_cls(**state["data_info"])
     model = build_model(model_spec, spec.model_config, info, upstream=upstream)
     model.load_state_dict(state["model"])
@@ -102,14 +108,17 @@ def model_from_state(
     return model, spec, info
 
 
-def load_run(run_id: str, uri: str | None = None, model_spec: ModelSpec | None = None) -> LoadedRun:
+def load_run(
+    run_id: str, uri: str | None = None, model_spec: ModelSpec | None = None,
+    sample_overrides: dict[str, Any] | None = None,
+) -> LoadedRun:
     state = load_state(checkpoint_dir(run_id, uri))
     model_spec = model_spec or get_model_spec(state["spec"]["model"])
     upstream = None
     if model_spec.upstream:
         first_stage, path = upstream_checkpoint(state["spec"]["upstream_run"], model_spec, uri)
         upstream = load_frozen(path, first_stage)
-    model, spec, info = model_from_state(state, model_spec, upstream)
+    model, spec, info = model_from_state(state, model_spec, upstream, sample_overrides)
     return LoadedRun(run_id, spec, model_spec, info, model, int(state["epoch"]))
 
 

@@ -495,6 +495,25 @@ def check_trained_run(run_id: str, uri: str, *, needs: str | None = None, job: s
         check_run_capability(run_id, uri, needs, job)
 
 
+def check_sample_overrides(run_id: str, uri: str, pairs: list[str]) -> dict[str, object]:
+    """``--set`` pairs for drawing from a trained run, checked against its model's sampling
+    options and its saved config before any sample is drawn; returned as ``model.*`` keys."""
+    from mirror import tracking
+    from mirror.checkpoint import checkpoint_dir, load_state
+    from mirror.models import get_model_spec
+    from mirror.train.spec import parse_set, sample_time_overrides
+
+    try:
+        overrides = parse_set(pairs)
+        if overrides:
+            model_spec = get_model_spec(tracking.get_run(run_id, uri=uri).data.tags["model"])
+            saved = load_state(checkpoint_dir(run_id, uri))["spec"].get("model_config", {})
+            sample_time_overrides(model_spec, overrides, saved)
+    except (ValueError, TypeError, KeyError) as err:
+        raise GuardError(str(err)) from None
+    return overrides
+
+
 def check_run_capability(run_id: str, uri: str, capability: str, job: str) -> None:
     """The run's model can do what ``job`` needs (e.g. ``embed`` needs an encoder); the
     refusal names the models that can."""

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -249,17 +249,19 @@ class ReleaseResult:
 def sample_and_score(
     run_id: str, *, n_patients: int, staging: Path, thresholds=None, seed: int = 0,
     max_queries: int = 20_000, uri: str | None = None, device: str = "cpu",
+    sample_overrides: dict[str, Any] | None = None,
 ):
-    """Sample ``n_patients`` into ``staging`` (drawn on ``device``, e.g. ``cuda``), score them
-    against the run's real data, log the scorecard and the gate's verdict
-    (``privacy/gate_passed``) to the run."""
+    """Sample ``n_patients`` into ``staging`` (drawn on ``device``, e.g. ``cuda``; with
+    ``sample_overrides``, e.g. another sampler), score them against the run's real data, log
+    the scorecard and the gate's verdict (``privacy/gate_passed``) to the run, tagged with the
+    overrides it was drawn under (``mirror.sample_overrides``, empty for the run's own)."""
     from mirror import tracking
     from mirror.checkpoint import load_run
     from mirror.metrics.privacy import GateResult, privacy_gate
     from mirror.metrics.scorecard import COUNTERFACTUAL_PREFIX, compute_scorecard
     from mirror.models import require_capability
 
-    loaded = load_run(run_id, uri=uri)
+    loaded = load_run(run_id, uri=uri, sample_overrides=sample_overrides)
     require_capability(loaded.model_spec, "generator", "sample")
     record_type = loaded.model_spec.view.record_type
     twins = RECORD_LAYOUTS[record_type].twins_real_rows  # twins keep their real rows' sex, if any
@@ -282,6 +284,8 @@ def sample_and_score(
         if (staging / COUNTERFACTUAL_SAMPLE).is_dir():  # counterfactual twins are released too
             cf_gate = privacy_gate(scorecard, thresholds, prefix=COUNTERFACTUAL_PREFIX)
             gate = GateResult(gate.passed and cf_gate.passed, gate.failures + cf_gate.failures)
+        drawn_under = " ".join(f"{k}={v}" for k, v in sorted((sample_overrides or {}).items())) or "none"
+        tracking.set_tags(run_id, {"mirror.sample_overrides": drawn_under}, uri=uri)
         tracking.log_scorecard(run_id, {**scorecard, "privacy/gate_passed": float(gate.passed)}, plots, uri=uri)
     finally:
         shutil.rmtree(plots, ignore_errors=True)
@@ -299,6 +303,7 @@ def release_synthetic(
     max_queries: int = 20_000,
     uri: str | None = None,
     device: str = "cpu",
+    sample_overrides: dict[str, Any] | None = None,
 ) -> ReleaseResult:
     """Sample into a staging directory, score it, and export only if the privacy gate passes
     (or ``allow_unsafe``, which tags the run). Nothing unscored ever reaches ``out_dir``."""
@@ -314,7 +319,7 @@ def release_synthetic(
     try:
         report, scorecard, gate = sample_and_score(
             run_id, n_patients=n_patients, staging=staging, thresholds=thresholds, seed=seed,
-            max_queries=max_queries, uri=uri, device=device,
+            max_queries=max_queries, uri=uri, device=device, sample_overrides=sample_overrides,
         )
         if gate.passed or allow_unsafe:
             if not gate.passed:

@@ -75,9 +75,12 @@ class AEConfig:
     Defaults are sized for fast CPU smoke runs; each width's comment gives the real-scale value.
     """
 
+    # How a trained run draws, changeable at sampling time (jobs/sample.py --set).
+    SAMPLE_TIME: ClassVar[tuple[str, ...]] = ("gen_prior", "gen_temperature", "gen_top_p")
     # Runs saved before the decoder options existed decode as they were trained.
     SAVED_BEFORE: ClassVar[dict[str, object]] = {
         "dx_output": "full", "z_every_step": False, "word_dropout": 0.0, "gen_prior": "standard",
+        "copy_history": False,
     }
 
     # Widths.
@@ -92,6 +95,9 @@ class AEConfig:
     dx_output: str = "factorised"  # condition x age group; "full": one 14,523-way softmax (seed)
     z_every_step: bool = True  # feed z beside every decoder input, not only into h_0
     word_dropout: float = 0.0  # training: each decoder input word -> <PAD> with this probability
+    # Condition logits get a learned, state-gated bias towards conditions already in the
+    # sentence and towards the previous word's (HistoryBias; needs dx_output "factorised").
+    copy_history: bool = False
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
     # Generation (z from gen_prior decoded by ancestral sampling; reconstruction stays greedy).
@@ -118,6 +124,8 @@ class AEConfig:
         require(self, "w_time", self.w_time >= 0, "a float >= 0")
         require(self, "dx_output", self.dx_output in WORD_HEADS, f"one of {sorted(WORD_HEADS)}")
         require(self, "word_dropout", 0 <= self.word_dropout < 1, "a float in [0, 1)")
+        require(self, "copy_history", not self.copy_history or self.dx_output == "factorised",
+                "false unless dx_output is 'factorised' (its bias is over conditions)")
         require(self, "gen_prior", self.gen_prior in GEN_PRIORS, f"one of {list(GEN_PRIORS)}")
         require(self, "prior_momentum", 0 < self.prior_momentum <= 1, "a float in (0, 1]")
         require(self, "gen_temperature", self.gen_temperature > 0, "a float > 0")
@@ -191,11 +199,84 @@ class FullWordHead(nn.Linear):
     """P(word | features) as one softmax over the whole diagnosis-age vocabulary (seed 000).
     A plain Linear, so checkpoints from before the decoder options load unchanged."""
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self(features)  # (..., V_dx)
+    def logits(self, features: torch.Tensor, history: WordHistory | None = None) -> torch.Tensor:
+        return self(features)  # (..., V_dx); AEConfig refuses copy_history with this head
 
-    def nll(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def nll(self, features: torch.Tensor, target: torch.Tensor, history: WordHistory | None = None) -> torch.Tensor:
         return F.cross_entropy(self(features), target, ignore_index=PAD, reduction="none")
+
+
+@dataclass(frozen=True)
+class WordHistory:
+    """What the sentence has said before each step: ``seen`` (N, C) bool, the conditions among
+    its words so far, and ``last`` (N,), the condition of the step's input word (-1 at
+    ``<SOS>``). Built from the true prefix under teacher forcing, from the decoder's own
+    words when decoding."""
+
+    seen: torch.Tensor
+    last: torch.Tensor
+
+    @staticmethod
+    def conditions(dx: torch.Tensor) -> torch.Tensor:
+        """Condition id of each diagnosis-age token; -1 for special and out-of-range ids."""
+        is_word = (dx >= N_SPECIAL) & (dx < N_SPECIAL + N_CONDITIONS * N_AGE_GROUPS)
+        return torch.where(is_word, (dx - N_SPECIAL) // N_AGE_GROUPS, torch.full_like(dx, -1))
+
+    @classmethod
+    def teacher_forced(cls, dec_dx: torch.Tensor, row: torch.Tensor, step: torch.Tensor, dx: torch.Tensor) -> WordHistory:
+        """Per packed step (``row``, ``step``, input word ``dx``, each (N,)) of the padded
+        decoder inputs ``dec_dx`` (B, T): a condition is seen at step t when some input word
+        at a step <= t carries it (first occurrence per row by one scatter, no (B, T, C))."""
+        b, t = dec_dx.shape
+        cond = cls.conditions(dec_dx)
+        cond = torch.where(cond >= 0, cond, N_CONDITIONS)  # specials into a sink column
+        steps = torch.arange(t, device=dec_dx.device).expand(b, t)
+        first = torch.full((b, N_CONDITIONS + 1), t, dtype=torch.long, device=dec_dx.device)
+        first.scatter_reduce_(1, cond, steps, reduce="amin")
+        return cls(first[row, :N_CONDITIONS] <= step[:, None], cls.conditions(dx))
+
+    @classmethod
+    def empty(cls, b: int, device: torch.device) -> WordHistory:
+        return cls(torch.zeros(b, N_CONDITIONS, dtype=torch.bool, device=device),
+                   torch.full((b,), -1, dtype=torch.long, device=device))
+
+    def after(self, dx: torch.Tensor, alive: torch.Tensor) -> WordHistory:
+        """The history once each ``alive`` row has written the word ``dx`` (B,)."""
+        cond = torch.where(alive, self.conditions(dx), torch.full_like(dx, -1))
+        seen = self.seen.clone()
+        rows = torch.nonzero(cond >= 0).squeeze(1)
+        seen[rows, cond[rows]] = True
+        return WordHistory(seen, torch.where(alive, cond, self.last))
+
+
+class HistoryBias(nn.Module):
+    """A copy mechanism for sentences that repeat themselves. A patient's conditions recur
+    week after week, so copying the previous word is a strong floor (0.33 teacher-forced
+    accuracy at simulator seed 0), and a GRU state must otherwise memorise which of 605
+    conditions the sentence holds. This adds to each condition's logit
+
+        seen_c · (a_c + g_seen(h)) + last_c · (b_c + g_last(h)),
+
+    a learned per-condition propensity to recur (a_c) and to repeat at once (b_c), scaled up or
+    down by the state (two scalar gates), so P(condition) can point at the history the way a
+    pointer-generator does. Zero-initialised: it starts as the plain softmax."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.recur = nn.Parameter(torch.zeros(N_CONDITIONS))
+        self.repeat = nn.Parameter(torch.zeros(N_CONDITIONS))
+        self.gate = nn.Linear(width, 2)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, features: torch.Tensor, history: WordHistory) -> torch.Tensor:
+        """(N, 1 + C) additive logits (``<EOS>``, column 0, gets none)."""
+        gate = self.gate(features).float()  # (N, 2)
+        bias = history.seen.float() * (self.recur + gate[:, :1])
+        last = history.last.clamp(min=0)[:, None]
+        repeat = (self.repeat[last] + gate[:, 1:]) * (history.last >= 0)[:, None].float()
+        bias = bias.scatter_add(1, last, repeat)
+        return F.pad(bias, (1, 0))
 
 
 class FactorisedWordHead(nn.Module):
@@ -207,7 +288,7 @@ class FactorisedWordHead(nn.Module):
     so the joint table of every (condition, age group) is one broadcast add when decoding
     needs it. ``<PAD>`` and ``<SOS>`` are never predicted (log-probability -1e9)."""
 
-    def __init__(self, width: int, vocab_size: int):
+    def __init__(self, width: int, vocab_size: int, copy_history: bool = False):
         super().__init__()
         if vocab_size != N_SPECIAL + N_CONDITIONS * N_AGE_GROUPS:
             raise ValueError(f"FactorisedWordHead: the diagnosis-age vocabulary must be "
@@ -216,21 +297,30 @@ class FactorisedWordHead(nn.Module):
         self.age = nn.Linear(width, N_AGE_GROUPS)
         self.age_profile = nn.Embedding(N_CONDITIONS, N_AGE_GROUPS)
         nn.init.zeros_(self.age_profile.weight)
+        self.history = HistoryBias(width) if copy_history else None
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Joint log-probabilities (..., V_dx) in the vocabulary's token order."""
+    def condition_logits(self, features: torch.Tensor, history: WordHistory | None) -> torch.Tensor:
+        logits = self.condition(features)
+        if self.history is not None:
+            if history is None:
+                raise ValueError("FactorisedWordHead: copy_history is on, so every call needs the WordHistory")
+            logits = logits + self.history(features, history).to(logits.dtype)
+        return logits
+
+    def logits(self, features: torch.Tensor, history: WordHistory | None = None) -> torch.Tensor:
+        """Joint log-probabilities (N, V_dx) in the vocabulary's token order."""
         features = features.float()
-        condition = torch.log_softmax(self.condition(features), dim=-1)  # (..., 1 + C)
+        condition = torch.log_softmax(self.condition_logits(features, history), dim=-1)  # (N, 1 + C)
         age = torch.log_softmax(self.age(features)[..., None, :] + self.age_profile.weight, dim=-1)
         words = (condition[..., 1:, None] + age).flatten(-2)  # (..., C·G), token 3 + c·G + g
         never = torch.full_like(condition[..., :2], -1e9)  # <PAD>, <SOS>
         return torch.cat([never, condition[..., :1], words], dim=-1)
 
-    def nll(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def nll(self, features: torch.Tensor, target: torch.Tensor, history: WordHistory | None = None) -> torch.Tensor:
         is_word = target >= N_SPECIAL
         offset = (target - N_SPECIAL).clamp(min=0)
         condition = torch.where(is_word, offset // N_AGE_GROUPS + 1, 0)  # <EOS> (and <PAD>) -> 0
-        nll = F.cross_entropy(self.condition(features), condition, reduction="none")
+        nll = F.cross_entropy(self.condition_logits(features, history), condition, reduction="none")
         age_logits = self.age(features) + self.age_profile((condition - 1).clamp(min=0)).to(features.dtype)
         nll_age = F.cross_entropy(age_logits, offset % N_AGE_GROUPS, reduction="none")
         nll = nll + torch.where(is_word, nll_age, torch.zeros_like(nll_age))
@@ -257,7 +347,8 @@ class MultiHeadGRUDecoder(nn.Module):
             nn.GRU(input_dim, cfg.head_hidden, batch_first=True) for _ in range(cfg.n_heads)
         )
         self.aggregate = nn.Linear(cfg.n_heads * cfg.head_hidden, cfg.out_hidden)
-        self.dx_out = WORD_HEADS[cfg.dx_output](cfg.out_hidden, data_info.diag_age_vocab_size)
+        head_options = {"copy_history": True} if cfg.copy_history else {}
+        self.dx_out = WORD_HEADS[cfg.dx_output](cfg.out_hidden, data_info.diag_age_vocab_size, **head_options)
         # P(week | state, word): a hidden layer over [features ⊕ E_dx(word)], so that the week
         # window can depend jointly on the state (birth week, last week) and the word's age.
         self.wk_mix = (
@@ -311,6 +402,7 @@ class SentenceAutoencoder(nn.Module):
         self.latent_head = latent_head
         self.decoder = MultiHeadGRUDecoder(cfg, data_info, self.embed.dim)
         self.z_every_step, self.word_dropout = cfg.z_every_step, cfg.word_dropout
+        self.copy_history = cfg.copy_history
 
     def forward(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Summed NLL terms over the batch's predicted tokens and the latent z (B, latent_dim).
@@ -328,13 +420,16 @@ class SentenceAutoencoder(nn.Module):
 
     def decode_features(
         self, batch: SequenceBatch, z: torch.Tensor
-    ) -> tuple[torch.Tensor, PackedSequence]:
-        """Teacher-forced features (N, out_hidden) and the packed (N, 3) columns
-        [tgt_dx, tgt_wk, row] they predict."""
+    ) -> tuple[torch.Tensor, PackedSequence, WordHistory | None]:
+        """Teacher-forced features (N, out_hidden), the packed (N, 3) columns
+        [tgt_dx, tgt_wk, row] they predict, and (``copy_history``) each step's WordHistory."""
         rows = _row_ids(batch)
-        columns = [batch.dec_dx, batch.dec_wk, batch.tgt_dx, batch.tgt_wk, rows]
+        steps = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+        columns = [batch.dec_dx, batch.dec_wk, batch.tgt_dx, batch.tgt_wk, rows, steps]
         packed = pack_steps(columns, batch.lengths)
-        dx, wk, tgt_dx, tgt_wk, row = packed.data.unbind(-1)
+        dx, wk, tgt_dx, tgt_wk, row, step = packed.data.unbind(-1)
+        # The history is the sentence as written: word dropout below hides inputs, not it.
+        history = WordHistory.teacher_forced(batch.dec_dx, row, step, dx) if self.copy_history else None
         if self.training and self.word_dropout > 0:
             # Word dropout (Bowman et al.): hide some previous words behind the mask token, so
             # that the decoder has to lean on z rather than on its own history.
@@ -342,7 +437,7 @@ class SentenceAutoencoder(nn.Module):
             dx, wk = dx.masked_fill(hidden, PAD), wk.masked_fill(hidden, PAD)
         inputs = self.decoder_inputs(dx, wk, batch.sex[row], z[row])
         features = self.decoder(with_data(packed, inputs), self.decoder.initial_state(z))
-        return features, with_data(packed, torch.stack([tgt_dx, tgt_wk, row], dim=-1))
+        return features, with_data(packed, torch.stack([tgt_dx, tgt_wk, row], dim=-1)), history
 
     def decoder_inputs(self, dx: torch.Tensor, wk: torch.Tensor, sex: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """A decoder step's input: the step embedding, and z beside it when ``z_every_step``
@@ -355,9 +450,9 @@ class SentenceAutoencoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token NLL of the dx and the week (N,) each, their row ids (N,), and the number of
         non-<PAD> targets as a float 0-dim tensor (PAD targets contribute 0 and are not counted)."""
-        features, targets = self.decode_features(batch, z)
+        features, targets, history = self.decode_features(batch, z)
         tgt_dx, tgt_wk, row = targets.data.unbind(-1)
-        nll_dx = self.decoder.dx_out.nll(features, tgt_dx)
+        nll_dx = self.decoder.dx_out.nll(features, tgt_dx, history)
         nll_wk = F.cross_entropy(
             self.week_logits(features, tgt_dx), tgt_wk, ignore_index=PAD, reduction="none"
         )
@@ -372,7 +467,7 @@ class SentenceAutoencoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, V_dx) and (B, T, V_wk); steps past ``lengths + 1`` hold zeros. The week
         logits are those of the true word at each step (teacher forcing)."""
-        features, packed = self.decode_features(batch, z)
+        features, packed, history = self.decode_features(batch, z)
         tgt_dx = packed.data[:, 0]
         total = batch.dec_dx.shape[1]
 
@@ -381,7 +476,7 @@ class SentenceAutoencoder(nn.Module):
                 with_data(packed, logits), batch_first=True, total_length=total
             )[0]
 
-        return unpack(self.decoder.dx_out.logits(features)), unpack(self.week_logits(features, tgt_dx))
+        return unpack(self.decoder.dx_out.logits(features, history)), unpack(self.week_logits(features, tgt_dx))
 
     def patient_nll(self, batch: SequenceBatch) -> torch.Tensor:
         """-log P(y | z, x) per patient (B,): dx plus week NLL summed over the patient's tokens."""
@@ -410,6 +505,7 @@ class SentenceAutoencoder(nn.Module):
         wk = torch.full_like(dx, SOS)
         rules = DecodeConstraints(b, self.decoder.vocab_size, self.decoder.wk_out.out_features, device)
         state = self.decoder.initial_state(z)
+        history = WordHistory.empty(b, device)
 
         def pick(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
             logits = logits.float().masked_fill(~allowed, float("-inf"))
@@ -419,9 +515,10 @@ class SentenceAutoencoder(nn.Module):
 
         for t in range(max_words):
             features, state = self.decoder.step(self.decoder_inputs(dx, wk, sex, z), state)
-            dx = pick(self.decoder.dx_out.logits(features), rules.allowed_words(first=t == 0))
+            dx = pick(self.decoder.dx_out.logits(features, history), rules.allowed_words(first=t == 0))
             wk = pick(self.week_logits(features, dx), rules.allowed_weeks(dx))
             alive &= dx != EOS
+            history = history.after(dx, alive)
             rules.update(dx, wk, alive)
             out_dx[:, t] = torch.where(alive, dx, PAD)
             out_wk[:, t] = torch.where(alive, wk, PAD)

@@ -35,6 +35,7 @@ and takes k's visits, schedule and arm.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +56,9 @@ COUNTERFACTUAL_MODES = ("surrogate", "own")
 @dataclass(frozen=True)
 class TwinConfig:
     """TWIN hyperparameters (upstream PyTrial sizes; beta, gamma, tau: models.md §3)."""
+
+    # How a trained run draws, changeable at sampling time (jobs/sample.py --set).
+    SAMPLE_TIME: ClassVar[tuple[str, ...]] = ("threshold", "generation", "counterfactual")
 
     hidden_dim: int = 36  # W_emb and decoder width
     latent_dim: int = 32

@@ -146,6 +146,24 @@ def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in values.items()}
 
 
+def sample_time_overrides(model_spec: ModelSpec, overrides: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """A trained run's model config (``saved``) with ``model.*`` overrides for drawing from it
+    (``jobs/sample.py --set``). Only the fields its config class lists in ``SAMPLE_TIME`` may
+    change: how draws are made (sampler, steps, temperature), never what was learned. The
+    result is validated like any config, so a bad value names its field."""
+    allowed = getattr(model_spec.config_cls, "SAMPLE_TIME", ())
+    changes = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section != "model" or name not in allowed:
+            options = ", ".join(f"model.{k}" for k in allowed) or "none"
+            raise ValueError(f"--set {key}: not a sampling option of {model_spec.name!r} (these are: {options})")
+        changes[name] = value
+    merged = getattr(model_spec.config_cls, "SAVED_BEFORE", {}) | saved | changes
+    build_config(model_spec.config_cls, merged)  # raises naming the field
+    return merged
+
+
 def parse_set(pairs: list[str]) -> dict[str, Any]:
     """``["train.epochs=3", "model.lam=0.5"]`` -> dict; values parsed as Python literals when
     they are one (numbers, booleans), else kept as strings."""
