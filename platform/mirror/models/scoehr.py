@@ -279,8 +279,8 @@ class MLPBlock(nn.Module):
 class ScoreMLP(nn.Module):
     """s_θ(z, t) for z (B, d) as a residual MLP (``net = "mlp"``). A latent's dimensions have
     no spatial order, so the UNet's 3x3 convolutions over a √d x √d reshape buy no inductive
-    bias; on one CPU thread this net at width 512 x 4 blocks (2.7M parameters) takes a sixth
-    of the 16-channel UNet's time per step (README, ScoEHR)."""
+    bias; on one CPU thread this net at width 512 x 4 blocks (3.8M parameters) takes about a
+    third of the 16-channel UNet's time per step (bench/bench_score_net.py)."""
 
     def __init__(self, dim: int, width: int, blocks: int, dropout: float, time_scale: float) -> None:
         super().__init__()
