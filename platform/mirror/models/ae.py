@@ -41,6 +41,12 @@ Choices where the seed is silent:
   aggregate posterior during training (:class:`LatentMoments`; ex-post density estimation,
   Ghosh et al. 2020, "From variational to deterministic autoencoders"); ``standard`` draws
   N(0, I), the prior Model 1 is trained towards.
+* ``copy_history`` (:class:`HistoryBias`): the condition logits get a learned, state-gated
+  bias towards the conditions already in the sentence and the previous word's, a copy
+  mechanism for sentences that repeat their conditions week after week (copying the previous
+  word alone scores 0.33 teacher-forced accuracy). It needs the factorised head, and reads the
+  true prefix under teacher forcing and the decoder's own words when decoding
+  (:class:`WordHistory`; ``bench/bench_decoder.py`` measures it).
 * The loss is the per-token mean of ``CE(dx) + w_time * CE(week)`` over the predicted tokens
   (words and the final ``<EOS>``); :meth:`SentenceAutoencoder.patient_nll` is the plain
   (unweighted) NLL summed per patient.
