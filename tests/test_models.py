@@ -230,8 +230,8 @@ def test_config_module_doctests_pass():
 
 # The decoder options of AEConfig (bench/bench_decoder.py measures them): each one keeps
 # every contract of the sequence models.
-DECODER_OPTIONS = [{"dx_output": "full", "z_every_step": False}, {"z_every_step": False},
-                   {"word_dropout": 0.3}, {"copy_history": True}]
+DECODER_OPTIONS = [{"dx_output": "full", "z_every_step": False, "copy_history": False}, {"z_every_step": False},
+                   {"word_dropout": 0.3}, {"copy_history": False}]
 MODEL_VARIANTS = [("ae", {}), ("wae", {})] + [("ae", options) for options in DECODER_OPTIONS]
 VARIANT_IDS = ["ae", "wae"] + ["ae-" + ",".join(f"{k}={v}" for k, v in o.items()) for o in DECODER_OPTIONS]
 
@@ -308,7 +308,7 @@ def test_sex_conditions_encoder_and_decoder():
 
 
 def test_generate_restricts_vocab_and_pads_after_eos():
-    model = tiny_model("ae", dx_output="full")  # the test steers the softmax through its biases
+    model = tiny_model("ae", dx_output="full", copy_history=False)  # the test steers the softmax through its biases
     out = model.autoencoder.decoder.dx_out
     z, sex = torch.randn(5, 16), torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
     with torch.no_grad():
@@ -332,7 +332,7 @@ def test_decoding_never_breaks_a_validity_rule_even_from_an_untrained_model(gree
     pass every rule of generation_rule_failures, except running past max_words."""
     from mirror.metrics.tasks import generation_rule_failures
 
-    model = tiny_model("wae", dx_output="full")  # steered through the softmax's biases
+    model = tiny_model("wae", dx_output="full", copy_history=False)  # steered through the softmax's biases
     out = model.autoencoder.decoder
     n = 64
     z, sex = torch.randn(n, 16), torch.where(torch.rand(n) < 0.5, 1.0, -1.0)
@@ -451,7 +451,7 @@ def test_copy_history_is_the_sentence_so_far_under_teacher_forcing_and_decoding(
 
 def test_copy_history_is_zero_at_initialisation_and_needs_the_factorised_head():
     model = tiny_model("ae", copy_history=True)
-    plain = tiny_model("ae")
+    plain = tiny_model("ae", copy_history=False)
     model.load_state_dict(plain.state_dict(), strict=False)  # the same weights but the bias's
     batch = make_batch(SENTENCES, SEXES)
     with torch.no_grad():
@@ -715,11 +715,12 @@ def test_runs_saved_before_the_decoder_options_load_with_the_seed_decoder(tmp_pa
     spec = build_run_spec("ae", str(tmp_path), "old-run", {"model.latent_dim": 16})
     assert spec.model_config["dx_output"] == "factorised" and spec.model_config["z_every_step"] is True
     saved = spec.to_dict()
-    for key in ("dx_output", "z_every_step", "word_dropout", "gen_prior"):
+    for key in ("dx_output", "z_every_step", "word_dropout", "gen_prior", "copy_history"):
         del saved["model_config"][key]
     old = RunSpec.from_dict(saved)
     assert old.model_config["dx_output"] == "full" and old.model_config["z_every_step"] is False
     assert old.model_config["gen_prior"] == "standard"  # no fitted moments in its checkpoint
+    assert old.model_config["copy_history"] is False  # no HistoryBias weights in its checkpoint
     assert old.model_config["latent_dim"] == 16
     assert RunSpec.from_dict(spec.to_dict()).model_config == spec.model_config
 

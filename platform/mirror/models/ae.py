@@ -103,7 +103,8 @@ class AEConfig:
     word_dropout: float = 0.0  # training: each decoder input word -> <PAD> with this probability
     # Condition logits get a learned, state-gated bias towards conditions already in the
     # sentence and towards the previous word's (HistoryBias; needs dx_output "factorised").
-    copy_history: bool = False
+    # On by measurement: bench/README.md (decoder) and the README's reference run.
+    copy_history: bool = True
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
     # Generation (z from gen_prior decoded by ancestral sampling; reconstruction stays greedy).
