@@ -561,6 +561,10 @@ def test_linear_probe_recovers_a_linear_truth():
     truth = z @ rng.standard_normal((10, 3)) + 0.01 * rng.standard_normal((1000, 3))
     assert ridge_r2_cv(z, truth) > 0.99
     assert ridge_r2_cv(z, rng.standard_normal((1000, 3))) < 0.05
+    # Many sparse, irrelevant counts (the floor's bag of conditions): a probe regularised
+    # enough scores about 0, not below (a grid stopping at 1e3 gave -0.06 here).
+    counts = rng.poisson(0.02, (500, 400)).astype(float)
+    assert ridge_r2_cv(counts, rng.standard_normal((500, 3))) > -0.02
 
 
 def test_generation_rules_accept_real_sentences_and_flag_each_failure():
