@@ -23,7 +23,6 @@ carries), beside the copy-previous-word floor on the same tokens. Results:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 from bench_train import plain_batches
+from results_file import write_results
 
 from mirror.data import schema
 from mirror.data.batch import SequenceInfo
@@ -148,9 +148,7 @@ def main() -> int:
         "note": "shared machine: tokens/s are medians over interleaved blocks; compare ratios",
         "variants": variants,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.out}")
+    write_results(args.out, result)
     return 0
 
 

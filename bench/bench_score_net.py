@@ -14,13 +14,13 @@ can favour one: compare curves, and re-run when the box is busy. Results:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 from bench_sampler import real_vectors
+from results_file import write_results
 
 from mirror.checkpoint import load_run
 from mirror.models.scoehr import ScoreMLP, ScoreUNet
@@ -86,9 +86,7 @@ def main() -> int:
     result = {"bench": "score_net", "ae_run": args.ae_run, "latent_dim": int(z.shape[1]), "seconds_per_net": args.seconds,
               "train_latents": len(train), "held_out": HELD_OUT, "batch": 128, "lr": 1e-3, "torch_threads": 1,
               "load_average_after": [round(v, 1) for v in os.getloadavg()], "nets": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.out}")
+    write_results(args.out, result)
     return 0
 
 
