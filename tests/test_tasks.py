@@ -562,9 +562,25 @@ def test_linear_probe_recovers_a_linear_truth():
     assert ridge_r2_cv(z, truth) > 0.99
     assert ridge_r2_cv(z, rng.standard_normal((1000, 3))) < 0.05
     # Many sparse, irrelevant counts (the floor's bag of conditions): a probe regularised
-    # enough scores about 0, not below (a grid stopping at 1e3 gave -0.06 here).
+    # enough scores about 0, not below (a grid stopping at 1e3 gave -0.08 here).
     counts = rng.poisson(0.02, (500, 400)).astype(float)
     assert ridge_r2_cv(counts, rng.standard_normal((500, 3))) > -0.02
+
+
+def test_count_probe_unscaled_survives_rare_conditions_that_break_a_scaled_one():
+    """Counts with rare columns (one patient once, another 50 times): scaled on a training
+    fold holding only the single count, the other patient's value is enormous (R^2 ~ -20);
+    the unscaled probe, the truth-recovery floor's, recovers the signal in the common columns."""
+    rng = np.random.default_rng(0)
+    common = rng.poisson(0.3, (500, 100)).astype(float)
+    rare = np.zeros((500, 20))
+    for j in range(20):
+        once, often = rng.choice(500, 2, replace=False)
+        rare[once, j], rare[often, j] = 1, 50
+    truth = (common @ (0.3 * rng.standard_normal(100)))[:, None] + rng.standard_normal((500, 2))
+    counts = np.hstack([common, rare])
+    assert ridge_r2_cv(counts, truth) < 0
+    assert ridge_r2_cv(counts, truth, standardize=False) > 0.5
 
 
 def test_generation_rules_accept_real_sentences_and_flag_each_failure():

@@ -725,9 +725,10 @@ def _latent_metrics(
         )
         latent = truth.lookup(reservoir.subject_id)
         out["eval/latent/truth_r2"] = ridge_r2_cv(z, latent, folds=cfg.cv_folds, seed=cfg.seed)
-        # The floor: the same probe on what the sentence shows directly, same patients, folds.
+        # The floor: the same probe on what the sentence shows directly, same patients, folds;
+        # counts unscaled (ridge_r2_cv: scaling sparse counts makes the probe unstable).
         out["baseline/latent/truth_r2"] = ridge_r2_cv(
-            reservoir.features.astype(np.float64), latent, folds=cfg.cv_folds, seed=cfg.seed
+            reservoir.features.astype(np.float64), latent, folds=cfg.cv_folds, seed=cfg.seed, standardize=False
         )
     if ground_truth is None:
         notes["baseline/latent/truth_r2"] = notes["eval/latent/truth_r2"]
