@@ -43,7 +43,8 @@ from mirror.train.loop import make_schedulers
 from mirror.train.spec import TrainConfig
 
 RESULTS = Path(__file__).parent / "results" / "decoder.json"
-SEED = {"dx_output": "full", "z_every_step": False, "word_dropout": 0.0, "copy_history": False}  # seed 000's
+# Seed 000's decoder.
+SEED = {"dx_output": "full", "z_every_step": False, "word_dropout": 0.0, "copy_history": False}
 VARIANTS = {
     "full": SEED,
     "factorised": SEED | {"dx_output": "factorised"},

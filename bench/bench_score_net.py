@@ -23,23 +23,20 @@ from bench_sampler import real_vectors
 from results_file import write_results
 
 from mirror.checkpoint import load_run
-from mirror.models.scoehr import ScoreMLP, ScoreUNet
+from mirror.models.scoehr import ScoEHRScoreConfig, build_score_net
 from mirror.models.vpsde import VPSDE, dsm_loss
 
 RESULTS = Path(__file__).parent / "results" / "score_net.json"
 HELD_OUT = 4000
 
 
-def nets(d: int) -> dict[str, tuple[dict, torch.nn.Module]]:
-    side = int(d**0.5)
-    return {
-        "unet16x1": ({"net": "unet", "ch": 16, "groups": 4, "res_blocks": 1}, lambda: ScoreUNet(side, 16, 3, 1, 4, 0.0, 1.0)),
-        "mlp512x4": ({"net": "mlp", "mlp_width": 512, "mlp_blocks": 4}, lambda: ScoreMLP(d, 512, 4, 0.0, 1.0)),
-        "mlp512x4_ts1000": ({"net": "mlp", "mlp_width": 512, "mlp_blocks": 4, "time_scale": 1000},
-                            lambda: ScoreMLP(d, 512, 4, 0.0, 1000.0)),
-        "mlp1024x4_ts1000": ({"net": "mlp", "mlp_width": 1024, "mlp_blocks": 4, "time_scale": 1000},
-                             lambda: ScoreMLP(d, 1024, 4, 0.0, 1000.0)),
-    }
+# Each net as the scoehr_score overrides that build it (ScoEHRScoreConfig fields).
+NETS = {
+    "unet16x1": {"net": "unet", "ch": 16, "groups": 4, "res_blocks": 1},
+    "mlp512x4": {"net": "mlp", "mlp_width": 512, "mlp_blocks": 4},
+    "mlp512x4_ts1000": {"net": "mlp", "mlp_width": 512, "mlp_blocks": 4, "time_scale": 1000.0},
+    "mlp1024x4_ts1000": {"net": "mlp", "mlp_width": 1024, "mlp_blocks": 4, "time_scale": 1000.0},
+}
 
 
 def main() -> int:
@@ -47,7 +44,7 @@ def main() -> int:
     parser.add_argument("--ae-run", required=True, help="MLflow run id of a trained scoehr_ae run")
     parser.add_argument("--seconds", type=float, default=240.0, help="training time per net")
     parser.add_argument("--patients", type=int, default=44_000)
-    parser.add_argument("--nets", default="unet16x1,mlp512x4,mlp512x4_ts1000,mlp1024x4_ts1000")
+    parser.add_argument("--nets", default=",".join(NETS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -65,9 +62,9 @@ def main() -> int:
 
     rows = {}
     for name in args.nets.split(","):
-        config, build = nets(z.shape[1])[name]
+        config = NETS[name]
         torch.manual_seed(0)
-        net = build()
+        net, _ = build_score_net(ScoEHRScoreConfig(**config), z.shape[1], pad=False)
         opt = torch.optim.Adam(net.parameters(), 1e-3)
         g = torch.Generator().manual_seed(1)
         step, curve, began = 0, [], time.perf_counter()

@@ -104,12 +104,17 @@ def mask_encoder_input(batch: SequenceBatch, masked: torch.Tensor) -> SequenceBa
     return SequenceBatch.from_dict(fields)
 
 
+def condition_ids(dx: torch.Tensor, fill: int) -> torch.Tensor:
+    """The condition of each diagnosis-age token id; ``fill`` for special and out-of-range ids."""
+    real = (dx >= N_SPECIAL) & (dx < DIAG_AGE_VOCAB_SIZE)
+    return torch.where(real, (dx - N_SPECIAL) // N_AGE_GROUPS, torch.full_like(dx, fill))
+
+
 def condition_sets(dx: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
     """(B, N_CONDITIONS) bool: conditions among the first ``n_words`` diagnosis-age ids of
     each row; special and out-of-range ids are ignored."""
     b, width = dx.shape
-    real = word_positions(n_words, width) & (dx >= N_SPECIAL) & (dx < DIAG_AGE_VOCAB_SIZE)
-    cond = torch.where(real, (dx - N_SPECIAL) // N_AGE_GROUPS, torch.full_like(dx, N_CONDITIONS))
+    cond = condition_ids(dx, N_CONDITIONS).masked_fill(~word_positions(n_words, width), N_CONDITIONS)
     out = torch.zeros(b, N_CONDITIONS + 1, dtype=torch.bool, device=dx.device)
     out.scatter_(1, cond, True)
     return out[:, :N_CONDITIONS]

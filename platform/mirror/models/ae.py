@@ -69,7 +69,7 @@ from mirror.config import require
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.views.sequence import SequenceView
 from mirror.data.vocab import EOS, N_AGE_GROUPS, N_CONDITIONS, N_SPECIAL, PAD, SOS
-from mirror.metrics.tasks import AGE_GROUP_WEEKS
+from mirror.metrics.tasks import AGE_GROUP_WEEKS, condition_ids
 from mirror.models.base import GenerationContext, ModelSpec, StepContext
 from mirror.models.sentences import sample_sentence_rows
 
@@ -223,24 +223,17 @@ class WordHistory:
     seen: torch.Tensor
     last: torch.Tensor
 
-    @staticmethod
-    def conditions(dx: torch.Tensor) -> torch.Tensor:
-        """Condition id of each diagnosis-age token; -1 for special and out-of-range ids."""
-        is_word = (dx >= N_SPECIAL) & (dx < N_SPECIAL + N_CONDITIONS * N_AGE_GROUPS)
-        return torch.where(is_word, (dx - N_SPECIAL) // N_AGE_GROUPS, torch.full_like(dx, -1))
-
     @classmethod
     def teacher_forced(cls, dec_dx: torch.Tensor, row: torch.Tensor, step: torch.Tensor, dx: torch.Tensor) -> WordHistory:
         """Per packed step (``row``, ``step``, input word ``dx``, each (N,)) of the padded
         decoder inputs ``dec_dx`` (B, T): a condition is seen at step t when some input word
         at a step <= t carries it (first occurrence per row by one scatter, no (B, T, C))."""
         b, t = dec_dx.shape
-        cond = cls.conditions(dec_dx)
-        cond = torch.where(cond >= 0, cond, N_CONDITIONS)  # specials into a sink column
+        cond = condition_ids(dec_dx, N_CONDITIONS)  # specials into a sink column
         steps = torch.arange(t, device=dec_dx.device).expand(b, t)
         first = torch.full((b, N_CONDITIONS + 1), t, dtype=torch.long, device=dec_dx.device)
         first.scatter_reduce_(1, cond, steps, reduce="amin")
-        return cls(first[row, :N_CONDITIONS] <= step[:, None], cls.conditions(dx))
+        return cls(first[row, :N_CONDITIONS] <= step[:, None], condition_ids(dx, -1))
 
     @classmethod
     def empty(cls, b: int, device: torch.device) -> WordHistory:
@@ -249,7 +242,7 @@ class WordHistory:
 
     def after(self, dx: torch.Tensor, alive: torch.Tensor) -> WordHistory:
         """The history once each ``alive`` row has written the word ``dx`` (B,)."""
-        cond = torch.where(alive, self.conditions(dx), torch.full_like(dx, -1))
+        cond = torch.where(alive, condition_ids(dx, -1), torch.full_like(dx, -1))
         seen = self.seen.clone()
         rows = torch.nonzero(cond >= 0).squeeze(1)
         seen[rows, cond[rows]] = True
@@ -512,7 +505,7 @@ class SentenceAutoencoder(nn.Module):
         wk = torch.full_like(dx, SOS)
         rules = DecodeConstraints(b, self.decoder.vocab_size, self.decoder.wk_out.out_features, device)
         state = self.decoder.initial_state(z)
-        history = WordHistory.empty(b, device)
+        history = WordHistory.empty(b, device) if self.copy_history else None
 
         def pick(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
             logits = logits.float().masked_fill(~allowed, float("-inf"))
@@ -525,7 +518,8 @@ class SentenceAutoencoder(nn.Module):
             dx = pick(self.decoder.dx_out.logits(features, history), rules.allowed_words(first=t == 0))
             wk = pick(self.week_logits(features, dx), rules.allowed_weeks(dx))
             alive &= dx != EOS
-            history = history.after(dx, alive)
+            if history is not None:
+                history = history.after(dx, alive)
             rules.update(dx, wk, alive)
             out_dx[:, t] = torch.where(alive, dx, PAD)
             out_wk[:, t] = torch.where(alive, wk, PAD)

@@ -367,6 +367,16 @@ def grid_side(d: int, levels: int, pad: bool) -> int:
     return side
 
 
+def build_score_net(config: ScoEHRScoreConfig, dim: int, pad: bool) -> tuple[nn.Module, int]:
+    """The score net ``config.net`` over vectors of width ``dim``, and the width it diffuses:
+    ``dim`` for the MLP; for the UNet its square (``grid_side``; ``pad``: zero-padded to it)."""
+    if config.net == "mlp":
+        return ScoreMLP(dim, config.mlp_width, config.mlp_blocks, config.dropout, config.time_scale), dim
+    side = grid_side(dim, config.levels, pad)
+    unet = ScoreUNet(side, config.ch, config.levels, config.res_blocks, config.groups, config.dropout, config.time_scale)
+    return unet, side * side
+
+
 class ScoEHRScoreModel(nn.Module):
     """Stage 2 (``scoehr_score``): the score net on the frozen stage 1's latents, and the
     ``Generator`` capability (sample, decode through stage 1, threshold)."""
@@ -376,13 +386,8 @@ class ScoEHRScoreModel(nn.Module):
         self.config, self.info, self.upstream = config, info, upstream
         self.sde = config.sde
         self.dim = upstream.latent_dim if config.autoencoder else info.n_features
-        if config.net == "mlp":
-            self.width = self.dim  # the diffused vector: the latent, or the code vector
-            self.score_net: nn.Module = ScoreMLP(self.dim, config.mlp_width, config.mlp_blocks, config.dropout, config.time_scale)
-        else:
-            side = grid_side(self.dim, config.levels, pad=not config.autoencoder)
-            self.width = side * side  # as above, zero-padded to the UNet's square
-            self.score_net = ScoreUNet(side, config.ch, config.levels, config.res_blocks, config.groups, config.dropout, config.time_scale)
+        # self.width: the diffused vector (the latent, or the code vector), as the net sees it.
+        self.score_net, self.width = build_score_net(config, self.dim, pad=not config.autoencoder)
 
     def parts(self) -> dict[str, nn.Module]:
         return {"score": self.score_net}
