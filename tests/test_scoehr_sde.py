@@ -4,6 +4,8 @@ recovering the Gaussian it started from. Also the code-vector view's collate and
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -260,6 +262,36 @@ def test_empty_decodes_get_their_likeliest_code_or_are_rejected_and_are_counted(
     reject = ScoEHRScoreModel(ScoEHRScoreConfig(**small, empty_decode="reject"), info, ae)
     x, empty = reject.from_diffusion_space(z)
     assert empty.tolist() == [True, True, False] and x.sum(1).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_bernoulli_decode_draws_each_code_at_its_decoded_probability():
+    """``decode = "bernoulli"`` draws code j with the decoder's p_j (threshold keeps only
+    p_j > 1/2), reproducibly from the generator; the ablation without an autoencoder has no
+    probabilities, so the config refuses it there, naming the rule."""
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
+    with torch.no_grad():
+        ae.autoencoder.dec.weight.zero_()
+        ae.autoencoder.dec.bias.fill_(-20.0)
+        ae.autoencoder.dec.bias[3] = math.log(0.3 / 0.7)  # p = 0.3: never kept by the threshold
+        ae.autoencoder.dec.bias[5] = math.log(0.8 / 0.2)  # p = 0.8
+    small = dict(ch=8, groups=4, levels=2, res_blocks=1)
+    z = torch.zeros(20_000, 16)
+    threshold = ScoEHRScoreModel(ScoEHRScoreConfig(**small), info, ae)
+    x, _ = threshold.from_diffusion_space(z)
+    assert x.sum(0).nonzero().flatten().tolist() == [5] and bool((x[:, 5] == 1).all())
+    bernoulli = ScoEHRScoreModel(ScoEHRScoreConfig(**small, decode="bernoulli"), info, ae)
+    x, empty = bernoulli.from_diffusion_space(z, torch.Generator().manual_seed(0))
+    # empty draws (no code: 0.7 x 0.2 = 0.14) get their likeliest code, as under threshold,
+    # so code 5 shows at 0.8 + 0.14
+    assert abs(float(empty.float().mean()) - 0.14) < 0.015 and bool((x[empty, 5] == 1).all())
+    rates = x.mean(0)
+    assert abs(float(rates[3]) - 0.3) < 0.015 and abs(float(rates[5]) - 0.94) < 0.015
+    assert float(x.sum(0)[[i for i in range(x.shape[1]) if i not in (3, 5)]].sum()) == 0
+    again, _ = bernoulli.from_diffusion_space(z, torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+    with pytest.raises(ValueError, match="decode"):
+        ScoEHRScoreConfig(autoencoder=False, decode="bernoulli")
 
 
 def test_latent_noise_trains_a_decoder_that_answers_for_a_neighbourhood_of_each_latent():
