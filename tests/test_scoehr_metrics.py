@@ -46,6 +46,13 @@ def test_log_cluster_reports_identical_sets_at_its_limit():
     assert at_limit and value == CV.LOG_CLUSTER_LIMIT and json.dumps(value)  # JSON-safe
     other, flag = CV.log_cluster(real, correlated(500, 9, independent=True), 20, seed=0)
     assert not flag and CV.LOG_CLUSTER_LIMIT < other < 0
+    # Several seeds: the mean of each seed's own U, and the limit only when every seed is at it.
+    runs = CV.log_cluster_runs(real, correlated(500, 9, independent=True), 20, seed=0, seeds=3)
+    assert runs[0] == other and len(set(runs)) > 1  # k-means lands differently per seed
+    mean, flag = CV.log_cluster(real, correlated(500, 9, independent=True), 20, seed=0, seeds=3)
+    assert not flag and mean == pytest.approx(np.mean(runs))
+    assert CV.mean_of_runs([CV.LOG_CLUSTER_LIMIT, -3.0]) == (pytest.approx((CV.LOG_CLUSTER_LIMIT - 3) / 2), False)
+    assert CV.log_cluster(real, real, 20, seed=0, seeds=2) == (CV.LOG_CLUSTER_LIMIT, True)
 
 
 def noisy(n: int, seed: int) -> sp.csr_matrix:

@@ -83,6 +83,7 @@ class ScorecardConfig:
     min_cell_patients: int = 100  # age x condition cells: real patients per age group
     detection_folds: int = 5
     log_clusters: int = 20
+    log_cluster_seeds: int = 5  # code-vector U: mean over this many k-means seeds (its SD is logged too)
     # Patients per side for the code-vector metrics (PCD and U depend on n): 0 = record_sample,
     # capped by the smallest synthetic set of any row, so every row is computed at one size.
     code_vector_sample: int = 0
@@ -100,6 +101,7 @@ class ScorecardConfig:
             "min_attribute_queries",
             "detection_folds",
             "log_clusters",
+            "log_cluster_seeds",
             "chunk_pairs",
             "trial_utility_epochs",
             "trial_utility_seeds",
@@ -192,9 +194,10 @@ def code_vector_metrics(
     out["fidelity/code_vector/ddm"] = attempt(lambda: CV.ddm(real, synthetic))
     out["fidelity/code_vector/pcd"] = attempt(lambda: CV.pcd(real, synthetic))
     try:
-        value, at_limit = CV.log_cluster(real, synthetic, cfg.log_clusters, cfg.seed)
-        out["fidelity/code_vector/log_cluster"] = value
+        runs = CV.log_cluster_runs(real, synthetic, cfg.log_clusters, cfg.seed, cfg.log_cluster_seeds)
+        out["fidelity/code_vector/log_cluster"], at_limit = CV.mean_of_runs(runs)
         out["fidelity/code_vector/log_cluster/at_limit"] = float(at_limit)
+        out["fidelity/code_vector/log_cluster/sd"] = float(np.std(runs))
     except MetricError as err:
         out["fidelity/code_vector/log_cluster"] = err
     try:
