@@ -254,20 +254,20 @@ def test_empty_decodes_get_their_likeliest_code_or_are_rejected_and_are_counted(
     z = torch.zeros(3, 16)
     z[2, 0] = 1.0
     small = dict(ch=8, groups=4, levels=2, res_blocks=1)
-    top1 = ScoEHRScoreModel(ScoEHRScoreConfig(**small), info, ae)
+    top1 = ScoEHRScoreModel(ScoEHRScoreConfig(**small, decode="threshold"), info, ae)
     x, empty = top1.from_diffusion_space(z)
     assert empty.tolist() == [True, True, False]
     assert x[:2].sum(1).tolist() == [1.0, 1.0] and x[:2, 7].tolist() == [1.0, 1.0]
     assert x[2].nonzero().flatten().tolist() == [9]  # a non-empty decode is untouched
-    reject = ScoEHRScoreModel(ScoEHRScoreConfig(**small, empty_decode="reject"), info, ae)
+    reject = ScoEHRScoreModel(ScoEHRScoreConfig(**small, decode="threshold", empty_decode="reject"), info, ae)
     x, empty = reject.from_diffusion_space(z)
     assert empty.tolist() == [True, True, False] and x.sum(1).tolist() == [0.0, 0.0, 1.0]
 
 
 def test_bernoulli_decode_draws_each_code_at_its_decoded_probability():
-    """``decode = "bernoulli"`` draws code j with the decoder's p_j (threshold keeps only
-    p_j > 1/2), reproducibly from the generator; the ablation without an autoencoder has no
-    probabilities, so the config refuses it there, naming the rule."""
+    """``decode = "bernoulli"`` (the default) draws code j with the decoder's p_j (threshold
+    keeps only p_j > 1/2), reproducibly from the generator; without an autoencoder (the
+    ablation) p is (z + 1) / 2, the inverse of the code vector's 2x - 1 scaling."""
     info = CodeVectorInfo()
     ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_bernoulli_decode_draws_each_code_at_its_decoded_probability():
         ae.autoencoder.dec.bias[5] = math.log(0.8 / 0.2)  # p = 0.8
     small = dict(ch=8, groups=4, levels=2, res_blocks=1)
     z = torch.zeros(20_000, 16)
-    threshold = ScoEHRScoreModel(ScoEHRScoreConfig(**small), info, ae)
+    threshold = ScoEHRScoreModel(ScoEHRScoreConfig(**small, decode="threshold"), info, ae)
     x, _ = threshold.from_diffusion_space(z)
     assert x.sum(0).nonzero().flatten().tolist() == [5] and bool((x[:, 5] == 1).all())
     bernoulli = ScoEHRScoreModel(ScoEHRScoreConfig(**small, decode="bernoulli"), info, ae)
@@ -290,8 +290,12 @@ def test_bernoulli_decode_draws_each_code_at_its_decoded_probability():
     assert float(x.sum(0)[[i for i in range(x.shape[1]) if i not in (3, 5)]].sum()) == 0
     again, _ = bernoulli.from_diffusion_space(z, torch.Generator().manual_seed(0))
     assert torch.equal(x, again)
-    with pytest.raises(ValueError, match="decode"):
-        ScoEHRScoreConfig(autoencoder=False, decode="bernoulli")
+    assert ScoEHRScoreConfig().decode == "bernoulli"
+    ablation = ScoEHRScoreModel(ScoEHRScoreConfig(**small, autoencoder=False, empty_decode="reject"), info, ae)
+    z = torch.full((20_000, ablation.width), -1.0)
+    z[:, 3] = 0.6  # p = 0.8
+    x, _ = ablation.from_diffusion_space(z, torch.Generator().manual_seed(0))
+    assert abs(float(x[:, 3].mean()) - 0.8) < 0.015 and float(x.sum()) == float(x[:, 3].sum())
 
 
 def test_latent_noise_trains_a_decoder_that_answers_for_a_neighbourhood_of_each_latent():
@@ -320,3 +324,20 @@ def test_latent_noise_trains_a_decoder_that_answers_for_a_neighbourhood_of_each_
     assert wrong_bits[0.3] < 0.8 * wrong_bits[0.0], wrong_bits
     with pytest.raises(ConfigError, match="ScoEHRAEConfig.latent_noise: expected a float >= 0"):
         build_config(ScoEHRAEConfig, {"latent_noise": -0.1})
+
+
+def test_a_run_saved_before_decode_existed_keeps_thresholding():
+    """A checkpoint's model config without ``decode`` (saved before the option) reads back as
+    ``"threshold"``, what it did then, not today's default; a sample-time override still
+    changes it, and a new run's spec records the default."""
+    from mirror.models import get_model_spec
+    from mirror.train.spec import RunSpec, build_run_spec, sample_time_overrides
+
+    spec = get_model_spec("scoehr_score")
+    new = build_run_spec(spec, "/data", "r", {}, upstream_run="up")
+    assert new.model_config["decode"] == "bernoulli"
+    old = new.to_dict()
+    del old["model_config"]["decode"]
+    assert RunSpec.from_dict(old, spec).model_config["decode"] == "threshold"
+    assert sample_time_overrides(spec, {}, old["model_config"])["decode"] == "threshold"
+    assert sample_time_overrides(spec, {"model.decode": "bernoulli"}, old["model_config"])["decode"] == "bernoulli"

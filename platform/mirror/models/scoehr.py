@@ -19,16 +19,18 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   10-50 steps. A coarse stochastic step decodes more codes per patient from a score net that
   under-disperses (EM x1,000 gives 2.7 codes against the real 6.2, x25 6.9): re-measure the
   curve for a new score net before trusting the default.
-* ``decode``: the paper thresholds the decoder's probabilities at ½ (``"threshold"``, the
-  default); ``"bernoulli"`` draws each code from its probability, the generative reading of
-  the BCE-trained decoder. Thresholding keeps only codes the decoder is sure of, so a latent
-  that lands between real patients' latents loses its uncertain codes: at 200K simulated
-  patients (MLP score net, EM x25, 10,240 draws) it decodes 5.1 codes per patient against the
-  real 6.2, and Bernoulli draws 6.1, with DDM 0.0029 -> 0.0021 and PCD 26.5 -> 17.4, at the
-  price of log-cluster U -3.50 -> -2.99 (the AE round trip of real patients, the stage-1
-  ceiling, is at the real-data ceiling either way). Sample-time: ``jobs/sample.py --set
-  model.decode=bernoulli`` on a trained run. Needs the autoencoder (the ablation has no
-  probabilities).
+* ``decode``: how a final latent becomes codes. The paper thresholds the decoder's
+  probabilities at ½ (``"threshold"``); ``"bernoulli"`` (default, by measurement) draws each
+  code from its probability, the generative reading of the BCE-trained decoder (the
+  no-autoencoder ablation's probability is (z + 1) / 2, the inverse of its 2x - 1 scaling).
+  Thresholding keeps only the codes the decoder is sure of, so a latent that lands between
+  real patients' latents loses its uncertain codes. At 200K simulated patients (MLP score net,
+  EM x25, 10,240 draws scored by ``jobs/sample.py``, 5,002 per side) thresholding decodes 5.1
+  codes per patient against the real 6.2, and Bernoulli 6.1: DDM 0.0030 -> 0.0023 (ceiling
+  0.0012), PCD 26.4 -> 23.3 (floor 24.7), U over 5 k-means seeds -3.16 -> -3.61 (floor -2.80,
+  ceiling -3.99), MIA AUC 0.50 both (README, ScoEHR). The AE's round trip of real patients is
+  at the real-data ceiling under either. Runs saved before the option keep ``"threshold"``
+  (``SAVED_BEFORE``); ``jobs/sample.py --set model.decode=...`` picks either on any run.
 * The UNet follows upstream ``sdeflow_unet`` (GroupNorm–Swish–conv ResBlocks with a projected
   time embedding, stride-2 conv down, nearest×2 + conv up, one middle self-attention since
   upstream's ``attn_resolutions=(16,)`` never matches 12/6/3, zero-initialised output convs).
@@ -320,6 +322,8 @@ class ScoEHRScoreConfig:
 
     # How a trained run draws, changeable at sampling time (jobs/sample.py --set).
     SAMPLE_TIME: ClassVar[tuple[str, ...]] = ("sampler", "sample_steps", "clamp_latent", "decode", "empty_decode")
+    # What a run saved before a field existed did (its checkpoint lacks the key).
+    SAVED_BEFORE: ClassVar[dict[str, object]] = {"decode": "threshold"}
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -340,7 +344,7 @@ class ScoEHRScoreConfig:
     sampler: str = "em"  # em | heun | dpm2m (module docstring: how the default was chosen)
     sample_steps: int = 25
     clamp_latent: bool = False  # clip the final latent to [-1, 1] before decoding
-    decode: str = "threshold"  # "threshold" (x = p > ½, upstream) or "bernoulli" (x ~ Bernoulli(p))
+    decode: str = "bernoulli"  # "bernoulli" (x ~ Bernoulli(p)) or "threshold" (x = p > ½, upstream)
     empty_decode: str = "top1"  # a draw decoding to no code: "top1" (its likeliest code) or "reject"
 
     def __post_init__(self) -> None:
@@ -359,8 +363,6 @@ class ScoEHRScoreConfig:
         require(self, "sampler", self.sampler in SAMPLERS, f"one of {SAMPLERS}")
         require(self, "empty_decode", self.empty_decode in EMPTY_DECODES, f"one of {EMPTY_DECODES}")
         require(self, "decode", self.decode in DECODES, f"one of {DECODES}")
-        require(self, "decode", self.autoencoder or self.decode == "threshold",
-                "'threshold' when autoencoder = false (the ablation has no decoder probabilities)")
 
     @property
     def sde(self) -> VPSDE:
@@ -429,7 +431,8 @@ class ScoEHRScoreModel(nn.Module):
             z = z.clamp(-1, 1)
         logits = self.upstream.autoencoder.decode_logits(z) if self.config.autoencoder else z[:, : self.dim]
         if self.config.decode == "bernoulli":
-            x = torch.bernoulli(torch.sigmoid(logits), generator=generator)
+            p = torch.sigmoid(logits) if self.config.autoencoder else ((logits + 1) / 2).clamp(0, 1)
+            x = torch.bernoulli(p, generator=generator)
         else:
             x = (logits > 0).float()
         empty = x.sum(1) == 0
