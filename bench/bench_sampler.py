@@ -60,7 +60,7 @@ def real_vectors(root: str, n: int, features: str, values: str) -> sp.csr_matrix
 
 def draw(model, sampler: str, steps: int, n: int, batch: int, device: str, seed: int) -> tuple[sp.csr_matrix, float, float]:
     """n code vectors from one configuration, the seconds they took, and the share of draws
-    that thresholded to no code (decoded per the run's ``empty_decode``)."""
+    that decoded to no code (decoded per the run's ``empty_decode``)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

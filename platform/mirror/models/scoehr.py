@@ -6,8 +6,8 @@ two stages linked by ``--upstream-run``.
     stage 2  scoehr_score  z_0 = Enc(x) of the frozen stage 1, computed in the worker as
                            batches stream; z_t = m(t) z_0 + σ(t) ε; a UNet s_θ(z_t, t) over z
                            reshaped to (1, √d, √d); L_DSM = mean_b ‖σ s_θ + ε‖²
-    sampling               z_T ~ N(0, I) -> reverse SDE / flow ODE (``vpsde``) -> Dec -> x > ½
-                           (``decode = "threshold"``) or x ~ Bernoulli(Dec) (``"bernoulli"``)
+    sampling               z_T ~ N(0, I) -> reverse SDE / flow ODE (``vpsde``) -> Dec ->
+                           x ~ Bernoulli(Dec) (``decode = "bernoulli"``) or x = Dec > ½ (``"threshold"``)
 
 Choices where the seed and upstream leave room or go wrong (models.md §4 pitfalls):
 
@@ -397,7 +397,7 @@ def build_score_net(config: ScoEHRScoreConfig, dim: int, pad: bool) -> tuple[nn.
 
 class ScoEHRScoreModel(nn.Module):
     """Stage 2 (``scoehr_score``): the score net on the frozen stage 1's latents, and the
-    ``Generator`` capability (sample, decode through stage 1, threshold)."""
+    ``Generator`` capability (sample, decode through stage 1 per ``decode``)."""
 
     def __init__(self, config: ScoEHRScoreConfig, info: CodeVectorInfo, upstream: ScoEHRAutoencoder) -> None:
         super().__init__()
@@ -484,7 +484,7 @@ class ScoEHRScoreModel(nn.Module):
     def sample_rows(
         self, n: int, *, rng: torch.Generator, first_id: int, context: GenerationContext
     ) -> tuple[pa.Table, dict[str, int]]:
-        """The ``Generator`` capability: n draws. A draw that thresholds to no code (no
+        """The ``Generator`` capability: n draws. A draw that decodes to no code (no
         training patient has none) is counted: kept with its likeliest code
         (``no_codes_top1``) or dropped (``no_codes``), per ``empty_decode``."""
         device = next(self.score_net.parameters()).device
