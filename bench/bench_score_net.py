@@ -32,8 +32,8 @@ HELD_OUT = 4000
 
 # Each net as the scoehr_score overrides that build it (ScoEHRScoreConfig fields).
 NETS = {
-    "unet16x1": {"net": "unet", "ch": 16, "groups": 4, "res_blocks": 1},
-    "mlp512x4": {"net": "mlp", "mlp_width": 512, "mlp_blocks": 4},
+    "unet16x1": {"net": "unet", "ch": 16, "groups": 4, "res_blocks": 1, "time_scale": 1.0},
+    "mlp512x4": {"net": "mlp", "mlp_width": 512, "mlp_blocks": 4, "time_scale": 1.0},
     "mlp512x4_ts1000": {"net": "mlp", "mlp_width": 512, "mlp_blocks": 4, "time_scale": 1000.0},
     "mlp1024x4_ts1000": {"net": "mlp", "mlp_width": 1024, "mlp_blocks": 4, "time_scale": 1000.0},
 }

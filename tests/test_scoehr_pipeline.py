@@ -63,7 +63,7 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     assert first.metrics["ddp/param_divergence"] == 0.0
     second = train(
         workdir, "scoehr_score",
-        {"model.ch": 8, "model.groups": 4, "model.levels": 2, "model.res_blocks": 1, "model.sample_steps": 4},
+        {"model.mlp_width": 32, "model.mlp_blocks": 1, "model.sample_steps": 4},  # the default net, small
         upstream_run=first.run_id,
     )  # fmt: skip
     assert np.isfinite(second.metrics["val/loss"]) and second.metrics["ddp/param_divergence"] == 0.0

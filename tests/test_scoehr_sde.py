@@ -165,7 +165,7 @@ def test_the_score_model_trains_on_frozen_latents_and_decodes_code_vectors():
     ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
     for p in ae.parameters():
         p.requires_grad_(False)
-    cfg = ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1, sample_steps=3)
+    cfg = ScoEHRScoreConfig(net="unet", ch=8, groups=4, levels=2, res_blocks=1, sample_steps=3)
     model = ScoEHRScoreModel(cfg, info, ae)
     x = (torch.rand(8, 605) < 0.02).float()
     z0 = model.to_diffusion_space(x)
@@ -177,7 +177,7 @@ def test_the_score_model_trains_on_frozen_latents_and_decodes_code_vectors():
         out, empty = model.sample_vectors(5, generator=torch.Generator().manual_seed(1), sampler=sampler)
         assert out.shape == (5, 605) and set(out.unique().tolist()) <= {0.0, 1.0}
         assert empty.shape == (5,) and (out.sum(1) >= 1).all()  # "top1": never an empty record
-    ablation = ScoEHRScoreModel(ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1, autoencoder=False), info, ae)
+    ablation = ScoEHRScoreModel(ScoEHRScoreConfig(net="unet", ch=8, groups=4, levels=2, res_blocks=1, autoencoder=False), info, ae)
     assert ablation.width == 26 * 26 and ablation.to_diffusion_space(x).shape == (8, 676)
 
 
@@ -227,7 +227,7 @@ def test_both_stages_take_loop_steps_with_one_schedule_step_each():
     torch.manual_seed(0)
     info = CodeVectorInfo()
     ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
-    score = ScoEHRScoreModel(ScoEHRScoreConfig(ch=8, groups=4, levels=2, res_blocks=1), info, ae)
+    score = ScoEHRScoreModel(ScoEHRScoreConfig(net="unet", ch=8, groups=4, levels=2, res_blocks=1), info, ae)
     batch = CodeVectorBatch(torch.arange(16), (torch.rand(16, 605) < 0.05).float())
     for model in (ae, score):
         optimizers = model.make_optimizers()
@@ -253,7 +253,7 @@ def test_empty_decodes_get_their_likeliest_code_or_are_rejected_and_are_counted(
         ae.autoencoder.dec.weight[9, 0] = 10.0  # code 9 fires when z_0 > 0.3
     z = torch.zeros(3, 16)
     z[2, 0] = 1.0
-    small = dict(ch=8, groups=4, levels=2, res_blocks=1)
+    small = dict(net="unet", ch=8, groups=4, levels=2, res_blocks=1)
     top1 = ScoEHRScoreModel(ScoEHRScoreConfig(**small, decode="threshold"), info, ae)
     x, empty = top1.from_diffusion_space(z)
     assert empty.tolist() == [True, True, False]
@@ -275,7 +275,7 @@ def test_bernoulli_decode_draws_each_code_at_its_decoded_probability():
         ae.autoencoder.dec.bias.fill_(-20.0)
         ae.autoencoder.dec.bias[3] = math.log(0.3 / 0.7)  # p = 0.3: never kept by the threshold
         ae.autoencoder.dec.bias[5] = math.log(0.8 / 0.2)  # p = 0.8
-    small = dict(ch=8, groups=4, levels=2, res_blocks=1)
+    small = dict(net="unet", ch=8, groups=4, levels=2, res_blocks=1)
     z = torch.zeros(20_000, 16)
     threshold = ScoEHRScoreModel(ScoEHRScoreConfig(**small, decode="threshold"), info, ae)
     x, _ = threshold.from_diffusion_space(z)
@@ -326,18 +326,19 @@ def test_latent_noise_trains_a_decoder_that_answers_for_a_neighbourhood_of_each_
         build_config(ScoEHRAEConfig, {"latent_noise": -0.1})
 
 
-def test_a_run_saved_before_decode_existed_keeps_thresholding():
-    """A checkpoint's model config without ``decode`` (saved before the option) reads back as
-    ``"threshold"``, what it did then, not today's default; a sample-time override still
-    changes it, and a new run's spec records the default."""
+def test_a_run_saved_before_decode_and_net_existed_keeps_the_unet_and_thresholding():
+    """A checkpoint's model config without ``decode`` or ``net`` (saved before the options)
+    reads back as ``"threshold"`` and ``"unet"``, what it did then, not today's defaults; a
+    sample-time override still changes the decode, and a new run's spec records the defaults."""
     from mirror.models import get_model_spec
     from mirror.train.spec import RunSpec, build_run_spec, sample_time_overrides
 
     spec = get_model_spec("scoehr_score")
     new = build_run_spec(spec, "/data", "r", {}, upstream_run="up")
-    assert new.model_config["decode"] == "bernoulli"
+    assert new.model_config["decode"] == "bernoulli" and new.model_config["net"] == "mlp"
     old = new.to_dict()
-    del old["model_config"]["decode"]
-    assert RunSpec.from_dict(old, spec).model_config["decode"] == "threshold"
+    del old["model_config"]["decode"], old["model_config"]["net"]
+    read_back = RunSpec.from_dict(old, spec).model_config
+    assert read_back["decode"] == "threshold" and read_back["net"] == "unet"
     assert sample_time_overrides(spec, {}, old["model_config"])["decode"] == "threshold"
     assert sample_time_overrides(spec, {"model.decode": "bernoulli"}, old["model_config"])["decode"] == "bernoulli"
