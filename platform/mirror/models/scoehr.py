@@ -4,8 +4,9 @@ two stages linked by ``--upstream-run``.
     stage 1  scoehr_ae     x (B, F) -> z = tanh(Linear(x)) (B, d) -> x̂ = sigmoid(Linear(z))
                            L_AE = Σ_j BCE(x̂_j, x_j) / B                    (Adam, weight decay)
     stage 2  scoehr_score  z_0 = Enc(x) of the frozen stage 1, computed in the worker as
-                           batches stream; z_t = m(t) z_0 + σ(t) ε; a UNet s_θ(z_t, t) over z
-                           reshaped to (1, √d, √d); L_DSM = mean_b ‖σ s_θ + ε‖²
+                           batches stream; z_t = m(t) z_0 + σ(t) ε; a score net s_θ(z_t, t):
+                           a residual MLP over z (default) or the seed's UNet over z reshaped
+                           to (1, √d, √d) (``net``); L_DSM = mean_b ‖σ s_θ + ε‖²
     sampling               z_T ~ N(0, I) -> reverse SDE / flow ODE (``vpsde``) -> Dec ->
                            x ~ Bernoulli(Dec) (``decode = "bernoulli"``) or x = Dec > ½ (``"threshold"``)
 
