@@ -22,6 +22,7 @@ from mirror.data.views.code_vector import (
     n_features,
 )
 from mirror.models.scoehr import (
+    LATENT_SCALE_FLOOR,
     ScoEHRAEConfig,
     ScoEHRAutoencoder,
     ScoEHRScoreConfig,
@@ -342,3 +343,33 @@ def test_a_run_saved_before_decode_and_net_existed_keeps_the_unet_and_thresholdi
     assert read_back["decode"] == "threshold" and read_back["net"] == "unet"
     assert sample_time_overrides(spec, {}, old["model_config"])["decode"] == "threshold"
     assert sample_time_overrides(spec, {"model.decode": "bernoulli"}, old["model_config"])["decode"] == "bernoulli"
+
+
+def test_latent_norm_standardises_each_dimension_once_and_decodes_back():
+    """``latent_norm``: the first batch sets each dimension's mean and SD (floored), later
+    batches reuse them, decoding undoes them, and they travel in the state dict; a run saved
+    before the option diffuses the raw latent."""
+    torch.manual_seed(0)
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
+    with torch.no_grad():
+        ae.autoencoder.enc.weight[3].zero_()
+        ae.autoencoder.enc.bias[3] = 3.0  # a saturated, constant dimension: tanh(3)
+    cfg = ScoEHRScoreConfig(latent_norm=True, mlp_width=16, mlp_blocks=1, decode="threshold")
+    model = ScoEHRScoreModel(cfg, info, ae)
+    x = (torch.rand(512, 605) < 0.05).float()
+    z = model.to_diffusion_space(x)
+    raw = ae.autoencoder.encode(x)
+    live = [j for j in range(16) if j != 3]
+    assert torch.allclose(z[:, live].mean(0), torch.zeros(15), atol=1e-4)
+    assert torch.allclose(z[:, live].std(0, unbiased=False), torch.ones(15), atol=1e-3)
+    assert math.isclose(float(model.latent_scale[3]), LATENT_SCALE_FLOOR, rel_tol=1e-6) and z[:, 3].abs().max() < 1e-3
+    other = model.to_diffusion_space(x[:100] * 0)  # a second batch does not move the statistics
+    assert torch.allclose(other, (ae.autoencoder.encode(x[:100] * 0) - model.latent_mean) / model.latent_scale)
+    decoded, _ = model.from_diffusion_space(z)
+    assert torch.equal(decoded, (ae.autoencoder.decode_logits(raw) > 0).float())
+    fresh = ScoEHRScoreModel(cfg, info, ae)
+    fresh.load_state_dict(model.state_dict())
+    assert bool(fresh.latent_norm_set) and torch.equal(fresh.latent_scale, model.latent_scale)
+    assert ScoEHRScoreConfig.SAVED_BEFORE["latent_norm"] is False
+    assert "latent_mean" not in ScoEHRScoreModel(ScoEHRScoreConfig(mlp_width=16, mlp_blocks=1), info, ae).state_dict()

@@ -323,6 +323,7 @@ class ScoreMLP(nn.Module):
 SCORE_NETS = ("unet", "mlp")
 EMPTY_DECODES = ("top1", "reject")
 DECODES = ("threshold", "bernoulli")
+LATENT_SCALE_FLOOR = 1e-3  # latent_norm: the smallest per-dimension SD divided by
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ class ScoEHRScoreConfig:
     # How a trained run draws, changeable at sampling time (jobs/sample.py --set).
     SAMPLE_TIME: ClassVar[tuple[str, ...]] = ("sampler", "sample_steps", "clamp_latent", "decode", "empty_decode")
     # What a run saved before a field existed did (its checkpoint lacks the key).
-    SAVED_BEFORE: ClassVar[dict[str, object]] = {"decode": "threshold", "net": "unet"}
+    SAVED_BEFORE: ClassVar[dict[str, object]] = {"decode": "threshold", "net": "unet", "latent_norm": False}
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -353,6 +354,7 @@ class ScoEHRScoreConfig:
     sampler: str = "em"  # em | heun | dpm2m (module docstring: how the default was chosen)
     sample_steps: int = 25
     clamp_latent: bool = False  # clip the final latent to [-1, 1] before decoding
+    latent_norm: bool = False  # diffuse the latent standardised per dimension (module docstring)
     decode: str = "bernoulli"  # "bernoulli" (x ~ Bernoulli(p)) or "threshold" (x = p > ½, upstream)
     empty_decode: str = "top1"  # a draw decoding to no code: "top1" (its likeliest code) or "reject"
 
@@ -415,6 +417,10 @@ class ScoEHRScoreModel(nn.Module):
         self.dim = upstream.latent_dim if config.autoencoder else info.n_features
         # self.width: the diffused vector (the latent, or the code vector), as the net sees it.
         self.score_net, self.width = build_score_net(config, self.dim, pad=not config.autoencoder)
+        if config.latent_norm:  # set from the first training batch, saved with the run
+            self.register_buffer("latent_mean", torch.zeros(self.width))
+            self.register_buffer("latent_scale", torch.ones(self.width))
+            self.register_buffer("latent_norm_set", torch.zeros((), dtype=torch.bool))
 
     def parts(self) -> dict[str, nn.Module]:
         return {"score": self.score_net}
@@ -424,10 +430,31 @@ class ScoEHRScoreModel(nn.Module):
 
     @torch.no_grad()
     def to_diffusion_space(self, x: torch.Tensor) -> torch.Tensor:
-        """z_0: the frozen encoder's latent, or (ablation) the code vector in [-1, 1], padded."""
+        """z_0: the frozen encoder's latent, or (ablation) the code vector in [-1, 1], padded;
+        standardised per dimension under ``latent_norm``."""
         if self.config.autoencoder:
-            return self.upstream.autoencoder.encode(x)
-        return F.pad(2 * x.clamp(max=1.0) - 1, (0, self.width - self.dim))
+            z = self.upstream.autoencoder.encode(x)
+        else:
+            z = F.pad(2 * x.clamp(max=1.0) - 1, (0, self.width - self.dim))
+        if self.config.latent_norm:
+            if not self.latent_norm_set:
+                self.set_latent_norm(z)
+            z = (z - self.latent_mean) / self.latent_scale
+        return z
+
+    @torch.no_grad()
+    def set_latent_norm(self, z: torch.Tensor) -> None:
+        """Per-dimension mean and SD of ``z`` over every rank's batch (all-reduced, so ranks
+        agree), the SD floored at ``LATENT_SCALE_FLOOR`` (a dimension constant in the batch)."""
+        stats = torch.cat([z.sum(0), (z * z).sum(0), z.new_tensor([len(z)])]).double()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        n = stats[-1]
+        mean = stats[: self.width] / n
+        var = (stats[self.width: 2 * self.width] / n - mean**2).clamp_min(0)
+        self.latent_mean.copy_(mean.float())
+        self.latent_scale.copy_(var.sqrt().clamp_min(LATENT_SCALE_FLOOR).float())
+        self.latent_norm_set.fill_(True)
 
     @torch.no_grad()
     def from_diffusion_space(
@@ -436,6 +463,8 @@ class ScoEHRScoreModel(nn.Module):
         """Code vectors (B, F) as 0/1 from final states (per ``decode``), and which draws
         decoded to no code (``empty_decode``: given their likeliest code under "top1", else
         all-zero)."""
+        if self.config.latent_norm:
+            z = z * self.latent_scale + self.latent_mean
         if self.config.clamp_latent:
             z = z.clamp(-1, 1)
         logits = self.upstream.autoencoder.decode_logits(z) if self.config.autoencoder else z[:, : self.dim]
