@@ -50,6 +50,13 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   what the MLP was measured with).
 * ``clamp_latent`` clips the final latent to the tanh range [-1, 1] before decoding (off:
   upstream does not).
+* ``latent_norm`` (off): diffuse (z - mean) / SD per latent dimension, the statistics set once
+  from the first training batch (all ranks' rows), saved with the run, undone before
+  decoding. Sampled latents were 20-40x too wide in the ~14 tanh-saturated, near-constant
+  dimensions; standardising hands those the same unit scale as the rest. Measured at 200K
+  (same AE, MLP net, 8 epochs on one worker each, EM x25, Bernoulli, 10,240 draws): DDM 0.0045
+  -> 0.0024 (ceiling 0.0012), but PCD 22.5 -> 24.7 (the independent-marginals floor, 24.7) and
+  empty draws 7 % -> 13 %: it trades the correlations for the marginals, so it stays off.
 * ``empty_decode``: a draw whose every decoded probability is below ½ decodes to no code at
   all, which no training patient has (``min_codes`` >= 1). A quarter of simulated patients
   hold a single condition, so their latents sit where one logit barely crosses 0 and small
