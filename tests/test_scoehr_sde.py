@@ -373,3 +373,37 @@ def test_latent_norm_standardises_each_dimension_once_and_decodes_back():
     assert bool(fresh.latent_norm_set) and torch.equal(fresh.latent_scale, model.latent_scale)
     assert ScoEHRScoreConfig.SAVED_BEFORE["latent_norm"] is False
     assert "latent_mean" not in ScoEHRScoreModel(ScoEHRScoreConfig(mlp_width=16, mlp_blocks=1), info, ae).state_dict()
+
+
+def _latent_norm_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
+    model = ScoEHRScoreModel(ScoEHRScoreConfig(latent_norm=True, mlp_width=16, mlp_blocks=1), info, ae)
+    x = (torch.rand(2, 300, 605) < 0.05).float()  # the same draw on both ranks; each takes its half
+    x[1, :, :50] = 1.0  # the second rank's patients differ
+    model.to_diffusion_space(x[rank])
+    torch.save({"mean": model.latent_mean, "scale": model.latent_scale,
+                "pooled": ae.autoencoder.encode(x.reshape(600, 605))}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_latent_norm_statistics_pool_every_ranks_batch(tmp_path):
+    """Under DDP the first batch's statistics are all-reduced: both ranks hold the mean and SD
+    of the two batches together (a rank-local SD would desynchronise the diffusion spaces)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_latent_norm_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    pooled = ranks[0]["pooled"]
+    for got in ranks:
+        assert torch.allclose(got["mean"], pooled.mean(0), atol=1e-5)
+        assert torch.allclose(got["scale"], pooled.std(0, unbiased=False).clamp_min(LATENT_SCALE_FLOOR), atol=1e-5)
