@@ -189,5 +189,11 @@ def test_detection_auc_and_log_cluster_separate_only_different_sets():
     assert abs(fidelity.detection_auc(a, b, seed=0) - 0.5) < 0.1
     assert fidelity.detection_auc(a, c, seed=0) > 0.95
     assert fidelity.log_cluster(a, c, seed=0) > fidelity.log_cluster(a, b, seed=0) + 1.0
+    # The scorecard's U is the mean over k-means seeds on one projection; the first seed's run is
+    # the single-seed figure, and the seeds do not all agree (why one seed is not enough).
+    runs = fidelity.log_cluster_runs(a, b, seed=0, seeds=3)
+    assert runs[0] == fidelity.log_cluster(a, b, seed=0) and len(set(runs)) > 1
+    with pytest.raises(MetricError, match="seeds >= 1"):
+        fidelity.log_cluster_runs(a, b, seeds=0)
     with pytest.raises(MetricError, match="equal sample sizes"):
         fidelity.detection_auc(a, c[:10])

@@ -459,14 +459,32 @@ def log_cluster(
     """Goncalves et al. (2020): log of the mean squared deviation of each cluster's real share
     from the overall real share, after TruncatedSVD + k-means on the stacked records. Lower
     (more negative) is better; compare with the ceiling row, the floor depends on n and G."""
+    return log_cluster_runs(real_x, syn_x, n_clusters, n_components, seed)[0]
+
+
+def log_cluster_runs(
+    real_x: sp.csr_matrix,
+    syn_x: sp.csr_matrix,
+    n_clusters: int = 20,
+    n_components: int = 64,
+    seed: int = 0,
+    seeds: int = 1,
+) -> list[float]:
+    """``log_cluster`` under k-means seeds ``seed`` ... ``seed + seeds - 1`` on one projection
+    (TruncatedSVD seeded by ``seed``): U moves by a k-means seed as much as between generators
+    (code_vector.py), so the scorecard reports the mean and the SD."""
     x, y = _stack(real_x, syn_x, "fidelity/log_cluster")
+    if seeds < 1:
+        raise MetricError("fidelity/log_cluster", f"needs seeds >= 1, got {seeds}")
     k = min(n_components, x.shape[1] - 1, x.shape[0] - 1)
     z = TruncatedSVD(n_components=k, random_state=seed).fit_transform(x)
-    labels = MiniBatchKMeans(
-        n_clusters=n_clusters, n_init=3, random_state=seed, batch_size=4096
-    ).fit_predict(z)
     # Identical sets (a copy of the training data) put exactly the overall real share in every
     # cluster: log(0). That is reported at its limit (code_vector.LOG_CLUSTER_LIMIT, flagged by
     # the scorecard as log_cluster/at_limit), never raised: the privacy gate refuses such sets.
-    value, _ = log_of_share_deviation(labels, 1 - y, n_clusters)
-    return value
+    return [
+        log_of_share_deviation(
+            MiniBatchKMeans(n_clusters=n_clusters, n_init=3, random_state=s, batch_size=4096).fit_predict(z),
+            1 - y, n_clusters,
+        )[0]
+        for s in range(seed, seed + seeds)
+    ]  # fmt: skip
