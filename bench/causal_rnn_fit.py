@@ -82,12 +82,8 @@ def main() -> None:
     fits = []
     started = time.perf_counter()
     for size in args.sizes:
-        for split in range(args.draws):  # the protocol's own draws (run_draw's seeding)
-            rng = np.random.default_rng([config.seed, size, split])
-            drawn = rng.choice(train_pool.n_patients, size, replace=False)
-            n_val = max(1, int(round(config.val_fraction * size)))
-            train, val = train_pool.select(drawn[n_val:]), train_pool.select(drawn[:n_val])
-            test = test_pool.select(rng.choice(test_pool.n_patients, config.test_patients, replace=False))
+        for split in range(args.draws):  # the protocol's own draws
+            train, val, test = protocol.draw_patients(train_pool, test_pool, size, split, config)
             base_rates = protocol._base_rates(train)
             for task in ONSET_TARGETS:
                 row = {"size": size, "split": split, "task": task}

@@ -278,6 +278,19 @@ def grid_cells(config: ProtocolConfig) -> Iterator[tuple[str, str]]:
             yield "glm", mode
 
 
+def draw_patients(train_pool: Pool, test_pool: Pool, size: int, split: int, config: ProtocolConfig
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The (train, val, test) examples of draw ``split`` at ``size`` training patients, seeded by
+    (seed, size, split): the same patients for every fit of the draw, and for any other
+    measurement on the protocol's draws (bench/causal_rnn_fit.py)."""
+    rng = np.random.default_rng([config.seed, size, split])
+    drawn = rng.choice(train_pool.n_patients, size, replace=False)
+    n_val = max(1, int(round(config.val_fraction * size)))
+    train, val = train_pool.select(drawn[n_val:]), train_pool.select(drawn[:n_val])
+    test = test_pool.select(rng.choice(test_pool.n_patients, min(config.test_patients, test_pool.n_patients), replace=False))
+    return train, val, test
+
+
 def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: ProtocolConfig) -> list[dict[str, Any]]:
     """Every (look-back, cell, mode, task) of one draw; one row per fit."""
     import torch
@@ -286,11 +299,7 @@ def run_draw(train_pool: Pool, test_pool: Pool, size: int, split: int, config: P
     from mirror.models import build_model
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng([config.seed, size, split])
-    drawn = rng.choice(train_pool.n_patients, size, replace=False)
-    n_val = max(1, int(round(config.val_fraction * size)))
-    train, val = train_pool.select(drawn[n_val:]), train_pool.select(drawn[:n_val])
-    test = test_pool.select(rng.choice(test_pool.n_patients, min(config.test_patients, test_pool.n_patients), replace=False))
+    train, val, test = draw_patients(train_pool, test_pool, size, split, config)
     rows: list[dict[str, Any]] = []
     common = {"size": size, "split": split, "train_examples": len(train["window"]), "val_examples": len(val["window"]),
               "test_examples": len(test["window"])}

@@ -330,7 +330,7 @@ class ScoreMLP(nn.Module):
 SCORE_NETS = ("unet", "mlp")
 EMPTY_DECODES = ("top1", "reject")
 DECODES = ("threshold", "bernoulli")
-LATENT_SCALE_FLOOR = 1e-3  # latent_norm: the smallest per-dimension SD divided by
+LATENT_SCALE_FLOOR = 1e-3  # latent_norm: the smallest per-dimension SD it divides by
 
 
 @dataclass(frozen=True)
