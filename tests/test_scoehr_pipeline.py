@@ -63,14 +63,16 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     assert first.metrics["ddp/param_divergence"] == 0.0
     second = train(
         workdir, "scoehr_score",
-        {"model.mlp_width": 32, "model.mlp_blocks": 1, "model.sample_steps": 4},  # the default net, small
+        {"model.mlp_width": 32, "model.mlp_blocks": 1, "model.sample_steps": 4, "model.ema_decay": 0.9},
         upstream_run=first.run_id,
-    )  # fmt: skip
+    )  # fmt: skip  the default net, small, with a weight average (equal on both ranks)
     assert np.isfinite(second.metrics["val/loss"]) and second.metrics["ddp/param_divergence"] == 0.0
+    assert np.isfinite(second.metrics["val/loss_online"]) and second.metrics["val/loss_online"] != second.metrics["val/loss"]
     assert tracking.get_run(second.run_id).data.tags["mirror.upstream_run"] == first.run_id
     before, after = load_state(first.checkpoint_path)["model"], load_state(second.checkpoint_path)["model"]
     for name, tensor in before.items():  # stage 1 did not train
         assert torch.equal(after[f"upstream.{name}"], tensor), name
+    assert after["score_ema.n_averaged"].item() == STEPS  # one average per optimizer step
 
     loaded = load_run(second.run_id)
     context = GenerationContext(female_share=0.5, week_vocab_size=10)
@@ -82,8 +84,9 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     # jobs/sample.py --set: another sampler for the same weights; a training knob is refused.
     from mirror import guards
 
-    resampled = load_run(second.run_id, sample_overrides={"model.sampler": "heun", "model.sample_steps": 3})
+    resampled = load_run(second.run_id, sample_overrides={"model.sampler": "heun", "model.sample_steps": 3, "model.sample_online": True})
     assert (resampled.model.config.sampler, resampled.model.config.sample_steps) == ("heun", 3)
+    assert resampled.model.sampling_net is resampled.model.score_net and loaded.model.sampling_net is loaded.model.score_ema.module
     assert loaded.model.config.sampler == "em"
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(resampled.model.state_dict()[name], tensor), name

@@ -5,6 +5,7 @@ recovering the Gaussian it started from. Also the code-vector view's collate and
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -407,3 +408,51 @@ def test_latent_norm_statistics_pool_every_ranks_batch(tmp_path):
     for got in ranks:
         assert torch.allclose(got["mean"], pooled.mean(0), atol=1e-5)
         assert torch.allclose(got["scale"], pooled.std(0, unbiased=False).clamp_min(LATENT_SCALE_FLOOR), atol=1e-5)
+
+
+def test_ema_averages_every_optimizer_step_and_is_what_validates_and_samples():
+    """``ema_decay``: after each loop step the averaged weights move (1 - decay) of the way to
+    the online ones (the first step copies them); validation reports both nets' loss, the EMA's
+    as ``loss``; sampling uses the EMA unless ``sample_online``; the average travels in the state
+    dict, and a run saved before the option has none."""
+    from mirror.data.views.code_vector import CodeVectorBatch
+    from mirror.models.local_step import LocalStepContext
+    from mirror.train.loop import make_schedulers
+
+    torch.manual_seed(0)
+    info = CodeVectorInfo()
+    ae = ScoEHRAutoencoder(ScoEHRAEConfig(latent_dim=16), info)
+    decay = 0.9
+    model = ScoEHRScoreModel(ScoEHRScoreConfig(mlp_width=16, mlp_blocks=1, ema_decay=decay, lr=1e-2), info, ae)
+    assert all(not p.requires_grad for p in model.score_ema.parameters())
+    optimizers = model.make_optimizers()
+    assert len(optimizers["score"].param_groups[0]["params"]) == len(list(model.score_net.parameters()))
+    ctx = LocalStepContext(model, optimizers, grad_clip=1.0, schedulers=make_schedulers(optimizers, 10, 0.0, 1.0))
+    batch = CodeVectorBatch(torch.arange(64), (torch.rand(64, 605) < 0.05).float())
+    expected = None
+    for _ in range(4):
+        ctx.train_step(batch)
+        online = [p.detach().clone() for p in model.score_net.parameters()]
+        expected = online if expected is None else [decay * e + (1 - decay) * o for e, o in zip(expected, online, strict=True)]
+    averaged = list(model.score_ema.module.parameters())
+    assert all(torch.allclose(got, want, atol=1e-6) for got, want in zip(averaged, expected, strict=True))
+    assert any(not torch.allclose(got, now) for got, now in zip(averaged, online, strict=True))
+
+    sums = model.eval_sums(batch)
+    assert set(sums) == {"loss", "loss_online"} and sums["loss"].item() != sums["loss_online"].item()
+    assert model.sampling_net is model.score_ema.module
+    fresh = ScoEHRScoreModel(model.config, info, ae)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.allclose(fresh.eval_sums(batch)["loss"], sums["loss"])
+    one = fresh.sample_vectors(4, generator=torch.Generator().manual_seed(1))[0]
+    assert torch.equal(one, model.sample_vectors(4, generator=torch.Generator().manual_seed(1))[0])
+    online_model = ScoEHRScoreModel(replace(model.config, sample_online=True), info, ae)
+    online_model.load_state_dict(model.state_dict())
+    assert online_model.sampling_net is online_model.score_net
+    assert torch.allclose(online_model.eval_sums(batch)["loss"], sums["loss_online"])
+    assert ScoEHRScoreConfig.SAVED_BEFORE["ema_decay"] == 0.0
+    plain = ScoEHRScoreModel(ScoEHRScoreConfig(mlp_width=16, mlp_blocks=1), info, ae)
+    assert plain.score_ema is None and not any(k.startswith("score_ema") for k in plain.state_dict())
+    assert set(plain.eval_sums(batch)) == {"loss"}
+    with pytest.raises(ConfigError, match="ema_decay"):
+        build_config(ScoEHRScoreConfig, {"ema_decay": 1.0})

@@ -86,6 +86,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mirror.config import require
 from mirror.data.views.code_vector import CodeVectorBatch, CodeVectorInfo, CodeVectorView, code_rows
@@ -338,9 +339,13 @@ class ScoEHRScoreConfig:
     """Stage 2: SDE, score net, optimiser and sampler (upstream values unless stated)."""
 
     # How a trained run draws, changeable at sampling time (jobs/sample.py --set).
-    SAMPLE_TIME: ClassVar[tuple[str, ...]] = ("sampler", "sample_steps", "clamp_latent", "decode", "empty_decode")
+    SAMPLE_TIME: ClassVar[tuple[str, ...]] = (
+        "sampler", "sample_steps", "clamp_latent", "decode", "empty_decode", "sample_online",
+    )
     # What a run saved before a field existed did (its checkpoint lacks the key).
-    SAVED_BEFORE: ClassVar[dict[str, object]] = {"decode": "threshold", "net": "unet", "latent_norm": False}
+    SAVED_BEFORE: ClassVar[dict[str, object]] = {
+        "decode": "threshold", "net": "unet", "latent_norm": False, "ema_decay": 0.0,
+    }
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -357,6 +362,11 @@ class ScoEHRScoreConfig:
     time_scale: float = 1000.0  # t is multiplied by this before the embedding (upstream 1)
     output: str = "score"  # "score" (upstream) or "noise" (s = -ε̂ / σ)
     lr: float = 1e-3
+    # Decay of an exponential moving average of the score net's weights, updated after every
+    # optimizer step and saved with the run (0: none). The averaged net is what validates and
+    # samples, as in score_sde (module docstring).
+    ema_decay: float = 0.0
+    sample_online: bool = False  # draw with the online weights even when the run kept an EMA
     autoencoder: bool = True  # False: the no-autoencoder ablation (diffusion on code vectors)
     sampler: str = "em"  # em | heun | dpm2m (module docstring: how the default was chosen)
     sample_steps: int = 25
@@ -378,6 +388,7 @@ class ScoEHRScoreConfig:
         require(self, "time_scale", self.time_scale > 0, "a float > 0")
         require(self, "output", self.output in ("score", "noise"), "'score' or 'noise'")
         require(self, "lr", self.lr > 0, "a float > 0")
+        require(self, "ema_decay", 0 <= self.ema_decay < 1, "a float in [0, 1) (0: no average)")
         require(self, "sampler", self.sampler in SAMPLERS, f"one of {SAMPLERS}")
         require(self, "empty_decode", self.empty_decode in EMPTY_DECODES, f"one of {EMPTY_DECODES}")
         require(self, "decode", self.decode in DECODES, f"one of {DECODES}")
@@ -424,6 +435,10 @@ class ScoEHRScoreModel(nn.Module):
         self.dim = upstream.latent_dim if config.autoencoder else info.n_features
         # self.width: the diffused vector (the latent, or the code vector), as the net sees it.
         self.score_net, self.width = build_score_net(config, self.dim, pad=not config.autoencoder)
+        self.score_ema: AveragedModel | None = None
+        if config.ema_decay > 0:  # not a part: no DDP, no optimizer; saved with the model
+            self.score_ema = AveragedModel(self.score_net, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+            self.score_ema.requires_grad_(False)
         if config.latent_norm:  # set from the first training batch, saved with the run
             self.register_buffer("latent_mean", torch.zeros(self.width))
             self.register_buffer("latent_scale", torch.ones(self.width))
@@ -486,6 +501,14 @@ class ScoEHRScoreModel(nn.Module):
             x[rows, logits[rows].argmax(1)] = 1.0
         return x, empty
 
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The weights that validate and draw: the EMA when the run keeps one (unless
+        ``sample_online``), else the online net."""
+        if self.score_ema is None or self.config.sample_online:
+            return self.score_net
+        return self.score_ema.module
+
     def score_fn(self, net: nn.Module):
         """s(z, t) through ``net`` (the DDP-wrapped part in training), per ``output``."""
 
@@ -504,15 +527,24 @@ class ScoEHRScoreModel(nn.Module):
         with ctx.autocast():
             loss = dsm_loss(self.score_fn(ctx.parts["score"]), z0, self.sde, generator)
         ctx.step(loss, "score")
+        if self.score_ema is not None:  # every rank holds the same weights after the step
+            self.score_ema.update_parameters(self.score_net)
         return {"loss": float(loss)}
 
     @torch.no_grad()
     def eval_sums(self, batch: CodeVectorBatch) -> dict[str, torch.Tensor]:
         """DSM loss summed over patients at stratified times from a fixed seed (comparable
-        across epochs and runs)."""
-        generator = torch.Generator(device=batch.x.device).manual_seed(0)
-        loss = dsm_loss(self.score_fn(self.score_net), self.to_diffusion_space(batch.x), self.sde, generator)
-        return {"loss": loss * batch.size}
+        across epochs and runs), of the net that samples (``sampling_net``); with an EMA, the
+        online net's too (``loss_online``)."""
+        z0 = self.to_diffusion_space(batch.x)
+        nets = {"loss": self.sampling_net}
+        if self.score_ema is not None:
+            nets["loss_online"] = self.score_net
+        sums = {}
+        for key, net in nets.items():
+            generator = torch.Generator(device=batch.x.device).manual_seed(0)
+            sums[key] = dsm_loss(self.score_fn(net), z0, self.sde, generator) * batch.size
+        return sums
 
     @torch.no_grad()
     def sample_vectors(
@@ -523,7 +555,8 @@ class ScoEHRScoreModel(nn.Module):
         that decoded to no code (``from_diffusion_space``)."""
         device = next(self.score_net.parameters()).device
         z_T = torch.randn(n, self.width, generator=generator, device=device)
-        z = sample(sampler or self.config.sampler, self.score_fn(self.score_net), self.sde, z_T, steps or self.config.sample_steps, generator)
+        score = self.score_fn(self.sampling_net)
+        z = sample(sampler or self.config.sampler, score, self.sde, z_T, steps or self.config.sample_steps, generator)
         return self.from_diffusion_space(z, generator)
 
     def sample_rows(
@@ -559,6 +592,6 @@ MODEL = ModelSpec(
     capabilities=("generator",),
     default_sweep="search_spaces/scoehr_score.yaml",
     upstream=(AE_MODEL,),
-    metric_names=("train/loss", "train/grad_norm/score", "val/loss"),
+    metric_names=("train/loss", "train/grad_norm/score", "val/loss", "val/loss_online"),
     description="seed 002 ScoEHR stage 2: VP-SDE score network on the frozen autoencoder's latents",
 )
