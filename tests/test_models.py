@@ -767,3 +767,41 @@ def test_ae_generates_from_its_fitted_aggregate_posterior_and_wae_from_the_stand
     clone = tiny_model("ae")
     clone.load_state_dict(ae.state_dict())
     assert torch.equal(clone.latent_moments.second, ae.latent_moments.second)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bag-of-words loss from z (AEConfig.bow_weight).
+
+
+@pytest.mark.parametrize("name", ["ae", "wae"])
+def test_bow_loss_trains_a_head_from_z_towards_the_sentences_conditions(name: str):
+    """With bow_weight > 0 the head's NLL is logged and falls under training, and its
+    optimum is each sentence's condition frequencies (the softmax puts its mass there)."""
+    model = tiny_model(name, bow_weight=1.0)
+    batch = make_batch(SENTENCES, SEXES)
+    history = train(model, batch, steps=60)
+    assert history[-1]["bow"] < 0.5 * history[0]["bow"], (history[0]["bow"], history[-1]["bow"])
+    with torch.no_grad():
+        probs = torch.softmax(model.autoencoder.bow(model.encode(batch)), dim=-1)
+    # Row 2 is one condition twice; row 0 four conditions once each.
+    assert float(probs[2, 5]) > 0.8
+    assert float(probs[0, [10, 200, 33, 7]].sum()) > 0.8 and float(probs[0, 10]) < 0.5
+    # Validation sums carry it too (the loop logs val/bow per predicted token).
+    with torch.no_grad():
+        assert "bow" in model.eval_sums(batch)
+
+
+def test_bow_weight_zero_builds_no_head_and_leaves_the_objective_alone():
+    """bow_weight 0 (the default, and what older runs read as): no head, no extra state in
+    the checkpoint, the same loss; a positive weight changes the loss by exactly weight x NLL."""
+    off, on = tiny_model("ae"), tiny_model("ae", bow_weight=0.5)
+    assert off.autoencoder.bow is None and not any("bow" in k for k in off.state_dict())
+    assert AEConfig.SAVED_BEFORE["bow_weight"] == 0.0
+    on.load_state_dict(off.state_dict(), strict=False)  # same weights but the head
+    batch = make_batch(SENTENCES, SEXES)
+    off_metrics = train(off, batch, steps=1)[0]
+    on_metrics = train(on, batch, steps=1)[0]
+    assert "bow" not in off_metrics
+    assert on_metrics["loss"] == pytest.approx(off_metrics["loss"] + 0.5 * on_metrics["bow"], rel=1e-5)
+    with pytest.raises(ConfigError, match="bow_weight"):
+        make_config("ae", {"bow_weight": -1.0})

@@ -50,6 +50,10 @@ Choices where the seed is silent:
 * The loss is the per-token mean of ``CE(dx) + w_time * CE(week)`` over the predicted tokens
   (words and the final ``<EOS>``); :meth:`SentenceAutoencoder.patient_nll` is the plain
   (unweighted) NLL summed per patient.
+* ``bow_weight`` > 0 adds ``bow_weight`` times a bag-of-words loss (Zhao et al. 2017): a
+  linear head from z alone predicts the sentence's conditions (:meth:`SentenceAutoencoder.bow_nll`).
+  The copy mechanism lets the decoder read the conditions off the sentence so far, so nothing
+  else makes z carry which conditions the patient has; this does. Off by default.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class AEConfig:
     # Runs saved before the decoder options existed decode as they were trained.
     SAVED_BEFORE: ClassVar[dict[str, object]] = {
         "dx_output": "full", "z_every_step": False, "word_dropout": 0.0, "gen_prior": "standard",
-        "copy_history": False,
+        "copy_history": False, "bow_weight": 0.0,
     }
 
     # Widths.
@@ -107,6 +111,7 @@ class AEConfig:
     copy_history: bool = True
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
+    bow_weight: float = 0.0  # weight of the bag-of-conditions loss from z (0: no head, no loss)
     # Generation (z from gen_prior decoded by ancestral sampling; reconstruction stays greedy).
     gen_prior: str = "aggregate"  # Gaussian fitted to the aggregate posterior; "standard": N(0, I)
     prior_momentum: float = 0.01  # per-step EMA weight of the aggregate posterior's moments
@@ -129,6 +134,7 @@ class AEConfig:
         ):
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
         require(self, "w_time", self.w_time >= 0, "a float >= 0")
+        require(self, "bow_weight", self.bow_weight >= 0, "a float >= 0")
         require(self, "dx_output", self.dx_output in WORD_HEADS, f"one of {sorted(WORD_HEADS)}")
         require(self, "word_dropout", 0 <= self.word_dropout < 1, "a float in [0, 1)")
         require(self, "copy_history", not self.copy_history or self.dx_output == "factorised",
@@ -403,13 +409,34 @@ class SentenceAutoencoder(nn.Module):
         self.decoder = MultiHeadGRUDecoder(cfg, data_info, self.embed.dim)
         self.z_every_step, self.word_dropout = cfg.z_every_step, cfg.word_dropout
         self.copy_history = cfg.copy_history
+        # Only built when used: runs saved without it load unchanged.
+        self.bow = nn.Linear(cfg.latent_dim, N_CONDITIONS) if cfg.bow_weight > 0 else None
 
     def forward(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Summed NLL terms over the batch's predicted tokens and the latent z (B, latent_dim).
+        """Summed NLL terms over the batch's predicted tokens and the latent z (B, latent_dim);
+        with the bag-of-words head, also ``bow`` (:meth:`bow_nll` summed over the words).
         Sums, not means, so that callers can add them across batches and ranks."""
         z = self.encode(batch)
         nll_dx, nll_wk, _, n_valid = self.token_nll(batch, z)
-        return {"nll_dx": nll_dx.sum(), "nll_wk": nll_wk.sum(), "tokens": n_valid}, z
+        sums = {"nll_dx": nll_dx.sum(), "nll_wk": nll_wk.sum(), "tokens": n_valid}
+        if self.bow is not None:
+            sums["bow"] = self.bow_nll(batch, z).sum()
+        return sums, z
+
+    def bow_nll(self, batch: SequenceBatch, z: torch.Tensor) -> torch.Tensor:
+        """Bag-of-words NLL (Zhao et al. 2017) per word (B, T), 0 off the words:
+        ``-log softmax(W z + b)[c_t]`` for each word's condition c_t, order ignored.
+
+        A softmax over the 605 conditions summed over the words, not a per-condition BCE of
+        the multi-hot: its optimum is the sentence's condition frequencies ``n_c / L``, so z is
+        asked for how often each condition recurs (what the truth-recovery floor's counts
+        read), not only which are present; and summed per word it has the reconstruction's
+        per-token scale, so ``bow_weight = 1`` weighs a word's condition as much as its
+        reconstruction. Conditions only, no age group or week: the conditions are what the copy
+        mechanism lets z drop, and what the floor counts."""
+        cond = condition_ids(batch.tgt_dx, N_CONDITIONS)  # <EOS>, <PAD> -> the sink column
+        logp = F.pad(torch.log_softmax(self.bow(z).float(), dim=-1), (0, 1))  # (B, C + 1)
+        return -logp.gather(1, cond) * (cond < N_CONDITIONS)
 
     def encode(self, batch: SequenceBatch) -> torch.Tensor:
         rows = _row_ids(batch)
@@ -621,6 +648,15 @@ def reconstruction_loss(sums: dict[str, torch.Tensor], w_time: float) -> torch.T
     return (sums["nll_dx"] + w_time * sums["nll_wk"]) / tokens
 
 
+def bow_terms(sums: dict[str, torch.Tensor], bow_weight: float) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The bag-of-words term to add to the loss (``bow_weight`` x its NLL per predicted
+    token, the reconstruction's normaliser) and its step metric; (None, {}) when off."""
+    if "bow" not in sums:
+        return None, {}
+    bow = sums["bow"] / sums["tokens"].clamp(min=1.0)
+    return bow_weight * bow, {"bow": bow}
+
+
 def scalars_to_floats(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
     """0-dim tensors -> Python floats with a single device sync (for step metrics)."""
     values = torch.stack([v.detach().float() for v in scalars.values()]).tolist()
@@ -716,6 +752,9 @@ class ConditionalAutoencoder(nn.Module):
         with ctx.autocast():
             sums, z = ctx.parts["autoencoder"](batch)
             loss = reconstruction_loss(sums, self.config.w_time)
+            bow, bow_metric = bow_terms(sums, self.config.bow_weight)
+            if bow is not None:
+                loss = loss + bow
         ctx.step(loss, "autoencoder")  # the loop records each optimizer's gradient norm
         self.record_latent(z)
         tokens = sums["tokens"].clamp(min=1.0)
@@ -725,6 +764,7 @@ class ConditionalAutoencoder(nn.Module):
                 "nll_dx": sums["nll_dx"] / tokens,
                 "nll_wk": sums["nll_wk"] / tokens,
             }
+            | bow_metric
         )
         return metrics
 

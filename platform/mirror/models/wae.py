@@ -30,6 +30,8 @@ Choices where the seed is silent or ambiguous (see also models.md §2):
   the hidden axis), stride 2 per layer, so it both mixes heads and compresses (seed: to
   disentangle and compress). The encoder is deterministic (valid for a WAE).
 * The autoencoder's AdamW uses beta1 = 0.5 (WAE reference configs).
+* Model 0's ``bow_weight`` (bag-of-words loss from z) joins L_ae when on; ``train/recon_loss``
+  stays the reconstruction alone and ``train/bow`` logs the auxiliary NLL.
 * λ warms up linearly from 0 over ``lam_warmup_steps`` training steps (models.md §2 suggests
   warming up over the first epoch): early on the critic is still near its clamped
   initialisation and its gradient says little about where N(0, I) is.
@@ -76,6 +78,7 @@ from mirror.models.ae import (
     RECONSTRUCTION_METRICS,
     AEConfig,
     ConditionalAutoencoder,
+    bow_terms,
     reconstruction_loss,
     scalars_to_floats,
 )
@@ -219,15 +222,17 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
         with ctx.autocast():
             sums, z = ctx.parts["autoencoder"](batch)
             recon = reconstruction_loss(sums, cfg.w_time)
+            bow, bow_metric = bow_terms(sums, cfg.bow_weight)
+        ae_loss = recon if bow is None else recon + bow  # everything but the latent penalty
         z_data = z.detach().float()
         lam = self.lam_at(ctx.global_step)
         if self.critic is None:  # WAE-MMD: the penalty is a statistic of the batch, no adversary
             gen_loss = lam * self.mmd_penalty(z.float(), batch.sex)
-            loss = recon + gen_loss
+            loss = ae_loss + gen_loss
             ctx.step(loss, "autoencoder")
             fit: dict[str, float] = {"critic_steps": 0.0}
         else:
-            gen_loss, loss, fit = self._critic_step(ctx, z, z_data, recon, lam)
+            gen_loss, loss, fit = self._critic_step(ctx, z, z_data, ae_loss, lam)
         self.record_latent(z_data)  # a no-op unless gen_prior = "aggregate"
 
         tokens = sums["tokens"].clamp(min=1.0)
@@ -239,6 +244,7 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
                 "nll_dx": sums["nll_dx"] / tokens,
                 "nll_wk": sums["nll_wk"] / tokens,
             }
+            | bow_metric
         )
         return metrics | latent_fit(z_data) | fit | {"lam": lam}
 
@@ -253,7 +259,7 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
             total = total + group.shape[0] / z.shape[0] * imq_mmd2_penalty(group, torch.randn_like(group))
         return total
 
-    def _critic_step(self, ctx: StepContext, z: torch.Tensor, z_data: torch.Tensor, recon: torch.Tensor,
+    def _critic_step(self, ctx: StepContext, z: torch.Tensor, z_data: torch.Tensor, ae_loss: torch.Tensor,
                      lam: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """The seed's W1 critic: its steps on the detached z, then the autoencoder's."""
         cfg, critic = self.config, ctx.parts["critic"]
@@ -269,7 +275,7 @@ class WassersteinAutoencoder(ConditionalAutoencoder):
         # Autoencoder: minimise L_ae + L_g with the critic fixed (no gradient into it).
         with frozen(self.critic):
             gen_loss = -lam * critic(z.float()).mean()
-            loss = recon + gen_loss
+            loss = ae_loss + gen_loss
             ctx.step(loss, "autoencoder")
         # last critic step's -L_d, in units of h (K * W1)
         return gen_loss, loss, {"w1_estimate": -critic_loss.item(), "critic_steps": float(n_steps)}
