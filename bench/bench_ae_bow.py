@@ -15,12 +15,15 @@ the same patients and folds for every arm); the same probe from z to the conditi
 themselves (how much of the floor's input z carries linearly); teacher-forced NLL per token
 and condition-age word accuracy from the clean encoder input, with z and with z rolled
 across patients.
-Writes ``bench/results/ae_bow.json``.
+``--set key=value`` (repeatable) sets any other AE config field for every arm, e.g.
+``--set latent_dim=128``; the overrides are recorded in the output. Writes
+``bench/results/ae_bow.json`` unless ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -91,6 +94,17 @@ def score(model, root: Path, n_weeks: int, limit: int) -> dict[str, object]:
             "tokens": tokens}
 
 
+def parse_set(item: str) -> tuple[str, object]:
+    """``key=value``; the value as JSON (``128``, ``0.5``, ``true``), else the plain string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("/tmp/bow/sim60k"))
@@ -100,7 +114,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-patients", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                        help="another AE config field for every arm (repeatable), e.g. latent_dim=128")
     args = parser.parse_args()
+    overrides = dict(args.set)
+    if "bow_weight" in overrides:
+        parser.error("bow_weight is set per arm by --weights")
     torch.set_num_threads(1)
     began = time.perf_counter()
     n_weeks = simulate(args.data, args.patients, seed=0)
@@ -113,7 +132,7 @@ def main() -> int:
     for weight in args.weights:
         start = time.perf_counter()
         torch.manual_seed(0)
-        model = build_model("ae", {"bow_weight": weight}, info)  # the head is built last
+        model = build_model("ae", {**overrides, "bow_weight": weight}, info)  # the head is built last
         optimizers = model.make_optimizers()
         schedulers = make_schedulers(optimizers, args.steps, defaults.warmup_fraction, defaults.min_lr_ratio)
         ctx = LocalStepContext(model, optimizers, grad_clip=defaults.grad_clip, schedulers=schedulers)
@@ -152,6 +171,7 @@ def main() -> int:
         "patients_simulated": args.patients, "eval_patients": floor["patients"], "eval_splits": list(UNSEEN),
         "steps": args.steps, "batch_size": args.batch_size, "torch_threads": 1,
         "model": "ae defaults (factorised, z_every_step, copy_history) + bow_weight",
+        "config_overrides": overrides,
         "floor_truth_r2": round(floor["truth_r2"], 4),
         "arms": arms,
         "wall_seconds": round(time.perf_counter() - began, 1),
