@@ -57,6 +57,12 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   (same AE, MLP net, 8 epochs on one worker each, EM x25, Bernoulli, 10,240 draws): DDM 0.0045
   -> 0.0024 (ceiling 0.0012), but PCD 22.5 -> 24.7 (the independent-marginals floor, 24.7) and
   empty draws 7 % -> 13 %: it trades the correlations for the marginals, so it stays off.
+* ``ema_decay`` (off): an exponential moving average of the score net's weights (score_sde's
+  practice), updated after every optimizer step and saved with the run; it validates and
+  samples unless ``sample_online``. Measured at 200K on the acceptance settings (MLP, 16
+  epochs, 2 workers, decay 0.999, one run drawn both ways): val DSM 11.419 vs 11.420, DDM
+  0.0027 vs 0.0029, PCD 22.9 both: by the end of the cosine schedule the online weights are
+  already averaged, so it stays off (README, ScoEHR).
 * ``empty_decode``: a draw whose every decoded probability is below ½ decodes to no code at
   all, which no training patient has (``min_codes`` >= 1). A quarter of simulated patients
   hold a single condition, so their latents sit where one logit barely crosses 0 and small
