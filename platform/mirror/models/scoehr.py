@@ -19,7 +19,9 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   lower DDM and PCD, where DPM-Solver++(2M) (``dpm2m``) stays ~8 % above EM x1,000 in PCD at
   10-50 steps. A coarse stochastic step decodes more codes per patient from a score net that
   under-disperses (EM x1,000 gives 2.7 codes against the real 6.2, x25 6.9): re-measure the
-  curve for a new score net before trusting the default.
+  curve for a new score net before trusting the default. Re-measured under today's defaults
+  (MLP, Bernoulli) on a run of the acceptance settings (bench/results/sampler_ema_10240.json):
+  43x faster than EM x1,000, DDM 0.0024 against 0.0045, PCD 16.6 against 19.8.
 * ``decode``: how a final latent becomes codes. The paper thresholds the decoder's
   probabilities at ½ (``"threshold"``); ``"bernoulli"`` (default, by measurement) draws each
   code from its probability, the generative reading of the BCE-trained decoder (the
