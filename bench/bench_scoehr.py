@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler-steps", default="5,10,25,50")
     parser.add_argument("--throughput-steps", type=int, default=15)
     parser.add_argument("--set", nargs="*", default=[], help="score-network overrides, model.key=value")
-    parser.add_argument("--ae-lr", type=float, default=1e-3)
+    parser.add_argument("--ae-lr", type=float, default=None, help="stage 1 lr (default: scoehr_ae's own, 3e-2)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-sampler", action="store_true")
     parser.add_argument("--ae-run", help="reuse this trained scoehr_ae run (skip stage 1)")
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ae_run:
         ae = finished(args.ae_run)
     else:
-        ae = train("scoehr_ae", "scoehr-ae", {"model.latent_dim": 144, "model.lr": args.ae_lr}, epochs=args.ae_epochs)
+        ae_config = {"model.latent_dim": 144} | ({} if args.ae_lr is None else {"model.lr": args.ae_lr})
+        ae = train("scoehr_ae", "scoehr-ae", ae_config, epochs=args.ae_epochs)
     if args.score_run:
         score = finished(args.score_run)
     else:
