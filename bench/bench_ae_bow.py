@@ -23,7 +23,6 @@ across patients.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from mirror.metrics.tasks import ridge_r2_cv
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
 from mirror.train.loop import make_schedulers
-from mirror.train.spec import TrainConfig
+from mirror.train.spec import TrainConfig, parse_set
 
 RESULTS = Path(__file__).parent / "results" / "ae_bow.json"
 UNSEEN = (schema.TUNING, schema.HELD_OUT)
@@ -69,6 +68,12 @@ def unseen_batches(root: Path, n_weeks: int, limit: int, batch_size: int = 256):
             seen += batch.size
 
 
+def word_hits(model, batch, z: torch.Tensor, valid: torch.Tensor) -> float:
+    """Teacher-forced condition-age words predicted right from ``z``, over the valid positions."""
+    dx_logits, _ = model.teacher_forced_logits(batch, z)
+    return float((dx_logits.argmax(-1) == batch.tgt_dx)[valid].sum())
+
+
 @torch.no_grad()
 def score(model, root: Path, n_weeks: int, limit: int) -> dict[str, object]:
     """z, floor features and ids of the unseen patients; teacher-forced NLL/token and word
@@ -81,10 +86,8 @@ def score(model, root: Path, n_weeks: int, limit: int) -> dict[str, object]:
         nll, tokens = nll + float(sums["nll_dx"] + sums["nll_wk"]), tokens + float(sums["tokens"])
         z = model.encode(batch)
         valid = batch.tgt_dx != PAD
-        for own, rolled in ((z, False), (z.roll(1, dims=0), True)):
-            dx_logits, _ = model.teacher_forced_logits(batch, own)
-            hits = float((dx_logits.argmax(-1) == batch.tgt_dx)[valid].sum())
-            right_rolled, right = (right_rolled + hits, right) if rolled else (right_rolled, right + hits)
+        right += word_hits(model, batch, z, valid)
+        right_rolled += word_hits(model, batch, z.roll(1, dims=0), valid)
         zs.append(z.float().numpy())
         feats.append(sentence_features(batch).numpy())
         ids.append(batch.subject_id.numpy())
@@ -92,17 +95,6 @@ def score(model, root: Path, n_weeks: int, limit: int) -> dict[str, object]:
     return {"z": np.concatenate(zs), "features": np.concatenate(feats), "ids": np.concatenate(ids),
             "nll_per_token": nll / tokens, "tf_acc": right / tokens, "tf_acc_rolled_z": right_rolled / tokens,
             "tokens": tokens}
-
-
-def parse_set(item: str) -> tuple[str, object]:
-    """``key=value``; the value as JSON (``128``, ``0.5``, ``true``), else the plain string."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
 
 
 def main() -> int:
@@ -114,10 +106,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-patients", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another AE config field for every arm (repeatable), e.g. latent_dim=128")
     args = parser.parse_args()
-    overrides = dict(args.set)
+    try:
+        overrides = parse_set(args.set)
+    except ValueError as err:
+        parser.error(str(err))
     if "bow_weight" in overrides:
         parser.error("bow_weight is set per arm by --weights")
     torch.set_num_threads(1)
