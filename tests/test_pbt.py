@@ -1,7 +1,7 @@
 """Population-based training: the pieces by hand, then one real PBT sweep on real Ray.
 
 The sweep is a population of 2 WAE trials on 1 worker each, for 2 epochs with a perturbation
-after each; on 4 logical CPUs only one fit fits at a time, so the members must take turns
+after the first; on 4 logical CPUs only one fit fits at a time, so the members must take turns
 (one fit slot). PBT is synchronous (the default), so after epoch 0 both members have reported
 and have a checkpoint, and with ``quantile_fraction: 0.5`` the weaker one exploits the
 stronger: at least one exploit must happen. (The last epoch's report ends a trial, so a third
@@ -25,15 +25,15 @@ from mirror.tune.pbt import EXPLOIT_TAG, KeepInsideRanges, mutation_problem
 from mirror.tune.space import load_sweep
 from mirror.tune.sweep import TRIAL_TAG, run_sweep
 
+EPOCHS, STEPS = 2, 3
 TINY = {
     "model.head_hidden": 16, "model.dx_emb_dim": 16, "model.wk_emb_dim": 8,
     "model.out_hidden": 32, "model.critic_hidden": 16, "model.critic_layers": 1,
     "model.cnn_channels": 4, "model.n_critic": 1, "model.n_critic_warmup": 1,
     "model.critic_warmup_steps": 0,
-    "train.epochs": 2, "train.max_steps_per_epoch": 3, "train.batch_size": 32,
+    "train.epochs": EPOCHS, "train.max_steps_per_epoch": STEPS, "train.batch_size": 32,
     "train.val_max_batches": 2, "train.score_synthetic": False,
 }  # fmt: skip
-EPOCHS, STEPS = 2, 3
 
 
 def schedule_of(lr: float, total_steps: int = 20):
