@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-fit-rows", type=int, default=100_000, help="rows per class and stratum for the propensity fit")
     parser.add_argument("--propensity", choices=("linear", "quadratic"), default="quadratic",
                         help="propensity inputs: X_{t-1} and the index lab, or those and their squares")
+    parser.add_argument("--history", action="store_true",
+                        help="the propensity also sees the index lab's value by the end of t-2 (its trend)")
     parser.add_argument("--neighbours", type=int, default=8, help="controls per side of the sorted logit considered")
     parser.add_argument("--index-lab-weight", type=float, default=1.0, help="the index lab's weight in the match distance (0: logit only)")
     parser.add_argument("--outcome", choices=("first", "latest"), default="first",
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = DeltaConfig(window_weeks=args.window_weeks, caliper_sd=args.caliper_sd,
                          block_patients=args.block_patients, max_fit_rows=args.max_fit_rows, seed=args.seed,
-                         propensity=args.propensity, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
+                         propensity=args.propensity, history=args.history, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
                          exclude_own_windows=not args.allow_own_windows, outcome=args.outcome)
     ensure_ray()
     report = estimate_delta(args.data, args.name, config, keep_work=args.keep_work, truth_name=args.truth_name)

@@ -9,7 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mirror.causal.delta import N_PROPENSITY_FEATURES, Propensity, match_nearest, match_stratum
+from mirror.causal.delta import (
+    N_BASE_FEATURES,
+    N_PROPENSITY_FEATURES,
+    Propensity,
+    match_nearest,
+    match_stratum,
+)
 from mirror.data import schema
 from mirror.data.views.windows import (
     DELTA_SCHEMA,
@@ -27,7 +33,7 @@ def test_six_patients_match_by_hand():
     """Treated A1..A3, controls B1..B3 on a logit that is the first covariate: A1 (0.10) takes
     B1 (0.12), A2 (0.50) takes B2 (0.45, nearer than B1), A3 (3.0) is 1.5 from B3 (1.5) and
     beyond the caliper (1.0): dropped. Δ = y_A - y_B where both are measured."""
-    model = Propensity(key=0, coef=np.r_[1.0, np.zeros(N_PROPENSITY_FEATURES - 1)], intercept=0.0, caliper=1.0,
+    model = Propensity(key=0, coef=np.r_[1.0, np.zeros(N_BASE_FEATURES - 1)], intercept=0.0, caliper=1.0,
                        fit_treated=3, fit_controls=3)
 
     def rows(ids, logits, y):
@@ -137,6 +143,50 @@ def test_outcome_is_measured_before_any_later_addition_of_its_ladder(dataset):
     first, measured = touched("first")
     latest, _ = touched("latest")
     assert measured > 100 and first == 0 and latest > 0
+
+
+@pytest.mark.slow
+def test_history_covariate_is_the_index_labs_latest_value_by_the_end_of_t_minus_2(dataset):
+    """The propensity's trend input, recomputed from the raw lab lists: the ladder lab's latest
+    enrolled measurement before window t - 1 starts; unknown (0, flag 0) at t = 1 or before any."""
+    from mirror.causal.delta import FEATURE_NAMES, fixed, transition_rows
+    from mirror.data.views.windows import _LAB_COLUMN, _LADDER_LAB_COLUMN, LAB_SCALE, LAB_TYPICAL
+
+    rows = pq.read_table(schema.split_files(dataset, schema.TRAIN)[0], columns=READ_COLUMNS)
+    t = transition_rows(patient_windows(rows, 52), rows.column(schema.SUBJECT_ID).to_numpy(), schema.TRAIN, 1)
+    x = fixed(t, "x", N_PROPENSITY_FEATURES)
+    prior, known = x[:, FEATURE_NAMES.index("index_lab_prior")], x[:, FEATURE_NAMES.index("index_lab_prior_known")]
+    row_of = {sid: i for i, sid in enumerate(rows.column(schema.SUBJECT_ID).to_pylist())}
+    labs, weeks, values = (rows.column(c).to_pylist() for c in (schema.LABS, schema.LAB_WEEKS, schema.LAB_VALUES))
+    enrolled = rows.column(schema.ENROLL_START).to_pylist()
+    checked = 0
+    for i in range(0, t.num_rows, 7):  # every 7th row: a few thousand, both known and not
+        r = row_of[int(t.column("subject_id")[i].as_py())]
+        column = _LADDER_LAB_COLUMN[int(t.column("ladder")[i].as_py())]
+        before = int(t.column("window_start")[i].as_py()) - 52
+        seen = [v for code, w, v in zip(labs[r], weeks[r], values[r], strict=True)
+                if _LAB_COLUMN[code] == column and enrolled[r] <= w < before]
+        if int(t.column("window")[i].as_py()) < 2 or not seen:
+            assert known[i] == 0 and prior[i] == 0
+        else:
+            assert known[i] == 1
+            assert prior[i] == pytest.approx((seen[-1] - LAB_TYPICAL[column]) / LAB_SCALE[column], abs=1e-5)
+            checked += 1
+    assert checked > 100
+
+
+def test_propensity_without_history_ignores_the_history_columns():
+    from mirror.causal.delta import HISTORY_NAMES, fit_propensity
+
+    rng = np.random.default_rng(0)
+    treated = rng.normal(0.5, 1.0, (200, N_PROPENSITY_FEATURES))
+    controls = rng.normal(0.0, 1.0, (400, N_PROPENSITY_FEATURES))
+    model = fit_propensity(0, treated, controls, 0.2, design="quadratic", history=False)
+    shuffled = treated.copy()
+    shuffled[:, N_BASE_FEATURES:] = rng.normal(size=(200, len(HISTORY_NAMES)))
+    np.testing.assert_array_equal(model.logit(treated), model.logit(shuffled))
+    with_history = fit_propensity(0, treated, controls, 0.2, design="quadratic", history=True)
+    assert not np.allclose(with_history.logit(treated), with_history.logit(shuffled))
 
 
 @pytest.fixture(scope="module")

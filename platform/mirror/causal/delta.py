@@ -6,9 +6,12 @@ X_{t-1} (the windows view's features) and the outcome X_{t+1} (raw lab values). 
 ``to > from`` is *treated* in stratum (ladder, from -> to); a row with ``to == from`` is a
 *control* for every stratum leaving ``from``. Then, per stratum:
 
-* propensity: logistic regression (scikit-learn) of treated vs control on X_{t-1} and the
-  ladder's own lab at the decision (the index lab), with their squares by default
-  (``propensity``), fitted on the training split only, on at most ``max_fit_rows`` treated and as many controls, drawn
+* propensity: logistic regression (scikit-learn) of treated vs control on X_{t-1}, the
+  ladder's own lab at the decision (the index lab) and, with ``history`` (off by default: on
+  two simulated populations it left the count of strata whose bias beats the naive one's
+  3x unchanged in one and raised it by 2 in the other), that lab's latest value by the end of
+  t - 2, so the model sees the lab's trend and not one reading; with their squares by
+  default (``propensity``), fitted on the training split only, on at most ``max_fit_rows`` treated and as many controls, drawn
   uniformly (subsampling controls shifts every logit by one constant: matching and the SD
   caliper are unchanged);
 * matching: each treated row (any split) takes a control of the training split near its
@@ -54,33 +57,47 @@ from mirror.data.views.windows import (
     LAB_SHORTS,
     N_LABS,
     N_LADDERS,
-    N_WINDOW_FEATURES,
     Windows,
     patient_windows,
 )
 
+# History covariates (``DeltaConfig.history``): the index lab's latest value by the end of
+# t - 2, so that with X_{t-1} and the index lab the propensity sees the lab's trend.
+HISTORY_NAMES = ["index_lab_prior", "index_lab_prior_known"]
 FEATURE_NAMES = (
     [f"{s}" for s in LAB_SHORTS] + [f"{s}_measured" for s in LAB_SHORTS]
     + ["level_diabetes", "level_lipids", "level_hypertension", "female", "age", "present",
-       "index_lab", "index_lab_measured"]
+       "index_lab", "index_lab_measured"] + HISTORY_NAMES
 )  # fmt: skip
-N_PROPENSITY_FEATURES = N_WINDOW_FEATURES + 2
+N_PROPENSITY_FEATURES = len(FEATURE_NAMES)
+N_BASE_FEATURES = N_PROPENSITY_FEATURES - len(HISTORY_NAMES)  # X_{t-1} and the index lab
 # Balance is judged on the covariates that vary ("present" is 1 in every transition row).
 BALANCE_FEATURES = np.array([i for i, n in enumerate(FEATURE_NAMES) if n != "present"])
 SPLIT_CODE = {s: i for i, s in enumerate(schema.SPLITS)}
 MAX_LEVEL = 8  # key packing: ladder * 64 + from * 8 + to
 INDEX_LAB = FEATURE_NAMES.index("index_lab")
 _CONTINUOUS = np.array([*range(len(LAB_SHORTS)), FEATURE_NAMES.index("age"), INDEX_LAB])
+_CONTINUOUS_HISTORY = np.r_[_CONTINUOUS, FEATURE_NAMES.index("index_lab_prior")]
 DESIGNS = ("linear", "quadratic")
 OUTCOMES = ("first", "latest")
 
 
-def design_matrix(x: np.ndarray, design: str) -> np.ndarray:
-    """The propensity model's inputs: the covariates, and with ``quadratic`` the squares of the
-    continuous ones (labs, age, index lab), since the simulator decides at a threshold of the
-    index lab and a linear logit cannot bend there."""
+def balance_features(history: bool) -> np.ndarray:
+    """The covariates a stratum's max |SMD| is judged on: those its propensity sees. The
+    balance table lists the history ones either way."""
+    return BALANCE_FEATURES if history else BALANCE_FEATURES[BALANCE_FEATURES < N_BASE_FEATURES]
+
+
+def design_matrix(x: np.ndarray, design: str, history: bool = False) -> np.ndarray:
+    """The propensity model's inputs: the covariates (the history ones only with ``history``),
+    and with ``quadratic`` the squares of the continuous ones (labs, age, index lab and its
+    prior value), since the simulator decides at a threshold of the index lab and a linear
+    logit cannot bend there."""
     x = np.asarray(x, np.float64)
-    return x if design == "linear" else np.c_[x, x[:, _CONTINUOUS] ** 2]
+    continuous = _CONTINUOUS_HISTORY if history else _CONTINUOUS
+    squares = x[:, continuous] ** 2
+    x = x if history else x[:, :N_BASE_FEATURES]
+    return x if design == "linear" else np.c_[x, squares]
 
 
 def stratum_key(ladder: np.ndarray | int, from_level: np.ndarray | int, to_level: np.ndarray | int) -> Any:
@@ -102,6 +119,7 @@ class DeltaConfig:
     max_fit_rows: int = 100_000  # per stratum and class (treated, controls) for the propensity
     seed: int = 0
     propensity: str = "quadratic"  # linear: X_{t-1} and the index lab; quadratic: plus their squares
+    history: bool = False  # the propensity also sees the index lab's value by t - 2 (its trend)
     neighbours: int = 8  # controls per side of the sorted logit considered (1: the nearest only)
     index_lab_weight: float = 1.0  # weight of the index lab in the distance among candidates (0: logit only)
     exclude_own_windows: bool = True  # a treated row never takes a control of the same patient
@@ -138,6 +156,8 @@ def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks
     n_win = windows.n_windows[windows.owner]
     t = np.flatnonzero((windows.index >= 1) & (windows.index <= n_win - 2))
     x = windows.features(t - 1, carry_forward=True)
+    known = windows.carried_forward()
+    has_prior = windows.index[t] >= 2
     from mirror.data.views.windows import _LADDER_LAB_COLUMN, LAB_SCALE, LAB_TYPICAL
     first = outcome == "first"
     y = (windows.first_value if first else windows.lab_value)[t + 1].astype(np.float32)
@@ -150,12 +170,14 @@ def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks
         index = windows.index_value[rows, li]
         lab = _LADDER_LAB_COLUMN[li]
         index_x = np.c_[np.nan_to_num((index - LAB_TYPICAL[lab]) / LAB_SCALE[lab]), ~np.isnan(index)]
+        prior = np.where(has_prior[keep], known[np.maximum(rows - 2, 0), lab], np.nan)
+        history_x = np.c_[np.nan_to_num((prior - LAB_TYPICAL[lab]) / LAB_SCALE[lab]), ~np.isnan(prior)]
         sid = subject_id[windows.owner[rows]].astype(np.int64)
         parts.append({
             "subject_id": sid, "window": windows.index[rows].astype(np.int16),
             "window_start": windows.start_week[rows].astype(np.int32),
             "ladder": np.full(len(rows), li, np.int8), "from_level": from_level[keep].astype(np.int8),
-            "to_level": windows.level[rows, li].astype(np.int8), "x": np.c_[x[keep], index_x].astype(np.float32), "y": y[keep],
+            "to_level": windows.level[rows, li].astype(np.int8), "x": np.c_[x[keep], index_x, history_x].astype(np.float32), "y": y[keep],
             "y_week": y_week[keep],
         })  # fmt: skip
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -308,19 +330,20 @@ class Propensity:
     fit_controls: int
     design: str = "linear"
     index_lab_sd: float = 1.0  # pooled SD of the index lab (its matching distance's unit)
+    history: bool = False
 
     def logit(self, x: np.ndarray) -> np.ndarray:
-        return design_matrix(x, self.design) @ self.coef + self.intercept
+        return design_matrix(x, self.design, self.history) @ self.coef + self.intercept
 
 
 def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int = 0,
-                   design: str = "linear") -> Propensity:
+                   design: str = "linear", history: bool = False) -> Propensity:
     """Logistic regression treated vs control on ``design_matrix`` (standardised inside, so the
     L2 penalty treats every input alike); caliper = ``caliper_sd`` x pooled SD of the logit (the
     average of the two groups' variances, so subsampling either group does not move it)."""
     from sklearn.linear_model import LogisticRegression
 
-    x = design_matrix(np.concatenate([x_treated, x_controls]), design)
+    x = design_matrix(np.concatenate([x_treated, x_controls]), design, history)
     mean, sd = x.mean(axis=0), x.std(axis=0)
     sd = np.where(sd > 1e-9, sd, 1.0)
     label = np.r_[np.ones(len(x_treated)), np.zeros(len(x_controls))]
@@ -332,7 +355,7 @@ def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, cali
     index = np.concatenate([x_treated, x_controls])[:, INDEX_LAB].astype(np.float64)
     index_sd = float(np.sqrt((index[: len(x_treated)].var() + index[len(x_treated):].var()) / 2.0))
     return Propensity(key, coef, intercept, caliper_sd * max(logit_sd, 1e-9), len(x_treated), len(x_controls),
-                      design, max(index_sd, 1e-9))
+                      design, max(index_sd, 1e-9), history)
 
 
 def match_stratum(model: Propensity, treated: dict[str, np.ndarray], controls: dict[str, np.ndarray],

@@ -99,7 +99,8 @@ def _sample_task(work: str, k: int, rates: np.ndarray, seed: int) -> dict[int, n
 
 
 def _fit_task(key: int, x_treated: np.ndarray, x_controls: np.ndarray, config: D.DeltaConfig) -> D.Propensity:
-    return D.fit_propensity(key, x_treated, x_controls, config.caliper_sd, config.seed, config.propensity)
+    return D.fit_propensity(key, x_treated, x_controls, config.caliper_sd, config.seed, config.propensity,
+                            config.history)
 
 
 def _match_task(work: str, k: int, models: dict[int, D.Propensity], config: D.DeltaConfig) -> dict[int, D.StratumSums]:
@@ -273,8 +274,9 @@ def stratum_table(sums: dict[int, D.StratumSums], models: dict[int, D.Propensity
         naive = s.y_treated.s[j] / max(s.y_treated_n[j], 1) - s.y_controls.s[j] / max(s.y_controls_n[j], 1)
         psm = s.delta_sum[j] / max(s.delta_n[j], 1) if s.delta_n[j] else float("nan")
         sd = D.pooled_sd(s.x_treated, s.x_controls)
-        before = np.abs(D.smd(s.x_treated, s.x_controls, sd))[D.BALANCE_FEATURES]
-        after = np.abs(D.smd(s.x_treated_matched, s.x_matched_controls, sd))[D.BALANCE_FEATURES] if s.matched else before * np.nan
+        judged = D.balance_features(models[k].history)
+        before = np.abs(D.smd(s.x_treated, s.x_controls, sd))[judged]
+        after = np.abs(D.smd(s.x_treated_matched, s.x_matched_controls, sd))[judged] if s.matched else before * np.nan
         row |= {
             "fitted": True, "lab": LAB_SHORTS[j], "treated": s.treated, "controls": s.controls, "matched": s.matched,
             "match_rate": s.matched / max(s.treated, 1), "caliper_drops": s.caliper_drops, "no_controls": s.no_controls,
