@@ -21,7 +21,9 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   under-disperses (EM x1,000 gives 2.7 codes against the real 6.2, x25 6.9): re-measure the
   curve for a new score net before trusting the default. Re-measured under today's defaults
   (MLP, Bernoulli) on a run of the acceptance settings (bench/results/sampler_ema_10240.json):
-  43x faster than EM x1,000, DDM 0.0024 against 0.0045, PCD 16.6 against 19.8.
+  43x faster than EM x1,000, DDM 0.0024 against 0.0045, PCD 16.6 against 19.8. The
+  predictor-corrector (``pc``) trades DDM for PCD like the EM step count does, and does not
+  beat the default on both (README, ScoEHR).
 * ``decode``: how a final latent becomes codes. The paper thresholds the decoder's
   probabilities at ½ (``"threshold"``); ``"bernoulli"`` (default, by measurement) draws each
   code from its probability, the generative reading of the BCE-trained decoder (the
@@ -376,7 +378,7 @@ class ScoEHRScoreConfig:
     ema_decay: float = 0.0
     sample_online: bool = False  # draw with the online weights even when the run kept an EMA
     autoencoder: bool = True  # False: the no-autoencoder ablation (diffusion on code vectors)
-    sampler: str = "em"  # em | heun | dpm2m (module docstring: how the default was chosen)
+    sampler: str = "em"  # em | heun | dpm2m | pc (module docstring: how the default was chosen)
     sample_steps: int = 25
     clamp_latent: bool = False  # clip the final latent to [-1, 1] before decoding
     latent_norm: bool = False  # diffuse the latent standardised per dimension (module docstring)

@@ -17,7 +17,12 @@ the final state (upstream kept and decoded the whole trajectory):
   (2nd order; 2 score calls per step, the last step plain Euler).
 * ``dpm2m``: DPM-Solver++(2M) (Lu et al. 2022) on the same ODE: a second-order multistep
   solver in log-SNR λ = log(m / σ) with the data prediction ẑ_0 = (z + σ² s) / m, steps
-  uniform in λ; 1 score call per step. The platform's fast default (bench/bench_sampler.py).
+  uniform in λ; 1 score call per step.
+* ``pc``: predictor-corrector (Song et al. 2021, Algorithm 3): at each time one Langevin
+  corrector step at signal-to-noise ``LANGEVIN_SNR``, then one Euler-Maruyama step of the
+  reverse SDE; 2 score calls per step, no noise on the last step.
+
+Which one ``scoehr_score`` uses by default, and why, is in ``models/scoehr.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z (B, d), t (B,)) -> score
-SAMPLERS = ("em", "heun", "dpm2m")
+SAMPLERS = ("em", "heun", "dpm2m", "pc")
+LANGEVIN_SNR = 0.16  # score_sde's value for the VP SDE
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,34 @@ def sample_dpm2m(score: ScoreFn, sde: VPSDE, z_T: torch.Tensor, steps: int) -> t
     return z
 
 
+def sample_pc(
+    score: ScoreFn, sde: VPSDE, z_T: torch.Tensor, steps: int, generator: torch.Generator | None = None,
+    snr: float = LANGEVIN_SNR,
+) -> torch.Tensor:
+    """Predictor-corrector on a uniform t grid. The Langevin step is ``2 α (snr σ(t))²`` with
+    ``α = 1 - β(t) Δt``: score_sde's ``2 α (snr ‖ε‖ / ‖s‖)²`` with ``‖s‖`` at its scale under
+    the forward process, ``‖ε‖ / σ(t)``. score_sde averages the norms over the batch, so a draw
+    would depend on the batch it was drawn in; per row, a row near the mode (``s`` ≈ 0) would
+    take an unbounded step."""
+    times = _times(sde, steps, "cpu").tolist()
+
+    def noise() -> torch.Tensor:
+        return torch.randn(z_T.shape, generator=generator, device=z_T.device, dtype=z_T.dtype)
+
+    z = z_T
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        dt = t - t_next
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype)
+        beta = sde.beta(tt)[:, None]
+        alpha = (1.0 - beta * dt).clamp_min(1e-3)
+        step = 2.0 * alpha * (snr * sde.std(tt)[:, None]) ** 2
+        z = z + step * score(z, tt) + torch.sqrt(2.0 * step) * noise()  # corrector
+        z = z + dt * beta * (score(z, tt) + 0.5 * z)  # predictor: the reverse SDE's drift ...
+        if i < steps - 1:
+            z = z + torch.sqrt(beta * dt) * noise()  # ... and its noise, except on the last step
+    return z
+
+
 @torch.no_grad()
 def sample(
     name: str, score: ScoreFn, sde: VPSDE, z_T: torch.Tensor, steps: int,
@@ -198,9 +232,11 @@ def sample(
         return sample_heun(score, sde, z_T, steps)
     if name == "dpm2m":
         return sample_dpm2m(score, sde, z_T, steps)
+    if name == "pc":
+        return sample_pc(score, sde, z_T, steps, generator)
     raise ValueError(f"sampler: unknown {name!r}; valid: {SAMPLERS}")
 
 
 def score_calls(name: str, steps: int) -> int:
     """Score-network evaluations a sampler makes in ``steps`` steps (its cost)."""
-    return 2 * steps - 1 if name == "heun" else steps
+    return {"heun": 2 * steps - 1, "pc": 2 * steps}.get(name, steps)
