@@ -155,10 +155,10 @@ def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks
 
     n_win = windows.n_windows[windows.owner]
     t = np.flatnonzero((windows.index >= 1) & (windows.index <= n_win - 2))
-    x = windows.features(t - 1, carry_forward=True)
     known = windows.carried_forward()
+    x = windows.features(t - 1, labs=known)
     has_prior = windows.index[t] >= 2
-    from mirror.data.views.windows import _LADDER_LAB_COLUMN, LAB_SCALE, LAB_TYPICAL
+    from mirror.data.views.windows import _LADDER_LAB_COLUMN, LAB_SCALE, LAB_TYPICAL, scaled_lab
     first = outcome == "first"
     y = (windows.first_value if first else windows.lab_value)[t + 1].astype(np.float32)
     y_week = (windows.first_week if first else windows.lab_week)[t + 1].astype(np.int32)
@@ -169,9 +169,9 @@ def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks
         rows = t[keep]
         index = windows.index_value[rows, li]
         lab = _LADDER_LAB_COLUMN[li]
-        index_x = np.c_[np.nan_to_num((index - LAB_TYPICAL[lab]) / LAB_SCALE[lab]), ~np.isnan(index)]
+        index_x = np.c_[scaled_lab(index, LAB_TYPICAL[lab], LAB_SCALE[lab])]
         prior = np.where(has_prior[keep], known[np.maximum(rows - 2, 0), lab], np.nan)
-        history_x = np.c_[np.nan_to_num((prior - LAB_TYPICAL[lab]) / LAB_SCALE[lab]), ~np.isnan(prior)]
+        history_x = np.c_[scaled_lab(prior, LAB_TYPICAL[lab], LAB_SCALE[lab])]
         sid = subject_id[windows.owner[rows]].astype(np.int64)
         parts.append({
             "subject_id": sid, "window": windows.index[rows].astype(np.int16),

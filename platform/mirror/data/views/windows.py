@@ -153,18 +153,23 @@ class Windows:
         known = last >= self.offsets[self.owner][:, None]
         return np.where(known, np.take_along_axis(self.lab_value, np.maximum(last, 0), axis=0), np.nan)
 
-    def features(self, rows: np.ndarray | None = None, *, carry_forward: bool = False) -> np.ndarray:
-        """Model input of windows ``rows`` (default all): (R, N_WINDOW_FEATURES) float32. With
-        ``carry_forward`` labs are the latest known values (mask: ever measured) instead of
-        this window's."""
+    def features(self, rows: np.ndarray | None = None, *, labs: np.ndarray | None = None) -> np.ndarray:
+        """Model input of windows ``rows`` (default all): (R, N_WINDOW_FEATURES) float32. ``labs``
+        replaces each window's own lab values, e.g. with ``carried_forward()`` (mask: ever
+        measured)."""
         rows = np.arange(len(self.owner)) if rows is None else rows
-        value = (self.carried_forward() if carry_forward else self.lab_value)[rows]
-        measured = ~np.isnan(value)
-        scaled = np.where(measured, (value - LAB_TYPICAL) / LAB_SCALE, 0.0)
+        scaled, measured = scaled_lab((self.lab_value if labs is None else labs)[rows], LAB_TYPICAL, LAB_SCALE)
         return np.concatenate([
             scaled, measured, self.level[rows] / LADDER_LEVELS, self.female[rows, None],
             self.age[rows, None] / 100.0, np.ones((len(rows), 1)),
         ], axis=1).astype(np.float32)  # fmt: skip
+
+
+def scaled_lab(value: np.ndarray, typical: Any, scale: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A lab in typical-value units, 0 where missing, and the mask of where it was measured:
+    a missing lab is never exported as a number on its own."""
+    measured = ~np.isnan(value)
+    return np.where(measured, (value - typical) / scale, 0.0), measured
 
 
 def _flat(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
