@@ -11,7 +11,8 @@ reference run's decoder: factorised softmax, z at every step, ``copy_history``) 
 (the BoW head is drawn after them), with the training loop's schedule and clipping. Each arm is
 then scored on the unseen patients (tuning and held-out splits) as the evaluation scores them:
 ``ridge_r2_cv`` from standardised z and from the unscaled ``sentence_features`` (the floor;
-the same patients and folds for every arm); the same probe from z to the condition counts
+the same patients and folds for every arm), over the whole latent and per simulator factor
+(frailty and the seven organ-system clusters: which of them z recovers); the same probe from z to the condition counts
 themselves (how much of the floor's input z carries linearly); teacher-forced NLL per token
 and condition-age word accuracy from the clean encoder input, with z and with z rolled
 across patients.
@@ -38,7 +39,7 @@ from mirror.data.collate import CollateConfig, MaskSpec
 from mirror.data.simulator import SimulatorParams, write_chunk
 from mirror.data.vocab import N_CONDITIONS, PAD
 from mirror.metrics.evaluate import EvalConfig, load_ground_truth, sentence_features
-from mirror.metrics.tasks import ridge_r2_cv
+from mirror.metrics.tasks import ridge_r2_cv, ridge_r2_cv_by_dimension
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
 from mirror.train.loop import make_schedulers
@@ -54,6 +55,8 @@ def simulate(root: Path, patients: int, seed: int) -> int:
     params = SimulatorParams.from_seed(seed)
     if not schema.split_files(root, schema.HELD_OUT):
         write_chunk(params, seed, str(root), 0, 0, patients, row_group=8192)
+    if not (root / schema.GROUND_TRUTH_DIR / "params.json").exists():  # the factors' names
+        params.save(root / schema.GROUND_TRUTH_DIR)
     return params.n_weeks
 
 
@@ -136,19 +139,24 @@ def main() -> int:
         history = [ctx.train_step(next(batches)) for _ in range(args.steps)]
         train_s = time.perf_counter() - start
         s = score(model, args.data, n_weeks, args.eval_patients)
-        truth = load_ground_truth(args.data, s["ids"]).lookup(s["ids"])
-        r2 = ridge_r2_cv(s["z"].astype(np.float64), truth, folds=eval_cfg.cv_folds, seed=eval_cfg.seed)
+        ground_truth = load_ground_truth(args.data, s["ids"])
+        truth = ground_truth.lookup(s["ids"])
+        r2, r2_by_factor = ridge_r2_cv_by_dimension(s["z"].astype(np.float64), truth, folds=eval_cfg.cv_folds,
+                                                    seed=eval_cfg.seed)
+        names = [ground_truth.factor_name(k) for k in range(truth.shape[1])]
         # How much of the floor's own input (the condition counts) a linear read of z recovers.
         counts_r2 = ridge_r2_cv(s["z"].astype(np.float64), s["features"][:, :N_CONDITIONS].astype(np.float64),
                                 folds=eval_cfg.cv_folds, seed=eval_cfg.seed)
         if not floor:  # the same patients for every arm: one floor
-            floor = {"truth_r2": ridge_r2_cv(s["features"].astype(np.float64), truth, folds=eval_cfg.cv_folds,
-                                             seed=eval_cfg.seed, standardize=False),
-                     "patients": int(len(s["ids"]))}
+            floor_r2, floor_by_factor = ridge_r2_cv_by_dimension(
+                s["features"].astype(np.float64), truth, folds=eval_cfg.cv_folds, seed=eval_cfg.seed, standardize=False)
+            floor = {"truth_r2": floor_r2, "patients": int(len(s["ids"])),
+                     "truth_r2_by_factor": {n: round(float(v), 4) for n, v in zip(names, floor_by_factor, strict=True)}}
         last = history[-20:]
         arms[f"bow_weight={weight:g}"] = {
             "bow_weight": weight,
             "truth_r2_z": round(r2, 4),
+            "truth_r2_z_by_factor": {n: round(float(v), 4) for n, v in zip(names, r2_by_factor, strict=True)},
             "condition_counts_r2_z": round(counts_r2, 4),
             "nll_per_token": round(s["nll_per_token"], 4),
             "tf_acc": round(s["tf_acc"], 4),
@@ -161,6 +169,9 @@ def main() -> int:
         print(f"[bow] weight {weight:g}: truth R2 z {r2:.4f} (floor {floor['truth_r2']:.4f}), counts R2 z {counts_r2:.4f}, "
               f"nll/token {s['nll_per_token']:.3f}, tf_acc {s['tf_acc']:.4f} (rolled z {s['tf_acc_rolled_z']:.4f}), "
               f"train {train_s:.0f} s", flush=True)
+        print("[bow]   by factor, z / floor: " + ", ".join(
+            f"{n} {arms[f'bow_weight={weight:g}']['truth_r2_z_by_factor'][n]:.3f} / {floor['truth_r2_by_factor'][n]:.3f}"
+            for n in names), flush=True)
     result = {
         "bench": "ae_bow",
         "patients_simulated": args.patients, "eval_patients": floor["patients"], "eval_splits": list(UNSEEN),
@@ -168,6 +179,7 @@ def main() -> int:
         "model": "ae defaults (factorised, z_every_step, copy_history) + bow_weight",
         "config_overrides": overrides,
         "floor_truth_r2": round(floor["truth_r2"], 4),
+        "floor_truth_r2_by_factor": floor["truth_r2_by_factor"],
         "arms": arms,
         "wall_seconds": round(time.perf_counter() - began, 1),
         "load_average_after": [round(x, 1) for x in os.getloadavg()],

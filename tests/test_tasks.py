@@ -8,6 +8,7 @@ from those scripts, independent of any training.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ from mirror.metrics.tasks import (
     mask_encoder_input,
     pearson_r,
     ridge_r2_cv,
+    ridge_r2_cv_by_dimension,
     sex_auroc_cv,
     word_positions,
 )
@@ -469,6 +471,14 @@ def test_ground_truth_is_read_from_parquet_and_scored(tmp_path):
     assert math.isnan(result.metrics["baseline/recon/tf_acc"])
     assert result.notes["baseline/recon/tf_acc"] == "no baseline given"
     assert result.samples.num_rows == 0
+    # Per factor: unnamed without the simulator's params.json, named with it.
+    assert list(result.truth_by_factor) == ["factor_0", "factor_1"]
+    assert all(set(r) == {"z", "floor"} for r in result.truth_by_factor.values())
+    params = tmp_path / schema.GROUND_TRUTH_DIR / "params.json"
+    params.write_text(json.dumps({"latent_factors": ["frailty", "cardiometabolic"]}))
+    assert load_ground_truth(tmp_path, np.array([10])).factor_names == ("frailty", "cardiometabolic")
+    params.write_text(json.dumps({"latent_factors": ["frailty"]}))  # another width: not these
+    assert load_ground_truth(tmp_path, np.array([10])).factor_names == ()
 
 
 def test_evaluation_rejects_sentences_longer_than_max_words():
@@ -565,6 +575,21 @@ def test_linear_probe_recovers_a_linear_truth():
     # enough scores about 0, not below (a grid stopping at 1e3 gave -0.08 here).
     counts = rng.poisson(0.02, (500, 400)).astype(float)
     assert ridge_r2_cv(counts, rng.standard_normal((500, 3))) > -0.02
+
+
+def test_probe_by_dimension_names_the_recovered_factor_and_weights_the_whole():
+    """One factor a linear function of z, one noise: the per-dimension R^2 tell them apart and
+    the whole vector's is their variance-weighted mean (what ridge_r2_cv reports)."""
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((800, 6))
+    truth = np.c_[z @ rng.standard_normal(6), 3.0 * rng.standard_normal(800)]
+    whole, by_dim = ridge_r2_cv_by_dimension(z, truth)
+    assert by_dim.shape == (2,) and by_dim[0] > 0.99 and abs(by_dim[1]) < 0.05
+    weights = truth.var(0) / truth.var(0).sum()
+    assert whole == pytest.approx(float(weights @ by_dim), abs=1e-9)
+    assert whole == ridge_r2_cv(z, truth)
+    nan_whole, nan_dims = ridge_r2_cv_by_dimension(z[:6], truth[:6])  # fewer rows than 2 x folds
+    assert math.isnan(nan_whole) and np.isnan(nan_dims).all() and nan_dims.shape == (2,)
 
 
 def test_count_probe_unscaled_survives_rare_conditions_that_break_a_scaled_one():

@@ -7,6 +7,9 @@ keeps the whole file to a few minutes on a 2-core machine.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -123,7 +126,7 @@ def evaluated(resumed_run):
     return resumed_run.run_id, evaluate_run(resumed_run.run_id)
 
 
-def test_evaluation_logs_every_metric_and_artifact(evaluated):
+def test_evaluation_logs_every_metric_and_artifact(evaluated, tmp_path):
     run_id, metrics = evaluated
     assert set(METRIC_NAMES) <= set(metrics)
     assert 0.0 <= metrics["privacy/mia/loss_auc"] <= 1.0  # white-box membership test
@@ -134,8 +137,13 @@ def test_evaluation_logs_every_metric_and_artifact(evaluated):
     # The registry's declared metric names (what sweeps are checked against) are really logged.
     assert set(get_model_spec("wae").metric_names) <= set(run.data.metrics)
     artifacts = {a.path for a in tracking.client().list_artifacts(run_id, "evaluation")}
-    for name in ("config.json", "training_curve.png", "prevalence_scatter.png"):
+    for name in ("config.json", "training_curve.png", "prevalence_scatter.png", "truth_by_factor.json"):
         assert f"evaluation/{name}" in artifacts
+    # Simulated data: each of the simulator's named factors, from z and from the floor's counts.
+    local = tracking.client().download_artifacts(run_id, "evaluation/truth_by_factor.json", str(tmp_path))
+    by_factor = json.loads(Path(local).read_text())
+    assert list(by_factor)[:2] == ["frailty", "cardiometabolic"]
+    assert all(set(r) == {"z", "floor"} for r in by_factor.values())
     assert "evaluation/generated_sample.parquet" not in artifacts  # ungated model output
     assert "model" in tracking.logged_model_names(run_id)
 

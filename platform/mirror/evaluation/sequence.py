@@ -104,5 +104,7 @@ def sequence_suite(loaded: LoadedRun, artifacts: Path) -> dict[str, float]:
     notes = {**result.notes, "generated_sample": NO_SAMPLE_NOTE}
     (artifacts / "eval_notes.json").write_text(json.dumps(notes, indent=2, sort_keys=True) + "\n")
     prevalence_scatter(result, artifacts / "prevalence_scatter.png")
+    if result.truth_by_factor:  # which of the simulator's factors z recovers, beside the floor
+        (artifacts / "truth_by_factor.json").write_text(json.dumps(result.truth_by_factor, indent=2) + "\n")
     np.savez(artifacts / "prevalence.npz", **result.prevalence)
     return {**result.metrics, **membership}

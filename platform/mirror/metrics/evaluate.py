@@ -28,9 +28,10 @@ and ``EvalResult.notes`` says why.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,7 @@ from mirror.metrics.tasks import (
     imq_mmd2_unbiased,
     mask_encoder_input,
     pearson_r,
-    ridge_r2_cv,
+    ridge_r2_cv_by_dimension,
     sex_auroc_cv,
     teacher_forced_sums,
     topk_hits,
@@ -201,10 +202,15 @@ class GroundTruth:
     subject_id: np.ndarray  # (n,) int64, sorted, unique
     latent: np.ndarray  # (n, k) float32
     source: str = "arrays"
+    factor_names: tuple[str, ...] = ()  # one per latent column (the simulator's); () -> factor_<k>
+
+    def factor_name(self, k: int) -> str:
+        return self.factor_names[k] if k < len(self.factor_names) else f"factor_{k}"
 
     @classmethod
     def from_arrays(
-        cls, subject_id: np.ndarray, latent: np.ndarray, source: str = "arrays"
+        cls, subject_id: np.ndarray, latent: np.ndarray, source: str = "arrays",
+        factor_names: tuple[str, ...] = (),
     ) -> GroundTruth:
         ids = np.asarray(subject_id, dtype=np.int64)
         latent = np.asarray(latent, dtype=np.float32)
@@ -221,7 +227,11 @@ class GroundTruth:
             raise ValueError(
                 f"{source}: subject_id {ids[dup[0]]} appears twice (rule: one row per patient)"
             )
-        return cls(ids, latent, source)
+        if factor_names and len(factor_names) != latent.shape[1]:
+            raise ValueError(
+                f"{source}: {len(factor_names)} factor names for {latent.shape[1]} latent columns"
+            )
+        return cls(ids, latent, source, tuple(factor_names))
 
     def lookup(self, subject_id: np.ndarray) -> np.ndarray:
         """Latent rows of ``subject_id`` in that order; raises naming missing ids."""
@@ -276,7 +286,20 @@ def load_ground_truth(dataset_dir: str | Path, subject_ids: np.ndarray) -> Groun
         return GroundTruth.from_arrays(
             np.empty(0, np.int64), np.empty((0, 1), np.float32), str(root)
         )
-    return GroundTruth.from_arrays(np.concatenate(ids), np.concatenate(rows), str(root))
+    latent = np.concatenate(rows)
+    return GroundTruth.from_arrays(
+        np.concatenate(ids), latent, str(root), latent_factor_names(root, latent.shape[1])
+    )
+
+
+def latent_factor_names(truth_dir: Path, width: int) -> tuple[str, ...]:
+    """The simulator's names of the latent factors (``params.json``: ``latent_factors``) when
+    they match the latent's width; () otherwise (datasets without them, older simulators)."""
+    params = truth_dir / "params.json"
+    if not params.exists():
+        return ()
+    names = json.loads(params.read_text()).get("latent_factors") or []
+    return tuple(names) if len(names) == width else ()
 
 
 @dataclass
@@ -286,6 +309,9 @@ class EvalResult:
     samples: pa.Table  # valid generated sentences in schema.ROW_SCHEMA (ids from SYNTHETIC_ID_OFFSET)
     prevalence: dict[str, np.ndarray]  # "real", "generated", "baseline": (N_CONDITIONS,)
     length_histograms: dict[str, np.ndarray]  # same keys: counts of lengths 0..max_words+1
+    # Simulated data: per latent factor, the R^2 of the probe from z ("z") and of the floor's
+    # probe from the sentence's counts ("floor"): which factors each recovers. {} without truth.
+    truth_by_factor: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,7 +687,8 @@ def _evaluate(
     metrics = _task_metrics(sums, "eval") | _task_metrics(sums, "baseline") | _floor_metrics(sums)
     metrics |= gen.metrics(real_prevalence.prevalence(), real_lengths.counts)
     metrics |= base_gen.metrics(real_prevalence.prevalence(), real_lengths.counts)
-    metrics |= _latent_metrics(reservoir, ground_truth, cfg, notes)
+    latent_metrics, truth_by_factor = _latent_metrics(reservoir, ground_truth, cfg, notes)
+    metrics |= latent_metrics
     counts = {
         "patients": patients,
         "words": int(sums["eval/tf/words"]),
@@ -690,6 +717,7 @@ def _evaluate(
             "generated": gen.lengths.counts,
             "baseline": base_gen.lengths.counts,
         },
+        truth_by_factor=truth_by_factor,
     )
 
 
@@ -698,7 +726,8 @@ def _latent_metrics(
     ground_truth: GroundTruth | str | Path | None,
     cfg: EvalConfig,
     notes: dict[str, str],
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The latent metrics, and (simulated data) each truth factor's R^2 from z and the floor."""
     z, sex = reservoir.z.astype(np.float64), reservoir.sex
     out = {
         "eval/latent/sex_auroc": sex_auroc_cv(z, sex, folds=cfg.cv_folds, seed=cfg.seed),
@@ -717,22 +746,27 @@ def _latent_metrics(
     if ground_truth is None:
         out["eval/latent/truth_r2"] = math.nan
         notes["eval/latent/truth_r2"] = "no ground truth (only simulated datasets have one)"
-    else:
-        truth = (
-            ground_truth
-            if isinstance(ground_truth, GroundTruth)
-            else load_ground_truth(ground_truth, reservoir.subject_id)
-        )
-        latent = truth.lookup(reservoir.subject_id)
-        out["eval/latent/truth_r2"] = ridge_r2_cv(z, latent, folds=cfg.cv_folds, seed=cfg.seed)
-        # The floor: the same probe on what the sentence shows directly, same patients, folds;
-        # counts unscaled (ridge_r2_cv: scaling sparse counts makes the probe unstable).
-        out["baseline/latent/truth_r2"] = ridge_r2_cv(
-            reservoir.features.astype(np.float64), latent, folds=cfg.cv_folds, seed=cfg.seed, standardize=False
-        )
-    if ground_truth is None:
         notes["baseline/latent/truth_r2"] = notes["eval/latent/truth_r2"]
-    return out
+        return out, {}
+    truth = (
+        ground_truth
+        if isinstance(ground_truth, GroundTruth)
+        else load_ground_truth(ground_truth, reservoir.subject_id)
+    )
+    latent = truth.lookup(reservoir.subject_id)
+    out["eval/latent/truth_r2"], from_z = ridge_r2_cv_by_dimension(
+        z, latent, folds=cfg.cv_folds, seed=cfg.seed
+    )
+    # The floor: the same probe on what the sentence shows directly, same patients, folds;
+    # counts unscaled (ridge_r2_cv: scaling sparse counts makes the probe unstable).
+    out["baseline/latent/truth_r2"], from_counts = ridge_r2_cv_by_dimension(
+        reservoir.features.astype(np.float64), latent, folds=cfg.cv_folds, seed=cfg.seed, standardize=False
+    )
+    by_factor = {
+        truth.factor_name(k): {"z": float(from_z[k]), "floor": float(from_counts[k])}
+        for k in range(latent.shape[1])
+    }
+    return out, by_factor
 
 
 __all__ = [
