@@ -36,7 +36,7 @@ from results_file import write_results
 from mirror.data import schema
 from mirror.data.batch import SequenceInfo
 from mirror.data.collate import CollateConfig, MaskSpec
-from mirror.data.simulator import SimulatorParams, write_chunk
+from mirror.data.simulator import PARAMS_JSON, SimulatorParams, write_chunk
 from mirror.data.vocab import N_CONDITIONS, PAD
 from mirror.metrics.evaluate import EvalConfig, load_ground_truth, sentence_features
 from mirror.metrics.tasks import ridge_r2_cv, ridge_r2_cv_by_dimension
@@ -55,7 +55,7 @@ def simulate(root: Path, patients: int, seed: int) -> int:
     params = SimulatorParams.from_seed(seed)
     if not schema.split_files(root, schema.HELD_OUT):
         write_chunk(params, seed, str(root), 0, 0, patients, row_group=8192)
-    if not (root / schema.GROUND_TRUTH_DIR / "params.json").exists():  # the factors' names
+    if not (root / schema.GROUND_TRUTH_DIR / PARAMS_JSON).exists():  # the factors' names
         params.save(root / schema.GROUND_TRUTH_DIR)
     return params.n_weeks
 

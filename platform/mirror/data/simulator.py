@@ -110,6 +110,7 @@ _PYRAMID_FEMALE = (6.0, 6.2, 6.3, 6.5, 6.8, 6.9, 6.8, 6.5, 6.3, 6.4, 6.6, 6.5, 5
                    2.6, 1.8, 1.2, 0.6, 0.2, 0.04)  # fmt: skip
 
 # Latent factors: 0 = frailty, 1..7 = organ-system clusters (what each system loads on).
+PARAMS_JSON = "params.json"  # SimulatorParams.save: scalars, readable tables, latent factor names
 _FACTOR_NAMES = (
     "frailty", "cardiometabolic", "respiratory_allergic", "mental_injury",
     "musculoskeletal_pain", "infection_immune", "digestive", "neoplasm_genitourinary",
@@ -261,16 +262,27 @@ class SimulatorParams:
             "cluster_of_system": _SYSTEM_FACTOR,
             "progression": self.progression_table(),
         }
-        (directory / "params.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return {"json": str(directory / "params.json"), "arrays": str(directory / "params.npz")}
+        (directory / PARAMS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+        return {"json": str(directory / PARAMS_JSON), "arrays": str(directory / "params.npz")}
 
     @classmethod
     def load(cls, directory: str | Path) -> SimulatorParams:
         """Inverse of :meth:`save` (e.g. ``<dataset>/ground_truth``)."""
         directory = Path(directory)
-        summary = json.loads((directory / "params.json").read_text())
+        summary = json.loads((directory / PARAMS_JSON).read_text())
         with np.load(directory / "params.npz") as arrays:
             return cls(**summary["scalars"], **{n: arrays[n] for n in cls.ARRAYS})
+
+
+def latent_factor_names(directory: str | Path, width: int) -> tuple[str, ...]:
+    """The latent factors' names that :meth:`SimulatorParams.save` wrote to ``directory`` (e.g.
+    ``<dataset>/ground_truth``) when they match the latent's width; () otherwise (datasets
+    without them, other simulators)."""
+    path = Path(directory) / PARAMS_JSON
+    if not path.exists():
+        return ()
+    names = json.loads(path.read_text()).get("latent_factors") or []
+    return tuple(names) if len(names) == width else ()
 
 
 def _age_shape(profile: str, slope: float) -> np.ndarray:

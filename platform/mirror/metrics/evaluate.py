@@ -28,7 +28,6 @@ and ``EvalResult.notes`` says why.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -44,6 +43,7 @@ import torch
 from mirror.data import schema
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.collate import MaskSpec, make_mask
+from mirror.data.simulator import latent_factor_names
 from mirror.data.vocab import N_AGE_GROUPS, N_CONDITIONS, N_SPECIAL
 from mirror.metrics.baselines import FrequencyBaseline, copy_previous_topk
 from mirror.metrics.tasks import (
@@ -290,16 +290,6 @@ def load_ground_truth(dataset_dir: str | Path, subject_ids: np.ndarray) -> Groun
     return GroundTruth.from_arrays(
         np.concatenate(ids), latent, str(root), latent_factor_names(root, latent.shape[1])
     )
-
-
-def latent_factor_names(truth_dir: Path, width: int) -> tuple[str, ...]:
-    """The simulator's names of the latent factors (``params.json``: ``latent_factors``) when
-    they match the latent's width; () otherwise (datasets without them, older simulators)."""
-    params = truth_dir / "params.json"
-    if not params.exists():
-        return ()
-    names = json.loads(params.read_text()).get("latent_factors") or []
-    return tuple(names) if len(names) == width else ()
 
 
 @dataclass

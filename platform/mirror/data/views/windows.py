@@ -165,7 +165,9 @@ class Windows:
         ], axis=1).astype(np.float32)  # fmt: skip
 
 
-def scaled_lab(value: np.ndarray, typical: Any, scale: Any) -> tuple[np.ndarray, np.ndarray]:
+def scaled_lab(
+    value: np.ndarray, typical: float | np.ndarray, scale: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """A lab in typical-value units, 0 where missing, and the mask of where it was measured:
     a missing lab is never exported as a number on its own."""
     measured = ~np.isnan(value)
