@@ -80,7 +80,7 @@ bench-gpu: install
 # acceptance target of issue 11 beside its floor; the WAE with the per-sex MMD penalty (the
 # seed's critic, the model's default, is the measured alternative: README). MLflow experiment
 # 'reference-mirror'; writes bench/results/reference_mirror.json. REFERENCE_ARGS passes options.
-REFERENCE_ARGS ?= --epochs 6 --set wae:model.latent_penalty=mmd_by_sex wae:model.lam=10
+REFERENCE_ARGS ?= --epochs 6 --set ae:model.latent_dim=64 wae:model.latent_dim=64 wae:model.latent_penalty=mmd_by_sex wae:model.lam=10
 reference-mirror: install
 	$(PY) bench/reference_mirror.py $(REFERENCE_ARGS)
 

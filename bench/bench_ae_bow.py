@@ -13,7 +13,9 @@ then scored on the unseen patients (tuning and held-out splits) as the evaluatio
 ``ridge_r2_cv`` from standardised z and from the unscaled ``sentence_features`` (the floor;
 the same patients and folds for every arm), over the whole latent and per simulator factor
 (frailty and the seven organ-system clusters: which of them z recovers); the same probe from z to the condition counts
-themselves (how much of the floor's input z carries linearly); teacher-forced NLL per token
+themselves (how much of the floor's input z carries linearly); the probe from the first
+``latent_dim`` principal components of the bag, as counts and as presence (what a linear
+compression to z's width keeps: :func:`bag_pca_truth_r2`); teacher-forced NLL per token
 and condition-age word accuracy from the clean encoder input, with z and with z rolled
 across patients.
 ``--set key=value`` (repeatable) sets any other AE config field for every arm, e.g.
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from bench_train import plain_batches
 from results_file import write_results
+from sklearn.decomposition import PCA
 
 from mirror.data import schema
 from mirror.data.batch import SequenceInfo
@@ -100,6 +103,20 @@ def score(model, root: Path, n_weeks: int, limit: int) -> dict[str, object]:
             "tokens": tokens}
 
 
+def bag_pca_truth_r2(features: np.ndarray, truth: np.ndarray, width: int, eval_cfg: EvalConfig) -> dict[str, float]:
+    """The truth probe from the bag of conditions compressed linearly to z's width: its first
+    ``width`` principal components, of the counts and of the presence (each condition once).
+    What a z holding the bag's leading directions could reach, and which bag holds the truth:
+    the counts' variance is mostly chronic conditions recurring, the presence's is which
+    conditions a patient has. PCA is fitted on these same unseen patients (unsupervised)."""
+    counts = features[:, :N_CONDITIONS].astype(np.float64)
+    out = {}
+    for name, bag in (("counts", counts), ("presence", (counts > 0).astype(np.float64))):
+        components = PCA(width, random_state=eval_cfg.seed).fit_transform(bag)
+        out[f"pca{width}_{name}"] = round(ridge_r2_cv(components, truth, folds=eval_cfg.cv_folds, seed=eval_cfg.seed), 4)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("/tmp/bow/sim60k"))
@@ -151,7 +168,8 @@ def main() -> int:
             floor_r2, floor_by_factor = ridge_r2_cv_by_dimension(
                 s["features"].astype(np.float64), truth, folds=eval_cfg.cv_folds, seed=eval_cfg.seed, standardize=False)
             floor = {"truth_r2": floor_r2, "patients": int(len(s["ids"])),
-                     "truth_r2_by_factor": {n: round(float(v), 4) for n, v in zip(names, floor_by_factor, strict=True)}}
+                     "truth_r2_by_factor": {n: round(float(v), 4) for n, v in zip(names, floor_by_factor, strict=True)},
+                     "bag_pca": bag_pca_truth_r2(s["features"], truth, model.config.latent_dim, eval_cfg)}
         last = history[-20:]
         arms[f"bow_weight={weight:g}"] = {
             "bow_weight": weight,
@@ -180,6 +198,7 @@ def main() -> int:
         "config_overrides": overrides,
         "floor_truth_r2": round(floor["truth_r2"], 4),
         "floor_truth_r2_by_factor": floor["truth_r2_by_factor"],
+        "bag_pca_truth_r2": floor["bag_pca"],
         "arms": arms,
         "wall_seconds": round(time.perf_counter() - began, 1),
         "load_average_after": [round(x, 1) for x in os.getloadavg()],

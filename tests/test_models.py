@@ -777,7 +777,7 @@ def test_ae_generates_from_its_fitted_aggregate_posterior_and_wae_from_the_stand
 def test_bow_loss_trains_a_head_from_z_towards_the_sentences_conditions(name: str):
     """With bow_weight > 0 the head's NLL is logged and falls under training, and its
     optimum is each sentence's condition frequencies (the softmax puts its mass there)."""
-    model = tiny_model(name, bow_weight=1.0)
+    model = tiny_model(name, bow_weight=1.0, bow_target="counts")
     batch = make_batch(SENTENCES, SEXES)
     history = train(model, batch, steps=60)
     assert history[-1]["bow"] < 0.5 * history[0]["bow"], (history[0]["bow"], history[-1]["bow"])
@@ -791,10 +791,50 @@ def test_bow_loss_trains_a_head_from_z_towards_the_sentences_conditions(name: st
         assert "bow" in model.eval_sums(batch)
 
 
+def test_bow_presence_target_counts_each_condition_once():
+    """bow_target "presence": a condition repeated week after week weighs what it weighs once
+    (the truth is in which conditions a patient has, not how often chronic ones recur), while
+    the "counts" bag weighs each repeat; words of the same condition at another age group are
+    the same condition."""
+    a, b = 3 + 24 * 5, 3 + 24 * 77
+    repeated = make_batch([[(a + 12, 20), (a + 12, 21), (a + 13, 22), (b + 13, 23)]], [1.0])
+    once = make_batch([[(a + 12, 20), (b + 13, 23)]], [1.0])
+    presence, counts = (tiny_model("ae", bow_weight=1.0, bow_target=target) for target in ("presence", "counts"))
+    counts.load_state_dict(presence.state_dict())
+    z = torch.randn(1, presence.autoencoder.bow.in_features)
+    with torch.no_grad():
+        logp = torch.log_softmax(presence.autoencoder.bow(z), dim=-1)[0]
+        expected_once = -(logp[5] + logp[77])
+        assert presence.autoencoder.bow_nll(repeated, z).sum() == pytest.approx(float(expected_once), rel=1e-5)
+        assert presence.autoencoder.bow_nll(once, z).sum() == pytest.approx(float(expected_once), rel=1e-5)
+        assert counts.autoencoder.bow_nll(repeated, z).sum() == pytest.approx(float(-(3 * logp[5] + logp[77])), rel=1e-5)
+    assert AEConfig.SAVED_BEFORE["bow_target"] == "counts"
+    with pytest.raises(ConfigError, match="bow_target"):
+        make_config("ae", {"bow_target": "tfidf"})
+
+
+@pytest.mark.parametrize("name", ["ae", "wae"])
+def test_encoder_bag_starts_as_the_model_without_it_and_learns_only_the_conditions_it_reads(name: str):
+    """encoder_bag: zero-initialised, so z starts as the GRU heads' alone; under training only
+    the rows of conditions the encoder reads move (a masked word's condition is not read)."""
+    plain, bagged = tiny_model(name, encoder_bag=False), tiny_model(name, encoder_bag=True)
+    assert AEConfig.SAVED_BEFORE["encoder_bag"] is False and plain.autoencoder.bag is None
+    bagged.load_state_dict(plain.state_dict(), strict=False)
+    only_masked = 3 + 24 * 404  # condition 404, in the new row 4 only, hidden from the encoder
+    batch = make_batch(SENTENCES + [[(only_masked, 8), (3 + 24 * 33 + 7, 9)]], SEXES + [1.0], masked_words={4: [0]})
+    with torch.no_grad():
+        assert torch.equal(plain.encode(batch), bagged.encode(batch))
+    train(bagged, batch, steps=3)
+    moved = bagged.autoencoder.bag.proj.weight.abs().sum(0) > 0  # (N_CONDITIONS,)
+    assert set(torch.flatten(moved.nonzero()).tolist()) == {10, 200, 33, 7, 400, 5, 600, 90, 91}
+    with torch.no_grad():
+        assert not torch.equal(plain.encode(batch), bagged.encode(batch))
+
+
 def test_bow_weight_zero_builds_no_head_and_leaves_the_objective_alone():
-    """bow_weight 0 (the default, and what older runs read as): no head, no extra state in
+    """bow_weight 0 (what runs saved before it read as): no head, no extra state in
     the checkpoint, the same loss; a positive weight changes the loss by exactly weight x NLL."""
-    off, on = tiny_model("ae"), tiny_model("ae", bow_weight=0.5)
+    off, on = tiny_model("ae", bow_weight=0.0), tiny_model("ae", bow_weight=0.5)
     assert off.autoencoder.bow is None and not any("bow" in k for k in off.state_dict())
     assert AEConfig.SAVED_BEFORE["bow_weight"] == 0.0
     on.load_state_dict(off.state_dict(), strict=False)  # same weights but the head

@@ -51,9 +51,13 @@ Choices where the seed is silent:
   (words and the final ``<EOS>``); :meth:`SentenceAutoencoder.patient_nll` is the plain
   (unweighted) NLL summed per patient.
 * ``bow_weight`` > 0 adds ``bow_weight`` times a bag-of-words loss (Zhao et al. 2017): a
-  linear head from z alone predicts the sentence's conditions (:meth:`SentenceAutoencoder.bow_nll`).
-  The copy mechanism lets the decoder read the conditions off the sentence so far, so nothing
-  else makes z carry which conditions the patient has; this does. Off by default.
+  linear head from z alone predicts the sentence's conditions (:meth:`SentenceAutoencoder.bow_nll`),
+  by default each distinct condition once (``bow_target = "presence"``). The copy mechanism
+  lets the decoder read the conditions off the sentence so far, so nothing else makes z carry
+  which conditions the patient has; this does. With ``encoder_bag`` (:class:`ConditionBag`)
+  z also gets a linear read of that presence, which the GRU heads alone learn too slowly for
+  605 rare conditions. The two together (weight 5) are what lifts the truth-recovery probe from
+  z to the bag-of-conditions floor (``bench/README.md``, bag-of-words).
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class AEConfig:
     # Runs saved before the decoder options existed decode as they were trained.
     SAVED_BEFORE: ClassVar[dict[str, object]] = {
         "dx_output": "full", "z_every_step": False, "word_dropout": 0.0, "gen_prior": "standard",
-        "copy_history": False, "bow_weight": 0.0,
+        "copy_history": False, "bow_weight": 0.0, "bow_target": "counts", "encoder_bag": False,
     }
 
     # Widths.
@@ -101,6 +105,10 @@ class AEConfig:
     latent_dim: int = 32  # width of z (real scale: 1024 = H·d_h)
     out_hidden: int = 128  # decoder aggregation layer before the two softmax heads (real: 512)
     week_on_dx: bool = True  # week head also reads E_dx(word): P(week | state, word)
+    # z also gets a linear read of which conditions the sentence has (ConditionBag), added to
+    # the GRU heads' aggregation. On by measurement, with the presence bag-of-words loss:
+    # bench/README.md (bag-of-words) and the README's reference run.
+    encoder_bag: bool = True
     # Decoder options (bench/bench_decoder.py measures them against each other).
     dx_output: str = "factorised"  # condition x age group; "full": one 14,523-way softmax (seed)
     z_every_step: bool = True  # feed z beside every decoder input, not only into h_0
@@ -111,7 +119,8 @@ class AEConfig:
     copy_history: bool = True
     # Loss.
     w_time: float = 1.0  # weight of the week cross-entropy relative to the diagnosis-age one
-    bow_weight: float = 0.0  # weight of the bag-of-conditions loss from z (0: no head, no loss)
+    bow_weight: float = 5.0  # weight of the bag-of-conditions loss from z (0: no head, no loss)
+    bow_target: str = "presence"  # the bag: each distinct condition once, or "counts" (every word's)
     # Generation (z from gen_prior decoded by ancestral sampling; reconstruction stays greedy).
     gen_prior: str = "aggregate"  # Gaussian fitted to the aggregate posterior; "standard": N(0, I)
     prior_momentum: float = 0.01  # per-step EMA weight of the aggregate posterior's moments
@@ -135,6 +144,7 @@ class AEConfig:
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
         require(self, "w_time", self.w_time >= 0, "a float >= 0")
         require(self, "bow_weight", self.bow_weight >= 0, "a float >= 0")
+        require(self, "bow_target", self.bow_target in BOW_TARGETS, f"one of {list(BOW_TARGETS)}")
         require(self, "dx_output", self.dx_output in WORD_HEADS, f"one of {sorted(WORD_HEADS)}")
         require(self, "word_dropout", 0 <= self.word_dropout < 1, "a float in [0, 1)")
         require(self, "copy_history", not self.copy_history or self.dx_output == "factorised",
@@ -195,6 +205,30 @@ class MultiHeadGRUEncoder(nn.Module):
     def forward(self, steps: PackedSequence) -> torch.Tensor:
         # h_n of a packed GRU is (1, B, d_h), taken at each row's own last step, in batch order.
         return torch.stack([head(steps)[1][0] for head in self.heads], dim=1)  # (B, H, d_h)
+
+
+def condition_presence(dx: torch.Tensor) -> torch.Tensor:
+    """(B, N_CONDITIONS) float multi-hot of the conditions among the diagnosis-age ids ``dx``
+    (B, T), each once whatever its age groups and repeats; special ids (<PAD>, so masked
+    words too) count for nothing."""
+    present = torch.zeros(dx.shape[0], N_CONDITIONS + 1, device=dx.device)
+    return present.scatter_(1, condition_ids(dx, N_CONDITIONS), 1.0)[:, :N_CONDITIONS]
+
+
+class ConditionBag(nn.Module):
+    """A linear map from the sentence's condition presence to z, added to the latent head's.
+
+    The GRU heads read a sentence in order and learn slowly which of 605 rare conditions say
+    what about a patient; a linear read of the multi-hot is the path a PCA of the presence
+    takes (``bench/bench_ae_bow.py``). Zero-initialised: training starts from the model without it."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(N_CONDITIONS, latent_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, presence: torch.Tensor) -> torch.Tensor:
+        return self.proj(presence)
 
 
 class LinearLatentHead(nn.Module):
@@ -411,6 +445,8 @@ class SentenceAutoencoder(nn.Module):
         self.copy_history = cfg.copy_history
         # Only built when used: runs saved without it load unchanged.
         self.bow = nn.Linear(cfg.latent_dim, N_CONDITIONS) if cfg.bow_weight > 0 else None
+        self.bow_presence = cfg.bow_target == "presence"
+        self.bag = ConditionBag(cfg.latent_dim) if cfg.encoder_bag else None
 
     def forward(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Summed NLL terms over the batch's predicted tokens and the latent z (B, latent_dim);
@@ -428,22 +464,31 @@ class SentenceAutoencoder(nn.Module):
         ``-log softmax(W z + b)[c_t]`` for each word's condition c_t, order ignored.
 
         A softmax over the 605 conditions summed over the words, not a per-condition BCE of
-        the multi-hot: its optimum is the sentence's condition frequencies ``n_c / L``, so z is
-        asked for how often each condition recurs (what the truth-recovery floor's counts
-        read), not only which are present; and summed per word it has the reconstruction's
-        per-token scale, so ``bow_weight = 1`` weighs a word's condition as much as its
-        reconstruction. Conditions only, no age group or week: the conditions are what the copy
-        mechanism lets z drop, and what the floor counts."""
+        the multi-hot: its optimum is the sentence's condition frequencies ``n_c / L``; and
+        summed per word it has the reconstruction's per-token scale, so ``bow_weight = 1``
+        weighs a word's condition as much as its reconstruction. Conditions only, no age group
+        or week: the conditions are what the copy mechanism lets z drop.
+
+        ``bow_target = "presence"`` sums over the sentence's distinct conditions instead
+        (B, 1): the optimum is ``1 / n_distinct`` on each, so a chronic condition recorded
+        every week weighs what a one-off does. The counts' variance is mostly such recurrence;
+        which conditions a patient has is what says where they sit on the simulator's latent
+        factors (``bench/README.md``, bag-of-words)."""
+        logp = torch.log_softmax(self.bow(z).float(), dim=-1)  # (B, C)
+        if self.bow_presence:
+            return -(condition_presence(batch.tgt_dx) * logp).sum(1, keepdim=True)  # (B, 1)
         cond = condition_ids(batch.tgt_dx, N_CONDITIONS)  # <EOS>, <PAD> -> the sink column
-        logp = F.pad(torch.log_softmax(self.bow(z).float(), dim=-1), (0, 1))  # (B, C + 1)
-        return -logp.gather(1, cond) * (cond < N_CONDITIONS)
+        return -F.pad(logp, (0, 1)).gather(1, cond) * (cond < N_CONDITIONS)
 
     def encode(self, batch: SequenceBatch) -> torch.Tensor:
         rows = _row_ids(batch)
         packed = pack_steps([batch.enc_dx, batch.enc_wk, rows], batch.lengths)
         dx, wk, row = packed.data.unbind(-1)  # each (N,)
         steps = with_data(packed, self.embed(dx, wk, batch.sex[row]))
-        return self.latent_head(self.encoder(steps))
+        z = self.latent_head(self.encoder(steps))
+        if self.bag is not None:
+            z = z + self.bag(condition_presence(batch.enc_dx)).to(z.dtype)
+        return z
 
     def decode_features(
         self, batch: SequenceBatch, z: torch.Tensor
@@ -664,6 +709,7 @@ def scalars_to_floats(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 GEN_PRIORS = ("aggregate", "standard")
+BOW_TARGETS = ("counts", "presence")  # AEConfig.bow_target: see SentenceAutoencoder.bow_nll
 
 
 class LatentMoments(nn.Module):
