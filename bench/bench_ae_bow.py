@@ -6,7 +6,9 @@ probe from z to the simulator's latent state up to the bag-of-conditions probe?
 
 One process, one torch thread, no Ray: the dataset is simulated in-process (``write_chunk``,
 one chunk, default ``SimulatorParams``), and each arm trains the AE at its defaults (the
-reference run's decoder: factorised softmax, z at every step, ``copy_history``) through
+reference run's decoder: factorised softmax, z at every step, ``copy_history``; and the
+presence bag with ``ConditionBag``; ``--set bow_target=counts --set encoder_bag=false`` is the
+model before them) through
 ``LocalStepContext`` on the same batches in the same order from the same initial weights
 (the BoW head is drawn after them), with the training loop's schedule and clipping. Each arm is
 then scored on the unseen patients (tuning and held-out splits) as the evaluation scores them:
@@ -194,7 +196,7 @@ def main() -> int:
         "bench": "ae_bow",
         "patients_simulated": args.patients, "eval_patients": floor["patients"], "eval_splits": list(UNSEEN),
         "steps": args.steps, "batch_size": args.batch_size, "torch_threads": 1,
-        "model": "ae defaults (factorised, z_every_step, copy_history) + bow_weight",
+        "model": "ae defaults (factorised, z_every_step, copy_history, bow_target presence, encoder_bag) + bow_weight",
         "config_overrides": overrides,
         "floor_truth_r2": round(floor["truth_r2"], 4),
         "floor_truth_r2_by_factor": floor["truth_r2_by_factor"],

@@ -254,7 +254,8 @@ def test_encode_logits_generate_nll_shapes(name: str, options: dict):
     assert dx.shape == wk.shape == (b, 7) and n_words.shape == (b,)
     assert per_patient.shape == (b,) and bool((per_patient > 0).all())
     latent = {"z_mean_abs", "z_var", "mmd", "w1_estimate", "loss_plus_mmd"} if name == "wae" else set()
-    assert set(sums) == {"nll_dx", "nll_wk", "loss", "tokens"} | latent
+    bow = {"bow"} if model.config.bow_weight > 0 else set()  # on by default
+    assert set(sums) == {"nll_dx", "nll_wk", "loss", "tokens"} | latent | bow
     assert all(v.dim() == 0 and v.dtype == torch.float32 for v in sums.values())
     assert sums["tokens"].item() == batch.n_tokens
     # Per-patient NLL adds up to the summed eval terms, and matches the padded logits.
