@@ -75,11 +75,12 @@ clean:
 bench-gpu: install
 	$(PY) bench/bench_gpu.py
 
-# The digital-mirror reference run: 200K simulated patients, AE and WAE on 2 CPU workers (four
-# full passes each, about 35 min on an idle 2-core box with evaluation and scorecard), every
-# acceptance target of issue 11 beside its floor; the WAE with the per-sex MMD penalty (the
-# seed's critic, the model's default, is the measured alternative: README). MLflow experiment
-# 'reference-mirror'; writes bench/results/reference_mirror.json. REFERENCE_ARGS passes options.
+# The digital-mirror reference run: 200K simulated patients, AE and WAE on 2 CPU workers (six
+# full passes each at latent 64; 88 min for both on a shared 2-core box with evaluation and
+# scorecard), every acceptance target of issue 11 beside its floor; the WAE with the per-sex
+# MMD penalty (the seed's critic, the model's default, is the measured alternative: README).
+# MLflow experiment 'reference-mirror'; writes bench/results/reference_mirror.json.
+# REFERENCE_ARGS passes options.
 REFERENCE_ARGS ?= --epochs 6 --set ae:model.latent_dim=64 wae:model.latent_dim=64 wae:model.latent_penalty=mmd_by_sex wae:model.lam=10
 reference-mirror: install
 	$(PY) bench/reference_mirror.py $(REFERENCE_ARGS)
