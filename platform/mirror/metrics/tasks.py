@@ -110,11 +110,13 @@ def condition_ids(dx: torch.Tensor, fill: int) -> torch.Tensor:
     return torch.where(real, (dx - N_SPECIAL) // N_AGE_GROUPS, torch.full_like(dx, fill))
 
 
-def condition_sets(dx: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
+def condition_sets(dx: torch.Tensor, n_words: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N_CONDITIONS) bool: conditions among the first ``n_words`` diagnosis-age ids of
-    each row; special and out-of-range ids are ignored."""
+    each row (among all of them when None); special and out-of-range ids are ignored."""
     b, width = dx.shape
-    cond = condition_ids(dx, N_CONDITIONS).masked_fill(~word_positions(n_words, width), N_CONDITIONS)
+    cond = condition_ids(dx, N_CONDITIONS)
+    if n_words is not None:
+        cond = cond.masked_fill(~word_positions(n_words, width), N_CONDITIONS)
     out = torch.zeros(b, N_CONDITIONS + 1, dtype=torch.bool, device=dx.device)
     out.scatter_(1, cond, True)
     return out[:, :N_CONDITIONS]

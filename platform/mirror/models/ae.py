@@ -77,7 +77,7 @@ from mirror.config import require
 from mirror.data.batch import SequenceBatch, SequenceInfo
 from mirror.data.views.sequence import SequenceView
 from mirror.data.vocab import EOS, N_AGE_GROUPS, N_CONDITIONS, N_SPECIAL, PAD, SOS
-from mirror.metrics.tasks import AGE_GROUP_WEEKS, condition_ids
+from mirror.metrics.tasks import AGE_GROUP_WEEKS, condition_ids, condition_sets
 from mirror.models.base import GenerationContext, ModelSpec, StepContext
 from mirror.models.sentences import sample_sentence_rows
 
@@ -205,14 +205,6 @@ class MultiHeadGRUEncoder(nn.Module):
     def forward(self, steps: PackedSequence) -> torch.Tensor:
         # h_n of a packed GRU is (1, B, d_h), taken at each row's own last step, in batch order.
         return torch.stack([head(steps)[1][0] for head in self.heads], dim=1)  # (B, H, d_h)
-
-
-def condition_presence(dx: torch.Tensor) -> torch.Tensor:
-    """(B, N_CONDITIONS) float multi-hot of the conditions among the diagnosis-age ids ``dx``
-    (B, T), each once whatever its age groups and repeats; special ids (<PAD>, so masked
-    words too) count for nothing."""
-    present = torch.zeros(dx.shape[0], N_CONDITIONS + 1, device=dx.device)
-    return present.scatter_(1, condition_ids(dx, N_CONDITIONS), 1.0)[:, :N_CONDITIONS]
 
 
 class ConditionBag(nn.Module):
@@ -476,7 +468,7 @@ class SentenceAutoencoder(nn.Module):
         factors (``bench/README.md``, bag-of-words)."""
         logp = torch.log_softmax(self.bow(z).float(), dim=-1)  # (B, C)
         if self.bow_presence:
-            return -(condition_presence(batch.tgt_dx) * logp).sum(1, keepdim=True)  # (B, 1)
+            return -(condition_sets(batch.tgt_dx).float() * logp).sum(1, keepdim=True)  # (B, 1)
         cond = condition_ids(batch.tgt_dx, N_CONDITIONS)  # <EOS>, <PAD> -> the sink column
         return -F.pad(logp, (0, 1)).gather(1, cond) * (cond < N_CONDITIONS)
 
@@ -487,7 +479,7 @@ class SentenceAutoencoder(nn.Module):
         steps = with_data(packed, self.embed(dx, wk, batch.sex[row]))
         z = self.latent_head(self.encoder(steps))
         if self.bag is not None:
-            z = z + self.bag(condition_presence(batch.enc_dx)).to(z.dtype)
+            z = z + self.bag(condition_sets(batch.enc_dx).float()).to(z.dtype)
         return z
 
     def decode_features(
