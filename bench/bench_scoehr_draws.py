@@ -1,0 +1,155 @@
+"""Where ScoEHR's draws go wrong, and three sample-time fixes that do not help.
+
+    python bench/bench_scoehr_draws.py --run RUN_ID [--patients 10240] [--steps 25]
+        [--out bench/results/scoehr_draws.json]
+
+On one trained ``scoehr_score`` run, with the sampler it was trained with (Euler-Maruyama by
+default) and the same seed for every arm, fidelity (DDM, PCD against ``--patients`` real
+training patients, as ``bench_sampler.py``) of:
+
+* **x0 clipping**: at every score call the data prediction x̂_0 = (z + σ² s) / m is clipped
+  and the score recomputed from it, as DDPM clips its denoised image to [-1, 1]: to the tanh
+  range, or to the per-dimension [min, max] of real latents (the 12-14 near-constant latent
+  dimensions come out 40x too wide);
+* **decoder temperature** τ on the decoder's logits before the Bernoulli draw (τ = 1: the
+  run's decode; τ → 0: thresholding at ½), to pull the codes per draw towards the real count;
+* **where the draws sit**: per-dimension SD of drawn against real latents, the mean distance
+  from a draw to its nearest real latent against real to real, and the fidelity of the drawn
+  latents with their near-constant dimensions reset to the real mean.
+
+Ceiling: a second sample of real patients (and the autoencoder's round trip of one); floor:
+each code drawn independently at its real prevalence. Writes ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from bench_sampler import fidelity, real_vectors
+from results_file import write_results
+
+from mirror.checkpoint import load_run
+from mirror.models import require_capability
+from mirror.models.vpsde import ScoreFn, sample
+
+TEMPERATURES = (1.0, 0.8, 0.5, 0.0)
+NEAR_CONSTANT_SD = 0.05  # a latent dimension whose real SD is below this is "near-constant"
+
+
+def clipped_score(score: ScoreFn, sde, low: torch.Tensor, high: torch.Tensor) -> ScoreFn:
+    """``score`` with its data prediction clipped to [low, high] (per dimension)."""
+
+    def clipped(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m, var = sde.mean_coeff(t)[:, None], sde.std(t)[:, None] ** 2
+        x0 = torch.clamp((z + var * score(z, t)) / m, low, high)
+        return (m * x0 - z) / var
+
+    return clipped
+
+
+def draw_latents(model, score: ScoreFn, sampler: str, n: int, steps: int, seed: int, batch: int = 2048) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for i in range(0, n, batch):
+        z_T = torch.randn(min(batch, n - i), model.width, generator=generator)
+        parts.append(sample(sampler, score, model.sde, z_T, steps, generator))
+    return torch.cat(parts)
+
+
+def decode(model, z: torch.Tensor, temperature: float, seed: int) -> tuple[sp.csr_matrix, float]:
+    """0/1 code vectors from latents: Bernoulli at ``temperature`` (0: threshold at ½), an
+    empty draw given its likeliest code (the run's default ``empty_decode``)."""
+    with torch.no_grad():
+        logits = model.upstream.autoencoder.decode_logits(z)
+    if temperature > 0:
+        x = torch.bernoulli(torch.sigmoid(logits / temperature), generator=torch.Generator().manual_seed(seed))
+    else:
+        x = (logits > 0).float()
+    empty = x.sum(1) == 0
+    rows = torch.nonzero(empty).squeeze(1)
+    x[rows, logits[rows].argmax(1)] = 1.0
+    return sp.csr_matrix(x.numpy()), float(empty.float().mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="MLflow run id of a trained scoehr_score run (with an autoencoder)")
+    parser.add_argument("--patients", type=int, default=10_240)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/scoehr_draws.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    loaded = load_run(args.run)
+    require_capability(loaded.model_spec, "generator", "bench_scoehr_draws")
+    model = loaded.model.eval()
+    config, info = model.config, loaded.data_info
+    if not config.autoencoder or config.latent_norm:
+        raise SystemExit(f"run {args.run}: needs a run that diffuses the plain autoencoder latent")
+    n, steps = args.patients, args.steps or config.sample_steps
+    real_all = real_vectors(loaded.spec.data, 3 * n, info.features, info.values)
+    real, second_real, latent_source = real_all[:n], real_all[n: 2 * n], real_all[2 * n:]
+    with torch.no_grad():
+        real_z = model.upstream.autoencoder.encode(torch.tensor(latent_source.toarray(), dtype=torch.float32))
+    print(f"run {args.run}: {n} patients per side, {config.sampler} x{steps}", flush=True)
+
+    def arm(name: str, syn: sp.csr_matrix, empty: float, **extra) -> dict:
+        row = {"arm": name, **fidelity(real, syn), "empty_draws": empty, **extra}
+        print(row, flush=True)
+        return row
+
+    prevalence = np.asarray(real.mean(0)).ravel()
+    independent = np.random.default_rng(args.seed).random((n, len(prevalence))) < prevalence
+    rows = [
+        arm("ceiling: second real sample", second_real, 0.0),
+        arm("floor: independent codes at the real prevalence", sp.csr_matrix(independent.astype(np.float32)), float((independent.sum(1) == 0).mean())),
+        arm("autoencoder round trip of real latents", *decode(model, real_z, 1.0, args.seed)),
+    ]
+    score = model.score_fn(model.sampling_net)
+    bounds: dict[str, Callable[[ScoreFn], ScoreFn] | None] = {
+        "as trained (no clipping)": None,
+        "x0 clipped to [-1, 1]": lambda s: clipped_score(s, model.sde, torch.tensor(-1.0), torch.tensor(1.0)),
+        "x0 clipped to the real latents' per-dimension box": lambda s: clipped_score(
+            s, model.sde, real_z.min(0).values, real_z.max(0).values
+        ),
+    }
+    drawn = None
+    for name, wrap in bounds.items():
+        began = time.perf_counter()
+        z = draw_latents(model, wrap(score) if wrap else score, config.sampler, n, steps, args.seed)
+        rows.append(arm(name, *decode(model, z, 1.0, args.seed), seconds=time.perf_counter() - began))
+        drawn = z if wrap is None else drawn
+    for tau in TEMPERATURES[1:]:
+        rows.append(arm(f"decoder temperature {tau}" if tau else "threshold at 1/2", *decode(model, drawn, tau, args.seed)))
+
+    real_sd, drawn_sd = real_z.std(0), drawn.std(0)
+    narrow = torch.nonzero(real_sd < NEAR_CONSTANT_SD).squeeze(1)
+    reset = drawn.clone()
+    reset[:, narrow] = real_z.mean(0)[narrow]
+    rows.append(arm(f"{len(narrow)} near-constant dimensions reset to the real mean", *decode(model, reset, 1.0, args.seed)))
+    half = len(real_z) // 2
+    geometry = {
+        "near_constant_dimensions": len(narrow),
+        "sd_ratio_drawn_over_real_near_constant": float((drawn_sd[narrow] / real_sd[narrow]).median()) if len(narrow) else None,
+        "sd_ratio_drawn_over_real_other_median": float(np.median((drawn_sd / real_sd)[real_sd >= NEAR_CONSTANT_SD].numpy())),
+        "nearest_real_latent_distance_drawn": float(torch.cdist(drawn[:half], real_z[half:]).min(1).values.mean()),
+        "nearest_real_latent_distance_real": float(torch.cdist(real_z[:half], real_z[half:]).min(1).values.mean()),
+    }
+    print(geometry, flush=True)
+    write_results(Path(args.out), {
+        "run": args.run, "patients": n, "sampler": config.sampler, "steps": steps, "seed": args.seed,
+        "model_config": loaded.spec.model_config, "rows": rows, "geometry": geometry,
+    })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
