@@ -114,19 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         arm("autoencoder round trip of real latents", *decode(model, real_z, 1.0, args.seed)),
     ]
     score = model.score_fn(model.sampling_net)
-    bounds: dict[str, Callable[[ScoreFn], ScoreFn] | None] = {
-        "as trained (no clipping)": None,
+    as_trained = "as trained (no clipping)"
+    bounds: dict[str, Callable[[ScoreFn], ScoreFn]] = {
+        as_trained: lambda s: s,
         "x0 clipped to [-1, 1]": lambda s: clipped_score(s, model.sde, torch.tensor(-1.0), torch.tensor(1.0)),
         "x0 clipped to the real latents' per-dimension box": lambda s: clipped_score(
             s, model.sde, real_z.min(0).values, real_z.max(0).values
         ),
     }
-    drawn = None
+    latents = {}
     for name, wrap in bounds.items():
         began = time.perf_counter()
-        z = draw_latents(model, wrap(score) if wrap else score, config.sampler, n, steps, args.seed)
-        rows.append(arm(name, *decode(model, z, 1.0, args.seed), seconds=time.perf_counter() - began))
-        drawn = z if wrap is None else drawn
+        latents[name] = draw_latents(model, wrap(score), config.sampler, n, steps, args.seed)
+        rows.append(arm(name, *decode(model, latents[name], 1.0, args.seed), seconds=time.perf_counter() - began))
+    drawn = latents[as_trained]
     for tau in TEMPERATURES[1:]:
         rows.append(arm(f"decoder temperature {tau}" if tau else "threshold at 1/2", *decode(model, drawn, tau, args.seed)))
 
