@@ -119,7 +119,7 @@ class ScoEHRAEConfig:
     # d. The paper's is 144; 64 by measurement (200K simulated patients, MLP score net, README
     # ScoEHR): both round-trip real patients at the real-data ceiling, and draws from the 64-d
     # latent at 50 EM steps meet the DDM target in both runs (1.6x, 1.9x the ceiling), where
-    # 144-d at its best step count (25) met it in 1 of 3 (1.9-2.5x), at a similar PCD.
+    # 144-d at its default 25 steps met it in 1 of 3 runs (1.9-2.5x), at a similar PCD.
     # The UNet needs √d divisible by 2^(levels - 1): 64, 144, 256.
     latent_dim: int = 64
     # Upstream 1e-3 underfits sparse code vectors under the loop's warm-up + cosine schedule:
