@@ -25,8 +25,8 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   predictor-corrector (``pc``) trades DDM for PCD like the EM step count does, and does not
   beat the default on both (README, ScoEHR). With the 64-d latent (``latent_dim``'s default
   since) 25 steps over-disperse (9.5 codes per draw against the real 6.2, DDM 4.3-4.6x the
-  ceiling), so the default is EM x50 (bench/results/sampler_d64_10240.json: 19.3x faster
-  than EM x1,000, PCD 15.9 against 17.5, DDM 0.0021 against 0.0018); x100 (10.6x) is better
+  ceiling), so the default is EM x50 (bench/results/sampler_d64_10240_idle.json: 20.4x faster
+  than EM x1,000, PCD 15.9 against 17.5, DDM 0.0021 against 0.0018); x100 (9.9x) is better
   than x1,000 on both. Runs saved before keep the steps they were trained with.
 * ``decode``: how a final latent becomes codes. The paper thresholds the decoder's
   probabilities at ½ (``"threshold"``); ``"bernoulli"`` (default, by measurement) draws each
