@@ -13,21 +13,18 @@ two stages linked by ``--upstream-run``.
 Choices where the seed and upstream leave room or go wrong (models.md §4 pitfalls):
 
 * Sampler and step count are config (``sampler``, ``sample_steps``), sampled with an explicit
-  step size; only the final state is kept. Default: Euler-Maruyama, 25 steps, chosen from the
-  measured fidelity-vs-steps curve at 10,240 patients (bench/bench_sampler.py,
-  bench/results/sampler_10240.json): 42x faster than upstream's ``em`` at 1,000 steps with
-  lower DDM and PCD, where DPM-Solver++(2M) (``dpm2m``) stays ~8 % above EM x1,000 in PCD at
-  10-50 steps. A coarse stochastic step decodes more codes per patient from a score net that
-  under-disperses (EM x1,000 gives 2.7 codes against the real 6.2, x25 6.9): re-measure the
-  curve for a new score net before trusting the default. Re-measured under today's defaults
-  (MLP, Bernoulli) on a run of the acceptance settings (bench/results/sampler_ema_10240.json):
-  43x faster than EM x1,000, DDM 0.0024 against 0.0045, PCD 16.6 against 19.8. The
+  step size; only the final state is kept. Default: Euler-Maruyama, 50 steps, chosen from the
+  measured fidelity-vs-steps curve at 10,240 patients on the 64-d latent (``latent_dim``'s
+  default; bench/bench_sampler.py, bench/results/sampler_d64_10240_idle.json): 20.4x faster
+  than upstream's ``em`` at 1,000 steps, PCD 15.9 against 17.5, DDM 0.0021 against 0.0018;
+  x100 (9.9x) is better than x1,000 on both, and x25 over-disperses (9.5 codes per draw
+  against the real 6.2, DDM 4.3-4.6x the ceiling). The best step count moves with the latent
+  and the score net: on the paper's 144-d latent it was 25 (bench/results/sampler_10240.json,
+  sampler_ema_10240.json: 42-43x faster than EM x1,000 with lower DDM and PCD), where
+  DPM-Solver++(2M) (``dpm2m``) stayed ~8 % above EM x1,000 in PCD at 10-50 steps, so
+  re-measure the curve for a new score net before trusting the default. The
   predictor-corrector (``pc``) trades DDM for PCD like the EM step count does, and does not
-  beat the default on both (README, ScoEHR). With the 64-d latent (``latent_dim``'s default
-  since) 25 steps over-disperse (9.5 codes per draw against the real 6.2, DDM 4.3-4.6x the
-  ceiling), so the default is EM x50 (bench/results/sampler_d64_10240_idle.json: 20.4x faster
-  than EM x1,000, PCD 15.9 against 17.5, DDM 0.0021 against 0.0018); x100 (9.9x) is better
-  than x1,000 on both. Runs saved before keep the steps they were trained with.
+  beat EM on both (README, ScoEHR). Runs saved before keep the steps they were trained with.
 * ``decode``: how a final latent becomes codes. The paper thresholds the decoder's
   probabilities at ½ (``"threshold"``); ``"bernoulli"`` (default, by measurement) draws each
   code from its probability, the generative reading of the BCE-trained decoder (the
