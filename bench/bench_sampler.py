@@ -2,7 +2,7 @@
 upstream's 1,000-step Euler–Maruyama, on one trained ``scoehr_score`` run.
 
     python bench/bench_sampler.py --run RUN_ID [--patients 10240] [--reference-steps 1000]
-        [--steps 5,10,25,50,100] [--samplers em,dpm2m,heun] [--device cpu|cuda] [--batch 2048]
+        [--steps 5,10,25,50,100] [--samplers em,dpm2m_sde,dpm2m,heun] [--device cpu|cuda] [--batch 2048]
         [--out bench/results/sampler.json] [--log]
 
 Every configuration draws the same ``--patients`` (the paper's 10,240) from the same seed in
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=10_240)
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--steps", default="5,10,25,50,100")
-    parser.add_argument("--samplers", default="em,dpm2m,heun")
+    parser.add_argument("--samplers", default="em,dpm2m_sde,dpm2m,heun")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--tolerance", type=float, default=0.05)

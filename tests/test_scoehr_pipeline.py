@@ -120,7 +120,7 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     ])  # fmt: skip
     result = json.loads(out.read_text())
     assert rc in (0, 1) and result["reference"]["steps"] == 20 and result["patients"] == 40
-    assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [(s, k) for s in ("em", "dpm2m", "heun") for k in (2, 5)]
+    assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [(s, k) for s in ("em", "dpm2m_sde", "dpm2m", "heun") for k in (2, 5)]
     assert all(r["seconds"] > 0 and r["ddm"] >= 0 and 0 <= r["empty_decodes"] <= 1 for r in result["rows"])
     assert out.with_suffix(".png").exists()
     assert "sampler/dpm2m_5/pcd" in tracking.get_run(second.run_id).data.metrics

@@ -91,7 +91,9 @@ def test_stratified_times_cover_the_interval_once_per_stratum():
     assert counts.min() >= 28 and counts.max() <= 36  # 32 per eighth, give or take the jitter
 
 
-@pytest.mark.parametrize(("sampler", "steps"), [("em", 300), ("heun", 40), ("dpm2m", 25), ("pc", 100)])
+@pytest.mark.parametrize(("sampler", "steps"), [
+    ("em", 300), ("heun", 40), ("dpm2m", 25), ("ancestral", 400), ("dpm2m_sde", 60), ("pc", 100),
+])
 def test_sampling_with_the_analytic_score_recovers_the_gaussian(sampler, steps):
     g = torch.Generator().manual_seed(3)
     z_T = torch.randn(4000, 4, generator=g)
@@ -105,7 +107,7 @@ def test_samplers_refuse_what_they_cannot_do():
         sample("rk4", analytic, SDE, torch.zeros(2, 2), 5)
     with pytest.raises(ValueError, match="steps: expected >= 1"):
         sample("dpm2m", analytic, SDE, torch.zeros(2, 2), 0)
-    assert set(SAMPLERS) == {"em", "heun", "dpm2m", "pc"}
+    assert set(SAMPLERS) == {"em", "heun", "dpm2m", "ancestral", "dpm2m_sde", "pc"}
 
 
 # ---------------------------------------------------------------------------------------------

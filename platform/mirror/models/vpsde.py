@@ -1,5 +1,5 @@
 """The variance-preserving SDE of ScoEHR (seed 002; Song et al. 2021), its denoising score
-matching loss, and three samplers of the reverse process. Pure torch (plus ``torchsde``), no
+matching loss, and six samplers of the reverse process. Pure torch (plus ``torchsde``), no
 model or data view: a sampler takes any ``score(z, t)``, so the tests drive it with the
 analytic score of a Gaussian.
 
@@ -18,6 +18,15 @@ the final state (upstream kept and decoded the whole trajectory):
 * ``dpm2m``: DPM-Solver++(2M) (Lu et al. 2022) on the same ODE: a second-order multistep
   solver in log-SNR λ = log(m / σ) with the data prediction ẑ_0 = (z + σ² s) / m, steps
   uniform in λ; 1 score call per step.
+* ``ancestral`` and ``dpm2m_sde``: the reverse SDE itself (the distribution EM converges to),
+  integrated exactly in its linear part (SDE-DPM-Solver++, Lu et al. 2022) on DDIM's quadratic
+  time grid (``_solver_grid``). With the data prediction ẑ_0 held fixed over a step s -> t, the reverse SDE's
+  transition is Gaussian:
+      z_t = (σ_t / σ_s) e^{-h} z_s + m_t (1 - e^{-2h}) ẑ_0 + σ_t √(1 - e^{-2h}) ε,  h = λ_t - λ_s,
+  which is the DDPM posterior q(z_t | z_s, z_0 = ẑ_0): ``ancestral`` (first order).
+  ``dpm2m_sde`` replaces ẑ_0 by the multistep extrapolation of ``dpm2m`` (second order). EM's
+  error is in the drift ``β z / 2`` that these take in closed form, and it grows with β, so at
+  the large-t end EM needs small steps where these do not. 1 score call per step.
 * ``pc``: predictor-corrector (Song et al. 2021, Algorithm 3): at each time one Langevin
   corrector step at signal-to-noise ``LANGEVIN_SNR``, then one Euler-Maruyama step of the
   reverse SDE; 2 score calls per step, no noise on the last step.
@@ -34,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z (B, d), t (B,)) -> score
-SAMPLERS = ("em", "heun", "dpm2m", "pc")
+SAMPLERS = ("em", "heun", "dpm2m", "ancestral", "dpm2m_sde", "pc")
 LANGEVIN_SNR = 0.16  # score_sde's value for the VP SDE
 
 
@@ -160,32 +169,69 @@ def sample_heun(score: ScoreFn, sde: VPSDE, z_T: torch.Tensor, steps: int) -> to
     return z
 
 
-def sample_dpm2m(score: ScoreFn, sde: VPSDE, z_T: torch.Tensor, steps: int) -> torch.Tensor:
-    """DPM-Solver++(2M): multistep, second order in λ, one score call per step."""
-    t_hi, t_lo = torch.tensor(sde.T, dtype=torch.float64), torch.tensor(sde.t_eps, dtype=torch.float64)
-
-    def lam(t: torch.Tensor) -> torch.Tensor:
-        return torch.log(sde.mean_coeff(t)) - torch.log(sde.std(t))
-
-    # t of each λ on a uniform λ grid: invert λ(t) (B(t) = log(1 + e^{-2λ}), a quadratic in t).
-    lams = torch.linspace(float(lam(t_hi)), float(lam(t_lo)), steps + 1, dtype=torch.float64)
-    b_target = torch.log1p(torch.exp(-2 * lams))
-    a, b = (sde.beta_max - sde.beta_min) / (2 * sde.T), sde.beta_min
-    times = (-b + torch.sqrt(b * b + 4 * a * b_target)) / (2 * a) if a > 0 else b_target / b
+def _solver_grid(sde: VPSDE, steps: int, spacing: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Times T = t_0 > ... > t_steps = t_ε with the log-SNR λ = log(m / σ), m and σ at each
+    (float64). ``"lambda"``: uniform in λ (B(t) = log(1 + e^{-2λ}) is a quadratic in t, inverted
+    in closed form). ``"quadratic"``: t_i = t_ε + (T - t_ε)(1 - i / steps)², DDIM's quadratic
+    skip, denser at small t than uniform t and sparser there than uniform λ."""
+    if spacing == "lambda":
+        t_hi, t_lo = torch.tensor(sde.T, dtype=torch.float64), torch.tensor(sde.t_eps, dtype=torch.float64)
+        lam_hi, lam_lo = (float(torch.log(sde.mean_coeff(t)) - torch.log(sde.std(t))) for t in (t_hi, t_lo))
+        b_target = torch.log1p(torch.exp(-2 * torch.linspace(lam_hi, lam_lo, steps + 1, dtype=torch.float64)))
+        a, b = (sde.beta_max - sde.beta_min) / (2 * sde.T), sde.beta_min
+        times = (-b + torch.sqrt(b * b + 4 * a * b_target)) / (2 * a) if a > 0 else b_target / b
+    elif spacing == "quadratic":
+        times = sde.t_eps + (sde.T - sde.t_eps) * torch.linspace(1, 0, steps + 1, dtype=torch.float64) ** 2
+    else:
+        raise ValueError(f"sampler time grid: unknown {spacing!r}; valid: lambda, quadratic")
     times[0], times[-1] = sde.T, sde.t_eps
     m, sigma = sde.mean_coeff(times), sde.std(times)
+    return times.tolist(), (torch.log(m) - torch.log(sigma)).tolist(), m.tolist(), sigma.tolist()
+
+
+def _data_prediction(score: ScoreFn, z: torch.Tensor, t: float, m: float, sigma: float) -> torch.Tensor:
+    """ẑ_0 = (z + σ² s(z, t)) / m: Tweedie's estimate of the clean latent."""
+    return (z + sigma**2 * score(z, torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype))) / m
+
+
+def _multistep(x0: torch.Tensor, previous: torch.Tensor | None, h: float, h_previous: float) -> torch.Tensor:
+    """DPM-Solver++(2M)'s second-order estimate of ẑ_0 over the step (first order at the start)."""
+    if previous is None:
+        return x0
+    r = h_previous / h
+    return (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous
+
+
+def sample_dpm2m(score: ScoreFn, sde: VPSDE, z_T: torch.Tensor, steps: int) -> torch.Tensor:
+    """DPM-Solver++(2M): multistep, second order in λ, one score call per step."""
+    times, lams, m, sigma = _solver_grid(sde, steps, "lambda")
     z, previous = z_T, None
     for i in range(steps):
-        t = torch.full((z.shape[0],), float(times[i]), device=z.device, dtype=z.dtype)
-        s = score(z, t)
-        x0 = (z + float(sigma[i]) ** 2 * s) / float(m[i])  # the data prediction
-        h = float(lams[i + 1] - lams[i])
-        if previous is None:
-            d = x0
-        else:
-            r = float(lams[i] - lams[i - 1]) / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous
-        z = float(sigma[i + 1] / sigma[i]) * z - float(m[i + 1]) * math.expm1(-h) * d
+        x0 = _data_prediction(score, z, times[i], m[i], sigma[i])
+        h = lams[i + 1] - lams[i]
+        d = _multistep(x0, previous, h, lams[i] - lams[i - 1] if i else h)
+        z = (sigma[i + 1] / sigma[i]) * z - m[i + 1] * math.expm1(-h) * d
+        previous = x0
+    return z
+
+
+def sample_sde_exponential(
+    score: ScoreFn, sde: VPSDE, z_T: torch.Tensor, steps: int, generator: torch.Generator | None = None,
+    order: int = 1, spacing: str = "quadratic",
+) -> torch.Tensor:
+    """The reverse SDE with its linear part exact (``ancestral`` at order 1, ``dpm2m_sde`` at
+    order 2; module docstring); one score call per step, noise on every step as EM adds it.
+    The quadratic grid by measurement (README, ScoEHR): on the 64-d run at 50 steps, uniform λ
+    leaves DDM 6-8 % above EM x1,000's, uniform t 23 %; quadratic is within 3 % at 40 steps."""
+    times, lams, m, sigma = _solver_grid(sde, steps, spacing)
+    z, previous = z_T, None
+    for i in range(steps):
+        x0 = _data_prediction(score, z, times[i], m[i], sigma[i])
+        h = lams[i + 1] - lams[i]
+        d = _multistep(x0, previous, h, lams[i] - lams[i - 1] if i else h) if order == 2 else x0
+        kept = -math.expm1(-2 * h)  # 1 - e^{-2h}: the share of z_t's variance that is fresh noise
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = (sigma[i + 1] / sigma[i]) * math.exp(-h) * z + m[i + 1] * kept * d + sigma[i + 1] * math.sqrt(kept) * noise
         previous = x0
     return z
 
@@ -232,6 +278,8 @@ def sample(
         return sample_heun(score, sde, z_T, steps)
     if name == "dpm2m":
         return sample_dpm2m(score, sde, z_T, steps)
+    if name in ("ancestral", "dpm2m_sde"):
+        return sample_sde_exponential(score, sde, z_T, steps, generator, order=1 if name == "ancestral" else 2)
     if name == "pc":
         return sample_pc(score, sde, z_T, steps, generator)
     raise ValueError(f"sampler: unknown {name!r}; valid: {SAMPLERS}")
