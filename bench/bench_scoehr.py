@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-steps", type=int, default=15)
     parser.add_argument("--set", nargs="*", default=[], help="score-network overrides, model.key=value")
     parser.add_argument("--ae-lr", type=float, default=None, help="stage 1 lr (default: scoehr_ae's own, 3e-2)")
+    parser.add_argument("--latent-dim", type=int, default=None, help="stage 1 latent width (default: scoehr_ae's own, 64; the paper 144)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-sampler", action="store_true")
     parser.add_argument("--ae-run", help="reuse this trained scoehr_ae run (skip stage 1)")
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_dataset(data, args.patients, seed=0)
     result: dict = {"patients": args.patients, "generate_s": time.perf_counter() - clock, "args": vars(args)}
     score_overrides = parse_set(args.set)
+    ae_overrides = {} if args.latent_dim is None else {"model.latent_dim": args.latent_dim}
 
     def train(model: str, name: str, overrides: dict, upstream: str | None = None, **train_keys):
         base = {
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ae_run:
         ae = finished(args.ae_run)
     else:
-        ae_config = {"model.latent_dim": 144} | ({} if args.ae_lr is None else {"model.lr": args.ae_lr})
+        ae_config = ae_overrides | ({} if args.ae_lr is None else {"model.lr": args.ae_lr})
         ae = train("scoehr_ae", "scoehr-ae", ae_config, epochs=args.ae_epochs)
     if args.score_run:
         score = finished(args.score_run)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gate passed: {gate.passed} {gate.failures}", flush=True)
 
     throughput = {}
-    for model, overrides, upstream in () if args.skip_throughput else (("scoehr_ae", {"model.latent_dim": 144}, None), ("scoehr_score", score_overrides, ae.run_id)):
+    for model, overrides, upstream in () if args.skip_throughput else (("scoehr_ae", ae_overrides, None), ("scoehr_score", score_overrides, ae.run_id)):
         for workers in (1, 2):
             outcome = train(
                 model, f"{model}-throughput-{workers}", overrides, upstream=upstream, epochs=2,
