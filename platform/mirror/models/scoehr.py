@@ -28,10 +28,11 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   samples the trained model in few steps: 40 match EM x1,000 within 5 % on one 64-d run (26.9x
   faster, sampler_d64_sde_10240.json), not on the other (DDM +8-13 % at 40-60 steps, where EM
   x50 passes: sampler_d64_seed1_sde_10240.json). It is not the default because the faithful
-  sample is the worse one here: the score net's own latents are slightly too narrow (SD 0.93-0.99
-  of the real latents' per dimension; the decoder expects 4.6-5.4 codes from them against the
-  real 6.3) and EM's coarse steps widen them, which offsets it (run 0b8c8b8c's scorecard: EM
-  x1,000 PCD 24.5, the floor 24.7; EM x50 23.0; scoehr_sde_sampler.json). Runs saved before keep the sampler and steps they were trained with.
+  sample is the worse one here: the score net's own latents are slightly too narrow (SD
+  0.93-0.99 of the real latents' per dimension; the decoder expects 4.6-5.4 codes from them
+  against the real 6.3) and EM's coarse steps widen them, which offsets it (run 0b8c8b8c's
+  scorecard: EM x1,000 PCD 24.5, the floor 24.7; EM x50 23.0; scoehr_sde_sampler.json). Runs
+  saved before keep the sampler and steps they were trained with.
 * ``decode``: how a final latent becomes codes. The paper thresholds the decoder's
   probabilities at ½ (``"threshold"``); ``"bernoulli"`` (default, by measurement) draws each
   code from its probability, the generative reading of the BCE-trained decoder (the

@@ -19,14 +19,14 @@ the final state (upstream kept and decoded the whole trajectory):
   solver in log-SNR λ = log(m / σ) with the data prediction ẑ_0 = (z + σ² s) / m, steps
   uniform in λ; 1 score call per step.
 * ``ancestral`` and ``dpm2m_sde``: the reverse SDE itself (the distribution EM converges to),
-  integrated exactly in its linear part (SDE-DPM-Solver++, Lu et al. 2022) on DDIM's quadratic
-  time grid (``_solver_grid``). With the data prediction ẑ_0 held fixed over a step s -> t, the reverse SDE's
-  transition is Gaussian:
+  integrated exactly in its linear part (SDE-DPM-Solver++, Lu et al. 2022) on DDIM's
+  quadratic time grid (``_solver_grid``). With the data prediction ẑ_0 held fixed over a step
+  s -> t, the reverse SDE's transition is Gaussian:
       z_t = (σ_t / σ_s) e^{-h} z_s + m_t (1 - e^{-2h}) ẑ_0 + σ_t √(1 - e^{-2h}) ε,  h = λ_t - λ_s,
   which is the DDPM posterior q(z_t | z_s, z_0 = ẑ_0): ``ancestral`` (first order).
-  ``dpm2m_sde`` replaces ẑ_0 by the multistep extrapolation of ``dpm2m`` (second order). EM's
-  error is in the drift ``β z / 2`` that these take in closed form, and it grows with β, so at
-  the large-t end EM needs small steps where these do not. 1 score call per step.
+  ``dpm2m_sde`` replaces ẑ_0 by the multistep extrapolation of ``dpm2m`` (second order). EM
+  also discretises the linear drift ``β z / 2``, with an error that grows with β, which these
+  take in closed form. 1 score call per step.
 * ``pc``: predictor-corrector (Song et al. 2021, Algorithm 3): at each time one Langevin
   corrector step at signal-to-noise ``LANGEVIN_SNR``, then one Euler-Maruyama step of the
   reverse SDE; 2 score calls per step, no noise on the last step.
