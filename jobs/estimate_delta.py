@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-lab-weight", type=float, default=1.0, help="the index lab's weight in the match distance (0: logit only)")
     parser.add_argument("--outcome", choices=("first", "latest"), default="first",
                         help="X_{t+1}: each lab's first value in window t+1 (before any later addition acts) or its latest")
+    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                        help="subtract what the covariate difference between a treated row and its control is worth "
+                        "under the controls' outcome model (Abadie-Imbens bias-corrected matching)")
     parser.add_argument("--allow-own-windows", action="store_true", help="let a treated row take a control of the same patient")
     parser.add_argument("--truth-name", default=None,
                         help="simulated data: also write the true effects of the same treated rows as this Δ column set "
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     config = DeltaConfig(window_weeks=args.window_weeks, caliper_sd=args.caliper_sd,
                          block_patients=args.block_patients, max_fit_rows=args.max_fit_rows, seed=args.seed,
                          propensity=args.propensity, history=args.history, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
-                         exclude_own_windows=not args.allow_own_windows, outcome=args.outcome)
+                         exclude_own_windows=not args.allow_own_windows, outcome=args.outcome,
+                         bias_correction=args.bias_correction)
     ensure_ray()
     report = estimate_delta(args.data, args.name, config, keep_work=args.keep_work, truth_name=args.truth_name)
     out = Path(args.data) / "delta" / args.name

@@ -189,6 +189,39 @@ def test_propensity_without_history_ignores_the_history_columns():
     assert not np.allclose(with_history.logit(treated), with_history.logit(shuffled))
 
 
+def test_bias_correction_removes_what_a_residual_imbalance_is_worth():
+    """Controls' outcome = 5 + 10 x1 (+ noise); the treated's is that minus 20. Matching on a
+    logit of x0 alone leaves x1 unbalanced (treated +0.3): the raw Δ is -20 + 10 x 0.3, the
+    bias-corrected one (mu0 fitted on the controls) is -20 again."""
+    from mirror.causal.delta import fit_outcome_model
+
+    rng = np.random.default_rng(0)
+    model = Propensity(key=0, coef=np.r_[1.0, np.zeros(N_BASE_FEATURES - 1)], intercept=0.0, caliper=0.05,
+                       fit_treated=500, fit_controls=20_000)
+
+    def rows(n, x1_shift, effect):
+        x = np.zeros((n, N_PROPENSITY_FEATURES))
+        x[:, 0] = rng.normal(0.0, 1.0, n)
+        x[:, 1] = rng.normal(x1_shift, 1.0, n)
+        y = np.full((n, N_LABS), np.nan)
+        y[:, 0] = 5.0 + 10.0 * x[:, 1] + effect + rng.normal(0.0, 0.1, n)
+        y[: n // 10, 0] = np.nan  # unmeasured outcomes are left out of the fit, not read as 0
+        return {"subject_id": np.arange(n) + (0 if effect else 10**6), "split": np.zeros(n, np.int8),
+                "window": np.ones(n, np.int16), "window_start": np.zeros(n, np.int32),
+                "ladder": np.zeros(n, np.int8), "from_level": np.zeros(n, np.int8), "to_level": np.ones(n, np.int8),
+                "x": x, "y": y, "y_week": np.zeros((n, N_LABS), np.int32)}
+
+    treated, controls = rows(500, 0.3, -20.0), rows(20_000, 0.0, 0.0)
+    corrected = fit_outcome_model(model, controls["x"], controls["y"])
+    assert corrected.outcome_coef[1, 0] == pytest.approx(10.0, abs=0.05)
+    assert not corrected.outcome_coef[:, 1:].any()  # labs never measured: no correction
+    raw_rows, raw = match_stratum(model, treated, controls)
+    rows_bc, bc = match_stratum(corrected, treated, controls)
+    np.testing.assert_array_equal(raw_rows["control_subject_id"], rows_bc["control_subject_id"])  # same pairs
+    assert raw.delta_sum[0] / raw.delta_n[0] == pytest.approx(-17.0, abs=1.0)
+    assert bc.delta_sum[0] / bc.delta_n[0] == pytest.approx(-20.0, abs=0.1)
+
+
 @pytest.fixture(scope="module")
 def estimated(dataset):
     """Δ of the 3,000 patients, written once as the column set ``psm`` (and the true effects of

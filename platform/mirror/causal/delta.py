@@ -23,7 +23,12 @@ X_{t-1} (the windows view's features) and the outcome X_{t+1} (raw lab values). 
   best control, and the estimate does not depend on the order of matching); a match farther
   than ``caliper_sd`` x the pooled SD of the logit is dropped (counted). Test patients never
   serve as controls;
-* Δ_{t+1} = X^A_{t+1} - X^B_{t+1} on every lab (observed where both were measured). X_{t+1}
+* Δ_{t+1} = X^A_{t+1} - X^B_{t+1} - (mu0(X^A) - mu0(X^B)) on every lab (observed where both
+  were measured), where mu0 is the controls' outcome model (``bias_correction``, on: Abadie &
+  Imbens 2011): what the covariate difference left inside the caliper is worth on the outcome.
+  On three simulated populations (200K each) it lowered the individual RMSE of Δ against the
+  true effect in 69 of 86 strata (44 of the 47 with >= 500 treated) and left the mean bias
+  about where it was (``bench/results/causal_delta_bias_correction.json``). X_{t+1}
   is each lab's *first* measurement in window t + 1 (``outcome="first"``), not its latest: a
   control only "stayed at A's previous level" through window t, and 31-58% of them (by
   stratum, 200K simulated) are escalated during window t + 1; an addition happens at a
@@ -45,7 +50,7 @@ pooled SD before matching.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -124,6 +129,7 @@ class DeltaConfig:
     index_lab_weight: float = 1.0  # weight of the index lab in the distance among candidates (0: logit only)
     exclude_own_windows: bool = True  # a treated row never takes a control of the same patient
     outcome: str = "first"  # X_{t+1}: each lab's first (before later additions act) or latest value in t + 1
+    bias_correction: bool = True  # Abadie-Imbens: Δ minus mu0(X_A) - mu0(X_B), mu0 fitted on the controls
 
     def __post_init__(self) -> None:
         require(self, "caliper_sd", self.caliper_sd > 0, "a positive number of SDs")
@@ -331,9 +337,16 @@ class Propensity:
     design: str = "linear"
     index_lab_sd: float = 1.0  # pooled SD of the index lab (its matching distance's unit)
     history: bool = False
+    outcome_coef: np.ndarray | None = None  # (design width, N_LABS): mu0, the controls' outcome model
+    outcome_intercept: np.ndarray | None = None  # (N_LABS,)
 
     def logit(self, x: np.ndarray) -> np.ndarray:
         return design_matrix(x, self.design, self.history) @ self.coef + self.intercept
+
+    def untreated_outcome(self, x: np.ndarray) -> np.ndarray:
+        """mu0(x): the outcome model's prediction of X_{t+1} without the addition (R, N_LABS)."""
+        assert self.outcome_coef is not None and self.outcome_intercept is not None
+        return design_matrix(x, self.design, self.history) @ self.outcome_coef + self.outcome_intercept
 
 
 def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int = 0,
@@ -358,6 +371,40 @@ def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, cali
                       design, max(index_sd, 1e-9), history)
 
 
+def fit_outcome_model(model: Propensity, x_controls: np.ndarray, y_controls: np.ndarray,
+                      ridge: float = 1e-3) -> Propensity:
+    """``model`` with mu0: per lab, a ridge regression of the controls' outcome on the
+    propensity's design, weighted by the propensity odds e/(1 - e) so that it is fitted where
+    the treated are (the controls' ATT weights; subsampled controls scale every weight alike).
+    Matching leaves residual differences between a treated row and its control (a caliper
+    of 0.2 SD, the index lab); mu0(X_A) - mu0(X_B) is what they are worth on the outcome
+    (Abadie & Imbens 2011, bias-corrected matching). Labs observed in fewer than 2 x the
+    design's width of controls get mu0 = their weighted mean (no correction)."""
+    x = design_matrix(x_controls, model.design, model.history)
+    logit = x @ model.coef + model.intercept
+    weight = np.exp(np.clip(logit - logit.max(), -50.0, 0.0))  # odds up to one constant
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    sd = np.where(sd > 1e-9, sd, 1.0)
+    z = np.c_[np.ones(len(x)), (x - mean) / sd]
+    coef = np.zeros((x.shape[1], N_LABS))
+    intercept = np.zeros(N_LABS)
+    penalty = ridge * np.eye(z.shape[1])
+    penalty[0, 0] = 0.0  # the intercept is not shrunk
+    for j in range(N_LABS):
+        seen = ~np.isnan(y_controls[:, j])
+        w, y = weight[seen], y_controls[seen, j].astype(np.float64)
+        if not len(y) or w.sum() <= 0:
+            continue
+        if seen.sum() < 2 * z.shape[1]:
+            intercept[j] = float(np.average(y, weights=w))
+            continue
+        zw = z[seen] * (w / w.sum())[:, None]
+        beta = np.linalg.solve(z[seen].T @ zw + penalty, zw.T @ y)
+        coef[:, j] = beta[1:] / sd
+        intercept[j] = beta[0] - coef[:, j] @ mean
+    return replace(model, outcome_coef=coef, outcome_intercept=intercept)
+
+
 def match_stratum(model: Propensity, treated: dict[str, np.ndarray], controls: dict[str, np.ndarray],
                   config: DeltaConfig | None = None) -> tuple[dict[str, np.ndarray], StratumSums]:
     """Match one stratum's treated rows to its controls (both of one block); returns one row per
@@ -379,6 +426,8 @@ def match_stratum(model: Propensity, treated: dict[str, np.ndarray], controls: d
     j = np.where(has_control, pick, 0)
     y_control = controls["y"][j] if len(controls["y"]) else np.full_like(treated["y"], np.nan)
     delta = treated["y"] - y_control
+    if model.outcome_coef is not None and len(lc):
+        delta -= model.untreated_outcome(treated["x"]) - model.untreated_outcome(controls["x"][j])
     delta[~matched] = np.nan
     sums = StratumSums(
         treated=len(lt), matched=int(matched.sum()), caliper_drops=int((has_control & ~within).sum()),

@@ -83,9 +83,10 @@ def _count_task(work: str, k: int) -> np.ndarray:
     return counts
 
 
-def _sample_task(work: str, k: int, rates: np.ndarray, seed: int) -> dict[int, np.ndarray]:
-    """Training rows drawn for the propensity fits, per key, at ``rates[key]``."""
-    t = _read_block(Path(work), k, ["split", "ladder", "from_level", "to_level", "x"])
+def _sample_task(work: str, k: int, rates: np.ndarray, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Training rows drawn for the propensity (and outcome) fits, per key, at ``rates[key]``:
+    their covariates and outcomes."""
+    t = _read_block(Path(work), k, ["split", "ladder", "from_level", "to_level", "x", "y"])
     if not t.num_rows:
         return {}
     train = t.column("split").to_numpy() == D.SPLIT_CODE[schema.TRAIN]
@@ -93,14 +94,18 @@ def _sample_task(work: str, k: int, rates: np.ndarray, seed: int) -> dict[int, n
     f, to = t.column("from_level").to_numpy().astype(np.int64), t.column("to_level").to_numpy().astype(np.int64)
     key = np.where(to > f, D.stratum_key(lad, f, to), D.stratum_key(lad, f, 0))
     take = train & (np.random.default_rng([seed, k]).random(len(key)) < rates[key])
-    x = D.fixed(t.filter(pa.array(take)), "x", D.N_PROPENSITY_FEATURES)
+    taken = t.filter(pa.array(take))
+    x, y = D.fixed(taken, "x", D.N_PROPENSITY_FEATURES), D.fixed(taken, "y", N_LABS)
     kk = key[take]
-    return {int(u): x[kk == u] for u in np.unique(kk)}
+    return {int(u): (x[kk == u], y[kk == u]) for u in np.unique(kk)}
 
 
-def _fit_task(key: int, x_treated: np.ndarray, x_controls: np.ndarray, config: D.DeltaConfig) -> D.Propensity:
-    return D.fit_propensity(key, x_treated, x_controls, config.caliper_sd, config.seed, config.propensity,
-                            config.history)
+def _fit_task(key: int, x_treated: np.ndarray, controls: tuple[np.ndarray, np.ndarray],
+              config: D.DeltaConfig) -> D.Propensity:
+    x_controls, y_controls = controls
+    model = D.fit_propensity(key, x_treated, x_controls, config.caliper_sd, config.seed, config.propensity,
+                             config.history)
+    return D.fit_outcome_model(model, x_controls, y_controls) if config.bias_correction else model
 
 
 def _match_task(work: str, k: int, models: dict[int, D.Propensity], config: D.DeltaConfig) -> dict[int, D.StratumSums]:
@@ -209,18 +214,18 @@ def estimate_delta(root: str | Path, name: str, config: D.DeltaConfig | None = N
     counts = sum(ray.get([remote(_count_task).remote(str(work), k) for k in range(blocks)]))
     train_counts = counts[D.SPLIT_CODE[schema.TRAIN]]
     rates = np.minimum(1.0, config.max_fit_rows / np.maximum(train_counts, 1))
-    samples: dict[int, list[np.ndarray]] = {}
+    samples: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for part in ray.get([remote(_sample_task).remote(str(work), k, rates, config.seed) for k in range(blocks)]):
-        for k, x in part.items():
-            samples.setdefault(k, []).append(x)
-    x_of = {k: np.concatenate(v) for k, v in samples.items()}
+        for k, xy in part.items():
+            samples.setdefault(k, []).append(xy)
+    sample_of = {k: (np.concatenate([x for x, _ in v]), np.concatenate([y for _, y in v])) for k, v in samples.items()}
     strata = [k for k in range(3 * 64) if k % D.MAX_LEVEL > k % 64 // D.MAX_LEVEL and counts[:, k].sum()]
     fitted, unfitted = [], {}
     for k in strata:
         li, f, _ = D.unpack_key(k)
         control = D.stratum_key(li, f, 0)
         if train_counts[k] >= config.min_treated and train_counts[control] >= config.min_treated:
-            fitted.append(remote(_fit_task).remote(k, x_of[k], x_of[control], config))
+            fitted.append(remote(_fit_task).remote(k, sample_of[k][0], sample_of[control], config))
         else:
             unfitted[k] = int(counts[:, k].sum())
     models = {m.key: m for m in ray.get(fitted)}
