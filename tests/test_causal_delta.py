@@ -220,6 +220,11 @@ def test_bias_correction_removes_what_a_residual_imbalance_is_worth():
     np.testing.assert_array_equal(raw_rows["control_subject_id"], rows_bc["control_subject_id"])  # same pairs
     assert raw.delta_sum[0] / raw.delta_n[0] == pytest.approx(-17.0, abs=1.0)
     assert bc.delta_sum[0] / bc.delta_n[0] == pytest.approx(-20.0, abs=0.1)
+    # a fit carried by a handful of effective controls is shrunk towards no correction
+    few = rows(80, 0.0, 0.0)
+    shrunk = fit_outcome_model(model, few["x"], few["y"])
+    assert shrunk.outcome_effective_controls < 80
+    assert 2.0 < shrunk.outcome_coef[1, 0] < 9.0
 
 
 @pytest.fixture(scope="module")
