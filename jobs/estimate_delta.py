@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = {f"delta/{k}": float(v) for k, v in report.totals.items()}
         metrics["delta/patients_per_s"] = report.patients / report.seconds
         for row in report.strata:
-            for key in ("match_rate", "naive_bias", "psm_bias", "psm_rmse", "naive_rmse", "individual_corr", "max_abs_smd_after"):
+            for key in ("match_rate", "naive_bias", "psm_bias", "psm_rmse", "naive_rmse", "individual_corr", "max_abs_smd_after",
+                        "outcome_effective_controls"):
                 if key in row:
                     metrics[f"delta/{row['ladder']}_{row['transition'].replace('->', '_')}/{key}"] = float(row[key])
         tracking.log_metrics(run, metrics)
