@@ -350,6 +350,12 @@ class Propensity:
         return design_matrix(x, self.design, self.history) @ self.outcome_coef + self.outcome_intercept
 
 
+def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and SDs to standardise a design by (SD 1 where a column is constant)."""
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    return mean, np.where(sd > 1e-9, sd, 1.0)
+
+
 def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int = 0,
                    design: str = "linear", history: bool = False) -> Propensity:
     """Logistic regression treated vs control on ``design_matrix`` (standardised inside, so the
@@ -358,8 +364,7 @@ def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, cali
     from sklearn.linear_model import LogisticRegression
 
     x = design_matrix(np.concatenate([x_treated, x_controls]), design, history)
-    mean, sd = x.mean(axis=0), x.std(axis=0)
-    sd = np.where(sd > 1e-9, sd, 1.0)
+    mean, sd = _standardisation(x)
     label = np.r_[np.ones(len(x_treated)), np.zeros(len(x_controls))]
     model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit((x - mean) / sd, label)
     coef = model.coef_[0] / sd
@@ -385,8 +390,7 @@ def fit_outcome_model(model: Propensity, x_controls: np.ndarray, y_controls: np.
     logit = x @ model.coef + model.intercept
     weight = np.exp(np.clip(logit - logit.max(), -50.0, 0.0))  # odds up to one constant
     effective = float(weight.sum() ** 2 / max((weight**2).sum(), 1e-300))
-    mean, sd = x.mean(axis=0), x.std(axis=0)
-    sd = np.where(sd > 1e-9, sd, 1.0)
+    mean, sd = _standardisation(x)
     z = np.c_[np.ones(len(x)), (x - mean) / sd]
     coef = np.zeros((x.shape[1], N_LABS))
     intercept = np.zeros(N_LABS)
@@ -398,10 +402,8 @@ def fit_outcome_model(model: Propensity, x_controls: np.ndarray, y_controls: np.
     for j in range(N_LABS):
         seen = ~np.isnan(y_controls[:, j])
         w, y = weight[seen], y_controls[seen, j].astype(np.float64)
-        if not len(y) or w.sum() <= 0:
-            continue
-        if seen.sum() < 2 * z.shape[1]:
-            intercept[j] = float(np.average(y, weights=w))
+        if len(y) < 2 * z.shape[1]:
+            intercept[j] = float(np.average(y, weights=w)) if len(y) else 0.0
             continue
         zw = z[seen] * (w / w.sum())[:, None]
         beta = np.linalg.solve(z[seen].T @ zw + penalty, zw.T @ y)
