@@ -146,6 +146,25 @@ def test_parent_run_records_best_trial_table_and_knob_plot(tmp_path):
     assert len(table.splitlines()) == 4
 
 
+def test_a_reopened_run_gets_the_params_a_stopped_job_never_logged(tmp_path):
+    """A sweep stopped between creating a trial's run and logging its params (CI saw it) left
+    the resumed trial's run with two params for good; reopening now fills in what is missing
+    and leaves what was logged alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = client.create_experiment("test-reopen")
+    stopped = client.create_run(experiment, tags={tracking.RUN_NAME_TAG: "trial-0"})
+    tracking.log_params(stopped.info.run_id, {"data": "d", "model": "wae"}, uri=uri)
+
+    params = {"data": "d", "model": "wae", "model_config": {"lam": 0.5}, "train": {"epochs": 2}}
+    reopened = tracking.start_run("trial-0", params=params, tags={}, experiment="test-reopen", uri=uri)
+
+    assert reopened == stopped.info.run_id
+    assert client.get_run(reopened).data.params == {
+        "data": "d", "model": "wae", "model_config.lam": "0.5", "train.epochs": "2"
+    }  # fmt: skip
+
+
 def test_resume_without_an_existing_sweep_is_an_error(tmp_path):
     spec = load_sweep(sweep_file(tmp_path))
     with pytest.raises(SpaceError, match="--resume: no sweep named s-<timestamp>"):

@@ -99,10 +99,16 @@ def start_run(
     parent_run_id: str | None = None,
     uri: str | None = None,
 ) -> str:
-    """Create a run, or reopen the one with the same ``run_name`` (resume). Returns its id."""
+    """Create a run, or reopen the one with the same ``run_name`` (resume). Returns its id.
+
+    A reopened run gets whichever params it lacks: a job stopped between creating a run and
+    logging its params (a sweep stopped mid-trial) would otherwise leave that run without them
+    for good."""
     c = client(uri)
     existing = find_run(run_name, experiment, uri)
     if existing is not None:
+        logged = c.get_run(existing).data.params
+        log_params(existing, {k: v for k, v in flatten(params).items() if k not in logged}, uri=uri)
         c.update_run(existing, status="RUNNING")
         return existing
     exp = c.get_experiment_by_name(experiment)
@@ -119,9 +125,12 @@ def start_run(
 
 
 def log_params(run_id: str, params: Mapping[str, Any], uri: str | None = None) -> None:
-    c = client(uri)
-    for key, value in flatten(params).items():
-        c.log_param(run_id, key, str(value)[:MAX_PARAM_LENGTH])
+    """All params in one batch call (one transaction on a database store), not one per key."""
+    from mlflow.entities import Param
+
+    batch = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+    for start in range(0, len(batch), 100):  # MLflow's batch limit is 100 params
+        client(uri).log_batch(run_id, params=batch[start : start + 100])
 
 
 def set_tags(run_id: str, tags: Mapping[str, str], uri: str | None = None) -> None:
