@@ -7,6 +7,11 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train starts a PreemptionWatcher actor per fit to drain workers before a spot node is
+# reclaimed. The test clusters are one local node with nothing to reclaim, and the actor costs
+# each of the suite's ~30 fits a process that imports Ray Train (~3.5 CPU-seconds measured).
+# Set here, it reaches every Ray the suite starts: in-process, `ray start` heads, job drivers.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

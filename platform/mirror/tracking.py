@@ -17,10 +17,10 @@ import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "mirror"
 RUN_NAME_TAG = "mirror.run_name"
@@ -44,6 +44,12 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def client(uri: str | None = None) -> MlflowClient:
+    """mlflow is imported here, on first use, not with this module: most processes that import
+    the training loop (the rank > 0 workers, Ray Train's controller) never log, and the import
+    costs them 1-2 CPU-seconds each per fit."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
@@ -191,6 +197,8 @@ def get_run(run_id: str, uri: str | None = None) -> Any:
 
 
 def download_artifacts(run_id: str, path: str, dst: str | Path, uri: str | None = None) -> Path:
+    import mlflow.artifacts
+
     client(uri)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
 
