@@ -134,9 +134,10 @@ def log_params(run_id: str, params: Mapping[str, Any], uri: str | None = None) -
     """All params in one batch call (one transaction on a database store), not one per key."""
     from mlflow.entities import Param
 
+    c = client(uri)
     batch = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
     for start in range(0, len(batch), 100):  # MLflow's batch limit is 100 params
-        client(uri).log_batch(run_id, params=batch[start : start + 100])
+        c.log_batch(run_id, params=batch[start : start + 100])
 
 
 def set_tags(run_id: str, tags: Mapping[str, str], uri: str | None = None) -> None:
