@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="propensity inputs: X_{t-1} and the index lab, or those and their squares")
     parser.add_argument("--history", action="store_true",
                         help="the propensity also sees the index lab's value by the end of t-2 (its trend)")
+    parser.add_argument("--stops", choices=("none", "decision", "window"), default="window",
+                        help="the propensity also sees the ladder's drugs still taken at the end of t-1 and those "
+                             "stopped in window t: before the decision, or anywhere in it (a stop raises the lab and "
+                             "prompts additions; 'window' assumes a stop is not caused by the addition)")
     parser.add_argument("--neighbours", type=int, default=8, help="controls per side of the sorted logit considered")
     parser.add_argument("--index-lab-weight", type=float, default=1.0, help="the index lab's weight in the match distance (0: logit only)")
     parser.add_argument("--outcome", choices=("first", "latest"), default="first",
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = DeltaConfig(window_weeks=args.window_weeks, caliper_sd=args.caliper_sd,
                          block_patients=args.block_patients, max_fit_rows=args.max_fit_rows, seed=args.seed,
-                         propensity=args.propensity, history=args.history, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
+                         propensity=args.propensity, history=args.history, stops=args.stops, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
                          exclude_own_windows=not args.allow_own_windows, outcome=args.outcome,
                          bias_correction=args.bias_correction)
     ensure_ray()

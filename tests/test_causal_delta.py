@@ -175,18 +175,51 @@ def test_history_covariate_is_the_index_labs_latest_value_by_the_end_of_t_minus_
     assert checked > 100
 
 
-def test_propensity_without_history_ignores_the_history_columns():
-    from mirror.causal.delta import HISTORY_NAMES, fit_propensity
+@pytest.mark.slow
+def test_stop_covariates_count_the_ladders_drugs_taken_and_stopped(dataset):
+    """Windows' ``active``, ``stopped`` and ``stopped_before_index``, recomputed from the raw
+    medication lists: drugs taken at a window's end; of those taken at the previous window's
+    end, the ones no longer taken at this one's; and of those, the ones whose last week comes
+    before the decision (the window's first addition, else its latest index-lab measurement)."""
+    from mirror.data.views.windows import _LAB_COLUMN, _LADDER_LAB_COLUMN, _LADDER_OF_CLASS
 
+    rows = pq.read_table(schema.split_files(dataset, schema.TRAIN)[0], columns=READ_COLUMNS)
+    w = patient_windows(rows, 52)
+    meds, starts, ends = (rows.column(c).to_pylist() for c in
+                          (schema.MEDICATIONS, schema.MEDICATION_START_WEEKS, schema.MEDICATION_END_WEEKS))
+    labs, lab_weeks = rows.column(schema.LABS).to_pylist(), rows.column(schema.LAB_WEEKS).to_pylist()
+    seen_stops = 0
+    for g in range(0, len(w.owner), 3):
+        p, first, last = int(w.owner[g]), int(w.start_week[g]), int(w.start_week[g]) + 51
+        for li in range(len(LADDER_NAMES)):
+            drugs = [(s, e) for m, s, e in zip(meds[p], starts[p], ends[p], strict=True) if _LADDER_OF_CLASS[m] == li]
+            added = [s for s, _ in drugs if first <= s <= last]
+            measured = [wk for code, wk in zip(labs[p], lab_weeks[p], strict=True)
+                        if _LAB_COLUMN[code] == _LADDER_LAB_COLUMN[li] and first <= wk <= last]
+            decision = min(added) if added else (measured[-1] if measured else last)
+            stopped = [e for s, e in drugs if s <= first - 1 <= e < last]
+            assert w.active[g, li] == sum(s <= last <= e for s, e in drugs)
+            if w.index[g] >= 1:
+                assert w.stopped[g, li] == len(stopped)
+                assert w.stopped_before_index[g, li] == sum(e < decision for e in stopped)
+                seen_stops += len(stopped)
+    assert seen_stops > 10
+
+
+@pytest.mark.parametrize("group", [{"history": True}, {"stops": "decision"}, {"stops": "window"}])
+def test_a_propensity_sees_an_optional_covariate_group_only_when_asked(group):
+    from mirror.causal.delta import FEATURE_NAMES, HISTORY_NAMES, STOP_NAMES, fit_propensity
+
+    columns = [FEATURE_NAMES.index(n) for n in HISTORY_NAMES + STOP_NAMES]
     rng = np.random.default_rng(0)
     treated = rng.normal(0.5, 1.0, (200, N_PROPENSITY_FEATURES))
     controls = rng.normal(0.0, 1.0, (400, N_PROPENSITY_FEATURES))
-    model = fit_propensity(0, treated, controls, 0.2, design="quadratic", history=False)
+    model = fit_propensity(0, treated, controls, 0.2, design="quadratic")
     shuffled = treated.copy()
-    shuffled[:, N_BASE_FEATURES:] = rng.normal(size=(200, len(HISTORY_NAMES)))
+    shuffled[:, columns] = rng.normal(size=(200, len(columns)))
     np.testing.assert_array_equal(model.logit(treated), model.logit(shuffled))
-    with_history = fit_propensity(0, treated, controls, 0.2, design="quadratic", history=True)
-    assert not np.allclose(with_history.logit(treated), with_history.logit(shuffled))
+    with_group = fit_propensity(0, treated, controls, 0.2, design="quadratic", **group)
+    assert not np.allclose(with_group.logit(treated), with_group.logit(shuffled))
 
 
 def test_bias_correction_removes_what_a_residual_imbalance_is_worth():

@@ -10,8 +10,9 @@ X_{t-1} (the windows view's features) and the outcome X_{t+1} (raw lab values). 
   ladder's own lab at the decision (the index lab) and, with ``history`` (off by default: on
   two simulated populations it left the count of strata whose bias beats the naive one's
   3x unchanged in one and raised it by 2 in the other), that lab's latest value by the end of
-  t - 2, so the model sees the lab's trend and not one reading; with their squares by
-  default (``propensity``), fitted on the training split only, on at most ``max_fit_rows`` treated and as many controls, drawn
+  t - 2, so the model sees the lab's trend and not one reading; with ``stops`` (see
+  ``STOP_NAMES``), the ladder's drugs still taken at the end of t - 1 and those stopped in
+  window t; with their squares by default (``propensity``), fitted on the training split only, on at most ``max_fit_rows`` treated and as many controls, drawn
   uniformly (subsampling controls shifts every logit by one constant: matching and the SD
   caliper are unchanged);
 * matching: each treated row (any split) takes a control of the training split near its
@@ -69,13 +70,20 @@ from mirror.data.views.windows import (
 # History covariates (``DeltaConfig.history``): the index lab's latest value by the end of
 # t - 2, so that with X_{t-1} and the index lab the propensity sees the lab's trend.
 HISTORY_NAMES = ["index_lab_prior", "index_lab_prior_known"]
+# Stop covariates (``DeltaConfig.stops``): the ladder's drugs still taken at the end of t - 1
+# (its level counts drugs ever started), and how many of them stopped in window t: before the
+# decision only ("decision"), or anywhere in it ("window"). A stop raises the lab, prompts
+# additions and, its effect gone, raises X_{t+1}: on simulated data, the treated of multi-level
+# jumps stopped a drug in window t twice as often as their controls.
+STOP_NAMES = ["ladder_active", "ladder_stopped_before_decision", "ladder_stopped_in_window"]
+STOPS = ("none", "decision", "window")
 FEATURE_NAMES = (
     [f"{s}" for s in LAB_SHORTS] + [f"{s}_measured" for s in LAB_SHORTS]
     + ["level_diabetes", "level_lipids", "level_hypertension", "female", "age", "present",
-       "index_lab", "index_lab_measured"] + HISTORY_NAMES
+       "index_lab", "index_lab_measured"] + HISTORY_NAMES + STOP_NAMES
 )  # fmt: skip
 N_PROPENSITY_FEATURES = len(FEATURE_NAMES)
-N_BASE_FEATURES = N_PROPENSITY_FEATURES - len(HISTORY_NAMES)  # X_{t-1} and the index lab
+N_BASE_FEATURES = N_PROPENSITY_FEATURES - len(HISTORY_NAMES) - len(STOP_NAMES)  # X_{t-1} and the index lab
 # Balance is judged on the covariates that vary ("present" is 1 in every transition row).
 BALANCE_FEATURES = np.array([i for i, n in enumerate(FEATURE_NAMES) if n != "present"])
 SPLIT_CODE = {s: i for i, s in enumerate(schema.SPLITS)}
@@ -87,21 +95,28 @@ DESIGNS = ("linear", "quadratic")
 OUTCOMES = ("first", "latest")
 
 
-def balance_features(history: bool) -> np.ndarray:
+def covariate_columns(history: bool = False, stops: str = "none") -> np.ndarray:
+    """The columns of ``FEATURE_NAMES`` a propensity sees: X_{t-1} and the index lab, plus the
+    history and the stop covariates when asked."""
+    names = HISTORY_NAMES * history + {"none": [], "decision": STOP_NAMES[:2], "window": STOP_NAMES[::2]}[stops]
+    return np.r_[np.arange(N_BASE_FEATURES), [FEATURE_NAMES.index(n) for n in names]].astype(np.int64)
+
+
+def balance_features(history: bool = False, stops: str = "none") -> np.ndarray:
     """The covariates a stratum's max |SMD| is judged on: those its propensity sees. The
-    balance table lists the history ones either way."""
-    return BALANCE_FEATURES if history else BALANCE_FEATURES[BALANCE_FEATURES < N_BASE_FEATURES]
+    balance table lists every covariate either way."""
+    return np.intersect1d(BALANCE_FEATURES, covariate_columns(history, stops))
 
 
-def design_matrix(x: np.ndarray, design: str, history: bool = False) -> np.ndarray:
-    """The propensity model's inputs: the covariates (the history ones only with ``history``),
-    and with ``quadratic`` the squares of the continuous ones (labs, age, index lab and its
-    prior value), since the simulator decides at a threshold of the index lab and a linear
-    logit cannot bend there."""
+def design_matrix(x: np.ndarray, design: str, history: bool = False, stops: str = "none") -> np.ndarray:
+    """The propensity model's inputs: the covariates (``covariate_columns``), and with
+    ``quadratic`` the squares of the continuous ones (labs, age, index lab and its prior
+    value), since the simulator decides at a threshold of the index lab and a linear logit
+    cannot bend there."""
     x = np.asarray(x, np.float64)
     continuous = _CONTINUOUS_HISTORY if history else _CONTINUOUS
     squares = x[:, continuous] ** 2
-    x = x if history else x[:, :N_BASE_FEATURES]
+    x = x[:, covariate_columns(history, stops)]
     return x if design == "linear" else np.c_[x, squares]
 
 
@@ -125,6 +140,7 @@ class DeltaConfig:
     seed: int = 0
     propensity: str = "quadratic"  # linear: X_{t-1} and the index lab; quadratic: plus their squares
     history: bool = False  # the propensity also sees the index lab's value by t - 2 (its trend)
+    stops: str = "window"  # the propensity also sees the ladder's drugs taken at t - 1's end and those stopped in t (STOPS)
     neighbours: int = 8  # controls per side of the sorted logit considered (1: the nearest only)
     index_lab_weight: float = 1.0  # weight of the index lab in the distance among candidates (0: logit only)
     exclude_own_windows: bool = True  # a treated row never takes a control of the same patient
@@ -137,6 +153,7 @@ class DeltaConfig:
         require(self, "min_treated", self.min_treated >= 2, "an int >= 2")
         require(self, "max_fit_rows", self.max_fit_rows >= 10, "an int >= 10")
         require(self, "propensity", self.propensity in DESIGNS, f"one of {DESIGNS}")
+        require(self, "stops", self.stops in STOPS, f"one of {STOPS}")
         require(self, "neighbours", self.neighbours >= 1, "an int >= 1")
         require(self, "index_lab_weight", self.index_lab_weight >= 0, "a weight >= 0")
         require(self, "outcome", self.outcome in OUTCOMES, f"one of {OUTCOMES}")
@@ -178,12 +195,14 @@ def transition_rows(windows: Windows, subject_id: np.ndarray, split: str, blocks
         index_x = np.c_[scaled_lab(index, LAB_TYPICAL[lab], LAB_SCALE[lab])]
         prior = np.where(has_prior[keep], known[np.maximum(rows - 2, 0), lab], np.nan)
         history_x = np.c_[scaled_lab(prior, LAB_TYPICAL[lab], LAB_SCALE[lab])]
+        stops_x = np.c_[windows.active[rows - 1, li] / LADDER_LEVELS[li], windows.stopped_before_index[rows, li],
+                        windows.stopped[rows, li]]
         sid = subject_id[windows.owner[rows]].astype(np.int64)
         parts.append({
             "subject_id": sid, "window": windows.index[rows].astype(np.int16),
             "window_start": windows.start_week[rows].astype(np.int32),
             "ladder": np.full(len(rows), li, np.int8), "from_level": from_level[keep].astype(np.int8),
-            "to_level": windows.level[rows, li].astype(np.int8), "x": np.c_[x[keep], index_x, history_x].astype(np.float32), "y": y[keep],
+            "to_level": windows.level[rows, li].astype(np.int8), "x": np.c_[x[keep], index_x, history_x, stops_x].astype(np.float32), "y": y[keep],
             "y_week": y_week[keep],
         })  # fmt: skip
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -337,17 +356,18 @@ class Propensity:
     design: str = "linear"
     index_lab_sd: float = 1.0  # pooled SD of the index lab (its matching distance's unit)
     history: bool = False
+    stops: str = "none"
     outcome_coef: np.ndarray | None = None  # (design width, N_LABS): mu0, the controls' outcome model
     outcome_intercept: np.ndarray | None = None  # (N_LABS,)
     outcome_effective_controls: float = 0.0  # Kish's effective size of mu0's weighted fit sample
 
     def logit(self, x: np.ndarray) -> np.ndarray:
-        return design_matrix(x, self.design, self.history) @ self.coef + self.intercept
+        return design_matrix(x, self.design, self.history, self.stops) @ self.coef + self.intercept
 
     def untreated_outcome(self, x: np.ndarray) -> np.ndarray:
         """mu0(x): the outcome model's prediction of X_{t+1} without the addition (R, N_LABS)."""
         assert self.outcome_coef is not None and self.outcome_intercept is not None
-        return design_matrix(x, self.design, self.history) @ self.outcome_coef + self.outcome_intercept
+        return design_matrix(x, self.design, self.history, self.stops) @ self.outcome_coef + self.outcome_intercept
 
 
 def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -357,13 +377,13 @@ def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, caliper_sd: float, seed: int = 0,
-                   design: str = "linear", history: bool = False) -> Propensity:
+                   design: str = "linear", history: bool = False, stops: str = "none") -> Propensity:
     """Logistic regression treated vs control on ``design_matrix`` (standardised inside, so the
     L2 penalty treats every input alike); caliper = ``caliper_sd`` x pooled SD of the logit (the
     average of the two groups' variances, so subsampling either group does not move it)."""
     from sklearn.linear_model import LogisticRegression
 
-    x = design_matrix(np.concatenate([x_treated, x_controls]), design, history)
+    x = design_matrix(np.concatenate([x_treated, x_controls]), design, history, stops)
     mean, sd = _standardisation(x)
     label = np.r_[np.ones(len(x_treated)), np.zeros(len(x_controls))]
     model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit((x - mean) / sd, label)
@@ -374,7 +394,7 @@ def fit_propensity(key: int, x_treated: np.ndarray, x_controls: np.ndarray, cali
     index = np.concatenate([x_treated, x_controls])[:, INDEX_LAB].astype(np.float64)
     index_sd = float(np.sqrt((index[: len(x_treated)].var() + index[len(x_treated):].var()) / 2.0))
     return Propensity(key, coef, intercept, caliper_sd * max(logit_sd, 1e-9), len(x_treated), len(x_controls),
-                      design, max(index_sd, 1e-9), history)
+                      design, max(index_sd, 1e-9), history, stops)
 
 
 def fit_outcome_model(model: Propensity, x_controls: np.ndarray, y_controls: np.ndarray,
@@ -386,7 +406,7 @@ def fit_outcome_model(model: Propensity, x_controls: np.ndarray, y_controls: np.
     of 0.2 SD, the index lab); mu0(X_A) - mu0(X_B) is what they are worth on the outcome
     (Abadie & Imbens 2011, bias-corrected matching). Labs observed in fewer than 2 x the
     design's width of controls get mu0 = their weighted mean (no correction)."""
-    x = design_matrix(x_controls, model.design, model.history)
+    x = design_matrix(x_controls, model.design, model.history, model.stops)
     logit = x @ model.coef + model.intercept
     weight = np.exp(np.clip(logit - logit.max(), -50.0, 0.0))  # odds up to one constant
     effective = float(weight.sum() ** 2 / max((weight**2).sum(), 1e-300))

@@ -104,7 +104,7 @@ def _fit_task(key: int, x_treated: np.ndarray, controls: tuple[np.ndarray, np.nd
               config: D.DeltaConfig) -> D.Propensity:
     x_controls, y_controls = controls
     model = D.fit_propensity(key, x_treated, x_controls, config.caliper_sd, config.seed, config.propensity,
-                             config.history)
+                             config.history, config.stops)
     return D.fit_outcome_model(model, x_controls, y_controls) if config.bias_correction else model
 
 
@@ -279,7 +279,7 @@ def stratum_table(sums: dict[int, D.StratumSums], models: dict[int, D.Propensity
         naive = s.y_treated.s[j] / max(s.y_treated_n[j], 1) - s.y_controls.s[j] / max(s.y_controls_n[j], 1)
         psm = s.delta_sum[j] / max(s.delta_n[j], 1) if s.delta_n[j] else float("nan")
         sd = D.pooled_sd(s.x_treated, s.x_controls)
-        judged = D.balance_features(models[k].history)
+        judged = D.balance_features(models[k].history, models[k].stops)
         before = np.abs(D.smd(s.x_treated, s.x_controls, sd))[judged]
         after = np.abs(D.smd(s.x_treated_matched, s.x_matched_controls, sd))[judged] if s.matched else before * np.nan
         row |= {

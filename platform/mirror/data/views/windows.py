@@ -92,7 +92,7 @@ N_DELTA = N_LADDERS * N_LABS  # Δ per ladder on every lab (zero where no additi
 READ_COLUMNS = [
     schema.SUBJECT_ID, schema.SEX, schema.BIRTH_WEEK, schema.ENROLL_START, schema.ENROLL_END,
     schema.N_EVENTS, schema.CONDITIONS, schema.WEEKS, schema.MEDICATIONS, schema.MEDICATION_START_WEEKS,
-    schema.LABS, schema.LAB_WEEKS, schema.LAB_VALUES,
+    schema.MEDICATION_END_WEEKS, schema.LABS, schema.LAB_WEEKS, schema.LAB_VALUES,
 ]  # fmt: skip
 
 # Δ column set (``<root>/delta/<name>/<split>/part-NNNNN.parquet``, row-aligned with the data
@@ -140,6 +140,9 @@ class Windows:
     tail_weeks: int  # enrolled weeks after the last full window (not in any window)
     first_value: np.ndarray  # (W, N_LABS) float64, first value in the window, NaN where not measured
     first_week: np.ndarray  # (W, N_LABS) int64, week of that value, -1 where not measured
+    active: np.ndarray  # (W, N_LADDERS) int64, the ladder's medications still taken at the window's end
+    stopped: np.ndarray  # (W, N_LADDERS) int64, taken at the previous window's end, not at this one's
+    stopped_before_index: np.ndarray  # (W, N_LADDERS) int64, of those, stopped before the index lab's week
 
     @property
     def n_windows(self) -> np.ndarray:
@@ -250,6 +253,9 @@ def patient_windows(table: pa.Table, window_weeks: int) -> Windows:
         pos = np.searchsorted(lab_key[of_lab], key, side="right") - 1
         ok = (pos >= 0) & (lab_key[of_lab][np.maximum(pos, 0)] == key) if len(of_lab) else np.zeros(len(key), bool)
         index_value[w_rows[ok], li] = lab_v[of_lab][pos[ok]]
+    index_week = np.where(first_add < NO_WEEK, first_add, lab_week[:, _LADDER_LAB_COLUMN])
+    index_week = np.where(index_week >= 0, index_week, end_week[:, None])  # no measurement: the window's end
+    active, stopped, stopped_before_index = _stops(table, offsets, start, n_win, window_weeks, index_week)
 
     # Onsets: first diagnosis week of each onset condition per patient.
     cond, cond_owner = _flat(table, schema.CONDITIONS)
@@ -267,7 +273,40 @@ def patient_windows(table: pa.Table, window_weeks: int) -> Windows:
     age = (start_week - birth[owner]) / WEEKS_PER_YEAR
     tail = int(((end - start + 1) - n_win * window_weeks).sum())
     return Windows(offsets, owner, index, start_week, lab_value, lab_week, level, female, age,
-                   has_by_end, onset_in, index_value, tail, lab_first_value, lab_first_week)
+                   has_by_end, onset_in, index_value, tail, lab_first_value, lab_first_week, active, stopped,
+                   stopped_before_index)
+
+
+def _stops(table: pa.Table, offsets: np.ndarray, start: np.ndarray, n_win: np.ndarray, window_weeks: int,
+           index_week: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (window, ladder): the ladder's medications taken at the window's end (``level``
+    counts those ever started, and chronic drugs are stopped); those taken at the previous
+    window's end and stopped in this window; and those of them stopped before ``index_week``
+    (the window's decision: its first addition, else the index lab's measurement). A stop
+    raises the ladder's lab, so it prompts additions."""
+    total = int(offsets[-1])
+    med, owner = _flat(table, schema.MEDICATIONS)
+    med_s = _flat(table, schema.MEDICATION_START_WEEKS)[0].astype(np.int64)
+    med_e = _flat(table, schema.MEDICATION_END_WEEKS)[0].astype(np.int64)
+    ladder = _LADDER_OF_CLASS[med.astype(np.int64)]
+    active = np.zeros((total, N_LADDERS), np.int64)
+    stopped = np.zeros((total, N_LADDERS), np.int64)
+    stopped_before_index = np.zeros((total, N_LADDERS), np.int64)
+    lad = ladder >= 0
+    owner, med_s, med_e, ladder = owner[lad], med_s[lad], med_e[lad], ladder[lad]
+    # window of the start, and the first window whose end the drug is no longer taken at
+    first = np.maximum((med_s - start[owner]) // window_weeks, 0)
+    gone = np.minimum((med_e - start[owner] + 1) // window_weeks, n_win[owner])
+    for k in range(int((gone - first).max(initial=0))):  # windows a drug spans: a few
+        w = first + k
+        on = w < gone
+        np.add.at(active, (offsets[owner[on]] + w[on], ladder[on]), 1)
+    stop = (gone >= first + 1) & (gone < n_win[owner])  # taken at window gone - 1's end, not at gone's
+    g = offsets[owner[stop]] + gone[stop]
+    np.add.at(stopped, (g, ladder[stop]), 1)
+    before = med_e[stop] < index_week[g, ladder[stop]]
+    np.add.at(stopped_before_index, (g[before], ladder[stop][before]), 1)
+    return active, stopped, stopped_before_index
 
 
 # --------------------------------------------------------------------------------------------
