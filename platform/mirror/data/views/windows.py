@@ -255,7 +255,9 @@ def patient_windows(table: pa.Table, window_weeks: int) -> Windows:
         index_value[w_rows[ok], li] = lab_v[of_lab][pos[ok]]
     index_week = np.where(first_add < NO_WEEK, first_add, lab_week[:, _LADDER_LAB_COLUMN])
     index_week = np.where(index_week >= 0, index_week, end_week[:, None])  # no measurement: the window's end
-    active, stopped, stopped_before_index = _stops(table, offsets, start, n_win, window_weeks, index_week)
+    med_end = _flat(table, schema.MEDICATION_END_WEEKS)[0].astype(np.int64)
+    active, stopped, stopped_before_index = _stops(ladder, med_owner, rel, med_end, offsets, start, n_win,
+                                                   window_weeks, index_week)
 
     # Onsets: first diagnosis week of each onset condition per patient.
     cond, cond_owner = _flat(table, schema.CONDITIONS)
@@ -277,25 +279,22 @@ def patient_windows(table: pa.Table, window_weeks: int) -> Windows:
                    stopped_before_index)
 
 
-def _stops(table: pa.Table, offsets: np.ndarray, start: np.ndarray, n_win: np.ndarray, window_weeks: int,
+def _stops(ladder: np.ndarray, owner: np.ndarray, first: np.ndarray, med_e: np.ndarray, offsets: np.ndarray,
+           start: np.ndarray, n_win: np.ndarray, window_weeks: int,
            index_week: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (window, ladder): the ladder's medications taken at the window's end (``level``
     counts those ever started, and chronic drugs are stopped); those taken at the previous
     window's end and stopped in this window; and those of them stopped before ``index_week``
     (the window's decision: its first addition, else the index lab's measurement). A stop
-    raises the ladder's lab, so it prompts additions."""
+    raises the ladder's lab, so it prompts additions. Per medication: its ``ladder`` (-1: none),
+    patient row ``owner``, ``first`` window (of its start, 0 if before enrolment) and end week."""
     total = int(offsets[-1])
-    med, owner = _flat(table, schema.MEDICATIONS)
-    med_s = _flat(table, schema.MEDICATION_START_WEEKS)[0].astype(np.int64)
-    med_e = _flat(table, schema.MEDICATION_END_WEEKS)[0].astype(np.int64)
-    ladder = _LADDER_OF_CLASS[med.astype(np.int64)]
     active = np.zeros((total, N_LADDERS), np.int64)
     stopped = np.zeros((total, N_LADDERS), np.int64)
     stopped_before_index = np.zeros((total, N_LADDERS), np.int64)
     lad = ladder >= 0
-    owner, med_s, med_e, ladder = owner[lad], med_s[lad], med_e[lad], ladder[lad]
-    # window of the start, and the first window whose end the drug is no longer taken at
-    first = np.maximum((med_s - start[owner]) // window_weeks, 0)
+    owner, first, med_e, ladder = owner[lad], first[lad], med_e[lad], ladder[lad]
+    # the first window whose end the drug is no longer taken at
     gone = np.minimum((med_e - start[owner] + 1) // window_weeks, n_win[owner])
     for k in range(int((gone - first).max(initial=0))):  # windows a drug spans: a few
         w = first + k
