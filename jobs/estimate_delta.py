@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                              "stopped in window t: before the decision, or anywhere in it (a stop raises the lab and "
                              "prompts additions; 'window' assumes a stop is not caused by the addition)")
     parser.add_argument("--neighbours", type=int, default=8, help="controls per side of the sorted logit considered")
+    parser.add_argument("--controls", type=int, default=8,
+                        help="controls averaged into each treated row's Δ: its k nearest within the caliper "
+                             "(1: the paper's single control B)")
     parser.add_argument("--index-lab-weight", type=float, default=1.0, help="the index lab's weight in the match distance (0: logit only)")
     parser.add_argument("--outcome", choices=("first", "latest"), default="first",
                         help="X_{t+1}: each lab's first value in window t+1 (before any later addition acts) or its latest")
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = DeltaConfig(window_weeks=args.window_weeks, caliper_sd=args.caliper_sd,
                          block_patients=args.block_patients, max_fit_rows=args.max_fit_rows, seed=args.seed,
-                         propensity=args.propensity, history=args.history, stops=args.stops, neighbours=args.neighbours, index_lab_weight=args.index_lab_weight,
+                         propensity=args.propensity, history=args.history, stops=args.stops, neighbours=args.neighbours, controls=args.controls,
+                         index_lab_weight=args.index_lab_weight,
                          exclude_own_windows=not args.allow_own_windows, outcome=args.outcome,
                          bias_correction=args.bias_correction)
     ensure_ray()

@@ -12,6 +12,7 @@ import pytest
 from mirror.causal.delta import (
     N_BASE_FEATURES,
     N_PROPENSITY_FEATURES,
+    DeltaConfig,
     Propensity,
     match_nearest,
     match_stratum,
@@ -59,21 +60,52 @@ def test_six_patients_match_by_hand():
     assert sums.delta_n[0] == 1 and sums.delta_sum[0] == pytest.approx(-30.0)
     # no controls at all: every treated row is counted as such
     pick, ok = match_nearest(np.array([0.1]), np.array([]), 1.0)
-    assert pick.tolist() == [-1] and not ok.any()
+    assert pick.tolist() == [[-1]] and not ok.any()
     # with replacement: two treated rows may share the nearest control
     pick, ok = match_nearest(np.array([0.0, 0.01]), np.array([5.0, 0.005]), 0.1)
-    assert pick.tolist() == [1, 1] and ok.all()
+    assert pick.tolist() == [[1], [1]] and ok.all()
     # the treated patient's own earlier window is never its control: the next nearest is taken
     own = {"treated_owner": np.array([7]), "control_owner": np.array([7, 8]), "neighbours": 2}
-    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1, **own)[0].tolist() == [1]
-    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1)[0].tolist() == [0]
+    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1, **own)[0].tolist() == [[1]]
+    assert match_nearest(np.array([0.0]), np.array([0.0, 0.05]), 0.1)[0].tolist() == [[0]]
     # among the candidates within the caliper, the index lab decides (in caliper units)
     aux = {"treated_aux": np.array([1.0]), "control_aux": np.array([3.0, 1.1])}
-    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=2, **aux)[0].tolist() == [1]
-    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=1, **aux)[0].tolist() == [0]
+    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=2, **aux)[0].tolist() == [[1]]
+    assert match_nearest(np.array([0.0]), np.array([0.01, 0.05]), 0.1, neighbours=1, **aux)[0].tolist() == [[0]]
     # only a control beyond the caliper: kept as the nearest, flagged outside
     pick, ok = match_nearest(np.array([0.0]), np.array([0.5, 0.9]), 0.1, neighbours=2)
-    assert pick.tolist() == [0] and not ok.any()
+    assert pick.tolist() == [[0]] and not ok.any()
+
+
+def test_k_controls_average_those_within_the_caliper_where_the_outcome_was_measured():
+    """1:k matching: a treated row's Δ is its outcome minus the mean of its k nearest controls
+    within the caliper, each lab over the controls that measured it; a control beyond the
+    caliper is never averaged in, and balance weighs each of a row's k controls 1/k."""
+    model = Propensity(key=0, coef=np.r_[1.0, np.zeros(N_BASE_FEATURES - 1)], intercept=0.0, caliper=0.1,
+                       fit_treated=1, fit_controls=5)
+    x = np.zeros((6, N_PROPENSITY_FEATURES), np.float32)
+    x[:, 0] = [0.0, 0.01, -0.02, 0.03, 0.5, 0.04]  # row 0 treated; 0.5 is beyond the caliper
+    y = np.full((6, N_LABS), np.nan)
+    y[:, 0] = [100.0, 130.0, 120.0, np.nan, 0.0, 110.0]
+    y[:, 1] = [10.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+    def part(rows):
+        n = len(rows)
+        return {"subject_id": np.array(rows) + 1, "split": np.zeros(n, np.int8), "window": np.ones(n, np.int16),
+                "window_start": np.zeros(n, np.int32), "ladder": np.zeros(n, np.int8),
+                "from_level": np.zeros(n, np.int8), "to_level": np.ones(n, np.int8), "x": x[rows], "y": y[rows],
+                "y_week": np.zeros((n, N_LABS), np.int32)}
+
+    treated, controls = part([0]), part([1, 2, 3, 4, 5])
+    for k, lab0, lab1, used in [(1, -30.0, 9.0, 1), (3, -25.0, 8.0, 3), (5, -20.0, 7.25, 4)]:
+        config = DeltaConfig(controls=k, neighbours=1, index_lab_weight=0.0, exclude_own_windows=False)
+        out, sums = match_stratum(model, treated, controls, config)
+        assert out["delta"][0, 0] == pytest.approx(lab0)  # the unmeasured control drops out of lab 0 only
+        assert out["delta"][0, 1] == pytest.approx(lab1)
+        assert out["controls"].tolist() == [used] and sums.controls_used == used
+        assert out["control_subject_id"].tolist() == [2]  # the nearest
+        assert sums.x_matched_controls.n == pytest.approx(1.0)
+        assert sums.x_matched_controls.mean[0] == pytest.approx(x[[1, 2, 3, 5][:used], 0].mean())
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +311,9 @@ def test_estimate_delta_end_to_end_writes_aligned_columns_and_checks_truth(datas
     fitted = [r for r in report.strata if r.get("fitted")]
     assert fitted and all(r["matched"] + r["caliper_drops"] + r["no_controls"] == r["treated"] for r in fitted)
     assert all("true_psm" in r and "naive_bias" in r for r in fitted)
+    # 1:8 by default: a matched row averages up to 8 controls, more than one wherever the pool allows
+    assert all(1 <= r["controls_per_matched"] <= 8 for r in fitted if r["matched"])
+    assert max(r["controls_per_matched"] for r in fitted) > 1
     assert report.totals["written_patients"] == 3000 and report.totals["written_delta_entries"] == report.totals["matched"]
     for split in schema.SPLITS:
         for file in schema.split_files(dataset, split):

@@ -285,7 +285,7 @@ def stratum_table(sums: dict[int, D.StratumSums], models: dict[int, D.Propensity
         row |= {
             "fitted": True, "lab": LAB_SHORTS[j], "treated": s.treated, "controls": s.controls, "matched": s.matched,
             "match_rate": s.matched / max(s.treated, 1), "caliper_drops": s.caliper_drops, "no_controls": s.no_controls,
-            "caliper_logit": models[k].caliper, "naive": float(naive), "psm": float(psm), "psm_pairs": int(s.delta_n[j]),
+            "controls_per_matched": s.controls_used / max(s.matched, 1), "caliper_logit": models[k].caliper, "naive": float(naive), "psm": float(psm), "psm_pairs": int(s.delta_n[j]),
             "max_abs_smd_before": _max(before), "max_abs_smd_after": _max(after),
             "outcome_effective_controls": models[k].outcome_effective_controls,
         }  # fmt: skip
