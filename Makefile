@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-decoder bench-metrics bench-gpu bench-scale bench-scoehr bench-sampler bench-retrieval bench-miranda reference-mirror clean
+.PHONY: install test lint fixtures demo bench-data bench-import bench-train bench-decoder bench-metrics bench-gpu bench-scale bench-delta bench-scoehr bench-sampler bench-retrieval bench-miranda reference-mirror clean
 
 install: $(VENV)/.installed
 
@@ -97,6 +97,11 @@ bench-data: install
 SCALE_ARGS ?=
 bench-scale: install
 	$(PY) bench/bench_scale.py $(SCALE_ARGS)
+
+# The Δ estimator (issue 15) at 1M simulated patients: patients/s and peak memory per --controls.
+DELTA_ARGS ?=
+bench-delta: install
+	$(PY) bench/bench_delta_scale.py $(DELTA_ARGS)
 
 # MEDS import throughput (events/s) on a MEDS export of 1M simulated patients (whole record and
 # trial), against a plain pyarrow scan of the same files in the same run, as a ratio. Inputs
