@@ -36,6 +36,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from process_memory import tree_memory
 
 from mirror.data import schema
 from mirror.data.collate import CollateConfig, MaskSpec, collate
@@ -349,23 +350,6 @@ def rss_pass_child(root: Path, out: Path) -> None:
     out.write_text(json.dumps({"phase": "running"}))
     rows, seconds = timed(ray_pass, root, config)
     out.write_text(json.dumps({"phase": "done", "rows": rows, "seconds": seconds}))
-
-
-def tree_memory(root_process: psutil.Process) -> tuple[int, int]:
-    """(sum of PSS, sum of RSS) over a process and all its descendants, in bytes."""
-    pss = rss = 0
-    try:
-        processes = [root_process, *root_process.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
-    for process in processes:
-        try:
-            info = process.memory_full_info()
-            pss += getattr(info, "pss", info.rss)
-            rss += info.rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return pss, rss
 
 
 def bench_peak_memory(root: Path) -> dict:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import psutil
+from process_memory import tree_memory
 from results_file import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,19 +41,13 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pss = rss = 0
+            pss, rss = tree_memory(self.root)
+            if not rss:  # the job has exited
+                break
             try:
-                tree = [self.root, *self.root.children(recursive=True)]
+                self.driver_rss = max(self.driver_rss, self.root.memory_info().rss)
             except psutil.NoSuchProcess:
                 break
-            for p in tree:
-                try:
-                    info = p.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                pss, rss = pss + getattr(info, "pss", info.rss), rss + info.rss
-                if p.pid == self.root.pid:
-                    self.driver_rss = max(self.driver_rss, info.rss)
             self.tree_pss, self.tree_rss = max(self.tree_pss, pss), max(self.tree_rss, rss)
             self._stop.wait(self.interval_s)
 

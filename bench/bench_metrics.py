@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import psutil
+from process_memory import tree_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics.json"
 SEED = 1
@@ -115,24 +116,6 @@ def child(real: str, synthetic: str, max_queries: int, out: str) -> None:
     )
 
 
-def _tree_memory(pid: int) -> tuple[float, float]:
-    """(sum of PSS, sum of RSS) in MB over a process and all its descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0.0, 0.0
-    pss = rss = 0
-    for p in procs:
-        try:
-            info = p.memory_full_info()
-            pss += getattr(info, "pss", info.rss)
-            rss += info.rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return pss / 2**20, rss / 2**20
-
-
 def run_size(real: Path, synthetic: Path, max_queries: int, work: Path) -> dict:
     out = work / f"child-{real.name}.json"
     proc = subprocess.Popen(
@@ -141,8 +124,12 @@ def run_size(real: Path, synthetic: Path, max_queries: int, work: Path) -> dict:
     peak = {"pss_mb": 0.0, "rss_mb": 0.0}
 
     def sample() -> None:
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
         while proc.poll() is None:
-            pss, rss = _tree_memory(proc.pid)
+            pss, rss = (b / 2**20 for b in tree_memory(root))
             peak["pss_mb"], peak["rss_mb"] = max(peak["pss_mb"], pss), max(peak["rss_mb"], rss)
             time.sleep(0.5)
 

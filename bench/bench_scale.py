@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import psutil
+from process_memory import tree_memory
 
 from mirror.data import schema
 
@@ -45,22 +46,6 @@ DISK_MARGIN = 1.15  # the estimate's headroom: Parquet sizes vary a little with 
 
 def log(message: str) -> None:
     print(f"[bench-scale {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def tree_pss(root_process: psutil.Process) -> int:
-    """Sum of PSS over a process and all its descendants, in bytes."""
-    total = 0
-    try:
-        processes = [root_process, *root_process.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for process in processes:
-        try:
-            info = process.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return total
 
 
 def directory_bytes(path: Path) -> int:
@@ -151,7 +136,7 @@ def run_size(n_patients: int, workdir: Path, keep: bool, views: list[str] | None
             log(f"  phase {phase}")
             last_phase = phase
         key = phase.replace("streamed:", "stream:").replace("generated", "generate")
-        peak[key] = max(peak.get(key, 0), tree_pss(process))
+        peak[key] = max(peak.get(key, 0), tree_memory(process)[0])
         time.sleep(SAMPLE_EVERY_S)
     if proc.wait() != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
