@@ -10,8 +10,9 @@ One Ray task per (sample size, draw) runs every fit of that draw in process (see
 ``mirror.causal.protocol`` for why). The MLflow parent run (``--run-name``) holds the results
 table in the paper's shape (``results.json`` and ``results.md``: one row per task and look-back
 per size, stars from the t-test), every fit (``trials.json``), the t-tests (``tests.json``),
-and the pretraining gain by sample size (``gain_by_size.json`` and metrics); one child run per
-draw holds that draw's numbers.
+the pretraining gain by sample size (``gain_by_size.json`` and metrics) and whether it grows as
+the sample shrinks (``size_trend.json``: a one-sided Welch test, smallest against largest size);
+one child run per draw holds that draw's numbers.
 """
 
 from __future__ import annotations
@@ -76,33 +77,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarise(trials: list[dict], config) -> tuple:
-    """The results table (paired t-tests) and the gain-by-size rows of the fits ``trials``;
-    draws are paired by their split index, so a partial set of draws gives a smaller t-test."""
-    from mirror.causal.protocol import gain_by_size, results_table
+    """The results table (paired t-tests), the gain-by-size rows and the size trend of the fits
+    ``trials``; draws are paired by their split index, so a partial set of draws gives a smaller
+    t-test."""
+    from mirror.causal.protocol import gain_by_size, results_table, size_trend
 
     table = results_table(trials, config)
-    return table, gain_by_size(table, "pretrain") + gain_by_size(table, "augment")
+    modes = [m for m in ("pretrain", "augment") if m in config.modes]
+    trend = [row for m in modes for row in size_trend(trials, config, m)]
+    return table, gain_by_size(table, "pretrain") + gain_by_size(table, "augment"), trend
 
 
 def write_tables(trials: list[dict], config, out: Path, summary: tuple | None = None) -> tuple:
-    """results/tests/gain_by_size (json) and results.md from the fits ``trials`` into ``out``
-    (``summary``: their ``summarise`` if already computed)."""
-    from mirror.causal.protocol import markdown
+    """results/tests/gain_by_size/size_trend (json) and results.md from the fits ``trials`` into
+    ``out`` (``summary``: their ``summarise`` if already computed)."""
+    from mirror.causal.protocol import markdown, trend_markdown
 
-    table, gains = summary or summarise(trials, config)
+    table, gains, trend = summary or summarise(trials, config)
     draws = sorted({(r["size"], r["split"]) for r in trials})
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(f"<!-- {len(trials)} fits from {len(draws)} draws (size, split): {draws} -->\n" + markdown(table))
-    for name, rows in (("results", table.rows), ("tests", table.tests), ("trials", trials), ("gain_by_size", gains)):
+    (out / "results.md").write_text(f"<!-- {len(trials)} fits from {len(draws)} draws (size, split): {draws} -->\n"
+                                    + markdown(table) + trend_markdown(trend))
+    for name, rows in (("results", table.rows), ("tests", table.tests), ("trials", trials), ("gain_by_size", gains),
+                       ("size_trend", trend)):
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    return table, gains
+    return table, gains, trend
 
 
 def run_protocol(data: str, config, run_name: str, out: str | None = None) -> dict:
     import ray
 
     from mirror import tracking
-    from mirror.causal.protocol import load_pool, markdown, run_draw
+    from mirror.causal.protocol import load_pool, markdown, run_draw, trend_markdown
     from mirror.cluster import ensure_ray
     from mirror.data.schema import HELD_OUT, TRAIN
 
@@ -138,25 +144,27 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "trials.json.tmp").write_text(json.dumps(trials, indent=1) + "\n")
             (Path(out) / "trials.json.tmp").replace(Path(out) / "trials.json")
-    table, gains = summarise(trials, config)
+    table, gains, trend = summarise(trials, config)
     tracking.log_table(parent, table.rows, "results.json")
     tracking.log_table(parent, table.tests, "tests.json")
     tracking.log_table(parent, trials, "trials.json")
     tracking.log_table(parent, gains, "gain_by_size.json")
+    tracking.log_table(parent, trend, "size_trend.json")
     metrics = {f"gain/{g['mode']}/{g['cell']}/n{g['size']}/mean_auroc": g["mean_auroc_gain"] for g in gains}
     metrics |= {f"gain/{g['mode']}/{g['cell']}/n{g['size']}/significant_wins": g["significant_wins"] for g in gains}
+    metrics |= {f"trend/{r['mode']}/{r['cell']}/{k}": r[k] for r in trend for k in ("small_minus_large", "p")}
     metrics["protocol/seconds"] = time.perf_counter() - started
     metrics["protocol/fits"] = len(trials)
     tracking.log_metrics(parent, metrics)
-    text = markdown(table)
+    text = markdown(table) + trend_markdown(trend)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "results.md").write_text(text)
         tracking.log_artifact(parent, Path(tmp) / "results.md")
     tracking.end_run(parent)
     if out:
-        write_tables(trials, config, Path(out), (table, gains))
+        write_tables(trials, config, Path(out), (table, gains, trend))
     print(text)
-    print(json.dumps({"run_id": parent, "fits": len(trials), "seconds": round(metrics["protocol/seconds"], 1), "gain_by_size": gains}, indent=1))
+    print(json.dumps({"run_id": parent, "fits": len(trials), "seconds": round(metrics["protocol/seconds"], 1), "gain_by_size": gains, "size_trend": trend}, indent=1))
     return {"run_id": parent, "table": table, "trials": trials, "gains": gains}
 
 

@@ -491,6 +491,44 @@ def test_results_table_stars_follow_the_paired_t_test():
     assert "| onset_dm | 1 |" in markdown(table)
 
 
+def test_size_trend_tests_the_smallest_size_against_the_largest_with_welch():
+    """Per draw, the onset gain is averaged over tasks and look-backs (``all``: also over cells);
+    the smallest and largest sizes' draws are compared by a one-sided Welch test, the middle size
+    is only reported, and a lab task or a NaN fit never enters."""
+    from scipy.stats import ttest_ind
+
+    from mirror.causal.protocol import ProtocolConfig, size_trend, trend_markdown
+
+    config = ProtocolConfig(sizes=(250, 1000, 5000), splits=3, tasks=("onset_dm", "onset_cad", "next_ldl"), lookbacks=(1,),
+                            cells=("gru", "lstm"), modes=("none", "pretrain"), glm=False, pool_patients=5000)
+    gain = {250: [0.05, 0.03, 0.04], 1000: [0.02, 0.01, 0.03], 5000: [0.00, 0.01, -0.01]}
+    trials = []
+    for size, gains in gain.items():
+        for split, g in enumerate(gains):
+            for cell, extra in (("gru", 0.0), ("lstm", 0.01)):
+                common = {"size": size, "split": split, "lookback": 1, "cell": cell}
+                for task, shift in (("onset_dm", 0.002), ("onset_cad", -0.002)):  # task mean: g + extra
+                    trials += [{**common, "task": task, "mode": "none", "auroc": 0.7},
+                               {**common, "task": task, "mode": "pretrain", "auroc": 0.7 + g + extra + shift}]
+                trials.append({**common, "task": "next_ldl", "mode": "pretrain", "mse": 1.0})
+    trials.append({"size": 250, "split": 0, "lookback": 1, "cell": "gru", "task": "onset_dm", "mode": "none", "auroc": float("nan")})
+    trend = {r["cell"]: r for r in size_trend(trials[:-1], config)}
+    assert set(trend) == {"gru", "lstm", "all"}
+    for cell, extra in (("gru", 0.0), ("lstm", 0.01), ("all", 0.005)):
+        r = trend[cell]
+        expected = ttest_ind([g + extra for g in gain[250]], [g + extra for g in gain[5000]], equal_var=False, alternative="greater")
+        assert r["p"] == pytest.approx(expected.pvalue) and r["t"] == pytest.approx(expected.statistic)
+        assert r["small_minus_large"] == pytest.approx(0.04)
+        assert [s["mean_gain"] for s in r["by_size"]] == pytest.approx([0.04 + extra, 0.02 + extra, 0.0 + extra])
+        assert [s["draws"] for s in r["by_size"]] == [3, 3, 3]
+    # A NaN no-Δ fit (DM, GRU, 250, draw 0) drops that pair only: the draw keeps CAD's gain.
+    with_nan = {r["cell"]: r for r in size_trend(trials, config)}["gru"]
+    dm_dropped = [gain[250][0] - 0.002, *gain[250][1:]]
+    assert with_nan["by_size"][0]["draws"] == 3 and with_nan["by_size"][0]["mean_gain"] == pytest.approx(np.mean(dm_dropped))
+    assert with_nan["p"] == pytest.approx(ttest_ind(dm_dropped, gain[5000], equal_var=False, alternative="greater").pvalue)
+    assert "| pretrain | all | +0.0450 (" in trend_markdown(list(trend.values()))
+
+
 @pytest.mark.slow
 def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path, monkeypatch):
     """jobs/causal_protocol.py at a toy size: every (size, draw, task, look-back, cell, mode) is
@@ -516,6 +554,9 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
     parent = tracking.find_run("protocol")
     assert {"results.json", "results.md", "tests.json", "trials.json"} <= set(tracking.list_artifacts(parent))
     assert len(tracking.child_runs(parent)) == 4
+    trend = json.loads((tmp_path / "out" / "size_trend.json").read_text())  # 40 vs 80 patients
+    assert {(r["mode"], r["cell"]) for r in trend} == {(m, c) for m in ("pretrain", "augment") for c in ("gru", "lstm", "all")}
+    assert all([s["draws"] for s in r["by_size"]] == [2, 2] and 0 <= r["p"] <= 1 for r in trend)
     # a stopped run's tables: rebuilt from trials.json alone (here: only the n=40 draws)
     part = tmp_path / "part"
     part.mkdir()

@@ -412,3 +412,56 @@ def gain_by_size(table: ResultsTable, mode: str = "pretrain") -> list[dict[str, 
             out.append({"size": size, "cell": cell, "mode": mode, "mean_auroc_gain": float(np.mean([r["gain"] for r in rows])),
                         "significant_wins": sum(r["p"] <= 0.05 and r["gain"] > 0 for r in rows), "rows": len(rows)})
     return out
+
+
+def size_trend(trials: list[dict[str, Any]], config: ProtocolConfig, mode: str = "pretrain") -> list[dict[str, Any]]:
+    """Does the gain of ``mode`` over no-Δ grow as the sample shrinks (seed 003's synthetic
+    finding)? Per draw, the onset AUROC gain averaged over tasks and look-backs (the ``all`` row
+    also over cells); then a one-sided Welch t-test that the mean gain at the smallest size is
+    larger than at the largest. Welch, not paired: draws of different sizes are independent
+    (their own seeds, their own test patients)."""
+    from scipy.stats import ttest_ind
+
+    auroc = {(r["size"], r["split"], r["task"], r["lookback"], r["cell"], r["mode"]): r["auroc"]
+             for r in trials if r["task"] in ONSET_TARGETS}
+    per_draw: dict[tuple[str, int], dict[int, list[float]]] = {}  # (cell, size) -> split -> gains
+    for (size, split, task, lookback, cell, m), value in auroc.items():
+        base = auroc.get((size, split, task, lookback, cell, "none"))
+        if m != mode or base is None or np.isnan(value) or np.isnan(base):
+            continue
+        per_draw.setdefault((cell, size), {}).setdefault(split, []).append(value - base)
+    gains = {key: {split: float(np.mean(g)) for split, g in by_split.items()} for key, by_split in per_draw.items()}
+    cells = [c for c in config.cells if any(k[0] == c for k in gains)]
+    if len(cells) > 1:
+        for size in config.sizes:
+            shared = set.intersection(*(set(gains.get((c, size), {})) for c in cells))
+            gains[("all", size)] = {s: float(np.mean([gains[(c, size)][s] for c in cells])) for s in shared}
+        cells.append("all")
+    small, large = min(config.sizes), max(config.sizes)
+    out = []
+    for cell in cells:
+        by_size = [{"size": size, "draws": len(g := list(gains.get((cell, size), {}).values())),
+                    "mean_gain": float(np.mean(g)) if g else float("nan"),
+                    "se": float(np.std(g, ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("nan")}
+                   for size in config.sizes]
+        a, b = list(gains.get((cell, small), {}).values()), list(gains.get((cell, large), {}).values())
+        t, p = (ttest_ind(a, b, equal_var=False, alternative="greater") if small != large and min(len(a), len(b)) >= 2
+                else (float("nan"), float("nan")))
+        out.append({"mode": mode, "cell": cell, "by_size": by_size, "smallest": small, "largest": large,
+                    "small_minus_large": float(np.mean(a) - np.mean(b)) if a and b else float("nan"),
+                    "t": float(t), "p": float(p)})
+    return out
+
+
+def trend_markdown(trend: list[dict[str, Any]]) -> str:
+    """The size trend as markdown: mean onset gain (SE) per size, and the one-sided test."""
+    if not trend:
+        return ""
+    sizes = [s["size"] for s in trend[0]["by_size"]]
+    out = ["\n### Does the gain grow as the sample shrinks? (onset AUROC gain over no-Δ, mean (SE) over draws)\n",
+           "| mode | cell | " + " | ".join(f"n = {s}" for s in sizes) + " | smallest - largest | p (one-sided Welch) |",
+           "|" + "---|" * (len(sizes) + 4)]
+    for r in trend:
+        cells = [f"{s['mean_gain']:+.4f} ({s['se']:.4f})" for s in r["by_size"]]
+        out.append(f"| {r['mode']} | {r['cell']} | " + " | ".join(cells) + f" | {r['small_minus_large']:+.4f} | {r['p']:.3g} |")
+    return "\n".join(out) + "\n"
