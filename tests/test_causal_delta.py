@@ -495,6 +495,8 @@ def test_size_trend_tests_the_smallest_size_against_the_largest_with_welch():
     """Per draw, the onset gain is averaged over tasks and look-backs (``all``: also over cells);
     the smallest and largest sizes' draws are compared by a one-sided Welch test, the middle size
     is only reported, and a lab task or a NaN fit never enters."""
+    from dataclasses import replace
+
     from scipy.stats import ttest_ind
 
     from mirror.causal.protocol import ProtocolConfig, size_trend, trend_markdown
@@ -527,6 +529,8 @@ def test_size_trend_tests_the_smallest_size_against_the_largest_with_welch():
     assert with_nan["by_size"][0]["draws"] == 3 and with_nan["by_size"][0]["mean_gain"] == pytest.approx(np.mean(dm_dropped))
     assert with_nan["p"] == pytest.approx(ttest_ind(dm_dropped, gain[5000], equal_var=False, alternative="greater").pvalue)
     assert "| pretrain | all | +0.0450 (" in trend_markdown(list(trend.values()))
+    one_size = size_trend([r for r in trials[:-1] if r["size"] == 250], replace(config, sizes=(250,), pool_patients=250))
+    assert all(np.isnan(r["p"]) and np.isnan(r["small_minus_large"]) for r in one_size)  # nothing to compare
 
 
 @pytest.mark.slow

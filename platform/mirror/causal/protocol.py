@@ -448,7 +448,7 @@ def size_trend(trials: list[dict[str, Any]], config: ProtocolConfig, mode: str =
         t, p = (ttest_ind(a, b, equal_var=False, alternative="greater") if small != large and min(len(a), len(b)) >= 2
                 else (float("nan"), float("nan")))
         out.append({"mode": mode, "cell": cell, "by_size": by_size, "smallest": small, "largest": large,
-                    "small_minus_large": float(np.mean(a) - np.mean(b)) if a and b else float("nan"),
+                    "small_minus_large": float(np.mean(a) - np.mean(b)) if a and b and small != large else float("nan"),
                     "t": float(t), "p": float(p)})
     return out
 
