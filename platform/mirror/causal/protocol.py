@@ -350,16 +350,22 @@ class ResultsTable:
     tests: list[dict[str, Any]] = field(default_factory=list)  # one per (size, task, look-back, cell, mode != none)
 
 
+def _by_draw(trials: list[dict[str, Any]]) -> dict[tuple, dict[int, float]]:
+    """(size, task, look-back, cell, mode) -> draw (split) -> the task's metric."""
+    by: dict[tuple, dict[int, float]] = {}
+    for r in trials:
+        metric, _ = metric_of(r["task"])
+        by.setdefault((r["size"], r["task"], r["lookback"], r["cell"], r["mode"]), {})[r["split"]] = r[metric]
+    return by
+
+
 def results_table(trials: list[dict[str, Any]], config: ProtocolConfig) -> ResultsTable:
     """Means over draws per (size, task, look-back) and column (GLM, GLM+Δ, GRU, GRU+aug,
     GRU+pre, LSTM ...); each with-Δ column is tested against its own no-Δ column (one-sided
     paired t-test across draws, in the direction that is better) and starred."""
     from mirror.causal.stats import paired_t_one_sided, stars
 
-    by: dict[tuple, dict[int, float]] = {}
-    for r in trials:
-        metric, _ = metric_of(r["task"])
-        by.setdefault((r["size"], r["task"], r["lookback"], r["cell"], r["mode"]), {})[r["split"]] = r[metric]
+    by = _by_draw(trials)
     table = ResultsTable()
     for size in config.sizes:
         for task in config.tasks:
@@ -422,14 +428,15 @@ def size_trend(trials: list[dict[str, Any]], config: ProtocolConfig, mode: str =
     (their own seeds, their own test patients)."""
     from scipy.stats import ttest_ind
 
-    auroc = {(r["size"], r["split"], r["task"], r["lookback"], r["cell"], r["mode"]): r["auroc"]
-             for r in trials if r["task"] in ONSET_TARGETS}
+    by = _by_draw(trials)
     per_draw: dict[tuple[str, int], dict[int, list[float]]] = {}  # (cell, size) -> split -> gains
-    for (size, split, task, lookback, cell, m), value in auroc.items():
-        base = auroc.get((size, split, task, lookback, cell, "none"))
-        if m != mode or base is None or np.isnan(value) or np.isnan(base):
+    for (size, task, lookback, cell, m), values in by.items():
+        if m != mode or task not in ONSET_TARGETS:
             continue
-        per_draw.setdefault((cell, size), {}).setdefault(split, []).append(value - base)
+        base = by.get((size, task, lookback, cell, "none"), {})
+        for split, value in values.items():
+            if split in base and not (np.isnan(value) or np.isnan(base[split])):
+                per_draw.setdefault((cell, size), {}).setdefault(split, []).append(value - base[split])
     gains = {key: {split: float(np.mean(g)) for split, g in by_split.items()} for key, by_split in per_draw.items()}
     cells = [c for c in config.cells if any(k[0] == c for k in gains)]
     if len(cells) > 1:
