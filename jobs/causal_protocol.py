@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="dataset directory with a Δ column set")
     parser.add_argument("--delta", default=d.delta, help="Δ column set (jobs/estimate_delta.py --name)")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(d.sizes), help="training patients per draw")
-    parser.add_argument("--splits", type=int, default=d.splits, help="seeded draws per size (t-test pairs)")
+    parser.add_argument("--splits", type=int, nargs="+", default=list(d.splits),
+                        help="seeded draws (t-test pairs): one count for every size, or one per size")
     parser.add_argument("--tasks", nargs="+", default=list(d.tasks))
     parser.add_argument("--lookbacks", type=int, nargs="+", default=list(d.lookbacks))
     parser.add_argument("--cells", nargs="+", default=list(d.cells))
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = ProtocolConfig(
-            delta=args.delta, sizes=tuple(args.sizes), splits=args.splits, tasks=tuple(args.tasks),
+            delta=args.delta, sizes=tuple(args.sizes), splits=tuple(args.splits), tasks=tuple(args.tasks),
             lookbacks=tuple(args.lookbacks), cells=tuple(args.cells), modes=tuple(args.modes), glm=not args.no_glm,
             pool_patients=args.pool_patients, test_patients=args.test_patients, hidden=args.hidden, steps=args.steps,
             eval_every=args.eval_every, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -127,7 +128,7 @@ def run_protocol(data: str, config, run_name: str, out: str | None = None) -> di
     # split-major: every size gets its first draws first, so a run stopped early (a shared box)
     # still holds paired draws at every size (--out keeps trials.json current; --tables-from)
     pending = {draw.remote(train_ref, test_ref, size, split, config): (size, split)
-               for split in range(config.splits) for size in config.sizes}
+               for split in range(max(config.splits)) for size in config.sizes if split < config.draws_at(size)}
     trials: list[dict] = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

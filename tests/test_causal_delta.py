@@ -469,7 +469,7 @@ def test_results_table_stars_follow_the_paired_t_test():
 
     from mirror.causal.protocol import ProtocolConfig, gain_by_size, markdown, results_table
 
-    config = ProtocolConfig(sizes=(250,), splits=3, tasks=("onset_dm", "next_ldl"), lookbacks=(1,), cells=("gru",),
+    config = ProtocolConfig(sizes=(250,), splits=(3,), tasks=("onset_dm", "next_ldl"), lookbacks=(1,), cells=("gru",),
                             glm=False, pool_patients=250)
     base = [0.70, 0.72, 0.71]
     trials = []
@@ -501,7 +501,7 @@ def test_size_trend_tests_the_smallest_size_against_the_largest_with_welch():
 
     from mirror.causal.protocol import ProtocolConfig, size_trend, trend_markdown
 
-    config = ProtocolConfig(sizes=(250, 1000, 5000), splits=3, tasks=("onset_dm", "onset_cad", "next_ldl"), lookbacks=(1,),
+    config = ProtocolConfig(sizes=(250, 1000, 5000), splits=(3,), tasks=("onset_dm", "onset_cad", "next_ldl"), lookbacks=(1,),
                             cells=("gru", "lstm"), modes=("none", "pretrain"), glm=False, pool_patients=5000)
     gain = {250: [0.05, 0.03, 0.04], 1000: [0.02, 0.01, 0.03], 5000: [0.00, 0.01, -0.01]}
     trials = []
@@ -533,6 +533,16 @@ def test_size_trend_tests_the_smallest_size_against_the_largest_with_welch():
     assert all(np.isnan(r["p"]) and np.isnan(r["small_minus_large"]) for r in one_size)  # nothing to compare
 
 
+def test_draws_are_one_count_for_every_size_or_one_per_size():
+    from mirror.causal.protocol import ProtocolConfig
+
+    assert [ProtocolConfig(sizes=(250, 5000), splits=(4,)).draws_at(n) for n in (250, 5000)] == [4, 4]
+    assert [ProtocolConfig(sizes=(250, 5000), splits=(100, 20)).draws_at(n) for n in (250, 5000)] == [100, 20]
+    for splits in ((100, 20, 5), (100, 1)):
+        with pytest.raises(ValueError, match="splits: .*one per size"):
+            ProtocolConfig(sizes=(250, 5000), splits=splits)
+
+
 @pytest.mark.slow
 def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path, monkeypatch):
     """jobs/causal_protocol.py at a toy size: every (size, draw, task, look-back, cell, mode) is
@@ -541,12 +551,13 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     job = _load_job("causal_protocol")
-    assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "80", "--splits", "2", "--tasks", "onset_dm",
+    assert job.main(["--data", str(dataset), "--delta", "psm", "--sizes", "40", "80", "--splits", "3", "2", "--tasks", "onset_dm",
                      "next_ldl", "--lookbacks", "1", "2", "--pool-patients", "200", "--test-patients", "60", "--steps", "4", "--eval-every", "2",
                      "--run-name", "protocol", "--out", str(tmp_path / "out")]) == 0
 
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
-    assert len(trials) == 2 * 2 * 2 * 2 * (2 * 3 + 2)  # sizes x draws x tasks x look-backs x (RNN modes + GLM)
+    assert len(trials) == (3 + 2) * 2 * 2 * (2 * 3 + 2)  # draws (3 at 40, 2 at 80) x tasks x look-backs x (RNN modes + GLM)
+    assert sorted({(r["size"], r["split"]) for r in trials}) == [(40, 0), (40, 1), (40, 2), (80, 0), (80, 1)]
     for size in (40, 80):
         for split in (0, 1):
             draw = {r["train_examples"] for r in trials if (r["size"], r["split"]) == (size, split)}
@@ -557,10 +568,10 @@ def test_protocol_job_runs_the_grid_on_paired_draws(dataset, estimated, tmp_path
     assert len(results) == 2 * 2 * 2 and {"GRU", "GRU+aug", "GRU+pre", "LSTM+pre", "GLM", "GLM+aug"} <= set(results[0])
     parent = tracking.find_run("protocol")
     assert {"results.json", "results.md", "tests.json", "trials.json"} <= set(tracking.list_artifacts(parent))
-    assert len(tracking.child_runs(parent)) == 4
+    assert len(tracking.child_runs(parent)) == 5
     trend = json.loads((tmp_path / "out" / "size_trend.json").read_text())  # 40 vs 80 patients
     assert {(r["mode"], r["cell"]) for r in trend} == {(m, c) for m in ("pretrain", "augment") for c in ("gru", "lstm", "all")}
-    assert all([s["draws"] for s in r["by_size"]] == [2, 2] and 0 <= r["p"] <= 1 for r in trend)
+    assert all([s["draws"] for s in r["by_size"]] == [3, 2] and 0 <= r["p"] <= 1 for r in trend)
     # a stopped run's tables: rebuilt from trials.json alone (here: only the n=40 draws)
     part = tmp_path / "part"
     part.mkdir()
