@@ -365,6 +365,15 @@ def _by_draw(trials: list[dict[str, Any]]) -> dict[tuple, dict[int, float]]:
     return by
 
 
+def _paired(by: dict[tuple, dict[int, float]], size: int, task: str, lookback: int, cell: str, mode: str
+            ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The draws where both ``mode`` and no-Δ have a number, with their two metrics: a NaN fit
+    drops its own pair only. The one pairing rule of the t-tests and the size trend."""
+    values, base = by.get((size, task, lookback, cell, mode), {}), by.get((size, task, lookback, cell, "none"), {})
+    splits = [s for s in sorted(set(values) & set(base)) if not (np.isnan(values[s]) or np.isnan(base[s]))]
+    return splits, np.array([values[s] for s in splits]), np.array([base[s] for s in splits])
+
+
 def results_table(trials: list[dict[str, Any]], config: ProtocolConfig) -> ResultsTable:
     """Means over draws per (size, task, look-back) and column (GLM, GLM+Δ, GRU, GRU+aug,
     GRU+pre, LSTM ...); each with-Δ column is tested against its own no-Δ column (one-sided
@@ -384,18 +393,14 @@ def results_table(trials: list[dict[str, Any]], config: ProtocolConfig) -> Resul
                     mean = float(np.nanmean(list(values.values()))) if values else float("nan")
                     mark = ""
                     if mode != "none":
-                        base = by.get((size, task, lookback, cell, "none"), {})
-                        pairs = sorted(set(values) & set(base))
-                        a = np.array([values[s] for s in pairs])
-                        b = np.array([base[s] for s in pairs])
-                        ok = ~(np.isnan(a) | np.isnan(b))
-                        if ok.sum() >= 2:
-                            t, p = paired_t_one_sided(a[ok], b[ok], greater=higher)
+                        splits, a, b = _paired(by, size, task, lookback, cell, mode)
+                        if len(splits) >= 2:
+                            t, p = paired_t_one_sided(a, b, greater=higher)
                             mark = stars(p)
                             table.tests.append({"size": size, "task": task, "lookback": lookback, "cell": cell, "mode": mode,
-                                                "metric": metric, "mean": mean, "baseline": float(b[ok].mean()),
-                                                "gain": float((a[ok] - b[ok]).mean()) * (1 if higher else -1),
-                                                "t": t, "p": p, "pairs": int(ok.sum())})
+                                                "metric": metric, "mean": mean, "baseline": float(b.mean()),
+                                                "gain": float((a - b).mean()) * (1 if higher else -1),
+                                                "t": t, "p": p, "pairs": len(splits)})
                     row[column] = f"{mean:.4f}{mark}" if metric == "auroc" else f"{mean:.2f}{mark}"
                 table.rows.append(row)
     return table
@@ -436,13 +441,12 @@ def size_trend(trials: list[dict[str, Any]], config: ProtocolConfig, mode: str =
 
     by = _by_draw(trials)
     per_draw: dict[tuple[str, int], dict[int, list[float]]] = {}  # (cell, size) -> split -> gains
-    for (size, task, lookback, cell, m), values in by.items():
+    for size, task, lookback, cell, m in by:
         if m != mode or task not in ONSET_TARGETS:
             continue
-        base = by.get((size, task, lookback, cell, "none"), {})
-        for split, value in values.items():
-            if split in base and not (np.isnan(value) or np.isnan(base[split])):
-                per_draw.setdefault((cell, size), {}).setdefault(split, []).append(value - base[split])
+        splits, a, b = _paired(by, size, task, lookback, cell, mode)
+        for split, gain in zip(splits, a - b, strict=True):
+            per_draw.setdefault((cell, size), {}).setdefault(split, []).append(float(gain))
     gains = {key: {split: float(np.mean(g)) for split, g in by_split.items()} for key, by_split in per_draw.items()}
     cells = [c for c in config.cells if any(k[0] == c for k in gains)]
     if len(cells) > 1:
