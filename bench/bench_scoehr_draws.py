@@ -1,7 +1,7 @@
 """Where ScoEHR's draws go wrong, and three sample-time fixes that do not help.
 
     python bench/bench_scoehr_draws.py --run RUN_ID [--patients 10240] [--steps 25]
-        [--out bench/results/scoehr_draws.json]
+        [--samplers em:50,dpm2m_sde:40] [--geometry-only] [--out bench/results/scoehr_draws.json]
 
 On one trained ``scoehr_score`` run, with the sampler it was trained with (Euler-Maruyama by
 default) and the same seed for every arm, fidelity (DDM, PCD against ``--patients`` real
@@ -13,9 +13,15 @@ training patients, as ``bench_sampler.py``) of:
   dimensions come out 40x too wide);
 * **decoder temperature** τ on the decoder's logits before the Bernoulli draw (τ = 1: the
   run's decode; τ → 0: thresholding at ½), to pull the codes per draw towards the real count;
-* **where the draws sit**: per-dimension SD of drawn against real latents, the mean distance
-  from a draw to its nearest real latent against real to real, and the fidelity of the drawn
-  latents with their near-constant dimensions reset to the real mean.
+* **where the draws sit** (``latent_geometry``): per-dimension SD and mean of drawn against
+  real latents, the mean distance from a draw to its nearest real latent against real to
+  real, the codes the decoder expects per draw (its summed probabilities) against per real
+  patient, and the fidelity of the drawn latents with their near-constant dimensions reset to
+  the real mean.
+
+``--samplers`` adds the geometry of other samplers' draws (same seed, so the same z_T): EM at
+few steps widens the net's own distribution, ``dpm2m_sde`` lands on it. ``--geometry-only``
+skips the clipping and temperature arms (three full draws) and reports geometry alone.
 
 Ceiling: a second sample of real patients (and the autoencoder's round trip of one); floor:
 each code drawn independently at its real prevalence. Writes ``--out`` (JSON).
@@ -78,12 +84,49 @@ def decode(model, z: torch.Tensor, temperature: float, seed: int) -> tuple[sp.cs
     return sp.csr_matrix(x.numpy()), float(empty.float().mean())
 
 
+def expected_codes(model, z: torch.Tensor) -> float:
+    """Codes the decoder expects per latent: its Bernoulli probabilities summed, averaged."""
+    with torch.no_grad():
+        return float(torch.sigmoid(model.upstream.autoencoder.decode_logits(z)).sum(1).mean())
+
+
+def latent_geometry(model, drawn: torch.Tensor, real_z: torch.Tensor) -> dict:
+    """Where drawn latents sit against real ones. Distances use disjoint halves of the real
+    latents, so real-to-real is not a point's distance to itself."""
+    real_sd, drawn_sd = real_z.std(0), drawn.std(0)
+    narrow = real_sd < NEAR_CONSTANT_SD
+    half = len(real_z) // 2
+    return {
+        "expected_codes_drawn": expected_codes(model, drawn),
+        "expected_codes_real": expected_codes(model, real_z),
+        "sd_ratio_drawn_over_real_median": float((drawn_sd / real_sd).median()),
+        "sd_ratio_drawn_over_real_near_constant": float((drawn_sd / real_sd)[narrow].median()) if narrow.any() else None,
+        "sd_ratio_drawn_over_real_other_median": float((drawn_sd / real_sd)[~narrow].median()),
+        "mean_shift_in_real_sd": float(((drawn.mean(0) - real_z.mean(0)).abs() / real_sd).mean()),
+        "nearest_real_latent_distance_drawn": float(torch.cdist(drawn[:half], real_z[half:]).min(1).values.mean()),
+        "nearest_real_latent_distance_real": float(torch.cdist(real_z[:half], real_z[half:]).min(1).values.mean()),
+    }
+
+
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """``"em:50,dpm2m_sde:40"`` -> [("em", 50), ("dpm2m_sde", 40)]."""
+    pairs = []
+    for item in filter(None, text.split(",")):
+        name, _, steps = item.partition(":")
+        if not steps.isdigit():
+            raise SystemExit(f"--samplers: {item!r} is not SAMPLER:STEPS (e.g. em:50)")
+        pairs.append((name, int(steps)))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="MLflow run id of a trained scoehr_score run (with an autoencoder)")
     parser.add_argument("--patients", type=int, default=10_240)
     parser.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samplers", default="", help="also the geometry of these draws: SAMPLER:STEPS,...")
+    parser.add_argument("--geometry-only", action="store_true", help="skip the clipping and temperature arms")
     parser.add_argument("--out", default="bench/results/scoehr_draws.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -115,35 +158,35 @@ def main(argv: list[str] | None = None) -> int:
     ]
     score = model.score_fn(model.sampling_net)
     as_trained = "as trained (no clipping)"
-    bounds: dict[str, Callable[[ScoreFn], ScoreFn]] = {
-        as_trained: lambda s: s,
-        "x0 clipped to [-1, 1]": lambda s: clipped_score(s, model.sde, torch.tensor(-1.0), torch.tensor(1.0)),
-        "x0 clipped to the real latents' per-dimension box": lambda s: clipped_score(
-            s, model.sde, real_z.min(0).values, real_z.max(0).values
-        ),
-    }
+    bounds: dict[str, Callable[[ScoreFn], ScoreFn]] = {as_trained: lambda s: s}
+    if not args.geometry_only:
+        bounds |= {
+            "x0 clipped to [-1, 1]": lambda s: clipped_score(s, model.sde, torch.tensor(-1.0), torch.tensor(1.0)),
+            "x0 clipped to the real latents' per-dimension box": lambda s: clipped_score(
+                s, model.sde, real_z.min(0).values, real_z.max(0).values
+            ),
+        }
     latents = {}
     for name, wrap in bounds.items():
         began = time.perf_counter()
         latents[name] = draw_latents(model, wrap(score), config.sampler, n, steps, args.seed)
         rows.append(arm(name, *decode(model, latents[name], 1.0, args.seed), seconds=time.perf_counter() - began))
     drawn = latents[as_trained]
-    for tau in TEMPERATURES[1:]:
-        rows.append(arm(f"decoder temperature {tau}" if tau else "threshold at 1/2", *decode(model, drawn, tau, args.seed)))
+    if not args.geometry_only:
+        for tau in TEMPERATURES[1:]:
+            rows.append(arm(f"decoder temperature {tau}" if tau else "threshold at 1/2", *decode(model, drawn, tau, args.seed)))
+        narrow = torch.nonzero(real_z.std(0) < NEAR_CONSTANT_SD).squeeze(1)
+        reset = drawn.clone()
+        reset[:, narrow] = real_z.mean(0)[narrow]
+        rows.append(arm(f"{len(narrow)} near-constant dimensions reset to the real mean", *decode(model, reset, 1.0, args.seed)))
 
-    real_sd, drawn_sd = real_z.std(0), drawn.std(0)
-    narrow = torch.nonzero(real_sd < NEAR_CONSTANT_SD).squeeze(1)
-    reset = drawn.clone()
-    reset[:, narrow] = real_z.mean(0)[narrow]
-    rows.append(arm(f"{len(narrow)} near-constant dimensions reset to the real mean", *decode(model, reset, 1.0, args.seed)))
-    half = len(real_z) // 2
-    geometry = {
-        "near_constant_dimensions": len(narrow),
-        "sd_ratio_drawn_over_real_near_constant": float((drawn_sd[narrow] / real_sd[narrow]).median()) if len(narrow) else None,
-        "sd_ratio_drawn_over_real_other_median": float(np.median((drawn_sd / real_sd)[real_sd >= NEAR_CONSTANT_SD].numpy())),
-        "nearest_real_latent_distance_drawn": float(torch.cdist(drawn[:half], real_z[half:]).min(1).values.mean()),
-        "nearest_real_latent_distance_real": float(torch.cdist(real_z[:half], real_z[half:]).min(1).values.mean()),
-    }
+    geometry = {f"{config.sampler} x{steps}": latent_geometry(model, drawn, real_z)}
+    for sampler, sampler_steps in parse_samplers(args.samplers):
+        began = time.perf_counter()
+        other = draw_latents(model, score, sampler, n, sampler_steps, args.seed)
+        rows.append(arm(f"{sampler} x{sampler_steps}", *decode(model, other, 1.0, args.seed), seconds=time.perf_counter() - began))
+        geometry[f"{sampler} x{sampler_steps}"] = latent_geometry(model, other, real_z)
+    geometry["near_constant_dimensions"] = int((real_z.std(0) < NEAR_CONSTANT_SD).sum())
     print(geometry, flush=True)
     write_results(Path(args.out), {
         "run": args.run, "patients": n, "sampler": config.sampler, "steps": steps, "seed": args.seed,

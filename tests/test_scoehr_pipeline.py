@@ -57,7 +57,7 @@ def test_the_view_streams_exact_code_vectors(workdir):
     assert report.kept + report.dropped_too_short == report.patients
 
 
-def test_two_stages_train_and_the_second_generates_patients(workdir):
+def test_two_stages_train_and_the_second_generates_patients(workdir, monkeypatch):
     first = train(workdir, "scoehr_ae", {"model.latent_dim": 16})
     assert np.isfinite(first.metrics["val/loss"]) and first.metrics["train/steps_per_rank"] == STEPS
     assert first.metrics["ddp/param_divergence"] == 0.0
@@ -124,3 +124,20 @@ def test_two_stages_train_and_the_second_generates_patients(workdir):
     assert all(r["seconds"] > 0 and r["ddm"] >= 0 and 0 <= r["empty_decodes"] <= 1 for r in result["rows"])
     assert out.with_suffix(".png").exists()
     assert "sampler/dpm2m_5/pcd" in tracking.get_run(second.run_id).data.metrics
+
+    # Where the draws sit (bench_scoehr_draws.py --geometry-only, which imports bench_sampler by
+    # name), at toy sizes: one geometry per sampler, the decoder's expected codes on both sides.
+    monkeypatch.syspath_prepend(str(bench_file.parent))
+    spec = importlib.util.spec_from_file_location("bench_scoehr_draws", bench_file.with_name("bench_scoehr_draws.py"))
+    draws = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(draws)
+    out = workdir / "draws.json"
+    assert draws.main(["--run", second.run_id, "--patients", "40", "--samplers", "dpm2m_sde:3", "--geometry-only", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["arm"] for row in result["rows"]][3:] == ["as trained (no clipping)", "dpm2m_sde x3"]
+    for name in ("em x4", "dpm2m_sde x3"):
+        geometry = result["geometry"][name]
+        assert geometry["expected_codes_real"] > 0 and geometry["expected_codes_drawn"] > 0, name
+        assert geometry["nearest_real_latent_distance_real"] > 0 and geometry["sd_ratio_drawn_over_real_median"] > 0, name
+    with pytest.raises(SystemExit, match="not SAMPLER:STEPS"):
+        draws.parse_samplers("em50")
