@@ -47,7 +47,7 @@ from mirror.metrics.evaluate import EvalConfig, load_ground_truth, sentence_feat
 from mirror.metrics.tasks import ridge_r2_cv, ridge_r2_cv_by_dimension
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
-from mirror.train.loop import make_schedulers
+from mirror.train.schedule import make_schedulers
 from mirror.train.spec import TrainConfig, parse_set
 
 RESULTS = Path(__file__).parent / "results" / "ae_bow.json"

@@ -39,7 +39,7 @@ from mirror.data.simulator import generate_dataset
 from mirror.data.vocab import PAD
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
-from mirror.train.loop import make_schedulers
+from mirror.train.schedule import make_schedulers
 from mirror.train.spec import TrainConfig
 
 RESULTS = Path(__file__).parent / "results" / "decoder.json"

@@ -142,7 +142,7 @@ def worst_case_batch(batch: int, n_weeks: int, max_words: int, device: str):
 
 def make_context(model, device: str, total_steps: int):
     from mirror.models.local_step import LocalStepContext
-    from mirror.train.loop import make_schedulers
+    from mirror.train.schedule import make_schedulers
     from mirror.train.spec import TrainConfig
 
     optimizers = model.make_optimizers()

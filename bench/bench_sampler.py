@@ -41,21 +41,19 @@ from mirror.metrics import code_vector as CV  # noqa: E402
 from mirror.models.vpsde import score_calls  # noqa: E402
 
 
-def real_vectors(root: str, n: int, features: str, values: str) -> sp.csr_matrix:
-    """The first ``n`` training patients with >= 1 diagnosis, as 0/1 code vectors."""
-    tables, rows = [], 0
-    for path in schema.split_files(root, schema.TRAIN):
+def real_vectors(root: str, n: int | None, features: str, values: str, split: str = schema.TRAIN) -> sp.csr_matrix:
+    """The first ``n`` (None: all) patients of ``split`` with >= 1 diagnosis, as sparse 0/1 code
+    vectors, built batch by batch."""
+    parts, rows = [], 0
+    for path in schema.split_files(root, split):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
             table = pa.Table.from_batches([batch])
             table = table.filter(table.column(schema.N_EVENTS).to_numpy() >= 1)
-            tables.append(table)
+            parts.append(sp.csr_matrix(np.minimum(code_vectors(table, features, values), 1)))
             rows += table.num_rows
-            if rows >= n:
-                break
-        if rows >= n:
-            break
-    table = pa.concat_tables(tables).slice(0, n)
-    return sp.csr_matrix(np.minimum(code_vectors(table, features, values), 1))
+            if n is not None and rows >= n:
+                return sp.vstack(parts, format="csr")[:n]
+    return sp.vstack(parts, format="csr")
 
 
 def draw(model, sampler: str, steps: int, n: int, batch: int, device: str, seed: int) -> tuple[sp.csr_matrix, float, float]:
@@ -100,6 +98,35 @@ def curve_plot(rows: list[dict], reference: dict, path: Path) -> Path:
     return path
 
 
+def measure(
+    model, real: sp.csr_matrix, ceiling: sp.csr_matrix, *, samplers: list[str], steps: list[int], reference_steps: int,
+    device: str, batch: int, tolerance: float, seed: int,
+) -> dict:
+    """The reference (EM x ``reference_steps``) and every sampler x steps, each drawing as many
+    patients as ``real`` holds from ``seed``: seconds, fidelity against ``real``, speed-up and
+    equal fidelity; the fastest equal-fidelity row; and ``real`` against ``ceiling`` (more
+    real patients), the fidelity no sampler can beat."""
+    n = real.shape[0]
+    syn, seconds, empty = draw(model, "em", reference_steps, n, batch, device, seed)
+    reference = {"sampler": "em", "steps": reference_steps, "score_calls": reference_steps, "seconds": seconds, "empty_decodes": empty, **fidelity(real, syn)}
+    print(json.dumps(reference), flush=True)
+    rows = []
+    for sampler in samplers:
+        for k in steps:
+            syn, seconds, empty = draw(model, sampler, k, n, batch, device, seed)
+            row = {"sampler": sampler, "steps": k, "score_calls": score_calls(sampler, k), "seconds": seconds, "empty_decodes": empty, **fidelity(real, syn)}
+            row["speedup"] = reference["seconds"] / seconds
+            row["equal_fidelity"] = equal_fidelity(row, reference, tolerance)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    ok = [r for r in rows if r["equal_fidelity"]]
+    best = max(ok, key=lambda r: r["speedup"]) if ok else None
+    return {
+        "patients": n, "device": device, "batch": batch, "tolerance": tolerance, "reference": reference, "rows": rows,
+        "best": best, "real_vs_real": fidelity(real, ceiling) if ceiling.shape[0] == n else None,
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="MLflow run id of a trained scoehr_score run")
@@ -125,31 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     require_capability(loaded.model_spec, "generator", "bench_sampler")
     model = loaded.model.to(args.device)
     info = loaded.data_info
-    real = real_vectors(loaded.spec.data, args.patients, info.features, info.values)
-    n = real.shape[0]
-    print(f"run {args.run}: {loaded.spec.model}, {n} patients, device {args.device}", flush=True)
-
-    syn, seconds, empty = draw(model, "em", args.reference_steps, n, args.batch, args.device, args.seed)
-    reference = {"sampler": "em", "steps": args.reference_steps, "score_calls": args.reference_steps, "seconds": seconds, "empty_decodes": empty, **fidelity(real, syn)}
-    print(json.dumps(reference), flush=True)
-    rows = []
-    for sampler in args.samplers.split(","):
-        for steps in [int(s) for s in args.steps.split(",")]:
-            syn, seconds, empty = draw(model, sampler, steps, n, args.batch, args.device, args.seed)
-            row = {"sampler": sampler, "steps": steps, "score_calls": score_calls(sampler, steps), "seconds": seconds, "empty_decodes": empty, **fidelity(real, syn)}
-            row["speedup"] = reference["seconds"] / seconds
-            row["equal_fidelity"] = equal_fidelity(row, reference, args.tolerance)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    ok = [r for r in rows if r["equal_fidelity"]]
-    best = max(ok, key=lambda r: r["speedup"]) if ok else None
-    ceiling_syn = real_vectors(loaded.spec.data, 2 * n, info.features, info.values)[n:]
+    both = real_vectors(loaded.spec.data, 2 * args.patients, info.features, info.values)
+    real, ceiling = both[: args.patients], both[args.patients:]
+    print(f"run {args.run}: {loaded.spec.model}, {real.shape[0]} patients, device {args.device}", flush=True)
     result = {
-        "run": args.run, "patients": n, "device": args.device, "threads": args.threads,
-        "host": host.node(), "tolerance": args.tolerance, "reference": reference, "rows": rows,
-        "best": best, "real_vs_real": fidelity(real, ceiling_syn) if ceiling_syn.shape[0] == n else None,
+        "run": args.run, "threads": args.threads, "host": host.node(),
+        **measure(model, real, ceiling, samplers=args.samplers.split(","), steps=[int(s) for s in args.steps.split(",")],
+                  reference_steps=args.reference_steps, device=args.device, batch=args.batch, tolerance=args.tolerance, seed=args.seed),
         "model_config": loaded.spec.model_config,
     }  # fmt: skip
+    rows, reference, best = result["rows"], result["reference"], result["best"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -34,7 +34,7 @@ from mirror.data.collate import CollateConfig, MaskSpec, collate
 from mirror.data.simulator import generate_dataset
 from mirror.models import build_model
 from mirror.models.local_step import LocalStepContext
-from mirror.train.loop import make_schedulers
+from mirror.train.schedule import make_schedulers
 from mirror.train.spec import TrainConfig
 
 PATIENTS = int(os.environ.get("BENCH_TRAIN_PATIENTS", 30_000))

@@ -597,7 +597,7 @@ def test_every_optimizer_schedule_advances_once_per_training_step(name: str):
     """An optimizer's LR schedule is sized in training steps: after N steps each optimizer's
     rate is base * lr_lambda(N), however many optimizer steps a training step takes (the WAE
     critic takes 2-3 here; stepping its schedule on each would run ahead of the autoencoder's)."""
-    from mirror.train.loop import lr_lambda, make_schedulers
+    from mirror.train.schedule import lr_lambda, make_schedulers
 
     model = tiny_model(name)
     optimizers = model.make_optimizers()
@@ -618,12 +618,8 @@ def test_every_optimizer_schedule_advances_once_per_training_step(name: str):
 def test_resume_pins_every_schedule_to_the_global_step():
     """A checkpoint whose critic schedule ran ahead (the old per-critic-step rule) resumes with
     every schedule at the checkpoint's global step, on this run's base rates."""
-    from mirror.train.loop import (
-        hyperparameters,
-        lr_lambda,
-        make_schedulers,
-        reapply_hyperparameters,
-    )
+    from mirror.train.loop import hyperparameters, reapply_hyperparameters
+    from mirror.train.schedule import lr_lambda, make_schedulers
 
     model = tiny_model("wae", critic_lr=1e-4)
     optimizers = model.make_optimizers()

@@ -19,7 +19,8 @@ import yaml
 
 from mirror import tracking
 from mirror.data.simulator import generate_dataset
-from mirror.train.loop import hyperparameters, lr_lambda, reapply_hyperparameters
+from mirror.train.loop import hyperparameters, reapply_hyperparameters
+from mirror.train.schedule import lr_lambda
 from mirror.tune.fit_slots import FitSlots
 from mirror.tune.pbt import EXPLOIT_TAG, KeepInsideRanges, mutation_problem
 from mirror.tune.space import load_sweep

@@ -141,3 +141,24 @@ def test_two_stages_train_and_the_second_generates_patients(workdir, monkeypatch
         assert geometry["nearest_real_latent_distance_real"] > 0 and geometry["sd_ratio_drawn_over_real_median"] > 0, name
     with pytest.raises(SystemExit, match="not SAMPLER:STEPS"):
         draws.parse_samplers("em50")
+
+    # The GPU run's three steps (bench_scoehr_gpu.py), with the device step at toy sizes on the
+    # CPU: a bundle the GPU machine can read with no MLflow or dataset, the sampler bench and
+    # the arms trained and drawn from it, and the draws scored by the platform scorecard.
+    gpu = importlib.import_module("bench_scoehr_gpu")  # on the path above; its dataclasses need sys.modules
+    bundle, device_out = workdir / "bundle", workdir / "device"
+    assert gpu.main(["export", "--run", second.run_id, "--out", str(bundle)]) == 0
+    assert sorted(p.name for p in bundle.iterdir()) == ["ae", "run.json", "score", "train.npz", "tuning.npz"]
+    assert "optimizers" not in load_state(bundle / "score")
+    assert gpu.main(["device", "--bundle", str(bundle), "--out", str(device_out), "--tiny", "--patients", "24", "--deadline", "600"]) == 0
+    result = json.loads((device_out / "gpu.json").read_text())
+    assert result["sampler"]["batch_24"]["reference"]["steps"] == 20
+    arms = {a["arm"]["name"]: a for a in result["arms"]}
+    assert set(arms) == {"mlp_e1", "unet_s"} and arms["mlp_e1"]["steps"] == arms["mlp_e1"]["epochs"] * (8 * 24 // 16)
+    assert all(a["val_dsm"] > 0 and len(a["draws"]) == 2 for a in arms.values())
+    cards = workdir / "cards.json"
+    rc = gpu.main(["score", "--bundle", str(bundle), "--draws", str(device_out / "draws.npz"), "--real", str(workdir / "data"),
+                   "--only", "mlp_e1/emx5", "--out", str(cards)])  # fmt: skip
+    card = json.loads(cards.read_text())
+    assert rc == 0 and list(card) == ["mlp_e1/emx5"]
+    assert card["mlp_e1/emx5"]["fidelity/code_vector/n_sample"] > 0 and "privacy/gate_passed" in card["mlp_e1/emx5"]

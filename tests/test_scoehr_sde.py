@@ -226,7 +226,7 @@ def test_the_mlp_score_net_diffuses_the_flat_latent_and_learns_a_gaussian_score(
 def test_both_stages_take_loop_steps_with_one_schedule_step_each():
     from mirror.data.views.code_vector import CodeVectorBatch
     from mirror.models.local_step import LocalStepContext
-    from mirror.train.loop import lr_lambda, make_schedulers
+    from mirror.train.schedule import lr_lambda, make_schedulers
 
     torch.manual_seed(0)
     info = CodeVectorInfo()
@@ -419,7 +419,7 @@ def test_ema_averages_every_optimizer_step_and_is_what_validates_and_samples():
     dict, and a run saved before the option has none."""
     from mirror.data.views.code_vector import CodeVectorBatch
     from mirror.models.local_step import LocalStepContext
-    from mirror.train.loop import make_schedulers
+    from mirror.train.schedule import make_schedulers
 
     torch.manual_seed(0)
     info = CodeVectorInfo()

@@ -101,7 +101,7 @@ class _Base(nn.Module):
             sums = ctx.parts["model"](batch)
         loss = sums["loss"] / max(batch.size, 1)
         ctx.step(loss, "model")
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     def eval_sums(self, batch: WindowBatch) -> dict[str, torch.Tensor]:
         return {k: v.detach().float() for k, v in self(batch).items()}

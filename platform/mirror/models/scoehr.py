@@ -209,7 +209,7 @@ class ScoEHRAutoencoder(nn.Module):
         with ctx.autocast():
             loss = ctx.parts["autoencoder"](batch.x, noise) / batch.size
         ctx.step(loss, "autoencoder")
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     def eval_sums(self, batch: CodeVectorBatch) -> dict[str, torch.Tensor]:
         """Summed BCE and wrongly decoded bits of the clean latents (the loop divides by
@@ -559,7 +559,7 @@ class ScoEHRScoreModel(nn.Module):
         ctx.step(loss, "score")
         if self.score_ema is not None:  # every rank holds the same weights after the step
             self.score_ema.update_parameters(self.score_net)
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     @torch.no_grad()
     def eval_sums(self, batch: CodeVectorBatch) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ whatever is left of its shard without training on it; the drained count is logge
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from datetime import timedelta
@@ -46,33 +45,11 @@ from mirror.checkpoint import load_frozen, load_state, write_checkpoint
 from mirror.models import build_model
 from mirror.models.base import ModelSpec, TrainableModel
 from mirror.models.local_step import LocalStepContext
+from mirror.train.schedule import make_schedulers
 from mirror.train.spec import RunSpec, TrainConfig
 
 logger = logging.getLogger(__name__)
 COUNTERS = ("steps", "drained", "examples", "units", "seconds")  # train_epoch's own sums
-
-
-def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
-    """Linear warmup, then cosine decay to ``min_lr_ratio``: a pure function of the step."""
-    warmup = max(1, int(total_steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def make_schedulers(
-    optimizers: dict[str, torch.optim.Optimizer], total_steps: int, warmup_fraction: float,
-    min_lr_ratio: float,
-) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
-    """One warm-up + cosine schedule per optimizer, all sized in training steps: the step
-    context advances each once per training step, so they stay in step with each other."""
-    factor = lr_lambda(total_steps, warmup_fraction, min_lr_ratio)
-    return {name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in optimizers.items()}
 
 
 def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
