@@ -74,6 +74,7 @@ class Arm:
     batch: int = 256
     epochs: int | None = None
     seconds: float | None = None
+    seed: int = 1  # initial weights and batch order
 
 
 ARMS = (
@@ -86,7 +87,12 @@ ARMS = (
     Arm("mlp512x4_long", {}, batch=1024, seconds=90),
     # The seed's UNet at upstream's width (128 channels, 32 groups).
     Arm("unet128_long", {"net": "unet", "ch": 128, "groups": 32}, batch=1024, seconds=90),
+    # Second call: the wide net again from other initial weights and batch order, and for twice
+    # the budget.
+    Arm("mlp2048x6_long_seed2", {"mlp_width": 2048, "mlp_blocks": 6, "lr": 5e-4}, batch=1024, seconds=90, seed=2),
+    Arm("mlp2048x6_longer", {"mlp_width": 2048, "mlp_blocks": 6, "lr": 5e-4}, batch=1024, seconds=180),
 )
+FIRST_CALL = "mlp512x4_e16,mlp2048x6_long,mlp512x4_long,unet128_long"
 TINY_ARMS = (
     Arm("mlp_e1", {"mlp_width": 16, "mlp_blocks": 1}, batch=16, epochs=1),
     Arm("unet_s", {"net": "unet", "ch": 8, "groups": 4, "levels": 2}, batch=16, seconds=2.0),
@@ -241,9 +247,9 @@ def device_main(args) -> int:
     print(f"{result['device']}: run {result['run']['run']}, {train_cpu.shape[0]} train patients", flush=True)
 
     # 1. The sampler bench on the exported run, at the CPU bench's batch and at one batch.
-    samplers, steps = (["em", "dpm2m_sde"], [2, 4]) if args.tiny else (["em", "dpm2m_sde", "dpm2m", "heun"], [5, 10, 25, 40, 50, 100])
     result["sampler"] = {}
-    for batch in sorted({min(args.batch, n), n}):
+    samplers, steps = (["em", "dpm2m_sde"], [2, 4]) if args.tiny else (["em", "dpm2m_sde", "dpm2m", "heun"], [5, 10, 25, 40, 50, 100])
+    for batch in sorted({min(args.batch, n), n}) if args.sampler_bench else ():
         bench = measure(model, real, ceiling, samplers=samplers, steps=steps, reference_steps=20 if args.tiny else 1000,
                         device=device, batch=batch, tolerance=0.05, seed=0)  # fmt: skip
         result["sampler"][f"batch_{batch}"] = bench
@@ -251,7 +257,8 @@ def device_main(args) -> int:
         print(f"sampler bench, batch {batch}: em x{bench['reference']['steps']} {bench['reference']['seconds']:.2f}s; "
               + (f"fastest at equal fidelity {best['sampler']} x{best['steps']}: {best['speedup']:.1f}x" if best else "none at equal fidelity"), flush=True)
         save()
-    curve_plot(bench["rows"], bench["reference"], out / "sampler_gpu.png")
+    if args.sampler_bench:
+        curve_plot(bench["rows"], bench["reference"], out / "sampler_gpu.png")
 
     # 2. The arms: train, validate, draw.
     train = torch.tensor(train_cpu.toarray(), device=device)
@@ -260,7 +267,8 @@ def device_main(args) -> int:
     del model
     draws: dict[str, np.ndarray] = {}
     result["arms"] = []
-    for arm in TINY_ARMS if args.tiny else ARMS:
+    by_name = {arm.name: arm for arm in (TINY_ARMS if args.tiny else ARMS)}
+    for arm in [by_name[name] for name in (args.arms or ",".join(by_name) if args.tiny else args.arms or FIRST_CALL).split(",")]:
         reserve = args.draw_reserve
         seconds = arm.seconds
         if arm.seconds is not None:
@@ -273,9 +281,9 @@ def device_main(args) -> int:
             result["arms"].append({"arm": asdict(arm), "skipped": f"{left():.0f}s left"})
             continue
         print(f"{arm.name}: training ({left():.0f}s left)", flush=True)
-        net, report = train_arm(arm, run_spec.model_config, info, ae, train, tuning, seconds, seed=1)
+        net, report = train_arm(arm, run_spec.model_config, info, ae, train, tuning, seconds, seed=arm.seed)
         report["draws"] = []
-        for sampler, k in TINY_DRAWS if args.tiny else DRAWS:
+        for sampler, k in TINY_DRAWS if args.tiny else DRAWS[: args.draws]:
             if k >= 1000 and left() < 60:
                 report["draws"].append({"sampler": sampler, "steps": k, "skipped": f"{left():.0f}s left"})
                 continue
@@ -340,6 +348,8 @@ def score_main(args) -> int:
     job = importlib.util.spec_from_file_location("score_job", Path(__file__).parents[1] / "jobs" / "score.py")
     score_job = importlib.util.module_from_spec(job)
     job.loader.exec_module(score_job)  # in this process: one Ray instance for every scorecard
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     cards = {}
     record_type = get_model_spec(SCORE_MODEL).view.record_type
     with tempfile.TemporaryDirectory() as tmp:
@@ -356,9 +366,7 @@ def score_main(args) -> int:
                 gate = privacy_gate(cards[key])
                 cards[key].update({"privacy/gate_passed": float(gate.passed), "privacy/gate_failures": gate.failures})
             print(key, {k: cards[key].get(k) for k in ("fidelity/code_vector/ddm", "fidelity/code_vector/pcd", "fidelity/code_vector/log_cluster", "privacy/gate_passed")}, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(cards, indent=1) + "\n")
+            out.write_text(json.dumps(cards, indent=1) + "\n")  # after every card: a long run keeps what it scored
     return 0 if all(c["rc"] == 0 for c in cards.values()) else 1
 
 
@@ -375,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2048, help="the sampler bench's CPU batch")
     p.add_argument("--deadline", type=float, default=480.0, help="seconds the whole step may take")
     p.add_argument("--draw-reserve", type=float, default=45.0, help="seconds kept per arm for its draws")
+    p.add_argument("--arms", help=f"comma-separated ARMS names (default: {FIRST_CALL})")
+    p.add_argument("--draws", type=int, default=len(DRAWS), help="draw with the first N of DRAWS")
+    p.add_argument("--no-sampler-bench", dest="sampler_bench", action="store_false", help="arms only")
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test)")
     p = sub.add_parser("score", help="here: score the returned draws with the platform scorecard")
     p.add_argument("--bundle", required=True)
