@@ -57,6 +57,10 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   target (README, ScoEHR: MLP + Bernoulli decode DDM 1.9x the ceiling; the UNet 3.7-4.8x).
   The paper's own setting (UNet, ``time_scale`` 1, threshold decode) is pinned in
   ``search_spaces/scoehr_paper*.yaml``. Runs saved before ``net`` existed keep the UNet.
+  The width is sized for CPUs: on one H200, ``mlp_width`` 2,048 x 6 blocks (84M parameters,
+  lr 5e-4, batch 1,024) trained 114 epochs closed 108 % of the PCD gap at EM x50 (DDM 1.9x the
+  ceiling), where CPU-trained nets closed 34-66 % (README, ScoEHR, "On a GPU";
+  ``search_spaces/scoehr_score_gpu.yaml``).
 * ``output = "score"`` (upstream, the default): the net outputs s_θ. ``"noise"``: it outputs
   ε̂ and s_θ = -ε̂ / σ(t) (score_sde's VP parameterisation), the same σ²-weighted loss, better
   conditioned at small t. Measured at 200K (one 64-d AE, two arms side by side on the
