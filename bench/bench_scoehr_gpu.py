@@ -148,7 +148,7 @@ def val_dsm(model, tuning: torch.Tensor, batch: int = 4096) -> float:
 
 
 def train_arm(arm: Arm, base_config: dict, info, ae, train: torch.Tensor, tuning: torch.Tensor,
-              seconds: float | None, seed: int) -> tuple[torch.nn.Module, dict]:
+              seconds: float | None) -> tuple[torch.nn.Module, dict]:
     """A fresh score net per ``arm``, trained on ``train`` (dense, on the device) by the loop's
     step for ``arm.epochs`` or ``seconds``; its val DSM at five points and its speed."""
     from mirror.data.views.code_vector import CodeVectorBatch
@@ -158,13 +158,18 @@ def train_arm(arm: Arm, base_config: dict, info, ae, train: torch.Tensor, tuning
     config = {**base_config, **arm.overrides}
     steps_per_epoch = len(train) // arm.batch
 
-    def fresh():
-        torch.manual_seed(seed)
+    def start(schedule_steps: int):
+        """A fresh net from the arm's seed, its step context with the loop's schedule sized to
+        ``schedule_steps``, and its shuffled batches from the same seed."""
+        torch.manual_seed(arm.seed)
         model = build_model(SCORE_MODEL, config, info, upstream=ae).to(device)
         model.train()
-        return model
+        optimizers = model.make_optimizers()
+        schedulers = make_schedulers(optimizers, schedule_steps, defaults.warmup_fraction, defaults.min_lr_ratio)
+        return model, LocalStepContext(model, optimizers, defaults.grad_clip, schedulers, device), batches()
 
-    def batches(generator):
+    def batches():
+        generator = torch.Generator().manual_seed(arm.seed)
         while True:
             order = torch.randperm(len(train), generator=generator, device="cpu").to(device)
             for k in range(steps_per_epoch):
@@ -178,10 +183,7 @@ def train_arm(arm: Arm, base_config: dict, info, ae, train: torch.Tensor, tuning
     if arm.epochs is not None:
         total_steps, step_s = arm.epochs * steps_per_epoch, None
     else:  # calibrate: time steps of a throwaway copy, then size the schedule to the budget
-        model = fresh()
-        optimizers = model.make_optimizers()
-        ctx = LocalStepContext(model, optimizers, defaults.grad_clip, make_schedulers(optimizers, 10**6, 0.0, 1.0), device)
-        stream = batches(torch.Generator().manual_seed(seed))
+        model, ctx, stream = start(10**6)
         for _ in range(5):
             ctx.train_step(next(stream))
         sync()
@@ -191,12 +193,8 @@ def train_arm(arm: Arm, base_config: dict, info, ae, train: torch.Tensor, tuning
         sync()
         step_s = (time.perf_counter() - began) / 20
         total_steps = max(1, int(seconds / step_s))
-        del model, optimizers, ctx
-    model = fresh()
-    optimizers = model.make_optimizers()
-    schedulers = make_schedulers(optimizers, total_steps, defaults.warmup_fraction, defaults.min_lr_ratio)
-    ctx = LocalStepContext(model, optimizers, defaults.grad_clip, schedulers, device)
-    stream = batches(torch.Generator().manual_seed(seed))
+        del model, ctx, stream
+    model, ctx, stream = start(total_steps)
     checkpoints = {max(1, total_steps * k // 5) for k in range(1, 6)}
     history, losses = [], []
     sync()
@@ -281,7 +279,7 @@ def device_main(args) -> int:
             result["arms"].append({"arm": asdict(arm), "skipped": f"{left():.0f}s left"})
             continue
         print(f"{arm.name}: training ({left():.0f}s left)", flush=True)
-        net, report = train_arm(arm, run_spec.model_config, info, ae, train, tuning, seconds, seed=arm.seed)
+        net, report = train_arm(arm, run_spec.model_config, info, ae, train, tuning, seconds)
         report["draws"] = []
         for sampler, k in TINY_DRAWS if args.tiny else DRAWS[: args.draws]:
             if k >= 1000 and left() < 60:
