@@ -91,6 +91,10 @@ ARMS = (
     # the budget.
     Arm("mlp2048x6_long_seed2", {"mlp_width": 2048, "mlp_blocks": 6, "lr": 5e-4}, batch=1024, seconds=90, seed=2),
     Arm("mlp2048x6_longer", {"mlp_width": 2048, "mlp_blocks": 6, "lr": 5e-4}, batch=1024, seconds=180),
+    # Session 26: that 114-epoch arm replicated from two other seeds, its length fixed in epochs
+    # so that a calibration's timing cannot change what is compared.
+    Arm("mlp2048x6_e114_seed2", {"mlp_width": 2048, "mlp_blocks": 6, "lr": 5e-4}, batch=1024, epochs=114, seed=2),
+    Arm("mlp2048x6_e114_seed3", {"mlp_width": 2048, "mlp_blocks": 6, "lr": 5e-4}, batch=1024, epochs=114, seed=3),
 )
 FIRST_CALL = "mlp512x4_e16,mlp2048x6_long,mlp512x4_long,unet128_long"
 TINY_ARMS = (
