@@ -33,7 +33,7 @@ import platform as host
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy sizes and few steps (CPU smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip configs started past this")
+    parser.add_argument("--batch", type=int, help="throughput batch (default: 512; 16 with --tiny)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     plan = make_plan(args.device, args.tiny, args.budget_s)
+    if args.batch:
+        plan = replace(plan, batch=args.batch)
     if plan.device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     rows, n_weeks = simulate_rows(plan.patients)
@@ -307,6 +310,26 @@ def main(argv: list[str] | None = None) -> int:
     mean_tokens = probe.n_tokens / probe.size  # words + the closing <EOS>, per patient
 
     results, skipped = [], []
+
+    def save() -> dict:
+        """Written after every config, so a run cut short by its lease keeps what it measured."""
+        out = {
+            "device": torch.cuda.get_device_name(0) if plan.device == "cuda" else f"cpu ({host.processor() or host.machine()})",
+            "torch": torch.__version__,
+            "host": host.node(),
+            "tiny": args.tiny,
+            "simulated_patients": plan.patients,
+            "mean_tokens_per_patient": mean_tokens,
+            "target_patients": TARGET_PATIENTS,
+            "seconds": time.perf_counter() - started,
+            "skipped_over_budget": skipped,
+            "results": results,
+            "readme_sizing": sizing_table(results, mean_tokens),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
     for name, latents in plan.latents.items():
         for latent in latents:
             if time.perf_counter() - started > plan.budget_s:
@@ -319,23 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"max batch {row['max_batch_worst_case']}  peak {row['peak_memory_gib'] or 0:.1f} GiB",
                 flush=True,
             )
-    table = sizing_table(results, mean_tokens)
-    out = {
-        "device": torch.cuda.get_device_name(0) if plan.device == "cuda" else f"cpu ({host.processor() or host.machine()})",
-        "torch": torch.__version__,
-        "host": host.node(),
-        "tiny": args.tiny,
-        "simulated_patients": plan.patients,
-        "mean_tokens_per_patient": mean_tokens,
-        "target_patients": TARGET_PATIENTS,
-        "seconds": time.perf_counter() - started,
-        "skipped_over_budget": skipped,
-        "results": results,
-        "readme_sizing": table,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\n{table}\n\nwrote {args.out} in {out['seconds']:.0f} s")
+            save()
+    out = save()
+    print(f"\n{out['readme_sizing']}\n\nwrote {args.out} in {out['seconds']:.0f} s")
     return 0
 
 

@@ -47,8 +47,9 @@ def test_oom_is_recognised_and_other_errors_are_not():
 
 def test_tiny_cpu_run_measures_every_registered_model_and_prints_the_sizing(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    assert bench_gpu.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    assert bench_gpu.main(["--device", "cpu", "--tiny", "--batch", "8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert {r["batch"] for r in result["results"]} == {8}  # --batch overrides the plan's 16
     assert sorted({r["model"] for r in result["results"]}) == sorted(n for n, s in MODELS.items() if s.view.name == "sequence")
     for row in result["results"]:
         assert row["tokens_per_s"] > 0 and row["patients_per_s"] > 0
