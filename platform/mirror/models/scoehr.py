@@ -58,9 +58,10 @@ Choices where the seed and upstream leave room or go wrong (models.md §4 pitfal
   The paper's own setting (UNet, ``time_scale`` 1, threshold decode) is pinned in
   ``search_spaces/scoehr_paper*.yaml``. Runs saved before ``net`` existed keep the UNet.
   The width is sized for CPUs: on one H200, ``mlp_width`` 2,048 x 6 blocks (84M parameters,
-  lr 5e-4, batch 1,024) trained 114 epochs closed 108 % of the PCD gap at EM x50 (DDM 1.9x the
-  ceiling), where CPU-trained nets closed 34-66 % (README, ScoEHR, "On a GPU";
-  ``search_spaces/scoehr_score_gpu.yaml``).
+  lr 5e-4, batch 1,024) trained 114 epochs closed 81-86 % of the PCD gap at ``dpm2m_sde`` x40
+  on three seeds (DDM 1.54-1.64x the ceiling), where CPU-sized nets closed 34-73 %; EM x50
+  over-disperses that net (DDM up to 2.3x), so its search space samples with ``dpm2m_sde``
+  (README, ScoEHR, "On a GPU"; ``search_spaces/scoehr_score_gpu.yaml``).
 * ``output = "score"`` (upstream, the default): the net outputs s_θ. ``"noise"``: it outputs
   ε̂ and s_θ = -ε̂ / σ(t) (score_sde's VP parameterisation), the same σ²-weighted loss, better
   conditioned at small t. Measured at 200K (one 64-d AE, two arms side by side on the
